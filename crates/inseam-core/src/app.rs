@@ -1,0 +1,458 @@
+//! The app: built once from registrations, then dispatches commands, queries and events.
+
+use std::any::{Any, TypeId, type_name};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+use tower_layer::Layer;
+use tower_service::Service;
+use uuid::Uuid;
+
+use crate::context::{MessageMeta, PendingEvent};
+use crate::dispatch::{CommandSlot, EventRoute, QuerySlot, classify, complete, run_command, run_query};
+use crate::envelope::{Envelope, Headers};
+use crate::error::{BuildError, DispatchError, WiringProblem};
+use crate::extract::Resources;
+use crate::handler::{BoxError, Handler};
+use crate::message::{Command, Event, MessageKind, Query};
+use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService, LayerScope, Layers};
+use crate::registry::{Registration, Wiring, discovered};
+
+/// Hashes a `TypeId` by its own bits: the ids are already uniformly distributed.
+#[derive(Default)]
+pub(crate) struct TypeIdHasher(u64);
+
+impl Hasher for TypeIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type TypeMap<V> = HashMap<TypeId, V, BuildHasherDefault<TypeIdHasher>>;
+
+fn freeze<V>(map: HashMap<TypeId, V>) -> TypeMap<V> {
+    map.into_iter().collect()
+}
+
+/// Counters of background deliveries.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    panicked: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn delivered(&self) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn panicked(&self) {
+        self.panicked.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of the app's delivery counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Background deliveries that succeeded.
+    pub delivered: u64,
+    /// Background deliveries whose subscriber returned an error.
+    pub failed: u64,
+    /// Background deliveries whose subscriber panicked.
+    pub panicked: u64,
+}
+
+pub(crate) struct Core {
+    commands: TypeMap<Box<dyn Any + Send + Sync>>,
+    queries: TypeMap<Box<dyn Any + Send + Sync>>,
+    events: TypeMap<Box<dyn EventRoute>>,
+    source: Arc<str>,
+    runtime: Handle,
+    tasks: TaskTracker,
+    pub(crate) stats: Counters,
+}
+
+impl Core {
+    #[inline]
+    pub(crate) fn command_slot<C: Command>(&self) -> Option<&CommandSlot<C>> {
+        self.commands.get(&TypeId::of::<C>())?.downcast_ref()
+    }
+
+    #[inline]
+    pub(crate) fn query_slot<Q: Query>(&self) -> Option<&QuerySlot<Q>> {
+        self.queries.get(&TypeId::of::<Q>())?.downcast_ref()
+    }
+
+    pub(crate) fn route(&self, event: TypeId) -> Option<&dyn EventRoute> {
+        self.events.get(&event).map(|route| &**route)
+    }
+
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn_on(task, &self.runtime);
+    }
+}
+
+/// A built app: the bus that commands, queries and events go through. Cheap to clone.
+///
+/// ```ignore
+/// let app = App::builder().discover().state(db).build().await?;
+/// let id = app.send(PlaceOrder { .. }).await?;
+/// ```
+#[derive(Clone)]
+pub struct App {
+    pub(crate) inner: Arc<Core>,
+}
+
+impl fmt::Debug for App {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("App")
+            .field("commands", &self.inner.commands.len())
+            .field("queries", &self.inner.queries.len())
+            .field("events", &self.inner.events.len())
+            .field("source", &self.inner.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Starts building an app.
+    pub fn builder() -> AppBuilder {
+        AppBuilder::default()
+    }
+
+    /// Sends a command to its handler and returns the handler's typed result.
+    ///
+    /// Events the handler publishes reach inline subscribers before this returns; their
+    /// failure fails the command. Other subscribers receive them once the command completed.
+    pub async fn send<C: Command>(&self, command: C) -> Result<C::Output, DispatchError<C::Error>> {
+        self.send_with(command, MessageMeta::new()).await
+    }
+
+    /// Sends a command with given metadata (correlation id, headers, ...).
+    pub async fn send_with<C: Command>(
+        &self,
+        command: C,
+        meta: MessageMeta,
+    ) -> Result<C::Output, DispatchError<C::Error>> {
+        let Some(slot) = self.inner.command_slot::<C>() else {
+            return Err(DispatchError::NoHandler { kind: MessageKind::Command, message: type_name::<C>() });
+        };
+        match &slot.service {
+            None => run_command(self, slot, command, meta).await,
+            Some(service) => {
+                let request = self.request(MessageKind::Command, C::NAME, type_name::<C>(), slot.handler_name, Box::new(command), meta);
+                let response = service.clone().oneshot(request).await;
+                self.response::<C::Output, C::Error>(MessageKind::Command, C::NAME, response)
+            }
+        }
+    }
+
+    /// Sends a query to its handler.
+    pub async fn query<Q: Query>(&self, query: Q) -> Result<Q::Output, DispatchError<Q::Error>> {
+        self.query_with(query, MessageMeta::new()).await
+    }
+
+    /// Sends a query with given metadata.
+    pub async fn query_with<Q: Query>(&self, query: Q, meta: MessageMeta) -> Result<Q::Output, DispatchError<Q::Error>> {
+        let Some(slot) = self.inner.query_slot::<Q>() else {
+            return Err(DispatchError::NoHandler { kind: MessageKind::Query, message: type_name::<Q>() });
+        };
+        match &slot.service {
+            None => run_query(self, slot, query, meta).await,
+            Some(service) => {
+                let request = self.request(MessageKind::Query, Q::NAME, type_name::<Q>(), slot.handler_name, Box::new(query), meta);
+                let response = service.clone().oneshot(request).await;
+                self.response::<Q::Output, Q::Error>(MessageKind::Query, Q::NAME, response)
+            }
+        }
+    }
+
+    /// Publishes an event outside any command: inline subscribers run before this returns,
+    /// the others afterwards.
+    pub async fn publish<E: Event>(&self, event: E) -> Result<(), DispatchError<Infallible>> {
+        self.publish_with(event, MessageMeta::new()).await
+    }
+
+    /// Publishes an event with given metadata.
+    pub async fn publish_with<E: Event>(&self, event: E, meta: MessageMeta) -> Result<(), DispatchError<Infallible>> {
+        let metadata = meta.metadata(self);
+        let envelope = Envelope {
+            metadata,
+            key: event.key(),
+            occurred_at: self.now(),
+            source: self.source(),
+            headers: meta.headers,
+            payload: event,
+        };
+        let pending = PendingEvent {
+            type_id: TypeId::of::<E>(),
+            name: E::NAME,
+            message_id: metadata.message_id,
+            envelope: Arc::new(envelope),
+        };
+        complete(self, vec![pending]).await
+    }
+
+    /// Waits until every background delivery started so far, and every one those start, has
+    /// finished.
+    pub async fn wait_idle(&self) {
+        let tasks = &self.inner.tasks;
+        tasks.close();
+        tasks.wait().await;
+        tasks.reopen();
+    }
+
+    /// Delivery counters.
+    pub fn stats(&self) -> Stats {
+        let counters = &self.inner.stats;
+        Stats {
+            delivered: counters.delivered.load(Ordering::Relaxed),
+            failed: counters.failed.load(Ordering::Relaxed),
+            panicked: counters.panicked.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The groups subscribed to each event: `(event name, group, subscriber)`.
+    pub fn subscriptions(&self) -> Vec<(&'static str, &'static str, &'static str)> {
+        let mut all = Vec::new();
+        for route in self.inner.events.values() {
+            let name = route.event_name();
+            all.extend(route.groups().into_iter().map(|(group, handler)| (name, group, handler)));
+        }
+        all.sort_unstable();
+        all
+    }
+
+    pub(crate) fn next_id(&self) -> Uuid {
+        Uuid::now_v7()
+    }
+
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    pub(crate) fn source(&self) -> Arc<str> {
+        self.inner.source.clone()
+    }
+
+    fn request(
+        &self,
+        kind: MessageKind,
+        name: &'static str,
+        type_name: &'static str,
+        handler: &'static str,
+        message: Box<dyn Any + Send>,
+        meta: MessageMeta,
+    ) -> DispatchRequest {
+        DispatchRequest { app: self.clone(), kind, name, type_name, handler, group: None, message, meta }
+    }
+
+    fn response<O: 'static, E: std::error::Error + Send + Sync + 'static>(
+        &self,
+        kind: MessageKind,
+        name: &'static str,
+        response: Result<DispatchResponse, BoxError>,
+    ) -> Result<O, DispatchError<E>> {
+        match response {
+            Ok(DispatchResponse(output)) => output.downcast::<O>().map(|o| *o).map_err(|_| DispatchError::Middleware {
+                kind,
+                message: name,
+                source: format!("a layer replaced the response of {kind} `{name}`").into(),
+            }),
+            Err(error) => Err(classify(kind, name, error)),
+        }
+    }
+}
+
+/// Builds an [`App`]: registrations, state, layers; `build()` validates the wiring.
+pub struct AppBuilder {
+    registrations: Vec<Registration>,
+    discover: bool,
+    resources: Resources,
+    layers: Layers,
+    source: String,
+}
+
+impl Default for AppBuilder {
+    fn default() -> Self {
+        AppBuilder {
+            registrations: Vec::new(),
+            discover: false,
+            resources: Resources::default(),
+            layers: Layers::default(),
+            source: "inseam".to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for AppBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppBuilder")
+            .field("registrations", &self.registrations.len())
+            .field("discover", &self.discover)
+            .field("resources", &self.resources)
+            .field("layers", &self.layers)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl AppBuilder {
+    /// Adds every handler and message declaration linked into the binary (registered by the
+    /// derive and handler macros). A crate whose items nothing references is not linked: add
+    /// `use that_crate as _;` to the binary.
+    pub fn discover(mut self) -> Self {
+        self.discover = true;
+        self
+    }
+
+    /// Registers a handler explicitly: `.handler::<place_order>()` for a function marked with
+    /// a handler macro.
+    pub fn handler<H: Handler>(mut self) -> Self {
+        self.registrations.push(H::REGISTRATION);
+        self
+    }
+
+    /// Adds a registration record.
+    pub fn register(mut self, registration: Registration) -> Self {
+        self.registrations.push(registration);
+        self
+    }
+
+    /// Declares a command: `build()` then fails unless it has exactly one handler.
+    pub fn expect_command<C: Command>(self) -> Self {
+        self.register(Registration::declare_command::<C>())
+    }
+
+    /// Declares a query: `build()` then fails unless it has exactly one handler.
+    pub fn expect_query<Q: Query>(self) -> Self {
+        self.register(Registration::declare_query::<Q>())
+    }
+
+    /// Declares an event, so its name and version are checked for clashes.
+    pub fn event<E: Event>(self) -> Self {
+        self.register(Registration::declare_event::<E>())
+    }
+
+    /// Provides shared state, extracted by handlers with `State<T>`.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.resources.insert(value);
+        self
+    }
+
+    /// Sets the CloudEvents `source` of the events this app publishes (default `inseam`).
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// Wraps every dispatch (commands, queries, background event deliveries) in a tower layer.
+    /// The first layer added is the outermost.
+    pub fn layer<L, S>(mut self, layer: L) -> Self
+    where
+        L: Layer<DispatchService, Service = S> + Send + Sync + 'static,
+        S: Service<DispatchRequest, Response = DispatchResponse> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.layers.push(LayerScope::All, layer);
+        self
+    }
+
+    /// Wraps every dispatch of one kind (all commands, all queries or all event deliveries).
+    pub fn layer_for_kind<L, S>(mut self, kind: MessageKind, layer: L) -> Self
+    where
+        L: Layer<DispatchService, Service = S> + Send + Sync + 'static,
+        S: Service<DispatchRequest, Response = DispatchResponse> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.layers.push(LayerScope::Kind(kind), layer);
+        self
+    }
+
+    /// Wraps every dispatch of one message type `M` (a command, a query or an event).
+    pub fn layer_for<M: 'static, L, S>(mut self, layer: L) -> Self
+    where
+        L: Layer<DispatchService, Service = S> + Send + Sync + 'static,
+        S: Service<DispatchRequest, Response = DispatchResponse> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.layers.push(LayerScope::Message(TypeId::of::<M>()), layer);
+        self
+    }
+
+    /// Validates the wiring and builds the app. Every problem is reported at once.
+    pub async fn build(self) -> Result<App, BuildError> {
+        let mut wiring = Wiring::default();
+        if self.discover {
+            for registration in discovered() {
+                wiring.install(registration);
+            }
+        }
+        for registration in &self.registrations {
+            wiring.install(registration);
+        }
+        let runtime = Handle::try_current();
+        let built = wiring.build(&self.resources, &self.layers);
+        let (built, runtime) = match (built, runtime) {
+            (Ok(built), Ok(runtime)) => (built, runtime),
+            (built, runtime) => {
+                let mut problems = built.err().unwrap_or_default();
+                if runtime.is_err() {
+                    problems.push(WiringProblem::NoRuntime);
+                }
+                return Err(BuildError::Wiring(problems));
+            }
+        };
+        let app = App {
+            inner: Arc::new(Core {
+                commands: freeze(built.commands),
+                queries: freeze(built.queries),
+                events: freeze(built.events),
+                source: Arc::from(self.source),
+                runtime,
+                tasks: TaskTracker::new(),
+                stats: Counters::default(),
+            }),
+        };
+        tracing::debug!(target: "inseam::app", app = ?app, "built");
+        Ok(app)
+    }
+}
+
+impl Headers {
+    /// Headers from pairs, validating each name.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, crate::envelope::HeaderError> {
+        let mut headers = Headers::new();
+        for (name, value) in pairs {
+            headers.insert(name, value)?;
+        }
+        Ok(headers)
+    }
+}

@@ -1,0 +1,245 @@
+//! What a handler sees of the dispatch it runs in.
+
+use std::any::{Any, TypeId};
+use std::sync::{Arc, OnceLock};
+
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::envelope::{Envelope, HeaderError, Headers, Metadata};
+use crate::error::DispatchError;
+use crate::extract::Parts;
+use crate::handler::Delivery;
+use crate::message::{Command, Event};
+
+/// The metadata a message is dispatched with. Ids are generated lazily, on first use, so a
+/// command whose handler publishes nothing and that no middleware inspects costs no id and no
+/// clock read.
+#[derive(Debug, Default)]
+pub struct MessageMeta {
+    message_id: OnceLock<Uuid>,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    pub(crate) headers: Headers,
+}
+
+impl MessageMeta {
+    /// Fresh metadata: a new message id on first use, correlated to itself.
+    pub const fn new() -> Self {
+        MessageMeta {
+            message_id: OnceLock::new(),
+            correlation_id: None,
+            causation_id: None,
+            headers: Headers::new(),
+        }
+    }
+
+    /// Uses a given message id (for example one received from a client, for idempotency).
+    pub fn message_id(self, id: Uuid) -> Self {
+        let message_id = OnceLock::new();
+        let _ = message_id.set(id);
+        MessageMeta { message_id, ..self }
+    }
+
+    /// Joins an existing flow.
+    pub fn correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Records the message that caused this one.
+    pub fn causation_id(mut self, id: Uuid) -> Self {
+        self.causation_id = Some(id);
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Result<Self, HeaderError> {
+        self.headers.insert(name, value)?;
+        Ok(self)
+    }
+
+    /// Metadata for a message caused by the one with `parent` metadata.
+    pub(crate) fn caused_by(parent: Metadata) -> Self {
+        MessageMeta::new()
+            .correlation_id(parent.correlation_id)
+            .causation_id(parent.message_id)
+    }
+
+    /// The metadata of a message received with `metadata`.
+    pub(crate) fn received(metadata: Metadata, headers: Headers) -> Self {
+        MessageMeta {
+            correlation_id: Some(metadata.correlation_id),
+            causation_id: metadata.causation_id,
+            headers,
+            ..MessageMeta::new().message_id(metadata.message_id)
+        }
+    }
+
+    pub(crate) fn metadata(&self, app: &App) -> Metadata {
+        let message_id = *self.message_id.get_or_init(|| app.next_id());
+        Metadata {
+            message_id,
+            correlation_id: self.correlation_id.unwrap_or(message_id),
+            causation_id: self.causation_id,
+        }
+    }
+}
+
+/// An event published in a unit of work, waiting for it to complete.
+#[derive(Clone)]
+pub(crate) struct PendingEvent {
+    pub(crate) type_id: TypeId,
+    pub(crate) name: &'static str,
+    pub(crate) message_id: Uuid,
+    /// An `Arc<Envelope<E>>`, shared by every subscriber.
+    pub(crate) envelope: Arc<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for PendingEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingEvent")
+            .field("name", &self.name)
+            .field("message_id", &self.message_id)
+            .finish()
+    }
+}
+
+fn pending<E: Event>(app: &App, event: E, parent: Metadata) -> PendingEvent {
+    let metadata = MessageMeta::caused_by(parent).metadata(app);
+    let envelope = Envelope {
+        metadata,
+        key: event.key(),
+        occurred_at: app.now(),
+        source: app.source(),
+        headers: Headers::new(),
+        payload: event,
+    };
+    PendingEvent {
+        type_id: TypeId::of::<E>(),
+        name: E::NAME,
+        message_id: metadata.message_id,
+        envelope: Arc::new(envelope),
+    }
+}
+
+/// The context of a command handler: publish events, read the message's ids and headers.
+///
+/// Events published here reach inline subscribers before `send` returns and other subscribers
+/// only once the command completed successfully; if the handler fails, they are discarded.
+#[derive(Debug)]
+pub struct CommandContext<'a> {
+    pub(crate) app: &'a App,
+    pub(crate) meta: MessageMeta,
+    pub(crate) outgoing: Vec<PendingEvent>,
+}
+
+impl<'a> CommandContext<'a> {
+    pub(crate) fn new(app: &'a App, meta: MessageMeta) -> Self {
+        CommandContext { app, meta, outgoing: Vec::new() }
+    }
+
+    /// Publishes an event caused by this command.
+    pub fn publish<E: Event>(&mut self, event: E) {
+        let parent = self.meta.metadata(self.app);
+        self.outgoing.push(pending(self.app, event, parent));
+    }
+
+    /// This command's ids.
+    pub fn metadata(&self) -> Metadata {
+        self.meta.metadata(self.app)
+    }
+
+    /// This command's headers.
+    pub fn headers(&self) -> &Headers {
+        &self.meta.headers
+    }
+
+    /// The app.
+    pub fn app(&self) -> &App {
+        self.app
+    }
+
+    #[doc(hidden)]
+    pub fn __parts(&self) -> Parts<'_> {
+        Parts { app: self.app, meta: &self.meta }
+    }
+}
+
+/// The context of a query handler.
+#[derive(Debug)]
+pub struct QueryContext<'a> {
+    pub(crate) app: &'a App,
+    pub(crate) meta: MessageMeta,
+}
+
+impl QueryContext<'_> {
+    /// This query's ids.
+    pub fn metadata(&self) -> Metadata {
+        self.meta.metadata(self.app)
+    }
+
+    /// This query's headers.
+    pub fn headers(&self) -> &Headers {
+        &self.meta.headers
+    }
+
+    /// The app.
+    pub fn app(&self) -> &App {
+        self.app
+    }
+
+    #[doc(hidden)]
+    pub fn __parts(&self) -> Parts<'_> {
+        Parts { app: self.app, meta: &self.meta }
+    }
+}
+
+/// The context of an event subscriber: publish further events, send commands in the same flow.
+#[derive(Debug)]
+pub struct EventContext<'a> {
+    pub(crate) app: &'a App,
+    pub(crate) meta: MessageMeta,
+    pub(crate) outgoing: &'a mut Vec<PendingEvent>,
+    pub(crate) delivery: Delivery,
+}
+
+impl EventContext<'_> {
+    /// Publishes an event caused by the event being handled.
+    pub fn publish<E: Event>(&mut self, event: E) {
+        let parent = self.meta.metadata(self.app);
+        self.outgoing.push(pending(self.app, event, parent));
+    }
+
+    /// Sends a command in the same flow (same correlation id, caused by this event), as its own
+    /// unit of work.
+    pub async fn send<C: Command>(&self, command: C) -> Result<C::Output, DispatchError<C::Error>> {
+        let meta = MessageMeta::caused_by(self.meta.metadata(self.app));
+        self.app.send_with(command, meta).await
+    }
+
+    /// The handled event's ids.
+    pub fn metadata(&self) -> Metadata {
+        self.meta.metadata(self.app)
+    }
+
+    /// The handled event's headers.
+    pub fn headers(&self) -> &Headers {
+        &self.meta.headers
+    }
+
+    /// Whether this subscriber runs inline or for a group.
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
+    }
+
+    /// The app.
+    pub fn app(&self) -> &App {
+        self.app
+    }
+
+    #[doc(hidden)]
+    pub fn __parts(&self) -> Parts<'_> {
+        Parts { app: self.app, meta: &self.meta }
+    }
+}

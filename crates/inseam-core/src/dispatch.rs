@@ -1,0 +1,476 @@
+//! The dispatch machinery: prepared handlers, the slots the app looks them up in, units of work
+//! and background deliveries.
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use tower::ServiceExt as _;
+use tower::service_fn;
+use tower::util::BoxCloneSyncService;
+
+use crate::app::App;
+use crate::context::{CommandContext, EventContext, MessageMeta, PendingEvent, QueryContext};
+use crate::envelope::Envelope;
+use crate::error::{DeliveryError, DispatchError};
+use crate::handler::{
+    BoxError, CommandHandler, CommandResult, Delivery, EventHandler, HandlerFuture, QueryHandler,
+    QueryResult,
+};
+use crate::message::{Command, Event, MessageKind, Query};
+use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};
+
+/// A handler together with what its arguments need.
+pub(crate) struct Prepared<P>(pub(crate) P);
+
+pub(crate) trait ErasedCommandHandler<C: Command>: Send + Sync {
+    fn call<'a>(&'a self, command: C, ctx: &'a mut CommandContext<'_>) -> HandlerFuture<'a, CommandResult<C>>;
+}
+
+pub(crate) trait ErasedQueryHandler<Q: Query>: Send + Sync {
+    fn call<'a>(&'a self, query: Q, ctx: &'a QueryContext<'_>) -> HandlerFuture<'a, QueryResult<Q>>;
+}
+
+pub(crate) trait ErasedEventHandler<E: Event>: Send + Sync {
+    fn call<'a>(
+        &'a self,
+        event: &'a Envelope<E>,
+        ctx: &'a mut EventContext<'_>,
+    ) -> HandlerFuture<'a, Result<(), BoxError>>;
+}
+
+/// Ties a prepared value to its handler type without storing the handler.
+pub(crate) struct Bound<H: ?Sized, P> {
+    prepared: P,
+    _handler: std::marker::PhantomData<fn() -> Box<H>>,
+}
+
+impl<H: CommandHandler> Prepared<Bound<H, H::Prepared>> {
+    pub(crate) fn command(prepared: H::Prepared) -> Self {
+        Prepared(Bound { prepared, _handler: std::marker::PhantomData })
+    }
+}
+
+impl<H: CommandHandler> ErasedCommandHandler<H::Command> for Prepared<Bound<H, H::Prepared>> {
+    #[inline]
+    fn call<'a>(
+        &'a self,
+        command: H::Command,
+        ctx: &'a mut CommandContext<'_>,
+    ) -> HandlerFuture<'a, CommandResult<H::Command>> {
+        H::call(&self.0.prepared, command, ctx)
+    }
+}
+
+impl<H: QueryHandler> Prepared<Bound<H, H::Prepared>> {
+    pub(crate) fn query(prepared: H::Prepared) -> Self {
+        Prepared(Bound { prepared, _handler: std::marker::PhantomData })
+    }
+}
+
+impl<H: QueryHandler> ErasedQueryHandler<H::Query> for Prepared<Bound<H, H::Prepared>> {
+    #[inline]
+    fn call<'a>(&'a self, query: H::Query, ctx: &'a QueryContext<'_>) -> HandlerFuture<'a, QueryResult<H::Query>> {
+        H::call(&self.0.prepared, query, ctx)
+    }
+}
+
+impl<H: EventHandler> Prepared<Bound<H, H::Prepared>> {
+    pub(crate) fn event(prepared: H::Prepared) -> Self {
+        Prepared(Bound { prepared, _handler: std::marker::PhantomData })
+    }
+}
+
+impl<H: EventHandler> ErasedEventHandler<H::Event> for Prepared<Bound<H, H::Prepared>> {
+    fn call<'a>(
+        &'a self,
+        event: &'a Envelope<H::Event>,
+        ctx: &'a mut EventContext<'_>,
+    ) -> HandlerFuture<'a, Result<(), BoxError>> {
+        H::call(&self.0.prepared, event, ctx)
+    }
+}
+
+/// Where the app finds a command's handler.
+pub(crate) struct CommandSlot<C: Command> {
+    pub(crate) handler: Box<dyn ErasedCommandHandler<C>>,
+    pub(crate) handler_name: &'static str,
+    /// The layered service, when any layer applies to this command.
+    pub(crate) service: Option<DispatchService>,
+}
+
+/// Where the app finds a query's handler.
+pub(crate) struct QuerySlot<Q: Query> {
+    pub(crate) handler: Box<dyn ErasedQueryHandler<Q>>,
+    pub(crate) handler_name: &'static str,
+    pub(crate) service: Option<DispatchService>,
+}
+
+/// One subscriber of an event.
+pub(crate) struct Subscriber<E: Event> {
+    pub(crate) name: &'static str,
+    pub(crate) delivery: Delivery,
+    pub(crate) handler: Arc<dyn ErasedEventHandler<E>>,
+    pub(crate) service: Option<DispatchService>,
+}
+
+/// The subscribers of one event type.
+pub(crate) struct EventSlot<E: Event> {
+    inline: Vec<Subscriber<E>>,
+    background: Vec<Arc<Subscriber<E>>>,
+}
+
+impl<E: Event> EventSlot<E> {
+    pub(crate) fn assemble(subscribers: Vec<Box<dyn Any + Send + Sync>>) -> Box<dyn EventRoute> {
+        let mut slot = EventSlot::<E> { inline: Vec::new(), background: Vec::new() };
+        for subscriber in subscribers {
+            // Every element was built for this event type by the same registration entry.
+            let Ok(subscriber) = subscriber.downcast::<Subscriber<E>>() else { continue };
+            match subscriber.delivery {
+                Delivery::Inline => slot.inline.push(*subscriber),
+                Delivery::Group(_) => slot.background.push(Arc::from(subscriber)),
+            }
+        }
+        Box::new(slot)
+    }
+}
+
+/// An event type's subscribers, behind a type-erased interface.
+pub(crate) trait EventRoute: Send + Sync {
+    /// Runs the inline subscribers inside the publishing unit of work.
+    fn run_inline<'a>(
+        &'a self,
+        app: &'a App,
+        event: &'a PendingEvent,
+        outgoing: &'a mut Vec<PendingEvent>,
+    ) -> Option<BoxFuture<'a, Result<(), DispatchError<Infallible>>>>;
+
+    /// Starts a background delivery per group subscriber.
+    fn spawn_background(&self, app: &App, event: &PendingEvent);
+
+    /// The event's name.
+    fn event_name(&self) -> &'static str;
+
+    /// The groups subscribed.
+    fn groups(&self) -> Vec<(&'static str, &'static str)>;
+}
+
+fn envelope_of<E: Event>(event: &PendingEvent) -> Option<Arc<Envelope<E>>> {
+    event.envelope.clone().downcast::<Envelope<E>>().ok()
+}
+
+impl<E: Event> EventRoute for EventSlot<E> {
+    fn run_inline<'a>(
+        &'a self,
+        app: &'a App,
+        event: &'a PendingEvent,
+        outgoing: &'a mut Vec<PendingEvent>,
+    ) -> Option<BoxFuture<'a, Result<(), DispatchError<Infallible>>>> {
+        if self.inline.is_empty() {
+            return None;
+        }
+        let envelope = event.envelope.downcast_ref::<Envelope<E>>()?;
+        Some(Box::pin(async move {
+            for subscriber in &self.inline {
+                let mut ctx = EventContext {
+                    app,
+                    meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+                    outgoing: &mut *outgoing,
+                    delivery: Delivery::Inline,
+                };
+                subscriber.handler.call(envelope, &mut ctx).await.map_err(|source| {
+                    DispatchError::Subscriber {
+                        handler: subscriber.name,
+                        event: E::NAME,
+                        message_id: envelope.metadata.message_id,
+                        source,
+                    }
+                })?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn spawn_background(&self, app: &App, event: &PendingEvent) {
+        if self.background.is_empty() {
+            return;
+        }
+        let Some(envelope) = envelope_of::<E>(event) else { return };
+        for subscriber in &self.background {
+            let delivery = deliver(app.clone(), subscriber.clone(), envelope.clone());
+            app.inner.spawn(delivery);
+        }
+    }
+
+    fn event_name(&self) -> &'static str {
+        E::NAME
+    }
+
+    fn groups(&self) -> Vec<(&'static str, &'static str)> {
+        self.background
+            .iter()
+            .filter_map(|s| match s.delivery {
+                Delivery::Group(group) => Some((group, s.name)),
+                Delivery::Inline => None,
+            })
+            .collect()
+    }
+}
+
+/// Runs a command handler and completes its unit of work.
+pub(crate) async fn run_command<C: Command>(
+    app: &App,
+    slot: &CommandSlot<C>,
+    command: C,
+    meta: MessageMeta,
+) -> Result<C::Output, DispatchError<C::Error>> {
+    let mut ctx = CommandContext::new(app, meta);
+    let output = slot.handler.call(command, &mut ctx).await.map_err(DispatchError::Handler)?;
+    if !ctx.outgoing.is_empty() {
+        complete(app, ctx.outgoing).await.map_err(widen)?;
+    }
+    Ok(output)
+}
+
+/// Runs a query handler.
+pub(crate) async fn run_query<Q: Query>(
+    app: &App,
+    slot: &QuerySlot<Q>,
+    query: Q,
+    meta: MessageMeta,
+) -> Result<Q::Output, DispatchError<Q::Error>> {
+    let ctx = QueryContext { app, meta };
+    slot.handler.call(query, &ctx).await.map_err(DispatchError::Handler)
+}
+
+/// Completes a unit of work that published `outgoing`: inline subscribers run first (and may
+/// publish more), then every event is handed to its background subscribers.
+pub(crate) async fn complete(app: &App, mut outgoing: Vec<PendingEvent>) -> Result<(), DispatchError<Infallible>> {
+    let mut next = 0;
+    while next < outgoing.len() {
+        let event = outgoing[next].clone();
+        next += 1;
+        let Some(route) = app.inner.route(event.type_id) else { continue };
+        if let Some(inline) = route.run_inline(app, &event, &mut outgoing) {
+            inline.await?;
+        }
+    }
+    for event in &outgoing {
+        if let Some(route) = app.inner.route(event.type_id) {
+            route.spawn_background(app, event);
+        }
+    }
+    Ok(())
+}
+
+/// Runs a background subscriber for one event, then completes what it published.
+async fn run_subscriber<E: Event>(
+    app: &App,
+    handler: &dyn ErasedEventHandler<E>,
+    delivery: Delivery,
+    envelope: &Envelope<E>,
+) -> Result<(), BoxError> {
+    let mut outgoing = Vec::new();
+    let mut ctx = EventContext {
+        app,
+        meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+        outgoing: &mut outgoing,
+        delivery,
+    };
+    handler.call(envelope, &mut ctx).await?;
+    if !outgoing.is_empty() {
+        complete(app, outgoing).await?;
+    }
+    Ok(())
+}
+
+/// One background delivery: never fails or panics outward; failures are logged and counted.
+async fn deliver<E: Event>(app: App, subscriber: Arc<Subscriber<E>>, envelope: Arc<Envelope<E>>) {
+    let outcome = match &subscriber.service {
+        None => {
+            AssertUnwindSafe(run_subscriber(&app, &*subscriber.handler, subscriber.delivery, &envelope))
+                .catch_unwind()
+                .await
+        }
+        Some(service) => {
+            let request = DispatchRequest {
+                app: app.clone(),
+                kind: MessageKind::Event,
+                name: E::NAME,
+                type_name: std::any::type_name::<E>(),
+                handler: subscriber.name,
+                group: match subscriber.delivery {
+                    Delivery::Group(group) => Some(group),
+                    Delivery::Inline => None,
+                },
+                message: Box::new(envelope.clone()),
+                meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+            };
+            AssertUnwindSafe(service.clone().oneshot(request).map(|r| r.map(drop)))
+                .catch_unwind()
+                .await
+        }
+    };
+    let metadata = envelope.metadata;
+    let group = match subscriber.delivery {
+        Delivery::Group(group) => group,
+        Delivery::Inline => "inline",
+    };
+    match outcome {
+        Ok(Ok(())) => app.inner.stats.delivered(),
+        Ok(Err(source)) => {
+            app.inner.stats.failed();
+            let error = DeliveryError {
+                handler: subscriber.name,
+                delivery: subscriber.delivery,
+                event: E::NAME,
+                message_id: metadata.message_id,
+                source,
+            };
+            tracing::error!(
+                target: "inseam::delivery",
+                event = E::NAME,
+                handler = subscriber.name,
+                group,
+                message_id = %metadata.message_id,
+                correlation_id = %metadata.correlation_id,
+                error = &error as &dyn std::error::Error,
+                "subscriber failed"
+            );
+        }
+        Err(panic) => {
+            app.inner.stats.panicked();
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            tracing::error!(
+                target: "inseam::delivery",
+                event = E::NAME,
+                handler = subscriber.name,
+                group,
+                message_id = %metadata.message_id,
+                correlation_id = %metadata.correlation_id,
+                panic = %reason,
+                "subscriber panicked"
+            );
+        }
+    }
+}
+
+/// A non-handler failure as it travels through middleware (as the service error).
+pub(crate) fn widen<E>(error: DispatchError<Infallible>) -> DispatchError<E> {
+    match error {
+        DispatchError::Handler(never) => match never {},
+        DispatchError::NoHandler { kind, message } => DispatchError::NoHandler { kind, message },
+        DispatchError::Subscriber { handler, event, message_id, source } => {
+            DispatchError::Subscriber { handler, event, message_id, source }
+        }
+        DispatchError::Middleware { kind, message, source } => DispatchError::Middleware { kind, message, source },
+    }
+}
+
+fn narrow<E>(error: DispatchError<E>) -> Result<DispatchError<Infallible>, E> {
+    Ok(match error {
+        DispatchError::Handler(e) => return Err(e),
+        DispatchError::NoHandler { kind, message } => DispatchError::NoHandler { kind, message },
+        DispatchError::Subscriber { handler, event, message_id, source } => {
+            DispatchError::Subscriber { handler, event, message_id, source }
+        }
+        DispatchError::Middleware { kind, message, source } => DispatchError::Middleware { kind, message, source },
+    })
+}
+
+/// Turns the error a layered service returned back into a typed dispatch error: the handler's
+/// own error comes back typed, a framework failure keeps its variant, anything else came from
+/// a layer.
+pub(crate) fn classify<E: std::error::Error + Send + Sync + 'static>(
+    kind: MessageKind,
+    message: &'static str,
+    error: BoxError,
+) -> DispatchError<E> {
+    match error.downcast::<E>() {
+        Ok(own) => DispatchError::Handler(*own),
+        Err(error) => match error.downcast::<DispatchError<Infallible>>() {
+            Ok(framework) => widen(*framework),
+            Err(source) => DispatchError::Middleware { kind, message, source },
+        },
+    }
+}
+
+fn into_service_error<E: std::error::Error + Send + Sync + 'static>(error: DispatchError<E>) -> BoxError {
+    match narrow(error) {
+        Ok(framework) => Box::new(framework),
+        Err(own) => Box::new(own),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("a layer replaced the {kind} `{message}` in the dispatch request")]
+struct ReplacedMessage {
+    kind: MessageKind,
+    message: &'static str,
+}
+
+/// The innermost service of a layered command: the unit of work.
+pub(crate) fn command_service<C: Command>() -> DispatchService {
+    BoxCloneSyncService::new(service_fn(|request: DispatchRequest| async move {
+        let DispatchRequest { app, message, meta, .. } = request;
+        let command = message
+            .downcast::<C>()
+            .map_err(|_| ReplacedMessage { kind: MessageKind::Command, message: C::NAME })?;
+        let slot = app.inner.command_slot::<C>().ok_or_else(|| {
+            Box::new(DispatchError::<Infallible>::NoHandler {
+                kind: MessageKind::Command,
+                message: std::any::type_name::<C>(),
+            }) as BoxError
+        })?;
+        match run_command(&app, slot, *command, meta).await {
+            Ok(output) => Ok(DispatchResponse(Box::new(output))),
+            Err(error) => Err(into_service_error(error)),
+        }
+    }))
+}
+
+/// The innermost service of a layered query.
+pub(crate) fn query_service<Q: Query>() -> DispatchService {
+    BoxCloneSyncService::new(service_fn(|request: DispatchRequest| async move {
+        let DispatchRequest { app, message, meta, .. } = request;
+        let query = message
+            .downcast::<Q>()
+            .map_err(|_| ReplacedMessage { kind: MessageKind::Query, message: Q::NAME })?;
+        let slot = app.inner.query_slot::<Q>().ok_or_else(|| {
+            Box::new(DispatchError::<Infallible>::NoHandler {
+                kind: MessageKind::Query,
+                message: std::any::type_name::<Q>(),
+            }) as BoxError
+        })?;
+        match run_query(&app, slot, *query, meta).await {
+            Ok(output) => Ok(DispatchResponse(Box::new(output))),
+            Err(error) => Err(into_service_error(error)),
+        }
+    }))
+}
+
+/// The innermost service of a layered background subscriber.
+pub(crate) fn event_service<E: Event>(handler: Arc<dyn ErasedEventHandler<E>>) -> DispatchService {
+    BoxCloneSyncService::new(service_fn(move |request: DispatchRequest| {
+        let handler = handler.clone();
+        async move {
+            let delivery = match request.group {
+                Some(group) => Delivery::Group(group),
+                None => Delivery::Inline,
+            };
+            let DispatchRequest { app, message, .. } = request;
+            let envelope = message
+                .downcast::<Arc<Envelope<E>>>()
+                .map_err(|_| ReplacedMessage { kind: MessageKind::Event, message: E::NAME })?;
+            run_subscriber(&app, &*handler, delivery, &envelope).await?;
+            Ok(DispatchResponse(Box::new(())))
+        }
+    }))
+}

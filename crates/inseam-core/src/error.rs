@@ -1,0 +1,209 @@
+//! Errors: what `send`, `query` and `publish` return, and what `build()` reports.
+
+use std::fmt;
+
+use crate::handler::{BoxError, Delivery};
+use crate::message::MessageKind;
+
+/// Why a dispatch failed. The handler's own error arrives typed in [`DispatchError::Handler`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError<E> {
+    /// The handler returned its declared error.
+    #[error(transparent)]
+    Handler(E),
+    /// No handler is registered for the message type.
+    #[error(
+        "no handler for {kind} `{message}`: register one with #[{kind}_handler] and `discover()`, or explicitly with `.handler::<..>()`"
+    )]
+    NoHandler {
+        /// Command or query.
+        kind: MessageKind,
+        /// The message's Rust type.
+        message: &'static str,
+    },
+    /// An inline subscriber of an event the handler published failed, so the command failed.
+    #[error("inline subscriber `{handler}` failed on event `{event}` (message {message_id})")]
+    Subscriber {
+        /// The subscriber's name.
+        handler: &'static str,
+        /// The event's name.
+        event: &'static str,
+        /// The event's id.
+        message_id: uuid::Uuid,
+        /// The subscriber's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A middleware layer failed the dispatch (a timeout, a rejection, ...).
+    #[error("middleware failed {kind} `{message}`")]
+    Middleware {
+        /// Command, query or event.
+        kind: MessageKind,
+        /// The message's stable name.
+        message: &'static str,
+        /// The layer's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl<E> DispatchError<E> {
+    /// The handler's own error, if that is what failed.
+    pub fn handler_error(&self) -> Option<&E> {
+        match self {
+            DispatchError::Handler(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The handler's own error, if that is what failed.
+    pub fn into_handler_error(self) -> Option<E> {
+        match self {
+            DispatchError::Handler(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// One problem in the wiring of an app, found by `build()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WiringProblem {
+    /// A declared or used command or query has no handler.
+    NoHandler {
+        /// Command or query.
+        kind: MessageKind,
+        /// The message's Rust type.
+        message: &'static str,
+    },
+    /// A command or query has more than one handler.
+    DuplicateHandlers {
+        /// Command or query.
+        kind: MessageKind,
+        /// The message's Rust type.
+        message: &'static str,
+        /// Every handler found.
+        handlers: Vec<&'static str>,
+    },
+    /// Two different event types claim the same name and version.
+    EventNameClash {
+        /// The contested name.
+        name: &'static str,
+        /// The contested version.
+        version: u32,
+        /// The Rust types claiming it.
+        types: Vec<&'static str>,
+    },
+    /// One group has several subscribers for the same event.
+    DuplicateSubscribers {
+        /// The group.
+        group: &'static str,
+        /// The event's name.
+        event: &'static str,
+        /// Every subscriber found.
+        handlers: Vec<&'static str>,
+    },
+    /// A handler extracts state that was never provided with `.state(..)`.
+    MissingState {
+        /// The handler's name.
+        handler: &'static str,
+        /// The message it handles.
+        message: &'static str,
+        /// The missing state's type.
+        state: &'static str,
+    },
+    /// The app was built outside a tokio runtime.
+    NoRuntime,
+}
+
+impl fmt::Display for WiringProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WiringProblem::NoHandler { kind, message } => write!(
+                f,
+                "{kind} `{message}` has no handler; add #[{kind}_handler] to an async fn that takes it"
+            ),
+            WiringProblem::DuplicateHandlers { kind, message, handlers } => {
+                write!(f, "{kind} `{message}` has {} handlers (", handlers.len())?;
+                write_list(f, handlers)?;
+                write!(f, "); a {kind} has exactly one handler")
+            }
+            WiringProblem::EventNameClash { name, version, types } => {
+                write!(f, "event name `{name}` version {version} is used by {} types (", types.len())?;
+                write_list(f, types)?;
+                write!(f, "); give each its own #[event(name = \"...\")]")
+            }
+            WiringProblem::DuplicateSubscribers { group, event, handlers } => {
+                write!(f, "group `{group}` has {} subscribers for event `{event}` (", handlers.len())?;
+                write_list(f, handlers)?;
+                write!(f, "); a group handles an event in one subscriber")
+            }
+            WiringProblem::MissingState { handler, message, state } => write!(
+                f,
+                "handler `{handler}` for `{message}` extracts state `{state}`, which was never provided; add `.state(..)` with a `{state}` to the builder"
+            ),
+            WiringProblem::NoRuntime => f.write_str(
+                "the app was built outside a tokio runtime; call `build().await` from within one",
+            ),
+        }
+    }
+}
+
+fn write_list(f: &mut fmt::Formatter<'_>, items: &[&'static str]) -> fmt::Result {
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "`{item}`")?;
+    }
+    Ok(())
+}
+
+/// The app could not be built; every wiring problem found is listed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The wiring has problems.
+    #[error("{}", WiringReport(.0))]
+    Wiring(Vec<WiringProblem>),
+}
+
+impl BuildError {
+    /// Every problem found.
+    pub fn problems(&self) -> &[WiringProblem] {
+        match self {
+            BuildError::Wiring(problems) => problems,
+        }
+    }
+}
+
+struct WiringReport<'a>(&'a [WiringProblem]);
+
+impl fmt::Display for WiringReport<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(f, "the app has {n} wiring problem{}:", if n == 1 { "" } else { "s" })?;
+        for (i, problem) in self.0.iter().enumerate() {
+            write!(f, "\n  {}. {problem}", i + 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// A background subscriber's failure, as logged and counted.
+#[derive(Debug, thiserror::Error)]
+#[error("subscriber `{handler}` ({delivery}) failed on event `{event}` (message {message_id})")]
+pub struct DeliveryError {
+    /// The subscriber.
+    pub handler: &'static str,
+    /// Inline or its group.
+    pub delivery: Delivery,
+    /// The event's name.
+    pub event: &'static str,
+    /// The event's id.
+    pub message_id: uuid::Uuid,
+    /// What went wrong.
+    #[source]
+    pub source: BoxError,
+}

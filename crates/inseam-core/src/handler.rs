@@ -1,0 +1,169 @@
+//! Handler traits. `#[command_handler]`, `#[query_handler]` and `#[event_handler]` implement
+//! them on a marker type named after the function; they can be implemented by hand as well.
+
+use std::fmt;
+
+use stackfuture::StackFuture;
+
+use crate::context::{CommandContext, EventContext, QueryContext};
+use crate::envelope::Envelope;
+use crate::extract::PrepareCx;
+use crate::message::{Command, Event, Query};
+use crate::registry::Registration;
+
+/// A boxed error, as tower and `std` use it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Bytes reserved inline for a handler's future. A future that fits is stored without a heap
+/// allocation; a larger one (typically a handler awaiting database calls, whose cost dwarfs an
+/// allocation) is boxed.
+pub const INLINE_FUTURE_SIZE: usize = 256;
+
+/// The type-erased future of a handler: inline when it fits in [`INLINE_FUTURE_SIZE`] bytes.
+pub type HandlerFuture<'a, T> = StackFuture<'a, T, INLINE_FUTURE_SIZE>;
+
+/// Wraps a handler's future for dispatch, without allocating when it is small enough.
+pub fn handler_future<'a, T, F>(future: F) -> HandlerFuture<'a, T>
+where
+    F: Future<Output = T> + Send + 'a,
+{
+    StackFuture::from_or_box(future)
+}
+
+/// The handler of one command type.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a command handler",
+    note = "put #[command_handler] on an `async fn(command, ..) -> Result<Output, Error>`"
+)]
+pub trait CommandHandler: Send + Sync + 'static {
+    /// The command it handles.
+    type Command: Command;
+    /// What its arguments need, looked up at build.
+    type Prepared: Send + Sync + 'static;
+    /// The handler's name (its function's path), used in errors and logs.
+    const NAME: &'static str;
+    /// Looks up what the arguments need; missing pieces are reported to `cx`.
+    fn prepare(cx: &mut PrepareCx<'_>) -> Option<Self::Prepared>;
+    /// Handles one command.
+    fn call<'a>(
+        prepared: &'a Self::Prepared,
+        command: Self::Command,
+        ctx: &'a mut CommandContext<'_>,
+    ) -> HandlerFuture<'a, CommandResult<Self::Command>>;
+}
+
+/// The result of handling command `C`.
+pub type CommandResult<C> = Result<<C as Command>::Output, <C as Command>::Error>;
+/// The result of handling query `Q`.
+pub type QueryResult<Q> = Result<<Q as Query>::Output, <Q as Query>::Error>;
+
+/// The handler of one query type.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a query handler",
+    note = "put #[query_handler] on an `async fn(query, ..) -> Result<Output, Error>`"
+)]
+pub trait QueryHandler: Send + Sync + 'static {
+    /// The query it answers.
+    type Query: Query;
+    /// What its arguments need, looked up at build.
+    type Prepared: Send + Sync + 'static;
+    /// The handler's name (its function's path).
+    const NAME: &'static str;
+    /// Looks up what the arguments need.
+    fn prepare(cx: &mut PrepareCx<'_>) -> Option<Self::Prepared>;
+    /// Answers one query.
+    fn call<'a>(
+        prepared: &'a Self::Prepared,
+        query: Self::Query,
+        ctx: &'a QueryContext<'_>,
+    ) -> HandlerFuture<'a, QueryResult<Self::Query>>;
+}
+
+/// How a subscriber receives events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Delivery {
+    /// Inside the publishing command's unit of work, before it completes; a failure fails the
+    /// command.
+    Inline,
+    /// After the publishing command completed, under a stable group name.
+    Group(&'static str),
+}
+
+impl fmt::Display for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Delivery::Inline => f.write_str("inline"),
+            Delivery::Group(group) => write!(f, "group `{group}`"),
+        }
+    }
+}
+
+/// A subscriber of one event type.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an event handler",
+    note = "put #[event_handler(group = \"..\")] or #[event_handler(inline)] on an `async fn(event, ..)`"
+)]
+pub trait EventHandler: Send + Sync + 'static {
+    /// The event it subscribes to.
+    type Event: Event;
+    /// What its arguments need, looked up at build.
+    type Prepared: Send + Sync + 'static;
+    /// The handler's name (its function's path).
+    const NAME: &'static str;
+    /// Inline, or the group it is delivered to.
+    const DELIVERY: Delivery;
+    /// Looks up what the arguments need.
+    fn prepare(cx: &mut PrepareCx<'_>) -> Option<Self::Prepared>;
+    /// Handles one event.
+    fn call<'a>(
+        prepared: &'a Self::Prepared,
+        event: &'a Envelope<Self::Event>,
+        ctx: &'a mut EventContext<'_>,
+    ) -> HandlerFuture<'a, Result<(), BoxError>>;
+}
+
+/// A type that registers a handler (the marker types the handler macros generate), for
+/// explicit registration with `App::builder().handler::<H>()`.
+pub trait Handler {
+    /// The handler's registration record.
+    const REGISTRATION: Registration;
+}
+
+/// What an event handler may return: `()` or `Result<(), E>` for any error `E`.
+#[diagnostic::on_unimplemented(
+    message = "an event handler must return `()` or `Result<(), E>` with `E` an error type, not `{Self}`"
+)]
+pub trait IntoHandlerResult {
+    /// Converts into the uniform result.
+    fn into_handler_result(self) -> Result<(), BoxError>;
+}
+
+impl IntoHandlerResult for () {
+    fn into_handler_result(self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+impl<E: Into<BoxError>> IntoHandlerResult for Result<(), E> {
+    fn into_handler_result(self) -> Result<(), BoxError> {
+        self.map_err(Into::into)
+    }
+}
+
+/// Checks at compile time that a command handler returns what its command declares.
+#[diagnostic::on_unimplemented(
+    message = "this handler returns `{Self}`, but command `{C}` declares a different output or error",
+    label = "does not match the command's `#[command(output = .., error = ..)]`",
+    note = "a command handler returns `Result<Output, Error>` with the `output` and `error` of its command"
+)]
+pub trait ReturnsCommandResult<C: Command> {}
+impl<C: Command> ReturnsCommandResult<C> for Result<C::Output, C::Error> {}
+
+/// Checks at compile time that a query handler returns what its query declares.
+#[diagnostic::on_unimplemented(
+    message = "this handler returns `{Self}`, but query `{Q}` declares a different output or error",
+    label = "does not match the query's `#[query(output = .., error = ..)]`",
+    note = "a query handler returns `Result<Output, Error>` with the `output` and `error` of its query"
+)]
+pub trait ReturnsQueryResult<Q: Query> {}
+impl<Q: Query> ReturnsQueryResult<Q> for Result<Q::Output, Q::Error> {}

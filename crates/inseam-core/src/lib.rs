@@ -1,0 +1,30 @@
+//! The core of inseam: messages, envelope, registry, bus, contexts, middleware and errors.
+//!
+//! Applications depend on the `inseam` facade, which re-exports this crate together with the
+//! derive and handler macros. Third parties implementing transports, stores or codecs depend on
+//! this crate.
+
+#![warn(missing_docs)]
+
+mod app;
+pub mod codec;
+mod context;
+mod dispatch;
+pub mod envelope;
+pub mod error;
+pub mod extract;
+pub mod handler;
+pub mod message;
+pub mod middleware;
+pub mod registry;
+
+pub use app::{App, AppBuilder, Stats};
+pub use codec::{Codec, CodecError, Json};
+pub use context::{CommandContext, EventContext, MessageMeta, QueryContext};
+pub use envelope::{Envelope, HeaderError, HeaderName, Headers, Metadata, RawEnvelope, WireError};
+pub use error::{BuildError, DeliveryError, DispatchError, WiringProblem};
+pub use extract::{Extract, State};
+pub use handler::{BoxError, CommandHandler, Delivery, EventHandler, Handler, QueryHandler};
+pub use message::{Command, Event, MessageKind, Query};
+pub use middleware::{DispatchRequest, DispatchResponse, DispatchService, TraceLayer};
+pub use registry::Registration;

@@ -1,0 +1,296 @@
+//! Middleware: any tower [`Layer`] can wrap dispatch.
+//!
+//! Layers see a type-erased [`DispatchRequest`] (the message, its kind, name and metadata) and
+//! a [`DispatchResponse`], so one layer serves every message type: timeouts, tracing,
+//! authorization, validation and rate limits are ordinary tower layers. A handler's own error
+//! travels through the layers as the service error, so a layer can observe it; `send` hands it
+//! back to the caller typed.
+//!
+//! Without layers, dispatch calls the handler directly, with no boxing.
+
+use std::any::{Any, TypeId};
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::util::BoxCloneSyncService;
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::context::MessageMeta;
+use crate::envelope::{Envelope, Headers, Metadata};
+use crate::handler::BoxError;
+use crate::message::{Event, MessageKind};
+
+/// A dispatch as middleware sees it.
+pub struct DispatchRequest {
+    pub(crate) app: App,
+    pub(crate) kind: MessageKind,
+    pub(crate) name: &'static str,
+    pub(crate) type_name: &'static str,
+    pub(crate) handler: &'static str,
+    pub(crate) group: Option<&'static str>,
+    /// The command or query, or for an event an `Arc<Envelope<E>>`.
+    pub(crate) message: Box<dyn Any + Send>,
+    pub(crate) meta: MessageMeta,
+}
+
+impl DispatchRequest {
+    /// Command, query or event.
+    pub fn kind(&self) -> MessageKind {
+        self.kind
+    }
+
+    /// The message's stable name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The message's Rust type.
+    pub fn type_name(&self) -> &'static str {
+        self.type_name
+    }
+
+    /// The handler or subscriber that will run.
+    pub fn handler(&self) -> &'static str {
+        self.handler
+    }
+
+    /// The subscriber group, for event deliveries.
+    pub fn group(&self) -> Option<&'static str> {
+        self.group
+    }
+
+    /// The message's ids (generated now if nobody needed them yet).
+    pub fn metadata(&self) -> Metadata {
+        self.meta.metadata(&self.app)
+    }
+
+    /// The message's headers.
+    pub fn headers(&self) -> &Headers {
+        &self.meta.headers
+    }
+
+    /// The command or query, if it is a `T`.
+    pub fn message<T: 'static>(&self) -> Option<&T> {
+        self.message.downcast_ref()
+    }
+
+    /// The event being delivered, if it is an `E`.
+    pub fn event<E: Event>(&self) -> Option<&Envelope<E>> {
+        self.message.downcast_ref::<Arc<Envelope<E>>>().map(|e| &**e)
+    }
+
+    /// The app.
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+}
+
+impl fmt::Debug for DispatchRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DispatchRequest")
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .field("handler", &self.handler)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of a dispatch as middleware sees it (opaque: the handler's typed output).
+pub struct DispatchResponse(pub(crate) Box<dyn Any + Send>);
+
+impl fmt::Debug for DispatchResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DispatchResponse")
+    }
+}
+
+/// The service type every layer wraps.
+pub type DispatchService = BoxCloneSyncService<DispatchRequest, DispatchResponse, BoxError>;
+
+/// Where a layer applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerScope {
+    All,
+    Kind(MessageKind),
+    Message(TypeId),
+}
+
+impl LayerScope {
+    fn applies(self, kind: MessageKind, message: TypeId) -> bool {
+        match self {
+            LayerScope::All => true,
+            LayerScope::Kind(k) => k == kind,
+            LayerScope::Message(t) => t == message,
+        }
+    }
+}
+
+pub(crate) trait ErasedLayer: Send + Sync {
+    fn apply(&self, service: DispatchService) -> DispatchService;
+}
+
+struct TowerLayer<L>(L);
+
+impl<L, S> ErasedLayer for TowerLayer<L>
+where
+    L: Layer<DispatchService, Service = S> + Send + Sync,
+    S: Service<DispatchRequest, Response = DispatchResponse> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    fn apply(&self, service: DispatchService) -> DispatchService {
+        BoxCloneSyncService::new(MapErrInto(self.0.layer(service)))
+    }
+}
+
+/// Converts a layer's error into a `BoxError` without boxing the future.
+#[derive(Clone)]
+struct MapErrInto<S>(S);
+
+impl<S> Service<DispatchRequest> for MapErrInto<S>
+where
+    S: Service<DispatchRequest, Response = DispatchResponse>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = DispatchResponse;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<DispatchResponse, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: DispatchRequest) -> Self::Future {
+        let future = self.0.call(request);
+        Box::pin(async move { future.await.map_err(Into::into) })
+    }
+}
+
+/// The layers registered on a builder, outermost first.
+#[derive(Default)]
+pub(crate) struct Layers(Vec<(LayerScope, Box<dyn ErasedLayer>)>);
+
+impl fmt::Debug for Layers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(scope, _)| scope)).finish()
+    }
+}
+
+impl Layers {
+    pub(crate) fn push<L, S>(&mut self, scope: LayerScope, layer: L)
+    where
+        L: Layer<DispatchService, Service = S> + Send + Sync + 'static,
+        S: Service<DispatchRequest, Response = DispatchResponse> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.0.push((scope, Box::new(TowerLayer(layer))));
+    }
+
+    fn wrap_with(
+        &self,
+        kind: MessageKind,
+        message: TypeId,
+        inner: impl FnOnce() -> DispatchService,
+    ) -> Option<DispatchService> {
+        let mut applying = self.0.iter().filter(|(scope, _)| scope.applies(kind, message)).peekable();
+        applying.peek()?;
+        let layers: Vec<_> = applying.collect();
+        // The first layer added is the outermost, as with tower's ServiceBuilder.
+        Some(layers.iter().rev().fold(inner(), |service, (_, layer)| layer.apply(service)))
+    }
+
+    /// The layered service for a command or query, or `None` when no layer applies.
+    pub(crate) fn wrap<M: 'static>(
+        &self,
+        kind: MessageKind,
+        inner: fn() -> DispatchService,
+    ) -> Option<DispatchService> {
+        self.wrap_with(kind, TypeId::of::<M>(), inner)
+    }
+
+    /// The layered service for a background event subscriber, or `None`.
+    pub(crate) fn wrap_event<E: 'static>(
+        &self,
+        inner: impl FnOnce() -> DispatchService,
+    ) -> Option<DispatchService> {
+        self.wrap_with(MessageKind::Event, TypeId::of::<E>(), inner)
+    }
+}
+
+/// A layer that opens a `tracing` span per dispatch (target `inseam::dispatch`) with the
+/// message's kind, name, handler, group, message id and correlation id, and records the outcome.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceLayer {
+    _private: (),
+}
+
+impl TraceLayer {
+    /// A tracing layer.
+    pub fn new() -> Self {
+        TraceLayer::default()
+    }
+}
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = TraceService<S>;
+
+    fn layer(&self, inner: S) -> TraceService<S> {
+        TraceService { inner }
+    }
+}
+
+/// The service of [`TraceLayer`].
+#[derive(Debug, Clone)]
+pub struct TraceService<S> {
+    inner: S,
+}
+
+impl<S> Service<DispatchRequest> for TraceService<S>
+where
+    S: Service<DispatchRequest, Response = DispatchResponse, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = DispatchResponse;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<DispatchResponse, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: DispatchRequest) -> Self::Future {
+        let metadata = request.metadata();
+        let span = tracing::info_span!(
+            target: "inseam::dispatch",
+            "dispatch",
+            kind = request.kind.as_str(),
+            message = request.name,
+            handler = request.handler,
+            group = request.group,
+            message_id = %metadata.message_id,
+            correlation_id = %metadata.correlation_id,
+        );
+        let future = self.inner.call(request);
+        Box::pin(
+            async move {
+                let started = std::time::Instant::now();
+                let result = future.await;
+                let elapsed_us = started.elapsed().as_micros() as u64;
+                match &result {
+                    Ok(_) => tracing::debug!(target: "inseam::dispatch", elapsed_us, "handled"),
+                    Err(error) => tracing::warn!(target: "inseam::dispatch", elapsed_us, error = %error, "failed"),
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}

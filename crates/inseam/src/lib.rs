@@ -1,0 +1,76 @@
+//! A framework for Rust modular monoliths: commands, queries and events on a typed in-process
+//! bus, registered with derive and attribute macros.
+//!
+//! Modules talk only through messages. A command has exactly one handler and returns its typed
+//! result; a query reads; an event is a fact with a stable contract (name and version) that any
+//! number of subscribers receive, inline in the publishing unit of work or in the background
+//! under a stable group name.
+//!
+//! ```
+//! use inseam::prelude::*;
+//!
+//! #[derive(Debug, Command)]
+//! #[command(output = u64)]
+//! pub struct Add { pub a: u64, pub b: u64 }
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize, Event)]
+//! #[event(name = "calc.added", key = a)]
+//! pub struct Added { pub a: u64, pub sum: u64 }
+//!
+//! #[command_handler]
+//! async fn add(cmd: Add, ctx: &mut CommandContext<'_>) -> Result<u64, std::convert::Infallible> {
+//!     let sum = cmd.a + cmd.b;
+//!     ctx.publish(Added { a: cmd.a, sum });
+//!     Ok(sum)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let app = App::builder().handler::<add>().build().await?;
+//! assert_eq!(app.send(Add { a: 2, b: 3 }).await?, 5);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! See the README for a tour, and `App::builder` for wiring.
+
+#![warn(missing_docs)]
+
+pub use inseam_core::{
+    App, AppBuilder, BoxError, BuildError, Codec, CodecError, Command, CommandContext,
+    CommandHandler, Delivery, DeliveryError, DispatchError, DispatchRequest, DispatchResponse,
+    DispatchService, Envelope, Event, EventContext, EventHandler, Extract, Handler, HeaderError,
+    HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata, Query, QueryContext,
+    QueryHandler, RawEnvelope, Registration, State, Stats, TraceLayer, WireError, WiringProblem,
+};
+pub use inseam_core::{codec, envelope, error, extract, handler, message, middleware, registry};
+pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
+
+/// What a module defining messages and handlers needs, in one import.
+pub mod prelude {
+    pub use inseam_core::{
+        App, Command, CommandContext, DispatchError, Envelope, Event, EventContext, Metadata,
+        Query, QueryContext, State,
+    };
+    pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
+    pub use serde::{Deserialize, Serialize};
+}
+
+/// Paths the macros expand to. Not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use inventory;
+    pub use inseam_core::extract::{Extract, Parts, PrepareCx};
+    pub use inseam_core::handler::{
+        BoxError, CommandHandler, CommandResult, Delivery, EventHandler, Handler, HandlerFuture,
+        IntoHandlerResult, QueryHandler, QueryResult, ReturnsCommandResult, ReturnsQueryResult,
+        handler_future,
+    };
+    pub use inseam_core::registry::Registration;
+    pub use inseam_core::{
+        Command, CommandContext, Envelope, Event, EventContext, Json, Query, QueryContext,
+    };
+    pub use std::clone::Clone;
+    pub use std::option::Option::{self, None, Some};
+    pub use std::string::{String, ToString};
+}
