@@ -74,7 +74,6 @@ impl Counters {
 
 /// A snapshot of the app's delivery counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Stats {
     /// Background deliveries that succeeded.
     pub delivered: u64,

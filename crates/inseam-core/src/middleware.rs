@@ -272,7 +272,7 @@ where
             target: "inseam::dispatch",
             "dispatch",
             kind = request.kind.as_str(),
-            message = request.name,
+            message_name = request.name,
             handler = request.handler,
             group = request.group,
             message_id = %metadata.message_id,
