@@ -42,10 +42,15 @@ macro_rules! inline_subscribers {
     };
 }
 
-inline_subscribers!(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16);
+inline_subscribers!(
+    s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16
+);
 
 fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => panic!("cannot start a tokio runtime: {error}"),
     }
@@ -60,27 +65,40 @@ fn build(runtime: &tokio::runtime::Runtime, builder: inseam::AppBuilder) -> App 
 
 fn send(c: &mut Criterion) {
     let runtime = runtime();
-    let app = build(&runtime, App::builder().handler::<increment>().handler::<double>());
-    let traced = build(&runtime, App::builder().handler::<increment>().layer(TraceLayer::new()));
+    let app = build(
+        &runtime,
+        App::builder().handler::<increment>().handler::<double>(),
+    );
+    let traced = build(
+        &runtime,
+        App::builder()
+            .handler::<increment>()
+            .layer(TraceLayer::new()),
+    );
 
     let mut group = c.benchmark_group("send");
     group.bench_function("direct call", |b| {
-        b.to_async(&runtime).iter(|| async { black_box(increment(Increment(black_box(1))).await) })
+        b.to_async(&runtime)
+            .iter(|| async { black_box(increment(Increment(black_box(1))).await) })
     });
     group.bench_function("inseam send", |b| {
-        b.to_async(&runtime).iter(|| async { black_box(app.send(Increment(black_box(1))).await) })
+        b.to_async(&runtime)
+            .iter(|| async { black_box(app.send(Increment(black_box(1))).await) })
     });
     group.bench_function("inseam send, TraceLayer", |b| {
-        b.to_async(&runtime).iter(|| async { black_box(traced.send(Increment(black_box(1))).await) })
+        b.to_async(&runtime)
+            .iter(|| async { black_box(traced.send(Increment(black_box(1))).await) })
     });
     group.finish();
 
     let mut group = c.benchmark_group("query");
     group.bench_function("direct call", |b| {
-        b.to_async(&runtime).iter(|| async { black_box(double(Double(black_box(1))).await) })
+        b.to_async(&runtime)
+            .iter(|| async { black_box(double(Double(black_box(1))).await) })
     });
     group.bench_function("inseam query", |b| {
-        b.to_async(&runtime).iter(|| async { black_box(app.query(Double(black_box(1))).await) })
+        b.to_async(&runtime)
+            .iter(|| async { black_box(app.query(Double(black_box(1))).await) })
     });
     group.finish();
 }
@@ -89,10 +107,13 @@ fn publish(c: &mut Criterion) {
     let runtime = runtime();
     let mut group = c.benchmark_group("publish inline");
     for n in [1usize, 4, 16] {
-        let builder = SUBSCRIBERS[..n].iter().fold(App::builder(), |b, r| b.register(*r));
+        let builder = SUBSCRIBERS[..n]
+            .iter()
+            .fold(App::builder(), |b, r| b.register(*r));
         let app = build(&runtime, builder);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
-            b.to_async(&runtime).iter(|| async { black_box(app.publish(Ticked(black_box(1))).await) })
+            b.to_async(&runtime)
+                .iter(|| async { black_box(app.publish(Ticked(black_box(1))).await) })
         });
     }
     group.finish();

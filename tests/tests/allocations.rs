@@ -22,7 +22,11 @@ struct Offset(u64);
 struct Shifted(u64);
 
 #[query_handler]
-async fn shifted(q: Shifted, State(offset): State<Offset>, meta: Metadata) -> Result<u64, std::convert::Infallible> {
+async fn shifted(
+    q: Shifted,
+    State(offset): State<Offset>,
+    meta: Metadata,
+) -> Result<u64, std::convert::Infallible> {
     let _ = meta;
     Ok(q.0 + offset.0)
 }
@@ -38,9 +42,17 @@ fn count_allocations<F: Future>(runtime: &tokio::runtime::Runtime, future: F) ->
 
 #[test]
 fn send_and_query_without_middleware_do_not_allocate() {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let app = runtime
-        .block_on(App::builder().handler::<increment>().handler::<shifted>().state(Offset(10)).build())
+        .block_on(
+            App::builder()
+                .handler::<increment>()
+                .handler::<shifted>()
+                .state(Offset(10))
+                .build(),
+        )
         .expect("wiring is valid");
 
     const N: u64 = 10_000;

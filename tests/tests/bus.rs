@@ -64,7 +64,11 @@ async fn place_order(
         return Err(OrderError::ZeroQuantity);
     }
     let order = u64::from(log.next.fetch_add(1, Ordering::SeqCst)) + 1;
-    ctx.publish(OrderPlaced { order, sku: cmd.sku.clone(), quantity: cmd.quantity });
+    ctx.publish(OrderPlaced {
+        order,
+        sku: cmd.sku.clone(),
+        quantity: cmd.quantity,
+    });
     if cmd.sku == "late-failure" {
         // The event above was published, but the command fails: nobody may see it.
         return Err(OrderError::Blocked(cmd.sku));
@@ -74,7 +78,10 @@ async fn place_order(
 }
 
 #[query_handler]
-async fn list_orders(_: ListOrders, State(log): State<Log>) -> Result<Vec<u64>, std::convert::Infallible> {
+async fn list_orders(
+    _: ListOrders,
+    State(log): State<Log>,
+) -> Result<Vec<u64>, std::convert::Infallible> {
     Ok(lock(&log.orders).clone())
 }
 
@@ -83,7 +90,11 @@ async fn list_orders(_: ListOrders, State(log): State<Log>) -> Result<Vec<u64>, 
 struct Refused(String);
 
 #[event_handler(inline)]
-async fn check_inline(ev: &Envelope<OrderPlaced>, ctx: &mut EventContext<'_>, State(log): State<Log>) -> Result<(), Refused> {
+async fn check_inline(
+    ev: &Envelope<OrderPlaced>,
+    ctx: &mut EventContext<'_>,
+    State(log): State<Log>,
+) -> Result<(), Refused> {
     if ev.sku == "refused-inline" {
         return Err(Refused(ev.sku.clone()));
     }
@@ -120,11 +131,23 @@ async fn send_returns_the_handlers_typed_output_and_error() {
     let log = Log::default();
     let app = app(&log).await;
 
-    let order = app.send(PlaceOrder { sku: "a".into(), quantity: 2 }).await.expect("placed");
+    let order = app
+        .send(PlaceOrder {
+            sku: "a".into(),
+            quantity: 2,
+        })
+        .await
+        .expect("placed");
     assert_eq!(order, 1);
 
     // The declared error arrives typed: a plain match, no downcast.
-    match app.send(PlaceOrder { sku: "a".into(), quantity: 0 }).await {
+    match app
+        .send(PlaceOrder {
+            sku: "a".into(),
+            quantity: 0,
+        })
+        .await
+    {
         Err(DispatchError::Handler(OrderError::ZeroQuantity)) => {}
         other => panic!("expected the handler's ZeroQuantity, got {other:?}"),
     }
@@ -136,13 +159,43 @@ async fn inline_subscribers_run_before_send_returns_and_background_ones_after() 
     let log = Log::default();
     let app = app(&log).await;
 
-    let order = app.send(PlaceOrder { sku: "b".into(), quantity: 1 }).await.expect("placed");
-    assert_eq!(lock(&log.inline).iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![order]);
+    let order = app
+        .send(PlaceOrder {
+            sku: "b".into(),
+            quantity: 1,
+        })
+        .await
+        .expect("placed");
+    assert_eq!(
+        lock(&log.inline)
+            .iter()
+            .map(|(o, _)| *o)
+            .collect::<Vec<_>>(),
+        vec![order]
+    );
 
     app.wait_idle().await;
-    assert_eq!(lock(&log.background).iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![order]);
-    assert_eq!(lock(&log.reserved).iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![order]);
-    assert_eq!(app.stats(), Stats { delivered: 2, ..Stats::default() });
+    assert_eq!(
+        lock(&log.background)
+            .iter()
+            .map(|(o, _)| *o)
+            .collect::<Vec<_>>(),
+        vec![order]
+    );
+    assert_eq!(
+        lock(&log.reserved)
+            .iter()
+            .map(|(o, _)| *o)
+            .collect::<Vec<_>>(),
+        vec![order]
+    );
+    assert_eq!(
+        app.stats(),
+        Stats {
+            delivered: 2,
+            ..Stats::default()
+        }
+    );
 }
 
 #[tokio::test]
@@ -150,19 +203,38 @@ async fn a_failing_inline_subscriber_fails_the_command_and_nothing_is_delivered(
     let log = Log::default();
     let app = app(&log).await;
 
-    let error = app.send(PlaceOrder { sku: "refused-inline".into(), quantity: 1 }).await.expect_err("refused");
+    let error = app
+        .send(PlaceOrder {
+            sku: "refused-inline".into(),
+            quantity: 1,
+        })
+        .await
+        .expect_err("refused");
     match &error {
-        DispatchError::Subscriber { handler, event, source, .. } => {
+        DispatchError::Subscriber {
+            handler,
+            event,
+            source,
+            ..
+        } => {
             assert_eq!(*handler, "bus::check_inline");
             assert_eq!(*event, "orders.order_placed");
-            assert_eq!(source.to_string(), "inline check refused sku refused-inline");
+            assert_eq!(
+                source.to_string(),
+                "inline check refused sku refused-inline"
+            );
         }
         other => panic!("expected a subscriber failure, got {other:?}"),
     }
-    assert!(error.to_string().starts_with("inline subscriber `bus::check_inline` failed on event `orders.order_placed`"));
+    assert!(error.to_string().starts_with(
+        "inline subscriber `bus::check_inline` failed on event `orders.order_placed`"
+    ));
 
     app.wait_idle().await;
-    assert!(lock(&log.background).is_empty(), "a failed command's events reached a group");
+    assert!(
+        lock(&log.background).is_empty(),
+        "a failed command's events reached a group"
+    );
     assert_eq!(app.stats(), Stats::default());
 }
 
@@ -171,8 +243,15 @@ async fn events_of_a_failed_command_are_discarded() {
     let log = Log::default();
     let app = app(&log).await;
 
-    let result = app.send(PlaceOrder { sku: "late-failure".into(), quantity: 1 }).await;
-    assert!(matches!(result, Err(DispatchError::Handler(OrderError::Blocked(ref s))) if s == "late-failure"));
+    let result = app
+        .send(PlaceOrder {
+            sku: "late-failure".into(),
+            quantity: 1,
+        })
+        .await;
+    assert!(
+        matches!(result, Err(DispatchError::Handler(OrderError::Blocked(ref s))) if s == "late-failure")
+    );
     app.wait_idle().await;
     assert!(lock(&log.inline).is_empty());
     assert!(lock(&log.background).is_empty());
@@ -185,8 +264,18 @@ async fn correlation_and_causation_follow_the_flow() {
     let flow = Uuid::now_v7();
     let command_id = Uuid::now_v7();
 
-    let meta = MessageMeta::new().message_id(command_id).correlation_id(flow);
-    app.send_with(PlaceOrder { sku: "c".into(), quantity: 1 }, meta).await.expect("placed");
+    let meta = MessageMeta::new()
+        .message_id(command_id)
+        .correlation_id(flow);
+    app.send_with(
+        PlaceOrder {
+            sku: "c".into(),
+            quantity: 1,
+        },
+        meta,
+    )
+    .await
+    .expect("placed");
     app.wait_idle().await;
 
     let (_, placed) = lock(&log.background)[0];
@@ -208,7 +297,12 @@ async fn correlation_and_causation_follow_the_flow() {
 async fn without_a_given_correlation_the_command_starts_its_own_flow() {
     let log = Log::default();
     let app = app(&log).await;
-    app.send(PlaceOrder { sku: "d".into(), quantity: 1 }).await.expect("placed");
+    app.send(PlaceOrder {
+        sku: "d".into(),
+        quantity: 1,
+    })
+    .await
+    .expect("placed");
     app.wait_idle().await;
     let (_, placed) = lock(&log.background)[0];
     let command_id = placed.causation_id.expect("caused by the command");
@@ -220,16 +314,34 @@ async fn without_a_given_correlation_the_command_starts_its_own_flow() {
 async fn publish_outside_a_command_reaches_inline_and_background_subscribers() {
     let log = Log::default();
     let app = app(&log).await;
-    app.publish(OrderPlaced { order: 42, sku: "e".into(), quantity: 1 }).await.expect("published");
+    app.publish(OrderPlaced {
+        order: 42,
+        sku: "e".into(),
+        quantity: 1,
+    })
+    .await
+    .expect("published");
     assert_eq!(lock(&log.inline).len(), 1);
     app.wait_idle().await;
-    assert_eq!(lock(&log.background).iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![42]);
+    assert_eq!(
+        lock(&log.background)
+            .iter()
+            .map(|(o, _)| *o)
+            .collect::<Vec<_>>(),
+        vec![42]
+    );
 }
 
 #[tokio::test]
 async fn a_command_without_handler_is_a_typed_error() {
     let app = App::builder().build().await.expect("empty app");
-    match app.send(PlaceOrder { sku: "x".into(), quantity: 1 }).await {
+    match app
+        .send(PlaceOrder {
+            sku: "x".into(),
+            quantity: 1,
+        })
+        .await
+    {
         Err(DispatchError::NoHandler { kind, message }) => {
             assert_eq!(kind, inseam::MessageKind::Command);
             assert_eq!(message, "bus::PlaceOrder");
@@ -263,13 +375,27 @@ async fn flaky(ev: &Flaky, State(seen): State<Arc<AtomicU32>>) -> Result<(), Fla
 #[tokio::test]
 async fn failing_and_panicking_background_subscribers_are_counted_and_the_app_keeps_working() {
     let seen = Arc::new(AtomicU32::new(0));
-    let app = App::builder().handler::<flaky>().state(seen.clone()).build().await.expect("wiring is valid");
+    let app = App::builder()
+        .handler::<flaky>()
+        .state(seen.clone())
+        .build()
+        .await
+        .expect("wiring is valid");
 
     for mode in ["fail", "panic", "ok", "panic", "ok"] {
-        app.publish(Flaky { mode: mode.into() }).await.expect("publishing never fails for a background subscriber");
+        app.publish(Flaky { mode: mode.into() })
+            .await
+            .expect("publishing never fails for a background subscriber");
     }
     app.wait_idle().await;
 
     assert_eq!(seen.load(Ordering::SeqCst), 5);
-    assert_eq!(app.stats(), Stats { delivered: 2, failed: 1, panicked: 2 });
+    assert_eq!(
+        app.stats(),
+        Stats {
+            delivered: 2,
+            failed: 1,
+            panicked: 2
+        }
+    );
 }

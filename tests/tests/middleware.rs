@@ -46,7 +46,9 @@ async fn greet(cmd: Greet, ctx: &mut CommandContext<'_>) -> Result<String, Greet
     if cmd.name.is_empty() {
         return Err(GreetError::EmptyName);
     }
-    ctx.publish(Greeted { name: cmd.name.clone() });
+    ctx.publish(Greeted {
+        name: cmd.name.clone(),
+    });
     Ok(format!("hello, {}", cmd.name))
 }
 
@@ -73,7 +75,10 @@ struct Guard {
 impl<S> Layer<S> for Guard {
     type Service = GuardService<S>;
     fn layer(&self, inner: S) -> GuardService<S> {
-        GuardService { inner, seen: self.seen.clone() }
+        GuardService {
+            inner,
+            seen: self.seen.clone(),
+        }
     }
 }
 
@@ -104,18 +109,24 @@ where
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(format!("{} {} by {}", request.kind(), request.name(), request.handler()));
-        if request.kind() == MessageKind::Command && request.headers().get("role") == Some("guest") {
+            .push(format!(
+                "{} {} by {}",
+                request.kind(),
+                request.name(),
+                request.handler()
+            ));
+        if request.kind() == MessageKind::Command && request.headers().get("role") == Some("guest")
+        {
             let name = request.name();
             return Box::pin(async move { Err(Box::new(Unauthorized(name)) as BoxError) });
         }
         // A validation layer may answer with the command's own error type: it reaches the
         // caller typed, as if the handler had returned it.
-        if let Some(greet) = request.message::<Greet>() {
-            if greet.name == "mallory" {
-                let error = GreetError::Forbidden(greet.name.clone());
-                return Box::pin(async move { Err(Box::new(error) as BoxError) });
-            }
+        if let Some(greet) = request.message::<Greet>()
+            && greet.name == "mallory"
+        {
+            let error = GreetError::Forbidden(greet.name.clone());
+            return Box::pin(async move { Err(Box::new(error) as BoxError) });
         }
         let future = self.inner.call(request);
         Box::pin(future)
@@ -138,7 +149,12 @@ async fn a_user_layer_sees_every_dispatch_and_can_refuse_one() {
         .await
         .expect("wiring is valid");
 
-    assert_eq!(app.send(Greet { name: "ada".into() }).await.expect("greeted"), "hello, ada");
+    assert_eq!(
+        app.send(Greet { name: "ada".into() })
+            .await
+            .expect("greeted"),
+        "hello, ada"
+    );
     assert_eq!(app.query(Count).await.expect("counted"), 7);
     app.wait_idle().await;
     let mut seen = lines(&guard.seen);
@@ -152,9 +168,15 @@ async fn a_user_layer_sees_every_dispatch_and_can_refuse_one() {
         ]
     );
 
-    let guest = MessageMeta::new().header("role", "guest").expect("valid header");
+    let guest = MessageMeta::new()
+        .header("role", "guest")
+        .expect("valid header");
     match app.send_with(Greet { name: "ada".into() }, guest).await {
-        Err(DispatchError::Middleware { kind, message, source }) => {
+        Err(DispatchError::Middleware {
+            kind,
+            message,
+            source,
+        }) => {
             assert_eq!(kind, MessageKind::Command);
             assert_eq!(message, "greetings.greet");
             assert_eq!(source.to_string(), "guests may not send greetings.greet");
@@ -162,7 +184,12 @@ async fn a_user_layer_sees_every_dispatch_and_can_refuse_one() {
         other => panic!("expected the guard's refusal, got {other:?}"),
     }
 
-    match app.send(Greet { name: "mallory".into() }).await {
+    match app
+        .send(Greet {
+            name: "mallory".into(),
+        })
+        .await
+    {
         Err(DispatchError::Handler(GreetError::Forbidden(name))) => assert_eq!(name, "mallory"),
         other => panic!("expected the typed Forbidden, got {other:?}"),
     }
@@ -177,7 +204,12 @@ async fn the_handlers_typed_error_passes_through_layers() {
         .build()
         .await
         .expect("wiring is valid");
-    match app.send(Greet { name: String::new() }).await {
+    match app
+        .send(Greet {
+            name: String::new(),
+        })
+        .await
+    {
         Err(DispatchError::Handler(GreetError::EmptyName)) => {}
         other => panic!("expected the typed EmptyName, got {other:?}"),
     }
@@ -187,7 +219,10 @@ async fn the_handlers_typed_error_passes_through_layers() {
 async fn towers_timeout_bounds_a_slow_handler() {
     let app = App::builder()
         .handler::<nap>()
-        .layer_for_kind(MessageKind::Command, tower::timeout::TimeoutLayer::new(Duration::from_millis(50)))
+        .layer_for_kind(
+            MessageKind::Command,
+            tower::timeout::TimeoutLayer::new(Duration::from_millis(50)),
+        )
         .build()
         .await
         .expect("wiring is valid");
@@ -195,7 +230,10 @@ async fn towers_timeout_bounds_a_slow_handler() {
     app.send(Nap { millis: 1 }).await.expect("a short nap fits");
     match app.send(Nap { millis: 2_000 }).await {
         Err(DispatchError::Middleware { source, .. }) => {
-            assert!(source.is::<tower::timeout::error::Elapsed>(), "expected Elapsed, got {source}");
+            assert!(
+                source.is::<tower::timeout::error::Elapsed>(),
+                "expected Elapsed, got {source}"
+            );
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
@@ -211,9 +249,14 @@ async fn a_layer_for_one_message_type_wraps_only_that_type() {
         .build()
         .await
         .expect("wiring is valid");
-    app.send(Greet { name: "ada".into() }).await.expect("greeted");
+    app.send(Greet { name: "ada".into() })
+        .await
+        .expect("greeted");
     app.query(Count).await.expect("counted");
-    assert_eq!(lines(&guard.seen), vec!["query Count by middleware::count".to_owned()]);
+    assert_eq!(
+        lines(&guard.seen),
+        vec!["query Count by middleware::count".to_owned()]
+    );
 }
 
 #[tokio::test]
@@ -227,7 +270,10 @@ async fn layers_run_outermost_first() {
         .await
         .expect("wiring is valid");
     app.query(Count).await.expect("counted");
-    assert_eq!(*order.lock().unwrap_or_else(|p| p.into_inner()), vec!["outer", "inner"]);
+    assert_eq!(
+        *order.lock().unwrap_or_else(|p| p.into_inner()),
+        vec!["outer", "inner"]
+    );
 }
 
 #[derive(Clone)]
@@ -251,7 +297,10 @@ impl<S: Service<DispatchRequest>> Service<DispatchRequest> for TagService<S> {
         self.2.poll_ready(cx)
     }
     fn call(&mut self, request: DispatchRequest) -> S::Future {
-        self.1.lock().unwrap_or_else(|p| p.into_inner()).push(self.0);
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.0);
         self.2.call(request)
     }
 }
@@ -262,7 +311,10 @@ struct Capture(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -281,15 +333,27 @@ async fn the_trace_layer_opens_a_span_with_the_message_and_its_ids() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let app = App::builder().handler::<greet>().layer(TraceLayer::new()).build().await.expect("valid");
+    let app = App::builder()
+        .handler::<greet>()
+        .layer(TraceLayer::new())
+        .build()
+        .await
+        .expect("valid");
     let id = uuid::Uuid::now_v7();
     let flow = uuid::Uuid::now_v7();
-    app.send_with(Greet { name: "ada".into() }, MessageMeta::new().message_id(id).correlation_id(flow))
-        .await
-        .expect("greeted");
+    app.send_with(
+        Greet { name: "ada".into() },
+        MessageMeta::new().message_id(id).correlation_id(flow),
+    )
+    .await
+    .expect("greeted");
 
-    let output = String::from_utf8(capture.0.lock().unwrap_or_else(|p| p.into_inner()).clone()).expect("utf-8");
-    let line = output.lines().find(|l| l.contains("handled")).unwrap_or_else(|| panic!("no span output in {output}"));
+    let output = String::from_utf8(capture.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .expect("utf-8");
+    let line = output
+        .lines()
+        .find(|l| l.contains("handled"))
+        .unwrap_or_else(|| panic!("no span output in {output}"));
     assert!(line.contains("dispatch{kind=\"command\" message_name=\"greetings.greet\" handler=\"middleware::greet\""), "{line}");
     assert!(line.contains(&format!("message_id={id}")), "{line}");
     assert!(line.contains(&format!("correlation_id={flow}")), "{line}");
@@ -311,7 +375,13 @@ async fn background_deliveries_go_through_event_layers() {
         .build()
         .await
         .expect("valid");
-    app.send(Greet { name: "ada".into() }).await.expect("greeted");
+    app.send(Greet { name: "ada".into() })
+        .await
+        .expect("greeted");
     app.wait_idle().await;
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "one delivery, to the audit group");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one delivery, to the audit group"
+    );
 }

@@ -39,7 +39,10 @@ async fn ship_again(_: Ship) -> Result<(), std::convert::Infallible> {
 }
 
 #[query_handler]
-async fn count_parcels(_: CountParcels, State(_carrier): State<Carrier>) -> Result<u32, std::convert::Infallible> {
+async fn count_parcels(
+    _: CountParcels,
+    State(_carrier): State<Carrier>,
+) -> Result<u32, std::convert::Infallible> {
     Ok(0)
 }
 
@@ -72,7 +75,9 @@ async fn explicit_registration_reports_every_problem_at_once() {
   4. event name `shipping.parcel_sent` version 2 is used by 2 types (`wiring::ParcelDispatched`, `wiring::ParcelSent`); give each its own #[event(name = \"...\")]
   5. group `billing` has 2 subscribers for event `shipping.parcel_sent` (`wiring::bill`, `wiring::bill_twice`); a group handles an event in one subscriber"
     );
-    let BuildError::Wiring(problems) = error else { unreachable!("one variant") };
+    let BuildError::Wiring(problems) = error else {
+        unreachable!("one variant")
+    };
     assert!(problems.contains(&WiringProblem::DuplicateHandlers {
         kind: inseam::MessageKind::Command,
         message: "wiring::Ship",
@@ -83,15 +88,37 @@ async fn explicit_registration_reports_every_problem_at_once() {
 #[tokio::test]
 async fn discover_finds_declared_messages_without_handlers() {
     // Every derive declares its message: Forgotten has no handler anywhere in this binary.
-    let error = App::builder().discover().state(Carrier).build().await.expect_err("broken");
+    let error = App::builder()
+        .discover()
+        .state(Carrier)
+        .build()
+        .await
+        .expect_err("broken");
     let problems = error.problems();
     assert!(problems.contains(&WiringProblem::NoHandler {
         kind: inseam::MessageKind::Command,
         message: "wiring::Forgotten",
     }));
-    assert!(problems.iter().any(|p| matches!(p, WiringProblem::DuplicateHandlers { message: "wiring::Ship", .. })));
-    assert!(problems.iter().any(|p| matches!(p, WiringProblem::EventNameClash { name: "shipping.parcel_sent", .. })));
-    assert!(!problems.iter().any(|p| matches!(p, WiringProblem::MissingState { .. })), "Carrier was provided");
+    assert!(problems.iter().any(|p| matches!(
+        p,
+        WiringProblem::DuplicateHandlers {
+            message: "wiring::Ship",
+            ..
+        }
+    )));
+    assert!(problems.iter().any(|p| matches!(
+        p,
+        WiringProblem::EventNameClash {
+            name: "shipping.parcel_sent",
+            ..
+        }
+    )));
+    assert!(
+        !problems
+            .iter()
+            .any(|p| matches!(p, WiringProblem::MissingState { .. })),
+        "Carrier was provided"
+    );
     assert_eq!(problems.len(), 4, "{error}");
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
+use futures_util::future::Either;
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
@@ -17,7 +18,9 @@ use tower_service::Service;
 use uuid::Uuid;
 
 use crate::context::{MessageMeta, PendingEvent};
-use crate::dispatch::{CommandSlot, EventRoute, QuerySlot, classify, complete, run_command, run_query};
+use crate::dispatch::{
+    CommandSlot, EventRoute, QuerySlot, classify, complete, run_command, run_query,
+};
 use crate::envelope::{Envelope, Headers};
 use crate::error::{BuildError, DispatchError, WiringProblem};
 use crate::extract::Resources;
@@ -145,47 +148,103 @@ impl App {
     ///
     /// Events the handler publishes reach inline subscribers before this returns; their
     /// failure fails the command. Other subscribers receive them once the command completed.
-    pub async fn send<C: Command>(&self, command: C) -> Result<C::Output, DispatchError<C::Error>> {
-        self.send_with(command, MessageMeta::new()).await
+    pub fn send<C: Command>(
+        &self,
+        command: C,
+    ) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + '_ {
+        self.send_with(command, MessageMeta::new())
     }
 
     /// Sends a command with given metadata (correlation id, headers, ...).
-    pub async fn send_with<C: Command>(
+    pub fn send_with<C: Command>(
         &self,
         command: C,
         meta: MessageMeta,
-    ) -> Result<C::Output, DispatchError<C::Error>> {
-        let Some(slot) = self.inner.command_slot::<C>() else {
-            return Err(DispatchError::NoHandler { kind: MessageKind::Command, message: type_name::<C>() });
-        };
-        match &slot.service {
-            None => run_command(self, slot, command, meta).await,
-            Some(service) => {
-                let request = self.request(MessageKind::Command, C::NAME, type_name::<C>(), slot.handler_name, Box::new(command), meta);
-                let response = service.clone().oneshot(request).await;
-                self.response::<C::Output, C::Error>(MessageKind::Command, C::NAME, response)
+    ) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + '_ {
+        // The path without layers returns the unit of work's future itself: no extra state
+        // machine around it, no copy of it, no allocation.
+        match self.inner.command_slot::<C>() {
+            Some(slot) if slot.service.is_none() => {
+                Either::Left(run_command(self, slot, command, meta))
             }
+            slot => Either::Right(Box::pin(self.send_layered(slot, command, meta))),
         }
+    }
+
+    async fn send_layered<C: Command>(
+        &self,
+        slot: Option<&CommandSlot<C>>,
+        command: C,
+        meta: MessageMeta,
+    ) -> Result<C::Output, DispatchError<C::Error>> {
+        let Some(slot) = slot else {
+            return Err(DispatchError::NoHandler {
+                kind: MessageKind::Command,
+                message: type_name::<C>(),
+            });
+        };
+        let Some(service) = &slot.service else {
+            return run_command(self, slot, command, meta).await;
+        };
+        let request = self.request(
+            MessageKind::Command,
+            C::NAME,
+            type_name::<C>(),
+            slot.handler_name,
+            Box::new(command),
+            meta,
+        );
+        let response = service.clone().oneshot(request).await;
+        self.response::<C::Output, C::Error>(MessageKind::Command, C::NAME, response)
     }
 
     /// Sends a query to its handler.
-    pub async fn query<Q: Query>(&self, query: Q) -> Result<Q::Output, DispatchError<Q::Error>> {
-        self.query_with(query, MessageMeta::new()).await
+    pub fn query<Q: Query>(
+        &self,
+        query: Q,
+    ) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + '_ {
+        self.query_with(query, MessageMeta::new())
     }
 
     /// Sends a query with given metadata.
-    pub async fn query_with<Q: Query>(&self, query: Q, meta: MessageMeta) -> Result<Q::Output, DispatchError<Q::Error>> {
-        let Some(slot) = self.inner.query_slot::<Q>() else {
-            return Err(DispatchError::NoHandler { kind: MessageKind::Query, message: type_name::<Q>() });
-        };
-        match &slot.service {
-            None => run_query(self, slot, query, meta).await,
-            Some(service) => {
-                let request = self.request(MessageKind::Query, Q::NAME, type_name::<Q>(), slot.handler_name, Box::new(query), meta);
-                let response = service.clone().oneshot(request).await;
-                self.response::<Q::Output, Q::Error>(MessageKind::Query, Q::NAME, response)
+    pub fn query_with<Q: Query>(
+        &self,
+        query: Q,
+        meta: MessageMeta,
+    ) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + '_ {
+        match self.inner.query_slot::<Q>() {
+            Some(slot) if slot.service.is_none() => {
+                Either::Left(run_query(self, slot, query, meta))
             }
+            slot => Either::Right(Box::pin(self.query_layered(slot, query, meta))),
         }
+    }
+
+    async fn query_layered<Q: Query>(
+        &self,
+        slot: Option<&QuerySlot<Q>>,
+        query: Q,
+        meta: MessageMeta,
+    ) -> Result<Q::Output, DispatchError<Q::Error>> {
+        let Some(slot) = slot else {
+            return Err(DispatchError::NoHandler {
+                kind: MessageKind::Query,
+                message: type_name::<Q>(),
+            });
+        };
+        let Some(service) = &slot.service else {
+            return run_query(self, slot, query, meta).await;
+        };
+        let request = self.request(
+            MessageKind::Query,
+            Q::NAME,
+            type_name::<Q>(),
+            slot.handler_name,
+            Box::new(query),
+            meta,
+        );
+        let response = service.clone().oneshot(request).await;
+        self.response::<Q::Output, Q::Error>(MessageKind::Query, Q::NAME, response)
     }
 
     /// Publishes an event outside any command: inline subscribers run before this returns,
@@ -195,7 +254,11 @@ impl App {
     }
 
     /// Publishes an event with given metadata.
-    pub async fn publish_with<E: Event>(&self, event: E, meta: MessageMeta) -> Result<(), DispatchError<Infallible>> {
+    pub async fn publish_with<E: Event>(
+        &self,
+        event: E,
+        meta: MessageMeta,
+    ) -> Result<(), DispatchError<Infallible>> {
         let metadata = meta.metadata(self);
         let envelope = Envelope {
             metadata,
@@ -238,7 +301,12 @@ impl App {
         let mut all = Vec::new();
         for route in self.inner.events.values() {
             let name = route.event_name();
-            all.extend(route.groups().into_iter().map(|(group, handler)| (name, group, handler)));
+            all.extend(
+                route
+                    .groups()
+                    .into_iter()
+                    .map(|(group, handler)| (name, group, handler)),
+            );
         }
         all.sort_unstable();
         all
@@ -265,7 +333,16 @@ impl App {
         message: Box<dyn Any + Send>,
         meta: MessageMeta,
     ) -> DispatchRequest {
-        DispatchRequest { app: self.clone(), kind, name, type_name, handler, group: None, message, meta }
+        DispatchRequest {
+            app: self.clone(),
+            kind,
+            name,
+            type_name,
+            handler,
+            group: None,
+            message,
+            meta,
+        }
     }
 
     fn response<O: 'static, E: std::error::Error + Send + Sync + 'static>(
@@ -275,11 +352,16 @@ impl App {
         response: Result<DispatchResponse, BoxError>,
     ) -> Result<O, DispatchError<E>> {
         match response {
-            Ok(DispatchResponse(output)) => output.downcast::<O>().map(|o| *o).map_err(|_| DispatchError::Middleware {
-                kind,
-                message: name,
-                source: format!("a layer replaced the response of {kind} `{name}`").into(),
-            }),
+            Ok(DispatchResponse(output)) => {
+                output
+                    .downcast::<O>()
+                    .map(|o| *o)
+                    .map_err(|_| DispatchError::Middleware {
+                        kind,
+                        message: name,
+                        source: format!("a layer replaced the response of {kind} `{name}`").into(),
+                    })
+            }
             Err(error) => Err(classify(kind, name, error)),
         }
     }
@@ -400,7 +482,8 @@ impl AppBuilder {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        self.layers.push(LayerScope::Message(TypeId::of::<M>()), layer);
+        self.layers
+            .push(LayerScope::Message(TypeId::of::<M>()), layer);
         self
     }
 

@@ -54,7 +54,11 @@ impl MessageMeta {
     }
 
     /// Adds a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Result<Self, HeaderError> {
+    pub fn header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self, HeaderError> {
         self.headers.insert(name, value)?;
         Ok(self)
     }
@@ -136,7 +140,11 @@ pub struct CommandContext<'a> {
 
 impl<'a> CommandContext<'a> {
     pub(crate) fn new(app: &'a App, meta: MessageMeta) -> Self {
-        CommandContext { app, meta, outgoing: Vec::new() }
+        CommandContext {
+            app,
+            meta,
+            outgoing: Vec::new(),
+        }
     }
 
     /// Publishes an event caused by this command.
@@ -162,7 +170,10 @@ impl<'a> CommandContext<'a> {
 
     #[doc(hidden)]
     pub fn __parts(&self) -> Parts<'_> {
-        Parts { app: self.app, meta: &self.meta }
+        Parts {
+            app: self.app,
+            meta: &self.meta,
+        }
     }
 }
 
@@ -191,7 +202,10 @@ impl QueryContext<'_> {
 
     #[doc(hidden)]
     pub fn __parts(&self) -> Parts<'_> {
-        Parts { app: self.app, meta: &self.meta }
+        Parts {
+            app: self.app,
+            meta: &self.meta,
+        }
     }
 }
 
@@ -240,6 +254,9 @@ impl EventContext<'_> {
 
     #[doc(hidden)]
     pub fn __parts(&self) -> Parts<'_> {
-        Parts { app: self.app, meta: &self.meta }
+        Parts {
+            app: self.app,
+            meta: &self.meta,
+        }
     }
 }

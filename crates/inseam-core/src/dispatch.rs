@@ -27,11 +27,16 @@ use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};
 pub(crate) struct Prepared<P>(pub(crate) P);
 
 pub(crate) trait ErasedCommandHandler<C: Command>: Send + Sync {
-    fn call<'a>(&'a self, command: C, ctx: &'a mut CommandContext<'_>) -> HandlerFuture<'a, CommandResult<C>>;
+    fn call<'a>(
+        &'a self,
+        command: C,
+        ctx: &'a mut CommandContext<'_>,
+    ) -> HandlerFuture<'a, CommandResult<C>>;
 }
 
 pub(crate) trait ErasedQueryHandler<Q: Query>: Send + Sync {
-    fn call<'a>(&'a self, query: Q, ctx: &'a QueryContext<'_>) -> HandlerFuture<'a, QueryResult<Q>>;
+    fn call<'a>(&'a self, query: Q, ctx: &'a QueryContext<'_>)
+    -> HandlerFuture<'a, QueryResult<Q>>;
 }
 
 pub(crate) trait ErasedEventHandler<E: Event>: Send + Sync {
@@ -50,7 +55,10 @@ pub(crate) struct Bound<H: ?Sized, P> {
 
 impl<H: CommandHandler> Prepared<Bound<H, H::Prepared>> {
     pub(crate) fn command(prepared: H::Prepared) -> Self {
-        Prepared(Bound { prepared, _handler: std::marker::PhantomData })
+        Prepared(Bound {
+            prepared,
+            _handler: std::marker::PhantomData,
+        })
     }
 }
 
@@ -67,20 +75,30 @@ impl<H: CommandHandler> ErasedCommandHandler<H::Command> for Prepared<Bound<H, H
 
 impl<H: QueryHandler> Prepared<Bound<H, H::Prepared>> {
     pub(crate) fn query(prepared: H::Prepared) -> Self {
-        Prepared(Bound { prepared, _handler: std::marker::PhantomData })
+        Prepared(Bound {
+            prepared,
+            _handler: std::marker::PhantomData,
+        })
     }
 }
 
 impl<H: QueryHandler> ErasedQueryHandler<H::Query> for Prepared<Bound<H, H::Prepared>> {
     #[inline]
-    fn call<'a>(&'a self, query: H::Query, ctx: &'a QueryContext<'_>) -> HandlerFuture<'a, QueryResult<H::Query>> {
+    fn call<'a>(
+        &'a self,
+        query: H::Query,
+        ctx: &'a QueryContext<'_>,
+    ) -> HandlerFuture<'a, QueryResult<H::Query>> {
         H::call(&self.0.prepared, query, ctx)
     }
 }
 
 impl<H: EventHandler> Prepared<Bound<H, H::Prepared>> {
     pub(crate) fn event(prepared: H::Prepared) -> Self {
-        Prepared(Bound { prepared, _handler: std::marker::PhantomData })
+        Prepared(Bound {
+            prepared,
+            _handler: std::marker::PhantomData,
+        })
     }
 }
 
@@ -125,10 +143,15 @@ pub(crate) struct EventSlot<E: Event> {
 
 impl<E: Event> EventSlot<E> {
     pub(crate) fn assemble(subscribers: Vec<Box<dyn Any + Send + Sync>>) -> Box<dyn EventRoute> {
-        let mut slot = EventSlot::<E> { inline: Vec::new(), background: Vec::new() };
+        let mut slot = EventSlot::<E> {
+            inline: Vec::new(),
+            background: Vec::new(),
+        };
         for subscriber in subscribers {
             // Every element was built for this event type by the same registration entry.
-            let Ok(subscriber) = subscriber.downcast::<Subscriber<E>>() else { continue };
+            let Ok(subscriber) = subscriber.downcast::<Subscriber<E>>() else {
+                continue;
+            };
             match subscriber.delivery {
                 Delivery::Inline => slot.inline.push(*subscriber),
                 Delivery::Group(_) => slot.background.push(Arc::from(subscriber)),
@@ -181,14 +204,16 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     outgoing: &mut *outgoing,
                     delivery: Delivery::Inline,
                 };
-                subscriber.handler.call(envelope, &mut ctx).await.map_err(|source| {
-                    DispatchError::Subscriber {
+                subscriber
+                    .handler
+                    .call(envelope, &mut ctx)
+                    .await
+                    .map_err(|source| DispatchError::Subscriber {
                         handler: subscriber.name,
                         event: E::NAME,
                         message_id: envelope.metadata.message_id,
                         source,
-                    }
-                })?;
+                    })?;
             }
             Ok(())
         }))
@@ -198,7 +223,9 @@ impl<E: Event> EventRoute for EventSlot<E> {
         if self.background.is_empty() {
             return;
         }
-        let Some(envelope) = envelope_of::<E>(event) else { return };
+        let Some(envelope) = envelope_of::<E>(event) else {
+            return;
+        };
         for subscriber in &self.background {
             let delivery = deliver(app.clone(), subscriber.clone(), envelope.clone());
             app.inner.spawn(delivery);
@@ -221,39 +248,59 @@ impl<E: Event> EventRoute for EventSlot<E> {
 }
 
 /// Runs a command handler and completes its unit of work.
-pub(crate) async fn run_command<C: Command>(
-    app: &App,
-    slot: &CommandSlot<C>,
+pub(crate) fn run_command<'a, C: Command>(
+    app: &'a App,
+    slot: &'a CommandSlot<C>,
     command: C,
     meta: MessageMeta,
-) -> Result<C::Output, DispatchError<C::Error>> {
+) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + 'a {
+    // The context is built before the future, so the future holds it in place instead of
+    // moving it in on first poll.
     let mut ctx = CommandContext::new(app, meta);
-    let output = slot.handler.call(command, &mut ctx).await.map_err(DispatchError::Handler)?;
-    if !ctx.outgoing.is_empty() {
-        complete(app, ctx.outgoing).await.map_err(widen)?;
+    async move {
+        let output = slot
+            .handler
+            .call(command, &mut ctx)
+            .await
+            .map_err(DispatchError::Handler)?;
+        if !ctx.outgoing.is_empty() {
+            // Boxed so the common case (nothing published) keeps a small future; publishing
+            // allocates anyway.
+            Box::pin(complete(app, ctx.outgoing)).await.map_err(widen)?;
+        }
+        Ok(output)
     }
-    Ok(output)
 }
 
 /// Runs a query handler.
-pub(crate) async fn run_query<Q: Query>(
-    app: &App,
-    slot: &QuerySlot<Q>,
+pub(crate) fn run_query<'a, Q: Query>(
+    app: &'a App,
+    slot: &'a QuerySlot<Q>,
     query: Q,
     meta: MessageMeta,
-) -> Result<Q::Output, DispatchError<Q::Error>> {
+) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + 'a {
     let ctx = QueryContext { app, meta };
-    slot.handler.call(query, &ctx).await.map_err(DispatchError::Handler)
+    async move {
+        slot.handler
+            .call(query, &ctx)
+            .await
+            .map_err(DispatchError::Handler)
+    }
 }
 
 /// Completes a unit of work that published `outgoing`: inline subscribers run first (and may
 /// publish more), then every event is handed to its background subscribers.
-pub(crate) async fn complete(app: &App, mut outgoing: Vec<PendingEvent>) -> Result<(), DispatchError<Infallible>> {
+pub(crate) async fn complete(
+    app: &App,
+    mut outgoing: Vec<PendingEvent>,
+) -> Result<(), DispatchError<Infallible>> {
     let mut next = 0;
     while next < outgoing.len() {
         let event = outgoing[next].clone();
         next += 1;
-        let Some(route) = app.inner.route(event.type_id) else { continue };
+        let Some(route) = app.inner.route(event.type_id) else {
+            continue;
+        };
         if let Some(inline) = route.run_inline(app, &event, &mut outgoing) {
             inline.await?;
         }
@@ -291,9 +338,14 @@ async fn run_subscriber<E: Event>(
 async fn deliver<E: Event>(app: App, subscriber: Arc<Subscriber<E>>, envelope: Arc<Envelope<E>>) {
     let outcome = match &subscriber.service {
         None => {
-            AssertUnwindSafe(run_subscriber(&app, &*subscriber.handler, subscriber.delivery, &envelope))
-                .catch_unwind()
-                .await
+            AssertUnwindSafe(run_subscriber(
+                &app,
+                &*subscriber.handler,
+                subscriber.delivery,
+                &envelope,
+            ))
+            .catch_unwind()
+            .await
         }
         Some(service) => {
             let request = DispatchRequest {
@@ -367,10 +419,26 @@ pub(crate) fn widen<E>(error: DispatchError<Infallible>) -> DispatchError<E> {
     match error {
         DispatchError::Handler(never) => match never {},
         DispatchError::NoHandler { kind, message } => DispatchError::NoHandler { kind, message },
-        DispatchError::Subscriber { handler, event, message_id, source } => {
-            DispatchError::Subscriber { handler, event, message_id, source }
-        }
-        DispatchError::Middleware { kind, message, source } => DispatchError::Middleware { kind, message, source },
+        DispatchError::Subscriber {
+            handler,
+            event,
+            message_id,
+            source,
+        } => DispatchError::Subscriber {
+            handler,
+            event,
+            message_id,
+            source,
+        },
+        DispatchError::Middleware {
+            kind,
+            message,
+            source,
+        } => DispatchError::Middleware {
+            kind,
+            message,
+            source,
+        },
     }
 }
 
@@ -378,10 +446,26 @@ fn narrow<E>(error: DispatchError<E>) -> Result<DispatchError<Infallible>, E> {
     Ok(match error {
         DispatchError::Handler(e) => return Err(e),
         DispatchError::NoHandler { kind, message } => DispatchError::NoHandler { kind, message },
-        DispatchError::Subscriber { handler, event, message_id, source } => {
-            DispatchError::Subscriber { handler, event, message_id, source }
-        }
-        DispatchError::Middleware { kind, message, source } => DispatchError::Middleware { kind, message, source },
+        DispatchError::Subscriber {
+            handler,
+            event,
+            message_id,
+            source,
+        } => DispatchError::Subscriber {
+            handler,
+            event,
+            message_id,
+            source,
+        },
+        DispatchError::Middleware {
+            kind,
+            message,
+            source,
+        } => DispatchError::Middleware {
+            kind,
+            message,
+            source,
+        },
     })
 }
 
@@ -397,12 +481,18 @@ pub(crate) fn classify<E: std::error::Error + Send + Sync + 'static>(
         Ok(own) => DispatchError::Handler(*own),
         Err(error) => match error.downcast::<DispatchError<Infallible>>() {
             Ok(framework) => widen(*framework),
-            Err(source) => DispatchError::Middleware { kind, message, source },
+            Err(source) => DispatchError::Middleware {
+                kind,
+                message,
+                source,
+            },
         },
     }
 }
 
-fn into_service_error<E: std::error::Error + Send + Sync + 'static>(error: DispatchError<E>) -> BoxError {
+fn into_service_error<E: std::error::Error + Send + Sync + 'static>(
+    error: DispatchError<E>,
+) -> BoxError {
     match narrow(error) {
         Ok(framework) => Box::new(framework),
         Err(own) => Box::new(own),
@@ -419,10 +509,13 @@ struct ReplacedMessage {
 /// The innermost service of a layered command: the unit of work.
 pub(crate) fn command_service<C: Command>() -> DispatchService {
     BoxCloneSyncService::new(service_fn(|request: DispatchRequest| async move {
-        let DispatchRequest { app, message, meta, .. } = request;
-        let command = message
-            .downcast::<C>()
-            .map_err(|_| ReplacedMessage { kind: MessageKind::Command, message: C::NAME })?;
+        let DispatchRequest {
+            app, message, meta, ..
+        } = request;
+        let command = message.downcast::<C>().map_err(|_| ReplacedMessage {
+            kind: MessageKind::Command,
+            message: C::NAME,
+        })?;
         let slot = app.inner.command_slot::<C>().ok_or_else(|| {
             Box::new(DispatchError::<Infallible>::NoHandler {
                 kind: MessageKind::Command,
@@ -439,10 +532,13 @@ pub(crate) fn command_service<C: Command>() -> DispatchService {
 /// The innermost service of a layered query.
 pub(crate) fn query_service<Q: Query>() -> DispatchService {
     BoxCloneSyncService::new(service_fn(|request: DispatchRequest| async move {
-        let DispatchRequest { app, message, meta, .. } = request;
-        let query = message
-            .downcast::<Q>()
-            .map_err(|_| ReplacedMessage { kind: MessageKind::Query, message: Q::NAME })?;
+        let DispatchRequest {
+            app, message, meta, ..
+        } = request;
+        let query = message.downcast::<Q>().map_err(|_| ReplacedMessage {
+            kind: MessageKind::Query,
+            message: Q::NAME,
+        })?;
         let slot = app.inner.query_slot::<Q>().ok_or_else(|| {
             Box::new(DispatchError::<Infallible>::NoHandler {
                 kind: MessageKind::Query,
@@ -468,7 +564,10 @@ pub(crate) fn event_service<E: Event>(handler: Arc<dyn ErasedEventHandler<E>>) -
             let DispatchRequest { app, message, .. } = request;
             let envelope = message
                 .downcast::<Arc<Envelope<E>>>()
-                .map_err(|_| ReplacedMessage { kind: MessageKind::Event, message: E::NAME })?;
+                .map_err(|_| ReplacedMessage {
+                    kind: MessageKind::Event,
+                    message: E::NAME,
+                })?;
             run_subscriber(&app, &*handler, delivery, &envelope).await?;
             Ok(DispatchResponse(Box::new(())))
         }

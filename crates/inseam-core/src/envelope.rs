@@ -64,7 +64,11 @@ impl HeaderName {
     /// ```
     pub fn new(name: impl Into<String>) -> Result<Self, HeaderError> {
         let name = name.into();
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
             return Err(HeaderError::InvalidName { name });
         }
         if RESERVED.contains(&name.as_str()) {
@@ -108,12 +112,12 @@ pub enum HeaderError {
 /// Free-form string headers of an envelope (trace context, tenant, ...), carried as CloudEvents
 /// extension attributes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(BTreeMap<HeaderName, String>);
+pub struct Headers(Vec<(HeaderName, String)>);
 
 impl Headers {
     /// No headers (does not allocate).
     pub const fn new() -> Self {
-        Headers(BTreeMap::new())
+        Headers(Vec::new())
     }
 
     /// Sets a header, validating its name.
@@ -122,12 +126,24 @@ impl Headers {
         name: impl Into<String>,
         value: impl Into<String>,
     ) -> Result<Option<String>, HeaderError> {
-        Ok(self.0.insert(HeaderName::new(name)?, value.into()))
+        // A sorted vector: envelopes carry a handful of headers, and an empty one costs nothing
+        // to create or drop on the dispatch path.
+        let name = HeaderName::new(name)?;
+        match self.0.binary_search_by(|(k, _)| k.cmp(&name)) {
+            Ok(i) => Ok(Some(std::mem::replace(&mut self.0[i].1, value.into()))),
+            Err(i) => {
+                self.0.insert(i, (name, value.into()));
+                Ok(None)
+            }
+        }
     }
 
     /// A header's value.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k.as_str() == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Whether there are no headers.
@@ -272,12 +288,13 @@ impl RawEnvelope {
                 expected_version: E::VERSION,
             });
         }
-        let payload = <E::Codec as Codec>::decode(&self.payload).map_err(|source| WireError::Payload {
-            name: self.name.clone(),
-            version: self.version,
-            message_id: self.metadata.message_id,
-            source,
-        })?;
+        let payload =
+            <E::Codec as Codec>::decode(&self.payload).map_err(|source| WireError::Payload {
+                name: self.name.clone(),
+                version: self.version,
+                message_id: self.metadata.message_id,
+                source,
+            })?;
         Ok(Envelope {
             metadata: self.metadata,
             key: self.key.clone(),
@@ -316,7 +333,9 @@ impl Serialize for RawEnvelope {
         map.serialize_entry("typeversion", &self.version)?;
         map.serialize_entry(
             "time",
-            &self.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            &self
+                .occurred_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
         )?;
         map.serialize_entry("datacontenttype", &self.content_type)?;
         if let Some(key) = &self.key {
@@ -368,12 +387,22 @@ impl<'de> Deserialize<'de> for RawEnvelope {
                 wire.specversion
             )));
         }
-        let content_type = wire.datacontenttype.unwrap_or_else(|| "application/json".to_owned());
+        let content_type = wire
+            .datacontenttype
+            .unwrap_or_else(|| "application/json".to_owned());
         let payload = match (wire.data, wire.data_base64) {
             (Some(data), None) => data.get().as_bytes().to_vec(),
             (None, Some(b64)) => BASE64.decode(b64).map_err(D::Error::custom)?,
-            (None, None) => return Err(D::Error::custom("envelope has neither `data` nor `data_base64`")),
-            (Some(_), Some(_)) => return Err(D::Error::custom("envelope has both `data` and `data_base64`")),
+            (None, None) => {
+                return Err(D::Error::custom(
+                    "envelope has neither `data` nor `data_base64`",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(D::Error::custom(
+                    "envelope has both `data` and `data_base64`",
+                ));
+            }
         };
         let mut headers = Headers::new();
         for (name, value) in wire.extensions {

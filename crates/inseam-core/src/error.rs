@@ -124,22 +124,46 @@ impl fmt::Display for WiringProblem {
                 f,
                 "{kind} `{message}` has no handler; add #[{kind}_handler] to an async fn that takes it"
             ),
-            WiringProblem::DuplicateHandlers { kind, message, handlers } => {
+            WiringProblem::DuplicateHandlers {
+                kind,
+                message,
+                handlers,
+            } => {
                 write!(f, "{kind} `{message}` has {} handlers (", handlers.len())?;
                 write_list(f, handlers)?;
                 write!(f, "); a {kind} has exactly one handler")
             }
-            WiringProblem::EventNameClash { name, version, types } => {
-                write!(f, "event name `{name}` version {version} is used by {} types (", types.len())?;
+            WiringProblem::EventNameClash {
+                name,
+                version,
+                types,
+            } => {
+                write!(
+                    f,
+                    "event name `{name}` version {version} is used by {} types (",
+                    types.len()
+                )?;
                 write_list(f, types)?;
                 write!(f, "); give each its own #[event(name = \"...\")]")
             }
-            WiringProblem::DuplicateSubscribers { group, event, handlers } => {
-                write!(f, "group `{group}` has {} subscribers for event `{event}` (", handlers.len())?;
+            WiringProblem::DuplicateSubscribers {
+                group,
+                event,
+                handlers,
+            } => {
+                write!(
+                    f,
+                    "group `{group}` has {} subscribers for event `{event}` (",
+                    handlers.len()
+                )?;
                 write_list(f, handlers)?;
                 write!(f, "); a group handles an event in one subscriber")
             }
-            WiringProblem::MissingState { handler, message, state } => write!(
+            WiringProblem::MissingState {
+                handler,
+                message,
+                state,
+            } => write!(
                 f,
                 "handler `{handler}` for `{message}` extracts state `{state}`, which was never provided; add `.state(..)` with a `{state}` to the builder"
             ),
@@ -183,7 +207,11 @@ struct WiringReport<'a>(&'a [WiringProblem]);
 impl fmt::Display for WiringReport<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        write!(f, "the app has {n} wiring problem{}:", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "the app has {n} wiring problem{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
         for (i, problem) in self.0.iter().enumerate() {
             write!(f, "\n  {}. {problem}", i + 1)?;
         }

@@ -19,18 +19,23 @@ pub struct Resources {
 
 impl Resources {
     pub(crate) fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
-        self.values.insert(TypeId::of::<T>(), (type_name::<T>(), Box::new(value)));
+        self.values
+            .insert(TypeId::of::<T>(), (type_name::<T>(), Box::new(value)));
     }
 
     /// The value of type `T`, if one was registered.
     pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
-        self.values.get(&TypeId::of::<T>()).and_then(|(_, v)| v.downcast_ref())
+        self.values
+            .get(&TypeId::of::<T>())
+            .and_then(|(_, v)| v.downcast_ref())
     }
 }
 
 impl fmt::Debug for Resources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.values.values().map(|(name, _)| name)).finish()
+        f.debug_set()
+            .entries(self.values.values().map(|(name, _)| name))
+            .finish()
     }
 }
 

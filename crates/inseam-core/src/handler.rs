@@ -17,7 +17,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bytes reserved inline for a handler's future. A future that fits is stored without a heap
 /// allocation; a larger one (typically a handler awaiting database calls, whose cost dwarfs an
 /// allocation) is boxed.
-pub const INLINE_FUTURE_SIZE: usize = 256;
+pub const INLINE_FUTURE_SIZE: usize = 128;
 
 /// The type-erased future of a handler: inline when it fits in [`INLINE_FUTURE_SIZE`] bytes.
 pub type HandlerFuture<'a, T> = StackFuture<'a, T, INLINE_FUTURE_SIZE>;

@@ -81,7 +81,9 @@ impl DispatchRequest {
 
     /// The event being delivered, if it is an `E`.
     pub fn event<E: Event>(&self) -> Option<&Envelope<E>> {
-        self.message.downcast_ref::<Arc<Envelope<E>>>().map(|e| &**e)
+        self.message
+            .downcast_ref::<Arc<Envelope<E>>>()
+            .map(|e| &**e)
     }
 
     /// The app.
@@ -179,7 +181,9 @@ pub(crate) struct Layers(Vec<(LayerScope, Box<dyn ErasedLayer>)>);
 
 impl fmt::Debug for Layers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.iter().map(|(scope, _)| scope)).finish()
+        f.debug_list()
+            .entries(self.0.iter().map(|(scope, _)| scope))
+            .finish()
     }
 }
 
@@ -200,11 +204,20 @@ impl Layers {
         message: TypeId,
         inner: impl FnOnce() -> DispatchService,
     ) -> Option<DispatchService> {
-        let mut applying = self.0.iter().filter(|(scope, _)| scope.applies(kind, message)).peekable();
+        let mut applying = self
+            .0
+            .iter()
+            .filter(|(scope, _)| scope.applies(kind, message))
+            .peekable();
         applying.peek()?;
         let layers: Vec<_> = applying.collect();
         // The first layer added is the outermost, as with tower's ServiceBuilder.
-        Some(layers.iter().rev().fold(inner(), |service, (_, layer)| layer.apply(service)))
+        Some(
+            layers
+                .iter()
+                .rev()
+                .fold(inner(), |service, (_, layer)| layer.apply(service)),
+        )
     }
 
     /// The layered service for a command or query, or `None` when no layer applies.

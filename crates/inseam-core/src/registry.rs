@@ -36,32 +36,44 @@ inventory::collect!(Registration);
 impl Registration {
     /// Registers a command handler.
     pub const fn command<H: CommandHandler>() -> Self {
-        Registration { install: install_command::<H> }
+        Registration {
+            install: install_command::<H>,
+        }
     }
 
     /// Registers a query handler.
     pub const fn query<H: QueryHandler>() -> Self {
-        Registration { install: install_query::<H> }
+        Registration {
+            install: install_query::<H>,
+        }
     }
 
     /// Registers an event subscriber.
     pub const fn event<H: EventHandler>() -> Self {
-        Registration { install: install_subscriber::<H> }
+        Registration {
+            install: install_subscriber::<H>,
+        }
     }
 
     /// Declares a command: when discovered, `build()` requires exactly one handler for it.
     pub const fn declare_command<C: Command>() -> Self {
-        Registration { install: declare_command::<C> }
+        Registration {
+            install: declare_command::<C>,
+        }
     }
 
     /// Declares a query: when discovered, `build()` requires exactly one handler for it.
     pub const fn declare_query<Q: Query>() -> Self {
-        Registration { install: declare_query::<Q> }
+        Registration {
+            install: declare_query::<Q>,
+        }
     }
 
     /// Declares an event, so its name and version are checked for clashes.
     pub const fn declare_event<E: Event>() -> Self {
-        Registration { install: declare_event::<E> }
+        Registration {
+            install: declare_event::<E>,
+        }
     }
 
     pub(crate) fn install(&self, wiring: &mut Wiring) {
@@ -130,11 +142,12 @@ impl fmt::Debug for Wiring {
 }
 
 fn message_entry<M: 'static>(map: &mut HashMap<TypeId, MessageEntry>) -> &mut MessageEntry {
-    map.entry(TypeId::of::<M>()).or_insert_with(|| MessageEntry {
-        type_name: type_name::<M>(),
-        declared: false,
-        handlers: Vec::new(),
-    })
+    map.entry(TypeId::of::<M>())
+        .or_insert_with(|| MessageEntry {
+            type_name: type_name::<M>(),
+            declared: false,
+            handlers: Vec::new(),
+        })
 }
 
 fn add_handler(entry: &mut MessageEntry, name: &'static str, build: BuildSlot) {
@@ -145,13 +158,16 @@ fn add_handler(entry: &mut MessageEntry, name: &'static str, build: BuildSlot) {
 }
 
 fn event_entry<E: Event>(wiring: &mut Wiring) -> &mut EventEntry {
-    wiring.events.entry(TypeId::of::<E>()).or_insert_with(|| EventEntry {
-        type_name: type_name::<E>(),
-        name: E::NAME,
-        version: E::VERSION,
-        assemble: EventSlot::<E>::assemble,
-        subscribers: Vec::new(),
-    })
+    wiring
+        .events
+        .entry(TypeId::of::<E>())
+        .or_insert_with(|| EventEntry {
+            type_name: type_name::<E>(),
+            name: E::NAME,
+            version: E::VERSION,
+            assemble: EventSlot::<E>::assemble,
+            subscribers: Vec::new(),
+        })
 }
 
 fn install_command<H: CommandHandler>(wiring: &mut Wiring) {
@@ -194,7 +210,9 @@ fn build_command<H: CommandHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any 
         message: type_name::<H::Command>(),
         problems: cx.problems,
     })?;
-    let service = cx.layers.wrap::<H::Command>(MessageKind::Command, command_service::<H::Command>);
+    let service = cx
+        .layers
+        .wrap::<H::Command>(MessageKind::Command, command_service::<H::Command>);
     Some(Box::new(CommandSlot::<H::Command> {
         handler: Box::new(Prepared::<Bound<H, H::Prepared>>::command(prepared)),
         handler_name: H::NAME,
@@ -209,7 +227,9 @@ fn build_query<H: QueryHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any + Se
         message: type_name::<H::Query>(),
         problems: cx.problems,
     })?;
-    let service = cx.layers.wrap::<H::Query>(MessageKind::Query, query_service::<H::Query>);
+    let service = cx
+        .layers
+        .wrap::<H::Query>(MessageKind::Query, query_service::<H::Query>);
     Some(Box::new(QuerySlot::<H::Query> {
         handler: Box::new(Prepared::<Bound<H, H::Prepared>>::query(prepared)),
         handler_name: H::NAME,
@@ -232,7 +252,8 @@ fn build_subscriber<H: EventHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any
         Delivery::Inline => None,
         Delivery::Group(_) => {
             let handler = handler.clone();
-            cx.layers.wrap_event::<H::Event>(move || event_service::<H::Event>(handler.clone()))
+            cx.layers
+                .wrap_event::<H::Event>(move || event_service::<H::Event>(handler.clone()))
         }
     };
     Some(Box::new(Subscriber::<H::Event> {
@@ -262,20 +283,34 @@ impl Wiring {
         layers: &Layers,
     ) -> Result<Built, Vec<WiringProblem>> {
         let mut problems = Vec::new();
-        let mut cx = BuildCx { resources, layers, problems: &mut problems };
+        let mut cx = BuildCx {
+            resources,
+            layers,
+            problems: &mut problems,
+        };
 
         let commands = build_messages(self.commands, MessageKind::Command, &mut cx);
         let queries = build_messages(self.queries, MessageKind::Query, &mut cx);
 
         let mut by_contract: HashMap<(&'static str, u32), Vec<&'static str>> = HashMap::new();
         for entry in self.events.values() {
-            by_contract.entry((entry.name, entry.version)).or_default().push(entry.type_name);
+            by_contract
+                .entry((entry.name, entry.version))
+                .or_default()
+                .push(entry.type_name);
         }
-        let mut clashes: Vec<_> = by_contract.into_iter().filter(|(_, types)| types.len() > 1).collect();
+        let mut clashes: Vec<_> = by_contract
+            .into_iter()
+            .filter(|(_, types)| types.len() > 1)
+            .collect();
         clashes.sort();
         for ((name, version), mut types) in clashes {
             types.sort_unstable();
-            cx.problems.push(WiringProblem::EventNameClash { name, version, types });
+            cx.problems.push(WiringProblem::EventNameClash {
+                name,
+                version,
+                types,
+            });
         }
 
         let mut events = HashMap::new();
@@ -292,14 +327,26 @@ impl Wiring {
             dups.sort();
             for (group, mut handlers) in dups {
                 handlers.sort_unstable();
-                cx.problems.push(WiringProblem::DuplicateSubscribers { group, event: entry.name, handlers });
+                cx.problems.push(WiringProblem::DuplicateSubscribers {
+                    group,
+                    event: entry.name,
+                    handlers,
+                });
             }
-            let subscribers: Vec<_> = entry.subscribers.iter().filter_map(|s| (s.build)(&mut cx)).collect();
+            let subscribers: Vec<_> = entry
+                .subscribers
+                .iter()
+                .filter_map(|s| (s.build)(&mut cx))
+                .collect();
             events.insert(type_id, (entry.assemble)(subscribers));
         }
 
         if problems.is_empty() {
-            Ok(Built { commands, queries, events })
+            Ok(Built {
+                commands,
+                queries,
+                events,
+            })
         } else {
             Err(problems)
         }
@@ -317,7 +364,10 @@ fn build_messages(
     for (type_id, entry) in entries {
         match entry.handlers.as_slice() {
             [] if entry.declared => {
-                cx.problems.push(WiringProblem::NoHandler { kind, message: entry.type_name });
+                cx.problems.push(WiringProblem::NoHandler {
+                    kind,
+                    message: entry.type_name,
+                });
             }
             [] => {}
             [handler] => {
@@ -328,7 +378,11 @@ fn build_messages(
             several => {
                 let mut handlers: Vec<_> = several.iter().map(|h| h.name).collect();
                 handlers.sort_unstable();
-                cx.problems.push(WiringProblem::DuplicateHandlers { kind, message: entry.type_name, handlers });
+                cx.problems.push(WiringProblem::DuplicateHandlers {
+                    kind,
+                    message: entry.type_name,
+                    handlers,
+                });
             }
         }
     }

@@ -59,7 +59,6 @@ pub mod prelude {
 /// Paths the macros expand to. Not public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use inventory;
     pub use inseam_core::extract::{Extract, Parts, PrepareCx};
     pub use inseam_core::handler::{
         BoxError, CommandHandler, CommandResult, Delivery, EventHandler, Handler, HandlerFuture,
@@ -70,6 +69,7 @@ pub mod __private {
     pub use inseam_core::{
         Command, CommandContext, Envelope, Event, EventContext, Json, Query, QueryContext,
     };
+    pub use inventory;
     pub use std::clone::Clone;
     pub use std::option::Option::{self, None, Some};
     pub use std::string::{String, ToString};

@@ -49,23 +49,35 @@ pub struct Shelf(Arc<Mutex<HashMap<String, u32>>>);
 
 impl Shelf {
     fn copies(&self, isbn: &str) -> u32 {
-        self.0.lock().map(|s| s.get(isbn).copied().unwrap_or(0)).unwrap_or(0)
+        self.0
+            .lock()
+            .map(|s| s.get(isbn).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     fn take(&self, isbn: &str) {
         if let Ok(mut shelf) = self.0.lock() {
-            shelf.entry(isbn.to_owned()).and_modify(|n| *n = n.saturating_sub(1));
+            shelf
+                .entry(isbn.to_owned())
+                .and_modify(|n| *n = n.saturating_sub(1));
         }
     }
 }
 
 #[command_handler]
-async fn lend_book(cmd: LendBook, ctx: &mut CommandContext<'_>, State(shelf): State<Shelf>) -> Result<u32, LendError> {
+async fn lend_book(
+    cmd: LendBook,
+    ctx: &mut CommandContext<'_>,
+    State(shelf): State<Shelf>,
+) -> Result<u32, LendError> {
     let copies = shelf.copies(&cmd.isbn);
     if copies == 0 {
         return Err(LendError::NoCopyAvailable(cmd.isbn));
     }
-    ctx.publish(BookLent { isbn: cmd.isbn, member: cmd.member });
+    ctx.publish(BookLent {
+        isbn: cmd.isbn,
+        member: cmd.member,
+    });
     Ok(copies - 1)
 }
 
@@ -88,28 +100,61 @@ async fn schedule_reminder(ev: &Envelope<BookLent>) {
 }
 
 #[query_handler]
-async fn availability(q: Availability, State(shelf): State<Shelf>) -> Result<u32, std::convert::Infallible> {
+async fn availability(
+    q: Availability,
+    State(shelf): State<Shelf>,
+) -> Result<u32, std::convert::Infallible> {
     Ok(shelf.copies(&q.isbn))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
 
     let shelf = Shelf::default();
-    shelf.0.lock().map_err(|_| "shelf lock poisoned")?.insert("978-0261103573".into(), 1);
+    shelf
+        .0
+        .lock()
+        .map_err(|_| "shelf lock poisoned")?
+        .insert("978-0261103573".into(), 1);
 
-    let app = App::builder().discover().state(shelf).layer(TraceLayer::new()).build().await?;
+    let app = App::builder()
+        .discover()
+        .state(shelf)
+        .layer(TraceLayer::new())
+        .build()
+        .await?;
 
     let isbn = "978-0261103573".to_owned();
-    println!("copies on the shelf: {}", app.query(Availability { isbn: isbn.clone() }).await?);
-    let left = app.send(LendBook { isbn: isbn.clone(), member: "ada".into() }).await?;
+    println!(
+        "copies on the shelf: {}",
+        app.query(Availability { isbn: isbn.clone() }).await?
+    );
+    let left = app
+        .send(LendBook {
+            isbn: isbn.clone(),
+            member: "ada".into(),
+        })
+        .await?;
     println!("lent to ada, {left} left");
-    match app.send(LendBook { isbn: isbn.clone(), member: "grace".into() }).await {
-        Err(DispatchError::Handler(LendError::NoCopyAvailable(isbn))) => println!("grace must wait: no copy of {isbn}"),
+    match app
+        .send(LendBook {
+            isbn: isbn.clone(),
+            member: "grace".into(),
+        })
+        .await
+    {
+        Err(DispatchError::Handler(LendError::NoCopyAvailable(isbn))) => {
+            println!("grace must wait: no copy of {isbn}")
+        }
         other => println!("unexpected: {other:?}"),
     }
     app.wait_idle().await;
-    println!("copies on the shelf: {}", app.query(Availability { isbn }).await?);
+    println!(
+        "copies on the shelf: {}",
+        app.query(Availability { isbn }).await?
+    );
     Ok(())
 }

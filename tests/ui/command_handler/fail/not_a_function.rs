@@ -1,0 +1,6 @@
+use inseam::prelude::*;
+
+#[command_handler]
+pub struct PlaceOrderHandler;
+
+fn main() {}

@@ -1,0 +1,9 @@
+use inseam::prelude::*;
+
+#[derive(Serialize, Deserialize, Event)]
+#[event(name = "orders.order_placed", version = 0)]
+pub struct OrderPlaced {
+    pub order_id: u64,
+}
+
+fn main() {}

@@ -1,0 +1,14 @@
+use inseam::prelude::*;
+
+#[derive(Clone, Serialize, Deserialize, Event)]
+#[event(name = "orders.order_placed")]
+pub struct OrderPlaced {
+    pub order_id: u64,
+}
+
+#[event_handler(group = "inventory")]
+async fn reserve_stock(_event: &OrderPlaced) -> u64 {
+    1
+}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use inseam::prelude::*;
+
+#[derive(Query)]
+#[query(output = u64, error = std::io::Error)]
+pub struct CountOrders;
+
+#[query_handler]
+async fn count_orders(_query: CountOrders, _ctx: &mut QueryContext<'_>) -> Result<u64, std::io::Error> {
+    Ok(1)
+}
+
+fn main() {}
