@@ -14,6 +14,37 @@ async fn increment(cmd: Increment) -> Result<u64, std::convert::Infallible> {
     Ok(cmd.0 + 1)
 }
 
+/// A handler shaped like real ones: the context, shared state, the command's fields.
+#[derive(Debug, Command)]
+#[command(output = u64, error = Overdrawn)]
+struct Withdraw {
+    account: u32,
+    amount: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("account {0} is overdrawn")]
+struct Overdrawn(u32);
+
+#[derive(Debug, Clone, Default)]
+struct Vault(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+#[command_handler]
+async fn withdraw(
+    cmd: Withdraw,
+    ctx: &mut CommandContext<'_>,
+    State(vault): State<Vault>,
+) -> Result<u64, Overdrawn> {
+    if cmd.amount > 1_000 {
+        return Err(Overdrawn(cmd.account));
+    }
+    let _ = ctx.headers();
+    Ok(vault
+        .0
+        .fetch_add(cmd.amount, std::sync::atomic::Ordering::Relaxed)
+        + cmd.amount)
+}
+
 #[derive(Debug, Clone)]
 struct Offset(u64);
 
@@ -50,10 +81,20 @@ fn send_and_query_without_middleware_do_not_allocate() {
             App::builder()
                 .handler::<increment>()
                 .handler::<shifted>()
+                .handler::<withdraw>()
                 .state(Offset(10))
+                .state(Vault::default())
                 .build(),
         )
         .expect("wiring is valid");
+
+    // Warm up: thread-local state (the id generator's random source, the runtime's context) is
+    // initialised once per thread, not per dispatch.
+    runtime.block_on(async {
+        app.send(Increment(0)).await.expect("handled");
+        app.query(Shifted(0)).await.expect("answered");
+        app.send(Withdraw { account: 7, amount: 0 }).await.expect("withdrawn");
+    });
 
     const N: u64 = 10_000;
     let (sum, allocations) = count_allocations(&runtime, async {
@@ -75,4 +116,33 @@ fn send_and_query_without_middleware_do_not_allocate() {
     });
     assert_eq!(sum, (0..N).map(|i| i + 10).sum::<u64>());
     assert_eq!(allocations, 0, "{allocations} allocations in {N} queries");
+
+    let (total, allocations) = count_allocations(&runtime, async {
+        let mut total = 0;
+        for i in 0..N {
+            total = app
+                .send(Withdraw {
+                    account: 7,
+                    amount: 1,
+                })
+                .await
+                .expect("withdrawn");
+            assert!(matches!(
+                app.send(Withdraw {
+                    account: i as u32,
+                    amount: 5_000
+                })
+                .await,
+                Err(DispatchError::Handler(Overdrawn(_)))
+            ));
+        }
+        total
+    });
+    assert_eq!(total, N, "one warm-up withdrawal of 0, then N of 1");
+    assert_eq!(
+        allocations,
+        0,
+        "{allocations} allocations in {} sends to a handler with context and state",
+        2 * N
+    );
 }
