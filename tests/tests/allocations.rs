@@ -93,7 +93,12 @@ fn send_and_query_without_middleware_do_not_allocate() {
     runtime.block_on(async {
         app.send(Increment(0)).await.expect("handled");
         app.query(Shifted(0)).await.expect("answered");
-        app.send(Withdraw { account: 7, amount: 0 }).await.expect("withdrawn");
+        app.send(Withdraw {
+            account: 7,
+            amount: 0,
+        })
+        .await
+        .expect("withdrawn");
     });
 
     const N: u64 = 10_000;

@@ -399,3 +399,40 @@ async fn failing_and_panicking_background_subscribers_are_counted_and_the_app_ke
         }
     );
 }
+
+// An inline cycle is stopped with a typed error instead of looping forever.
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(name = "tests.ping")]
+struct Ping(u64);
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(name = "tests.pong")]
+struct Pong(u64);
+
+#[event_handler(inline)]
+async fn ping_to_pong(ev: &Ping, ctx: &mut EventContext<'_>) {
+    ctx.publish(Pong(ev.0 + 1));
+}
+
+#[event_handler(inline)]
+async fn pong_to_ping(ev: &Pong, ctx: &mut EventContext<'_>) {
+    ctx.publish(Ping(ev.0 + 1));
+}
+
+#[tokio::test]
+async fn inline_subscribers_publishing_in_a_cycle_are_stopped() {
+    let app = App::builder()
+        .handler::<ping_to_pong>()
+        .handler::<pong_to_ping>()
+        .build()
+        .await
+        .expect("wiring is valid");
+    match app.publish(Ping(0)).await {
+        Err(DispatchError::TooManyEvents { limit, event }) => {
+            assert_eq!(limit, inseam::error::MAX_EVENTS_PER_UNIT);
+            assert!(event == "tests.ping" || event == "tests.pong", "{event}");
+        }
+        other => panic!("expected TooManyEvents, got {other:?}"),
+    }
+}

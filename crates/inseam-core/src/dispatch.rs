@@ -15,7 +15,7 @@ use tower::util::BoxCloneSyncService;
 use crate::app::App;
 use crate::context::{CommandContext, EventContext, MessageMeta, PendingEvent, QueryContext};
 use crate::envelope::Envelope;
-use crate::error::{DeliveryError, DispatchError};
+use crate::error::{DeliveryError, DispatchError, MAX_EVENTS_PER_UNIT};
 use crate::handler::{
     BoxError, CommandHandler, CommandResult, Delivery, EventHandler, HandlerFuture, QueryHandler,
     QueryResult,
@@ -296,6 +296,12 @@ pub(crate) async fn complete(
 ) -> Result<(), DispatchError<Infallible>> {
     let mut next = 0;
     while next < outgoing.len() {
+        if outgoing.len() > MAX_EVENTS_PER_UNIT {
+            return Err(DispatchError::TooManyEvents {
+                limit: MAX_EVENTS_PER_UNIT,
+                event: outgoing[outgoing.len() - 1].name,
+            });
+        }
         let event = outgoing[next].clone();
         next += 1;
         let Some(route) = app.inner.route(event.type_id) else {
@@ -430,6 +436,9 @@ pub(crate) fn widen<E>(error: DispatchError<Infallible>) -> DispatchError<E> {
             message_id,
             source,
         },
+        DispatchError::TooManyEvents { limit, event } => {
+            DispatchError::TooManyEvents { limit, event }
+        }
         DispatchError::Middleware {
             kind,
             message,
@@ -457,6 +466,9 @@ fn narrow<E>(error: DispatchError<E>) -> Result<DispatchError<Infallible>, E> {
             message_id,
             source,
         },
+        DispatchError::TooManyEvents { limit, event } => {
+            DispatchError::TooManyEvents { limit, event }
+        }
         DispatchError::Middleware {
             kind,
             message,

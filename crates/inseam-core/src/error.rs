@@ -5,6 +5,9 @@ use std::fmt;
 use crate::handler::{BoxError, Delivery};
 use crate::message::MessageKind;
 
+/// The most events one unit of work (a command with its inline subscribers) may publish.
+pub const MAX_EVENTS_PER_UNIT: usize = 10_000;
+
 /// Why a dispatch failed. The handler's own error arrives typed in [`DispatchError::Handler`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -34,6 +37,17 @@ pub enum DispatchError<E> {
         /// The subscriber's error.
         #[source]
         source: BoxError,
+    },
+    /// One unit of work published more events than [`MAX_EVENTS_PER_UNIT`], typically inline
+    /// subscribers that keep publishing events that trigger each other.
+    #[error(
+        "a unit of work published more than {limit} events (last: `{event}`); inline subscribers are probably publishing events to each other in a cycle"
+    )]
+    TooManyEvents {
+        /// The limit.
+        limit: usize,
+        /// The event that crossed it.
+        event: &'static str,
     },
     /// A middleware layer failed the dispatch (a timeout, a rejection, ...).
     #[error("middleware failed {kind} `{message}`")]
