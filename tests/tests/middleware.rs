@@ -385,3 +385,47 @@ async fn background_deliveries_go_through_event_layers() {
         "one delivery, to the audit group"
     );
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("bob is not welcome")]
+struct NotWelcome;
+
+#[event_handler(inline)]
+async fn refuse_bob(ev: &Greeted) -> Result<(), NotWelcome> {
+    if ev.name == "bob" {
+        Err(NotWelcome)
+    } else {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_inline_subscriber_failure_keeps_its_variant_through_layers() {
+    let app = App::builder()
+        .handler::<greet>()
+        .handler::<refuse_bob>()
+        .layer(TraceLayer::new())
+        .layer(Guard::default())
+        .build()
+        .await
+        .expect("wiring is valid");
+    assert_eq!(
+        app.send(Greet { name: "ada".into() })
+            .await
+            .expect("greeted"),
+        "hello, ada"
+    );
+    match app.send(Greet { name: "bob".into() }).await {
+        Err(DispatchError::Subscriber {
+            handler,
+            event,
+            source,
+            ..
+        }) => {
+            assert_eq!(handler, "middleware::refuse_bob");
+            assert_eq!(event, "greetings.greeted");
+            assert_eq!(source.to_string(), "bob is not welcome");
+        }
+        other => panic!("expected the subscriber failure, got {other:?}"),
+    }
+}

@@ -451,36 +451,6 @@ pub(crate) fn widen<E>(error: DispatchError<Infallible>) -> DispatchError<E> {
     }
 }
 
-fn narrow<E>(error: DispatchError<E>) -> Result<DispatchError<Infallible>, E> {
-    Ok(match error {
-        DispatchError::Handler(e) => return Err(e),
-        DispatchError::NoHandler { kind, message } => DispatchError::NoHandler { kind, message },
-        DispatchError::Subscriber {
-            handler,
-            event,
-            message_id,
-            source,
-        } => DispatchError::Subscriber {
-            handler,
-            event,
-            message_id,
-            source,
-        },
-        DispatchError::TooManyEvents { limit, event } => {
-            DispatchError::TooManyEvents { limit, event }
-        }
-        DispatchError::Middleware {
-            kind,
-            message,
-            source,
-        } => DispatchError::Middleware {
-            kind,
-            message,
-            source,
-        },
-    })
-}
-
 /// Turns the error a layered service returned back into a typed dispatch error: the handler's
 /// own error comes back typed, a framework failure keeps its variant, anything else came from
 /// a layer.
@@ -491,8 +461,8 @@ pub(crate) fn classify<E: std::error::Error + Send + Sync + 'static>(
 ) -> DispatchError<E> {
     match error.downcast::<E>() {
         Ok(own) => DispatchError::Handler(*own),
-        Err(error) => match error.downcast::<DispatchError<Infallible>>() {
-            Ok(framework) => widen(*framework),
+        Err(error) => match error.downcast::<DispatchError<E>>() {
+            Ok(framework) => *framework,
             Err(source) => DispatchError::Middleware {
                 kind,
                 message,
@@ -505,9 +475,11 @@ pub(crate) fn classify<E: std::error::Error + Send + Sync + 'static>(
 fn into_service_error<E: std::error::Error + Send + Sync + 'static>(
     error: DispatchError<E>,
 ) -> BoxError {
-    match narrow(error) {
-        Ok(framework) => Box::new(framework),
-        Err(own) => Box::new(own),
+    // The handler's own error travels unwrapped so that layers see it as it is; the framework's
+    // failures travel as the dispatch error itself. `classify` undoes both.
+    match error {
+        DispatchError::Handler(own) => Box::new(own),
+        framework => Box::new(framework),
     }
 }
 
@@ -529,7 +501,7 @@ pub(crate) fn command_service<C: Command>() -> DispatchService {
             message: C::NAME,
         })?;
         let slot = app.inner.command_slot::<C>().ok_or_else(|| {
-            Box::new(DispatchError::<Infallible>::NoHandler {
+            Box::new(DispatchError::<C::Error>::NoHandler {
                 kind: MessageKind::Command,
                 message: std::any::type_name::<C>(),
             }) as BoxError
@@ -552,7 +524,7 @@ pub(crate) fn query_service<Q: Query>() -> DispatchService {
             message: Q::NAME,
         })?;
         let slot = app.inner.query_slot::<Q>().ok_or_else(|| {
-            Box::new(DispatchError::<Infallible>::NoHandler {
+            Box::new(DispatchError::<Q::Error>::NoHandler {
                 kind: MessageKind::Query,
                 message: std::any::type_name::<Q>(),
             }) as BoxError
