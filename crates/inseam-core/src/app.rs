@@ -21,7 +21,7 @@ use crate::context::{MessageMeta, PendingEvent};
 use crate::dispatch::{
     CommandSlot, EventRoute, QuerySlot, classify, complete, run_command, run_query,
 };
-use crate::envelope::{Envelope, Headers};
+use crate::envelope::Envelope;
 use crate::error::{BuildError, DispatchError, WiringProblem};
 use crate::extract::Resources;
 use crate::handler::{BoxError, Handler};
@@ -523,18 +523,5 @@ impl AppBuilder {
         };
         tracing::debug!(target: "inseam::app", app = ?app, "built");
         Ok(app)
-    }
-}
-
-impl Headers {
-    /// Headers from pairs, validating each name.
-    pub fn from_pairs<'a>(
-        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self, crate::envelope::HeaderError> {
-        let mut headers = Headers::new();
-        for (name, value) in pairs {
-            headers.insert(name, value)?;
-        }
-        Ok(headers)
     }
 }

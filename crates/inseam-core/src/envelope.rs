@@ -157,6 +157,19 @@ impl Headers {
     }
 }
 
+impl Headers {
+    /// Headers from pairs, validating each name.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, HeaderError> {
+        let mut headers = Headers::new();
+        for (name, value) in pairs {
+            headers.insert(name, value)?;
+        }
+        Ok(headers)
+    }
+}
+
 /// A typed event with its metadata, as subscribers receive it.
 ///
 /// It dereferences to the payload, so `envelope.order_id` reads a payload field.
