@@ -19,15 +19,17 @@ use uuid::Uuid;
 
 use crate::context::{MessageMeta, PendingEvent};
 use crate::dispatch::{
-    CommandSlot, EventRoute, QuerySlot, classify, complete, run_command, run_query,
+    CommandSlot, EventRoute, QuerySlot, classify, complete, publish_in_store, run_command,
+    run_query,
 };
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{BuildError, DispatchError, WiringProblem};
 use crate::extract::Resources;
 use crate::handler::{BoxError, Handler};
 use crate::message::{Command, Event, MessageKind, Query};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService, LayerScope, Layers};
 use crate::registry::{Registration, Wiring, discovered};
+use crate::store::{DeliveryFailure, RelayHandle, Store, UnitOfWork};
 
 /// Hashes a `TypeId` by its own bits: the ids are already uniformly distributed.
 #[derive(Default)]
@@ -90,6 +92,10 @@ pub(crate) struct Core {
     commands: TypeMap<Box<dyn Any + Send + Sync>>,
     queries: TypeMap<Box<dyn Any + Send + Sync>>,
     events: TypeMap<Box<dyn EventRoute>>,
+    /// Event types by their stored identity: name and version.
+    by_name: HashMap<(&'static str, u32), TypeId>,
+    groups: Vec<&'static str>,
+    pub(crate) store: Option<Arc<dyn Store>>,
     source: Arc<str>,
     runtime: Handle,
     tasks: TaskTracker,
@@ -274,7 +280,48 @@ impl App {
             message_id: metadata.message_id,
             envelope: Arc::new(envelope),
         };
-        complete(self, vec![pending]).await
+        match &self.inner.store {
+            Some(store) => publish_in_store(self, &**store, vec![pending]).await,
+            None => complete(self, vec![pending], None).await,
+        }
+    }
+
+    /// Starts the store's relay and background work. Without a store nothing runs in the
+    /// background beyond in-process deliveries, and the handle is idle.
+    pub fn start(&self) -> RelayHandle {
+        match &self.inner.store {
+            Some(store) => store.start(self.clone()),
+            None => RelayHandle::idle(),
+        }
+    }
+
+    /// Every group with a durable subscriber, sorted.
+    pub fn groups(&self) -> &[&'static str] {
+        &self.inner.groups
+    }
+
+    /// Delivers a stored event to the subscriber of `group`, inside `uow`: what the store's
+    /// relay calls for each outbox row. Events the subscriber publishes are written to the
+    /// outbox in the same unit of work.
+    pub async fn deliver(
+        &self,
+        group: &str,
+        envelope: &RawEnvelope,
+        uow: &mut dyn UnitOfWork,
+    ) -> Result<(), DeliveryFailure> {
+        let route = self
+            .inner
+            .by_name
+            .get(&(envelope.name.as_str(), envelope.version))
+            .and_then(|id| self.inner.route(*id));
+        match route {
+            Some(route) => route.deliver_raw(self, group, envelope, uow).await,
+            None => Err(DeliveryFailure::Unroutable {
+                group: group.to_owned(),
+                name: envelope.name.clone(),
+                version: envelope.version,
+            }),
+        }
     }
 
     /// Waits until every background delivery started so far, and every one those start, has
@@ -374,6 +421,7 @@ pub struct AppBuilder {
     resources: Resources,
     layers: Layers,
     source: String,
+    store: Option<Arc<dyn Store>>,
 }
 
 impl Default for AppBuilder {
@@ -384,6 +432,7 @@ impl Default for AppBuilder {
             resources: Resources::default(),
             layers: Layers::default(),
             source: "inseam".to_owned(),
+            store: None,
         }
     }
 }
@@ -396,6 +445,7 @@ impl fmt::Debug for AppBuilder {
             .field("resources", &self.resources)
             .field("layers", &self.layers)
             .field("source", &self.source)
+            .field("store", &self.store)
             .finish()
     }
 }
@@ -440,6 +490,13 @@ impl AppBuilder {
     /// Provides shared state, extracted by handlers with `State<T>`.
     pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
         self.resources.insert(value);
+        self
+    }
+
+    /// Makes delivery durable: commands run in units of work of `store`, events for groups go
+    /// through its outbox, and `App::start` runs its relay.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
         self
     }
 
@@ -510,11 +567,22 @@ impl AppBuilder {
                 return Err(BuildError::Wiring(problems));
             }
         };
+        let mut by_name = HashMap::new();
+        let mut groups = Vec::new();
+        for (id, route) in &built.events {
+            by_name.insert((route.event_name(), route.event_version()), *id);
+            groups.extend_from_slice(route.durable_groups());
+        }
+        groups.sort_unstable();
+        groups.dedup();
         let app = App {
             inner: Arc::new(Core {
                 commands: freeze(built.commands),
                 queries: freeze(built.queries),
                 events: freeze(built.events),
+                by_name,
+                groups,
+                store: self.store,
                 source: Arc::from(self.source),
                 runtime,
                 tasks: TaskTracker::new(),

@@ -11,6 +11,7 @@ use crate::error::DispatchError;
 use crate::extract::Parts;
 use crate::handler::Delivery;
 use crate::message::{Command, Event};
+use crate::store::UnitOfWork;
 
 /// The metadata a message is dispatched with. Ids are generated lazily, on first use, so a
 /// command whose handler publishes nothing and that no middleware inspects costs no id and no
@@ -131,11 +132,22 @@ fn pending<E: Event>(app: &App, event: E, parent: Metadata) -> PendingEvent {
 ///
 /// Events published here reach inline subscribers before `send` returns and other subscribers
 /// only once the command completed successfully; if the handler fails, they are discarded.
-#[derive(Debug)]
 pub struct CommandContext<'a> {
     pub(crate) app: &'a App,
     pub(crate) meta: MessageMeta,
     pub(crate) outgoing: Vec<PendingEvent>,
+    /// The store's transaction, when the app has a store.
+    pub(crate) uow: Option<Box<dyn UnitOfWork>>,
+}
+
+impl std::fmt::Debug for CommandContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandContext")
+            .field("meta", &self.meta)
+            .field("outgoing", &self.outgoing)
+            .field("in_unit_of_work", &self.uow.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> CommandContext<'a> {
@@ -144,7 +156,14 @@ impl<'a> CommandContext<'a> {
             app,
             meta,
             outgoing: Vec::new(),
+            uow: None,
         }
+    }
+
+    /// The store's unit of work this command runs in, if the app has a store. Stores offer
+    /// typed access on top of it (`ctx.tx()` with `inseam-sql`).
+    pub fn unit_of_work(&mut self) -> Option<&mut dyn UnitOfWork> {
+        self.uow.as_deref_mut()
     }
 
     /// Publishes an event caused by this command.
@@ -210,15 +229,35 @@ impl QueryContext<'_> {
 }
 
 /// The context of an event subscriber: publish further events, send commands in the same flow.
-#[derive(Debug)]
 pub struct EventContext<'a> {
     pub(crate) app: &'a App,
     pub(crate) meta: MessageMeta,
     pub(crate) outgoing: &'a mut Vec<PendingEvent>,
     pub(crate) delivery: Delivery,
+    /// The unit of work of the publishing command (inline) or of the delivery (durable).
+    pub(crate) uow: Option<&'a mut dyn UnitOfWork>,
+}
+
+impl std::fmt::Debug for EventContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventContext")
+            .field("meta", &self.meta)
+            .field("delivery", &self.delivery)
+            .field("in_unit_of_work", &self.uow.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl EventContext<'_> {
+    /// The store's unit of work this subscriber runs in: the publishing command's for an
+    /// inline subscriber, the delivery's for a durable one. `None` without a store.
+    pub fn unit_of_work(&mut self) -> Option<&mut dyn UnitOfWork> {
+        match &mut self.uow {
+            Some(uow) => Some(&mut **uow),
+            None => None,
+        }
+    }
+
     /// Publishes an event caused by the event being handled.
     pub fn publish<E: Event>(&mut self, event: E) {
         let parent = self.meta.metadata(self.app);

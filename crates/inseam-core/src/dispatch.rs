@@ -13,8 +13,9 @@ use tower::service_fn;
 use tower::util::BoxCloneSyncService;
 
 use crate::app::App;
+use crate::codec::CodecError;
 use crate::context::{CommandContext, EventContext, MessageMeta, PendingEvent, QueryContext};
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{DeliveryError, DispatchError, MAX_EVENTS_PER_UNIT};
 use crate::handler::{
     BoxError, CommandHandler, CommandResult, Delivery, EventHandler, HandlerFuture, QueryHandler,
@@ -22,6 +23,7 @@ use crate::handler::{
 };
 use crate::message::{Command, Event, MessageKind, Query};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};
+use crate::store::{DeliveryFailure, OutboxMessage, Store, UnitOfWork};
 
 /// A handler together with what its arguments need.
 pub(crate) struct Prepared<P>(pub(crate) P);
@@ -139,6 +141,8 @@ pub(crate) struct Subscriber<E: Event> {
 pub(crate) struct EventSlot<E: Event> {
     inline: Vec<Subscriber<E>>,
     background: Vec<Arc<Subscriber<E>>>,
+    /// The distinct groups of `background`, in order.
+    groups: Vec<&'static str>,
 }
 
 impl<E: Event> EventSlot<E> {
@@ -146,6 +150,7 @@ impl<E: Event> EventSlot<E> {
         let mut slot = EventSlot::<E> {
             inline: Vec::new(),
             background: Vec::new(),
+            groups: Vec::new(),
         };
         for subscriber in subscribers {
             // Every element was built for this event type by the same registration entry.
@@ -154,7 +159,12 @@ impl<E: Event> EventSlot<E> {
             };
             match subscriber.delivery {
                 Delivery::Inline => slot.inline.push(*subscriber),
-                Delivery::Group(_) => slot.background.push(Arc::from(subscriber)),
+                Delivery::Group(group) => {
+                    if !slot.groups.contains(&group) {
+                        slot.groups.push(group);
+                    }
+                    slot.background.push(Arc::from(subscriber));
+                }
             }
         }
         Box::new(slot)
@@ -169,13 +179,32 @@ pub(crate) trait EventRoute: Send + Sync {
         app: &'a App,
         event: &'a PendingEvent,
         outgoing: &'a mut Vec<PendingEvent>,
+        uow: Option<&'a mut dyn UnitOfWork>,
     ) -> Option<BoxFuture<'a, Result<(), DispatchError<Infallible>>>>;
 
-    /// Starts a background delivery per group subscriber.
+    /// Starts a background delivery per group subscriber (apps without a store).
     fn spawn_background(&self, app: &App, event: &PendingEvent);
+
+    /// The distinct groups subscribed.
+    fn durable_groups(&self) -> &[&'static str];
+
+    /// Encodes a published event for the outbox.
+    fn encode(&self, event: &PendingEvent) -> Result<RawEnvelope, CodecError>;
+
+    /// Delivers a stored event to one group's subscriber inside `uow`.
+    fn deliver_raw<'a>(
+        &'a self,
+        app: &'a App,
+        group: &'a str,
+        raw: &'a RawEnvelope,
+        uow: &'a mut dyn UnitOfWork,
+    ) -> BoxFuture<'a, Result<(), DeliveryFailure>>;
 
     /// The event's name.
     fn event_name(&self) -> &'static str;
+
+    /// The event's version.
+    fn event_version(&self) -> u32;
 
     /// The groups subscribed.
     fn groups(&self) -> Vec<(&'static str, &'static str)>;
@@ -191,6 +220,7 @@ impl<E: Event> EventRoute for EventSlot<E> {
         app: &'a App,
         event: &'a PendingEvent,
         outgoing: &'a mut Vec<PendingEvent>,
+        mut uow: Option<&'a mut dyn UnitOfWork>,
     ) -> Option<BoxFuture<'a, Result<(), DispatchError<Infallible>>>> {
         if self.inline.is_empty() {
             return None;
@@ -203,6 +233,10 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
                     outgoing: &mut *outgoing,
                     delivery: Delivery::Inline,
+                    uow: match &mut uow {
+                        Some(uow) => Some(&mut **uow),
+                        None => None,
+                    },
                 };
                 subscriber
                     .handler
@@ -232,8 +266,93 @@ impl<E: Event> EventRoute for EventSlot<E> {
         }
     }
 
+    fn durable_groups(&self) -> &[&'static str] {
+        &self.groups
+    }
+
+    fn encode(&self, event: &PendingEvent) -> Result<RawEnvelope, CodecError> {
+        match event.envelope.downcast_ref::<Envelope<E>>() {
+            Some(envelope) => envelope.to_raw(),
+            None => Err(CodecError {
+                content_type: <E::Codec as crate::codec::Codec>::CONTENT_TYPE,
+                source: format!("a pending `{}` holds another type", E::NAME).into(),
+            }),
+        }
+    }
+
+    fn deliver_raw<'a>(
+        &'a self,
+        app: &'a App,
+        group: &'a str,
+        raw: &'a RawEnvelope,
+        uow: &'a mut dyn UnitOfWork,
+    ) -> BoxFuture<'a, Result<(), DeliveryFailure>> {
+        Box::pin(async move {
+            let in_group =
+                |s: &Subscriber<E>| matches!(s.delivery, Delivery::Group(g) if g == group);
+            if !self.background.iter().any(|s| in_group(s)) {
+                return Err(DeliveryFailure::Unroutable {
+                    group: group.to_owned(),
+                    name: raw.name.clone(),
+                    version: raw.version,
+                });
+            }
+            let envelope = raw
+                .decode::<E>()
+                .map_err(|source| DeliveryFailure::Decode {
+                    name: raw.name.clone(),
+                    version: raw.version,
+                    source,
+                })?;
+            for subscriber in &self.background {
+                if !in_group(subscriber) {
+                    continue;
+                }
+                let mut outgoing = Vec::new();
+                let mut ctx = EventContext {
+                    app,
+                    meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+                    outgoing: &mut outgoing,
+                    delivery: subscriber.delivery,
+                    uow: Some(&mut *uow),
+                };
+                let outcome = AssertUnwindSafe(subscriber.handler.call(&envelope, &mut ctx))
+                    .catch_unwind()
+                    .await;
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(source)) => {
+                        return Err(DeliveryFailure::Handler {
+                            handler: subscriber.name,
+                            source,
+                        });
+                    }
+                    Err(panic) => {
+                        return Err(DeliveryFailure::Panicked {
+                            handler: subscriber.name,
+                            reason: panic_reason(&*panic),
+                        });
+                    }
+                }
+                if !outgoing.is_empty() {
+                    complete(app, outgoing, Some(&mut *uow))
+                        .await
+                        .map_err(|source| DeliveryFailure::Completion {
+                            handler: subscriber.name,
+                            source,
+                        })?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn event_name(&self) -> &'static str {
         E::NAME
+    }
+
+    fn event_version(&self) -> u32 {
+        E::VERSION
     }
 
     fn groups(&self) -> Vec<(&'static str, &'static str)> {
@@ -258,6 +377,9 @@ pub(crate) fn run_command<'a, C: Command>(
     // moving it in on first poll.
     let mut ctx = CommandContext::new(app, meta);
     async move {
+        if let Some(store) = &app.inner.store {
+            return Box::pin(run_command_in_store(app, &**store, slot, command, ctx)).await;
+        }
         let output = slot
             .handler
             .call(command, &mut ctx)
@@ -266,9 +388,69 @@ pub(crate) fn run_command<'a, C: Command>(
         if !ctx.outgoing.is_empty() {
             // Boxed so the common case (nothing published) keeps a small future; publishing
             // allocates anyway.
-            Box::pin(complete(app, ctx.outgoing)).await.map_err(widen)?;
+            Box::pin(complete(app, ctx.outgoing, None))
+                .await
+                .map_err(widen)?;
         }
         Ok(output)
+    }
+}
+
+/// Runs a command handler in a unit of work of the store: its writes, its outbox rows and its
+/// inline subscribers commit together, after the handler returned `Ok`.
+async fn run_command_in_store<C: Command>(
+    app: &App,
+    store: &dyn Store,
+    slot: &CommandSlot<C>,
+    command: C,
+    mut ctx: CommandContext<'_>,
+) -> Result<C::Output, DispatchError<C::Error>> {
+    ctx.uow = Some(store.begin().await?);
+    let output = match slot.handler.call(command, &mut ctx).await {
+        Ok(output) => output,
+        Err(error) => {
+            rollback(ctx.uow.take()).await;
+            return Err(DispatchError::Handler(error));
+        }
+    };
+    let Some(mut uow) = ctx.uow.take() else {
+        return Ok(output);
+    };
+    let wrote = !ctx.outgoing.is_empty();
+    if wrote && let Err(error) = complete(app, ctx.outgoing, Some(&mut *uow)).await {
+        rollback(Some(uow)).await;
+        return Err(widen(error));
+    }
+    uow.commit().await?;
+    if wrote {
+        store.committed();
+    }
+    Ok(output)
+}
+
+/// Runs `outgoing` (published outside a command) in a unit of work of the store.
+pub(crate) async fn publish_in_store(
+    app: &App,
+    store: &dyn Store,
+    outgoing: Vec<PendingEvent>,
+) -> Result<(), DispatchError<Infallible>> {
+    let mut uow = store.begin().await?;
+    if let Err(error) = complete(app, outgoing, Some(&mut *uow)).await {
+        rollback(Some(uow)).await;
+        return Err(error);
+    }
+    uow.commit().await?;
+    store.committed();
+    Ok(())
+}
+
+async fn rollback(uow: Option<Box<dyn UnitOfWork>>) {
+    if let Some(uow) = uow
+        && let Err(error) = uow.rollback().await
+    {
+        // The transaction is abandoned either way; the database rolls it back when the
+        // connection is reset.
+        tracing::warn!(target: "inseam::dispatch", error = &error as &dyn std::error::Error, "rollback failed");
     }
 }
 
@@ -290,9 +472,13 @@ pub(crate) fn run_query<'a, Q: Query>(
 
 /// Completes a unit of work that published `outgoing`: inline subscribers run first (and may
 /// publish more), then every event is handed to its background subscribers.
+///
+/// With a unit of work (the app has a store), the events with group subscribers are written to
+/// the outbox in it instead; the store's relay delivers them after commit.
 pub(crate) async fn complete(
     app: &App,
     mut outgoing: Vec<PendingEvent>,
+    mut uow: Option<&mut dyn UnitOfWork>,
 ) -> Result<(), DispatchError<Infallible>> {
     let mut next = 0;
     while next < outgoing.len() {
@@ -307,9 +493,37 @@ pub(crate) async fn complete(
         let Some(route) = app.inner.route(event.type_id) else {
             continue;
         };
-        if let Some(inline) = route.run_inline(app, &event, &mut outgoing) {
+        let uow = uow.as_deref_mut();
+        if let Some(inline) = route.run_inline(app, &event, &mut outgoing, uow) {
             inline.await?;
         }
+    }
+    if let Some(uow) = uow {
+        let mut messages = Vec::new();
+        for event in &outgoing {
+            let Some(route) = app.inner.route(event.type_id) else {
+                continue;
+            };
+            let groups = route.durable_groups();
+            if groups.is_empty() {
+                continue;
+            }
+            let envelope = route
+                .encode(event)
+                .map_err(|source| DispatchError::Encode {
+                    event: event.name,
+                    source,
+                })?;
+            messages.push(OutboxMessage {
+                envelope,
+                groups: groups.to_vec(),
+                deliver_at: None,
+            });
+        }
+        if !messages.is_empty() {
+            uow.append(messages).await?;
+        }
+        return Ok(());
     }
     for event in &outgoing {
         if let Some(route) = app.inner.route(event.type_id) {
@@ -332,10 +546,11 @@ async fn run_subscriber<E: Event>(
         meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
         outgoing: &mut outgoing,
         delivery,
+        uow: None,
     };
     handler.call(envelope, &mut ctx).await?;
     if !outgoing.is_empty() {
-        complete(app, outgoing).await?;
+        complete(app, outgoing, None).await?;
     }
     Ok(())
 }
@@ -401,11 +616,7 @@ async fn deliver<E: Event>(app: App, subscriber: Arc<Subscriber<E>>, envelope: A
         }
         Err(panic) => {
             app.inner.stats.panicked();
-            let reason = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            let reason = panic_reason(&*panic);
             tracing::error!(
                 target: "inseam::delivery",
                 event = E::NAME,
@@ -418,6 +629,14 @@ async fn deliver<E: Event>(app: App, subscriber: Arc<Subscriber<E>>, envelope: A
             );
         }
     }
+}
+
+fn panic_reason(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 /// A non-handler failure as it travels through middleware (as the service error).
@@ -439,6 +658,8 @@ pub(crate) fn widen<E>(error: DispatchError<Infallible>) -> DispatchError<E> {
         DispatchError::TooManyEvents { limit, event } => {
             DispatchError::TooManyEvents { limit, event }
         }
+        DispatchError::Store(error) => DispatchError::Store(error),
+        DispatchError::Encode { event, source } => DispatchError::Encode { event, source },
         DispatchError::Middleware {
             kind,
             message,

@@ -49,6 +49,20 @@ pub enum DispatchError<E> {
         /// The event that crossed it.
         event: &'static str,
     },
+    /// The store failed: the unit of work could not begin, write the outbox or commit. Nothing
+    /// of the unit of work was committed, unless the failure was of the commit itself and the
+    /// database cannot tell.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// An event could not be encoded for the outbox.
+    #[error("event `{event}` could not be encoded for the outbox")]
+    Encode {
+        /// The event's name.
+        event: &'static str,
+        /// The codec's error.
+        #[source]
+        source: crate::codec::CodecError,
+    },
     /// A middleware layer failed the dispatch (a timeout, a rejection, ...).
     #[error("middleware failed {kind} `{message}`")]
     Middleware {

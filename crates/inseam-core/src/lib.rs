@@ -17,6 +17,7 @@ pub mod handler;
 pub mod message;
 pub mod middleware;
 pub mod registry;
+pub mod store;
 
 pub use app::{App, AppBuilder, Stats};
 pub use codec::{Codec, CodecError, Json};
@@ -28,3 +29,4 @@ pub use handler::{BoxError, CommandHandler, Delivery, EventHandler, Handler, Que
 pub use message::{Command, Event, MessageKind, Query};
 pub use middleware::{DispatchRequest, DispatchResponse, DispatchService, TraceLayer};
 pub use registry::Registration;
+pub use store::{DeliveryFailure, OutboxMessage, RelayHandle, Store, StoreError, UnitOfWork};

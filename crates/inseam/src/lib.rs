@@ -43,8 +43,17 @@ pub use inseam_core::{
     HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata, Query, QueryContext,
     QueryHandler, RawEnvelope, Registration, State, Stats, TraceLayer, WireError, WiringProblem,
 };
-pub use inseam_core::{codec, envelope, error, extract, handler, message, middleware, registry};
+pub use inseam_core::{
+    codec, envelope, error, extract, handler, message, middleware, registry, store,
+};
+
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
+/// Durable delivery on sqlx (features `sqlite`, `postgres`): the transactional outbox, the
+/// relay, inbox deduplication and dead letters.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use inseam_sql as sql;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use inseam_sql::{SqlStore, Transactional};
 
 /// What a module defining messages and handlers needs, in one import.
 pub mod prelude {
@@ -53,6 +62,8 @@ pub mod prelude {
         Query, QueryContext, State,
     };
     pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub use inseam_sql::{SqlStore, Transactional};
     pub use serde::{Deserialize, Serialize};
 }
 

@@ -1,0 +1,177 @@
+//! The seam between the bus and a durable store: units of work and the outbox.
+//!
+//! A store (such as `inseam-sql`) implements [`Store`] and [`UnitOfWork`]. With a store, every
+//! command runs in a unit of work: the handler's own writes, the outbox rows of the events it
+//! published and the run of its inline subscribers commit together, or not at all. A relay
+//! owned by the store then delivers the committed outbox rows to every subscribed group through
+//! [`App::deliver`](crate::App::deliver).
+
+use std::any::Any;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::envelope::{RawEnvelope, WireError};
+use crate::handler::BoxError;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the store failed to {operation}")]
+pub struct StoreError {
+    /// What the store was doing (`begin a transaction`, `write the outbox`, ...).
+    pub operation: &'static str,
+    /// The driver's error.
+    #[source]
+    pub source: BoxError,
+}
+
+impl StoreError {
+    /// A failure of `operation`.
+    pub fn new(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        StoreError {
+            operation,
+            source: source.into(),
+        }
+    }
+}
+
+/// One message for the outbox: its encoded envelope and the groups it is bound for.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    /// The envelope in its wire form.
+    pub envelope: RawEnvelope,
+    /// Every group that receives it (at least one).
+    pub groups: Vec<&'static str>,
+    /// Not delivered before this instant; `None` for right away.
+    pub deliver_at: Option<DateTime<Utc>>,
+}
+
+/// A durable store: begins units of work and runs the relay that delivers committed outbox rows.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Begins a unit of work (a database transaction).
+    fn begin(&self) -> BoxFuture<'_, Result<Box<dyn UnitOfWork>, StoreError>>;
+
+    /// Told after a unit of work that wrote outbox rows committed, to wake the relay at once.
+    fn committed(&self);
+
+    /// Starts the relay and whatever else the store runs in the background for `app`.
+    fn start(&self, app: crate::App) -> RelayHandle;
+}
+
+/// A transaction of a store: the handler's writes and the outbox rows commit together.
+pub trait UnitOfWork: Send + 'static {
+    /// Writes messages to the outbox, in this transaction.
+    fn append<'a>(
+        &'a mut self,
+        messages: Vec<OutboxMessage>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Commits.
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Rolls back.
+    fn rollback(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// The store's own type, for the store's extension traits (such as `ctx.tx()`).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Why a durable delivery of one message to one group failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeliveryFailure {
+    /// No subscriber of the group handles this name and version in this build.
+    #[error("group `{group}` has no subscriber for event `{name}` version {version}")]
+    Unroutable {
+        /// The group.
+        group: String,
+        /// The event's name as stored.
+        name: String,
+        /// The event's version as stored.
+        version: u32,
+    },
+    /// The stored payload does not decode as the event's current type.
+    #[error("event `{name}` version {version} does not decode")]
+    Decode {
+        /// The event's name.
+        name: String,
+        /// The event's version.
+        version: u32,
+        /// The codec's error.
+        #[source]
+        source: WireError,
+    },
+    /// The subscriber returned an error.
+    #[error("subscriber `{handler}` failed")]
+    Handler {
+        /// The subscriber.
+        handler: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
+    /// The subscriber panicked.
+    #[error("subscriber `{handler}` panicked: {reason}")]
+    Panicked {
+        /// The subscriber.
+        handler: &'static str,
+        /// The panic message.
+        reason: String,
+    },
+    /// What the subscriber published could not be completed (an inline subscriber failed, the
+    /// outbox write failed, ...).
+    #[error("completing what subscriber `{handler}` published failed")]
+    Completion {
+        /// The subscriber.
+        handler: &'static str,
+        /// Why.
+        #[source]
+        source: crate::DispatchError<std::convert::Infallible>,
+    },
+}
+
+impl DeliveryFailure {
+    /// Whether retrying cannot help: the message goes to the dead letters at once.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            DeliveryFailure::Unroutable { .. } | DeliveryFailure::Decode { .. }
+        )
+    }
+}
+
+/// The background work a store started; [`RelayHandle::shutdown`] stops it gracefully.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RelayHandle {
+    /// A handle over `tasks`, which stop when `cancel` is cancelled.
+    pub fn new(cancel: CancellationToken, tasks: TaskTracker) -> Self {
+        RelayHandle { cancel, tasks }
+    }
+
+    /// A handle with nothing running (an app without a store).
+    pub fn idle() -> Self {
+        let tasks = TaskTracker::new();
+        tasks.close();
+        RelayHandle::new(CancellationToken::new(), tasks)
+    }
+
+    /// Stops claiming new work, lets in-flight deliveries finish and waits for them.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}

@@ -1,0 +1,233 @@
+//! Operating the store: lag, retention and dead letters.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{AssertSqlSafe, Row as _};
+use uuid::Uuid;
+
+use crate::error::{Context as _, Error, Result};
+use crate::relay::RelayStats;
+use crate::store::{SqlStore, from_micros, micros};
+
+/// How far one group is behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLag {
+    /// The group.
+    pub group: String,
+    /// Deliveries waiting (due, scheduled or retrying).
+    pub pending: i64,
+    /// How long the oldest waiting delivery has been waiting.
+    pub oldest_age: Option<Duration>,
+}
+
+/// The store's backlog: per group, and the dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lag {
+    /// Every group with waiting deliveries, sorted by name.
+    pub groups: Vec<GroupLag>,
+    /// Dead letters waiting to be inspected.
+    pub dead_letters: i64,
+}
+
+/// What one retention pass deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pruned {
+    /// Outbox rows delivered to every group and older than the retention.
+    pub outbox: u64,
+    /// Inbox rows older than the inbox retention.
+    pub inbox: u64,
+}
+
+/// A message that could not be delivered to a group: what it was, why, and how often it was
+/// tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The dead letter's id, for retry and discard.
+    pub id: i64,
+    /// The group it was bound for.
+    pub group: String,
+    /// The message id (as stored; a malformed envelope may hold a malformed id).
+    pub message_id: String,
+    /// The event's name.
+    pub name: String,
+    /// The event's version.
+    pub version: i64,
+    /// The ordering key.
+    pub key: Option<String>,
+    /// The envelope in its wire form (CloudEvents JSON).
+    pub envelope: Vec<u8>,
+    /// The error and its causes, outermost first, joined with `: `.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When the first attempt failed.
+    pub first_failed_at: DateTime<Utc>,
+    /// When the last attempt failed.
+    pub last_failed_at: DateTime<Utc>,
+}
+
+impl DeadLetter {
+    fn from_row(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(DeadLetter {
+            id: row.try_get(0)?,
+            group: row.try_get(1)?,
+            message_id: row.try_get(2)?,
+            name: row.try_get(3)?,
+            version: row.try_get(4)?,
+            key: row.try_get(5)?,
+            envelope: row.try_get(6)?,
+            error: row.try_get(7)?,
+            attempts: row.try_get(8)?,
+            first_failed_at: from_micros(row.try_get(9)?),
+            last_failed_at: from_micros(row.try_get(10)?),
+        })
+    }
+
+    /// The message id as a UUID, when it is one.
+    pub fn message_uuid(&self) -> Option<Uuid> {
+        self.message_id.parse().ok()
+    }
+}
+
+impl SqlStore {
+    /// What the relay did since this store connected.
+    pub fn relay_stats(&self) -> RelayStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// The backlog per group and the dead letter depth.
+    pub async fn lag(&self) -> Result<Lag> {
+        let sql = &self.shared.sql;
+        let now = micros(Utc::now());
+        let rows = sqlx::query(AssertSqlSafe(sql.lag.clone()))
+            .fetch_all(&self.shared.pool)
+            .await
+            .context("read the lag")?;
+        let mut groups = Vec::with_capacity(rows.len());
+        for row in rows {
+            let oldest: Option<i64> = row.try_get(2).context("read the lag")?;
+            groups.push(GroupLag {
+                group: row.try_get(0).context("read the lag")?,
+                pending: row.try_get(1).context("read the lag")?,
+                oldest_age: oldest
+                    .map(|t| Duration::from_micros(u64::try_from(now - t).unwrap_or_default())),
+            });
+        }
+        let dead_letters = sqlx::query(AssertSqlSafe(sql.dead_letter_depth.clone()))
+            .fetch_one(&self.shared.pool)
+            .await
+            .and_then(|r| r.try_get(0))
+            .context("count the dead letters")?;
+        Ok(Lag {
+            groups,
+            dead_letters,
+        })
+    }
+
+    /// Deletes what the retention policy lets go: outbox rows delivered to every group and
+    /// older than `outbox_retention`, inbox rows older than `inbox_retention`.
+    pub async fn prune(&self) -> Result<Pruned> {
+        let options = &self.shared.options;
+        let now = Utc::now();
+        let before =
+            |keep: Duration| micros(now) - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX / 2);
+        let sql = &self.shared.sql;
+        let outbox = sqlx::query(AssertSqlSafe(sql.prune_outbox.clone()))
+            .bind(before(options.outbox_retention))
+            .execute(&self.shared.pool)
+            .await
+            .context("prune the outbox")?
+            .rows_affected();
+        let inbox = sqlx::query(AssertSqlSafe(sql.prune_inbox.clone()))
+            .bind(before(options.inbox_retention))
+            .execute(&self.shared.pool)
+            .await
+            .context("prune the inbox")?
+            .rows_affected();
+        Ok(Pruned { outbox, inbox })
+    }
+
+    /// Dead letters in id order, after `after` (0 for the first page), at most `limit`.
+    pub async fn dead_letters(&self, after: i64, limit: i64) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(AssertSqlSafe(self.shared.sql.list_dead_letters.clone()))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.shared.pool)
+            .await
+            .context("list dead letters")?;
+        rows.iter()
+            .map(DeadLetter::from_row)
+            .collect::<Result<_, _>>()
+            .context("read dead letters")
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: i64) -> Result<DeadLetter> {
+        let row = sqlx::query(AssertSqlSafe(self.shared.sql.get_dead_letter.clone()))
+            .bind(id)
+            .fetch_optional(&self.shared.pool)
+            .await
+            .context("read a dead letter")?
+            .ok_or(Error::DeadLetterNotFound { id })?;
+        DeadLetter::from_row(&row).context("read a dead letter")
+    }
+
+    /// Puts a dead letter back in its group's queue, due now, with a fresh attempt count.
+    /// The inbox still guards against a second delivery.
+    pub async fn retry_dead_letter(&self, id: i64) -> Result<()> {
+        let shared = &self.shared;
+        let mut tx = shared.begin().await.context("begin a dead letter retry")?;
+        let row = sqlx::query(AssertSqlSafe(shared.sql.get_dead_letter.clone()))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .context("read a dead letter")?
+            .ok_or(Error::DeadLetterNotFound { id })?;
+        let letter = DeadLetter::from_row(&row).context("read a dead letter")?;
+        let now = micros(Utc::now());
+        sqlx::query(AssertSqlSafe(shared.sql.restore_outbox.clone()))
+            .bind(letter.message_id.clone())
+            .bind(letter.name.clone())
+            .bind(letter.version)
+            .bind(letter.key.clone())
+            .bind(letter.envelope.clone())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .context("restore an outbox row")?;
+        let groups = serde_json::to_string(&[&letter.group]).unwrap_or_default();
+        sqlx::query(AssertSqlSafe(shared.sql.insert_deliveries.clone()))
+            .bind(groups)
+            .bind(letter.message_id.clone())
+            .bind(letter.key.clone())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .context("requeue a dead letter")?;
+        sqlx::query(AssertSqlSafe(shared.sql.delete_dead_letter.clone()))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .context("delete a retried dead letter")?;
+        tx.commit().await.context("commit a dead letter retry")?;
+        shared.wake();
+        tracing::info!(target: "inseam::relay", id, group = %letter.group, message_id = %letter.message_id, "dead letter requeued");
+        Ok(())
+    }
+
+    /// Deletes a dead letter for good.
+    pub async fn discard_dead_letter(&self, id: i64) -> Result<()> {
+        let done = sqlx::query(AssertSqlSafe(self.shared.sql.delete_dead_letter.clone()))
+            .bind(id)
+            .execute(&self.shared.pool)
+            .await
+            .context("discard a dead letter")?;
+        if done.rows_affected() == 0 {
+            return Err(Error::DeadLetterNotFound { id });
+        }
+        tracing::info!(target: "inseam::relay", id, "dead letter discarded");
+        Ok(())
+    }
+}

@@ -1,0 +1,60 @@
+//! What the SQL store returns when something goes wrong.
+
+/// An error of the SQL store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The table prefix is not a plain identifier.
+    #[error(
+        "invalid table prefix `{prefix}`: use 1 to 32 lowercase ASCII letters, digits or `_`, starting with a letter"
+    )]
+    InvalidPrefix {
+        /// The prefix given.
+        prefix: String,
+    },
+    /// The database URL names a database the store does not support (or whose feature is off).
+    #[error(
+        "unsupported database URL scheme `{scheme}`: use `sqlite://path` (feature `sqlite`) or `postgres://...` (feature `postgres`)"
+    )]
+    UnsupportedUrl {
+        /// The URL's scheme.
+        scheme: String,
+    },
+    /// A database operation failed.
+    #[error("database error while trying to {operation}")]
+    Database {
+        /// What the store was doing.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A schema migration failed; nothing of it was applied.
+    #[error("schema migration {version} failed")]
+    Migration {
+        /// The migration's version.
+        version: i64,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// No dead letter has this id (it was retried or discarded already, or never existed).
+    #[error("no dead letter with id {id}")]
+    DeadLetterNotFound {
+        /// The id asked for.
+        id: i64,
+    },
+}
+
+/// A result of the SQL store.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) trait Context<T> {
+    fn context(self, operation: &'static str) -> Result<T>;
+}
+
+impl<T> Context<T> for std::result::Result<T, sqlx::Error> {
+    fn context(self, operation: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Database { operation, source })
+    }
+}

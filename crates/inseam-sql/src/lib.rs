@@ -1,0 +1,34 @@
+//! Durable delivery for inseam on sqlx: a transactional outbox, a relay, inbox deduplication
+//! and dead letters, on SQLite (the embedded default) and PostgreSQL.
+//!
+//! With a [`SqlStore`], every command runs in a database transaction that its handler can
+//! write through ([`Transactional::tx`]); the events it publishes are written to the outbox in
+//! that same transaction and are delivered, after commit, to every subscribed group by the
+//! relay that [`App::start`](inseam_core::App::start) runs. Each group handles a message in a
+//! transaction that also records it in the group's inbox, so its effects apply once even when
+//! the message is delivered again.
+//!
+//! # Guarantees
+//! - A command's events are delivered if and only if its transaction committed.
+//! - Every committed event reaches every subscribed group at least once, across crashes and
+//!   restarts; with the inbox, its effects on the database apply exactly once.
+//! - Rows are claimed, never passed over by a cursor, so a transaction that commits late (out
+//!   of id order, as PostgreSQL allows) is delivered like any other.
+//! - Within a group, events with the same key are delivered in id order, which is commit order
+//!   whenever their writers serialize on the key (they update the same row, or the database is
+//!   SQLite). A failing event holds back only its own key until it is retried or dead-lettered.
+
+mod admin;
+mod error;
+mod relay;
+mod sql;
+mod store;
+
+pub use admin::{DeadLetter, GroupLag, Lag, Pruned};
+pub use error::{Error, Result};
+pub use relay::RelayStats;
+pub use sql::Backend;
+pub use store::{RelayOptions, SqlStore, SqlStoreOptions, SqlUnitOfWork, Transactional};
+
+/// The database types handlers use with [`Transactional::tx`].
+pub use sqlx::{self, Any, AnyConnection, AnyPool};

@@ -1,0 +1,301 @@
+//! The SQL the store runs, per backend, with the table prefix applied once at connect time.
+//!
+//! Every statement is built here from fixed text and a prefix that [`validate_prefix`] checked,
+//! so no SQL is ever built from unchecked input; values always travel as bind parameters.
+
+use std::sync::Arc;
+
+use crate::error::Error;
+
+/// The database behind a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, a file in WAL mode: the embedded default.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    pub(crate) fn from_url(url: &str) -> Result<Self, Error> {
+        if cfg!(feature = "sqlite") && url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if cfg!(feature = "postgres")
+            && (url.starts_with("postgres:") || url.starts_with("postgresql:"))
+        {
+            Ok(Backend::Postgres)
+        } else {
+            Err(Error::UnsupportedUrl {
+                scheme: url.split(':').next().unwrap_or_default().to_owned(),
+            })
+        }
+    }
+}
+
+/// Checks a table prefix: 1 to 32 characters, lowercase ASCII letters, digits and `_`,
+/// starting with a letter.
+pub(crate) fn validate_prefix(prefix: &str) -> Result<(), Error> {
+    let ok = (1..=32).contains(&prefix.len())
+        && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidPrefix {
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+/// One migration: a version and its statements.
+pub(crate) struct Migration {
+    pub(crate) version: i64,
+    pub(crate) statements: Vec<String>,
+}
+
+/// The framework's schema, as migrations.
+pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
+    let (serial, bytes) = match backend {
+        Backend::Sqlite => ("INTEGER PRIMARY KEY", "BLOB"),
+        Backend::Postgres => ("BIGSERIAL PRIMARY KEY", "BYTEA"),
+    };
+    let mut first = vec![
+        // One row per message: its wire envelope, kept until delivered to every group and
+        // older than the retention.
+        format!(
+            "CREATE TABLE {p}outbox (
+                message_id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                msg_key TEXT,
+                envelope {bytes} NOT NULL,
+                created_at BIGINT NOT NULL
+            )"
+        ),
+        format!("CREATE INDEX {p}outbox_created ON {p}outbox (created_at)"),
+        // One row per message and group until that group handled it. The id gives the order
+        // within a key; a row is claimed, never skipped, so a late commit is never lost.
+        format!(
+            "CREATE TABLE {p}deliveries (
+                id {serial},
+                grp TEXT NOT NULL,
+                message_id TEXT NOT NULL,
+                msg_key TEXT,
+                deliver_at BIGINT NOT NULL,
+                enqueued_at BIGINT NOT NULL,
+                attempts BIGINT NOT NULL DEFAULT 0,
+                last_error TEXT,
+                first_failed_at BIGINT
+            )"
+        ),
+        format!("CREATE INDEX {p}deliveries_group ON {p}deliveries (grp, id)"),
+        format!("CREATE INDEX {p}deliveries_key ON {p}deliveries (grp, msg_key, id)"),
+        format!("CREATE INDEX {p}deliveries_message ON {p}deliveries (message_id)"),
+        // What each group handled: a redelivery finds its row and is skipped.
+        format!(
+            "CREATE TABLE {p}inbox (
+                grp TEXT NOT NULL,
+                message_id TEXT NOT NULL,
+                handled_at BIGINT NOT NULL,
+                PRIMARY KEY (grp, message_id)
+            )"
+        ),
+        format!("CREATE INDEX {p}inbox_handled ON {p}inbox (handled_at)"),
+        format!(
+            "CREATE TABLE {p}dead_letters (
+                id {serial},
+                grp TEXT NOT NULL,
+                message_id TEXT NOT NULL,
+                name TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                msg_key TEXT,
+                envelope {bytes} NOT NULL,
+                error TEXT NOT NULL,
+                attempts BIGINT NOT NULL,
+                first_failed_at BIGINT NOT NULL,
+                last_failed_at BIGINT NOT NULL
+            )"
+        ),
+        format!("CREATE INDEX {p}dead_letters_group ON {p}dead_letters (grp, id)"),
+    ];
+    if backend == Backend::Postgres {
+        // The deliveries table churns: keep its statistics fresh so the claim stays on its
+        // index.
+        first.push(format!(
+            "ALTER TABLE {p}deliveries SET (autovacuum_vacuum_scale_factor = 0.01, \
+             autovacuum_analyze_scale_factor = 0.01)"
+        ));
+    }
+    vec![Migration {
+        version: 1,
+        statements: first,
+    }]
+}
+
+/// The statements of a store, with its prefix applied.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) migrations_table: Arc<str>,
+    pub(crate) applied: Arc<str>,
+    pub(crate) record_migration: Arc<str>,
+    pub(crate) lock_migrations: Option<Arc<str>>,
+    pub(crate) insert_outbox: Arc<str>,
+    pub(crate) insert_deliveries: Arc<str>,
+    pub(crate) notify: Option<Arc<str>>,
+    pub(crate) channel: Arc<str>,
+    pub(crate) claim: Arc<str>,
+    pub(crate) claim_one: Arc<str>,
+    pub(crate) in_inbox: Arc<str>,
+    pub(crate) insert_inbox: Arc<str>,
+    pub(crate) delete_deliveries: Arc<str>,
+    pub(crate) delete_delivery: Arc<str>,
+    pub(crate) retry_later: Arc<str>,
+    pub(crate) insert_dead_letter: Arc<str>,
+    pub(crate) list_dead_letters: Arc<str>,
+    pub(crate) get_dead_letter: Arc<str>,
+    pub(crate) delete_dead_letter: Arc<str>,
+    pub(crate) restore_outbox: Arc<str>,
+    pub(crate) lag: Arc<str>,
+    pub(crate) dead_letter_depth: Arc<str>,
+    pub(crate) prune_outbox: Arc<str>,
+    pub(crate) prune_inbox: Arc<str>,
+}
+
+impl Statements {
+    pub(crate) fn new(backend: Backend, p: &str) -> Self {
+        let s = |text: String| -> Arc<str> { Arc::from(text) };
+        // A JSON array of strings bound as one parameter: one prepared statement for any batch
+        // size, on both backends.
+        let each = |param: &str| match backend {
+            Backend::Sqlite => format!("(SELECT value AS x FROM json_each({param})) AS items"),
+            Backend::Postgres => format!(
+                "(SELECT x FROM jsonb_array_elements_text(CAST({param} AS jsonb)) AS t(x)) AS items"
+            ),
+        };
+        let ids = |param: &str| match backend {
+            Backend::Sqlite => format!("(SELECT value FROM json_each({param}))"),
+            Backend::Postgres => format!(
+                "(SELECT CAST(x AS BIGINT) FROM jsonb_array_elements_text(CAST({param} AS jsonb)) AS t(x))"
+            ),
+        };
+        let lock = match backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE OF d SKIP LOCKED",
+        };
+        // A row is due when its time came and no earlier row of the same key waits in the
+        // same group: that keeps each key in order and lets a failing row hold back its key only.
+        let claim_base = format!(
+            "SELECT d.id, d.message_id, d.msg_key, d.attempts, d.first_failed_at, o.name, o.version, o.envelope
+             FROM {p}deliveries d JOIN {p}outbox o ON o.message_id = d.message_id
+             WHERE d.grp = $1 AND d.deliver_at <= $2
+               AND (d.msg_key IS NULL OR NOT EXISTS (
+                   SELECT 1 FROM {p}deliveries e
+                   WHERE e.grp = d.grp AND e.msg_key = d.msg_key AND e.id < d.id))"
+        );
+        Statements {
+            migrations_table: s(format!(
+                "CREATE TABLE IF NOT EXISTS {p}migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)"
+            )),
+            applied: s(format!("SELECT version FROM {p}migrations ORDER BY version")),
+            record_migration: s(format!(
+                "INSERT INTO {p}migrations (version, applied_at) VALUES ($1, $2)"
+            )),
+            lock_migrations: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(format!(
+                    "SELECT pg_advisory_xact_lock(hashtext('{p}migrations'))"
+                ))),
+            },
+            insert_outbox: s(format!(
+                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)"
+            )),
+            insert_deliveries: s(format!(
+                "INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
+                 SELECT x, $2, $3, $4, $5 FROM {groups}",
+                groups = each("$1")
+            )),
+            notify: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s("SELECT pg_notify($1, '')".to_owned())),
+            },
+            channel: s(format!("{p}outbox")),
+            claim: s(format!("{claim_base} ORDER BY d.id LIMIT $3{lock}")),
+            claim_one: s(format!("{claim_base} AND d.id = $3{lock}")),
+            in_inbox: s(format!(
+                "SELECT COUNT(*) FROM {p}inbox WHERE grp = $1 AND message_id = $2"
+            )),
+            insert_inbox: s(format!(
+                "INSERT INTO {p}inbox (grp, message_id, handled_at)
+                 SELECT $1, x, $3 FROM {messages} WHERE true
+                 ON CONFLICT DO NOTHING",
+                messages = each("$2")
+            )),
+            delete_deliveries: s(format!(
+                "DELETE FROM {p}deliveries WHERE id IN {ids}",
+                ids = ids("$1")
+            )),
+            delete_delivery: s(format!("DELETE FROM {p}deliveries WHERE id = $1")),
+            retry_later: s(format!(
+                "UPDATE {p}deliveries
+                 SET attempts = $2, deliver_at = $3, last_error = $4,
+                     first_failed_at = COALESCE(first_failed_at, $5)
+                 WHERE id = $1"
+            )),
+            insert_dead_letter: s(format!(
+                "INSERT INTO {p}dead_letters
+                 (grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            )),
+            list_dead_letters: s(format!(
+                "SELECT id, grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at
+                 FROM {p}dead_letters WHERE id > $1 ORDER BY id LIMIT $2"
+            )),
+            get_dead_letter: s(format!(
+                "SELECT id, grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at
+                 FROM {p}dead_letters WHERE id = $1"
+            )),
+            delete_dead_letter: s(format!("DELETE FROM {p}dead_letters WHERE id = $1")),
+            restore_outbox: s(format!(
+                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+            )),
+            lag: s(format!(
+                "SELECT grp, COUNT(*), MIN(enqueued_at) FROM {p}deliveries GROUP BY grp ORDER BY grp"
+            )),
+            dead_letter_depth: s(format!("SELECT COUNT(*) FROM {p}dead_letters")),
+            prune_outbox: s(format!(
+                "DELETE FROM {p}outbox WHERE created_at < $1
+                 AND NOT EXISTS (SELECT 1 FROM {p}deliveries d WHERE d.message_id = {p}outbox.message_id)"
+            )),
+            prune_inbox: s(format!("DELETE FROM {p}inbox WHERE handled_at < $1")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert!(validate_prefix("inseam_").is_ok());
+        assert!(validate_prefix("shop2_").is_ok());
+        for bad in [
+            "",
+            "1abc",
+            "Inseam",
+            "a;drop table x",
+            "a-b",
+            &"a".repeat(33),
+        ] {
+            let err = validate_prefix(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("invalid table prefix"),
+                "{bad}: {err}"
+            );
+        }
+    }
+}

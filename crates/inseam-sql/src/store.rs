@@ -1,0 +1,474 @@
+//! The store: connection pool, schema, units of work and the outbox write.
+
+use std::any::Any as StdAny;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use inseam_core::store::{OutboxMessage, RelayHandle, Store, StoreError, UnitOfWork};
+use inseam_core::{App, CommandContext, EventContext};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{
+    Any, AnyConnection, AnyPool, AssertSqlSafe, Connection as _, Executor as _, Row as _,
+    Transaction,
+};
+use tokio::sync::watch;
+
+use crate::error::{Context as _, Error, Result};
+use crate::sql::{Backend, Statements, migrations, validate_prefix};
+
+/// How the relay and the housekeeping behave. The defaults suit most apps.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Most rows one group claims and handles in one transaction.
+    pub batch_size: usize,
+    /// Relay workers per group; different keys proceed in parallel across workers
+    /// (PostgreSQL; SQLite has one writer, so more workers only wait for each other).
+    pub workers_per_group: usize,
+    /// How often an idle relay looks for due rows without being woken.
+    pub poll_interval: Duration,
+    /// Attempts before a failing message becomes a dead letter.
+    pub max_attempts: u32,
+    /// The delay before the first retry; doubles with each attempt, with jitter.
+    pub backoff_base: Duration,
+    /// The longest delay between retries.
+    pub backoff_max: Duration,
+    /// How long outbox rows delivered to every group are kept.
+    pub outbox_retention: Duration,
+    /// How long inbox rows are kept (the window in which a redelivery is recognised).
+    pub inbox_retention: Duration,
+    /// How often retention runs and lag is reported.
+    pub housekeeping_interval: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            batch_size: 500,
+            workers_per_group: 1,
+            poll_interval: Duration::from_millis(500),
+            max_attempts: 10,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(300),
+            outbox_retention: Duration::from_secs(24 * 3600),
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            housekeeping_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Options for [`SqlStore::connect_with`].
+#[derive(Debug, Clone)]
+pub struct SqlStoreOptions {
+    prefix: String,
+    max_connections: Option<u32>,
+    relay: RelayOptions,
+}
+
+impl Default for SqlStoreOptions {
+    fn default() -> Self {
+        SqlStoreOptions {
+            prefix: "inseam_".to_owned(),
+            max_connections: None,
+            relay: RelayOptions::default(),
+        }
+    }
+}
+
+impl SqlStoreOptions {
+    /// Default options: tables prefixed `inseam_`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The prefix of the framework's tables (checked at connect: lowercase letters, digits,
+    /// `_`, starting with a letter, at most 32 characters).
+    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The size of the connection pool (default: 10 for PostgreSQL, 4 for SQLite).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    /// The relay's behaviour.
+    pub fn relay(mut self, relay: RelayOptions) -> Self {
+        self.relay = relay;
+        self
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) pool: AnyPool,
+    pub(crate) backend: Backend,
+    pub(crate) sql: Statements,
+    pub(crate) options: RelayOptions,
+    pub(crate) url: String,
+    /// Bumped after each local commit that wrote outbox rows; relay workers watch it.
+    pub(crate) wake: watch::Sender<u64>,
+    pub(crate) stats: crate::relay::Counters,
+}
+
+impl Shared {
+    pub(crate) async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        match self.backend {
+            // Take SQLite's write lock up front: a transaction that reads before it writes
+            // would otherwise fail when another connection committed in between.
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
+    pub(crate) fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// A durable store on SQLite or PostgreSQL, selected by the database URL.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use inseam_sql::SqlStore;
+/// let store = SqlStore::connect("sqlite://shop.db").await?; // or postgres://...
+/// let app = inseam_core::App::builder().store(store.clone()).discover().build().await?;
+/// let relay = app.start();
+/// // ... app.send(..) ...
+/// relay.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SqlStore {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("backend", &self.shared.backend)
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlStore {
+    /// Connects with default options and brings the schema up to date.
+    ///
+    /// `sqlite://path` opens (or creates) a database file in WAL mode; `postgres://...`
+    /// connects to PostgreSQL.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, SqlStoreOptions::default()).await
+    }
+
+    /// Connects with `options` and brings the schema up to date.
+    pub async fn connect_with(url: &str, options: SqlStoreOptions) -> Result<Self> {
+        validate_prefix(&options.prefix)?;
+        let backend = Backend::from_url(url)?;
+        sqlx::any::install_default_drivers();
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let pool = match backend {
+            Backend::Sqlite => {
+                AnyPoolOptions::new()
+                    .max_connections(options.max_connections.unwrap_or(4))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // WAL: readers never block the writer. NORMAL: a commit survives
+                            // the process being killed; only an OS crash may lose the last
+                            // commits, never part of one.
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(options.max_connections.unwrap_or(10))
+                    .connect(&url)
+                    .await
+            }
+        }
+        .context("connect to the database")?;
+        let prefix = options.prefix.clone();
+        let (wake, _) = watch::channel(0);
+        let store = SqlStore {
+            shared: Arc::new(Shared {
+                pool,
+                backend,
+                sql: Statements::new(backend, &options.prefix),
+                options: options.relay,
+                url,
+                wake,
+                stats: crate::relay::Counters::default(),
+            }),
+        };
+        store.migrate(&prefix).await?;
+        Ok(store)
+    }
+
+    /// The database behind this store.
+    pub fn backend(&self) -> Backend {
+        self.shared.backend
+    }
+
+    /// The connection pool, for the app's own queries outside a command.
+    pub fn pool(&self) -> &AnyPool {
+        &self.shared.pool
+    }
+
+    async fn migrate(&self, prefix: &str) -> Result<()> {
+        let shared = &self.shared;
+        let mut conn = shared
+            .pool
+            .acquire()
+            .await
+            .context("acquire a connection for migrations")?;
+        sqlx::query(AssertSqlSafe(shared.sql.migrations_table.clone()))
+            .execute(&mut *conn)
+            .await
+            .context("create the migrations table")?;
+        for migration in migrations(shared.backend, prefix) {
+            let mut tx = conn.begin().await.context("begin a migration")?;
+            if let Some(lock) = &shared.sql.lock_migrations {
+                sqlx::query(AssertSqlSafe(lock.clone()))
+                    .execute(&mut *tx)
+                    .await
+                    .context("lock the migrations")?;
+            }
+            let applied: Vec<i64> = sqlx::query(AssertSqlSafe(shared.sql.applied.clone()))
+                .fetch_all(&mut *tx)
+                .await
+                .context("read the applied migrations")?
+                .iter()
+                .map(|row| row.try_get::<i64, _>(0))
+                .collect::<Result<_, _>>()
+                .context("read the applied migrations")?;
+            if applied.contains(&migration.version) {
+                continue;
+            }
+            let version = migration.version;
+            let failed = |source| Error::Migration { version, source };
+            for statement in migration.statements {
+                sqlx::query(AssertSqlSafe(statement))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+            }
+            sqlx::query(AssertSqlSafe(shared.sql.record_migration.clone()))
+                .bind(version)
+                .bind(micros(Utc::now()))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            tx.commit().await.map_err(failed)?;
+            tracing::info!(target: "inseam::store", version = migration.version, "schema migrated");
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn begin_unit(&self) -> Result<SqlUnitOfWork> {
+        let tx = self.shared.begin().await.context("begin a transaction")?;
+        Ok(SqlUnitOfWork {
+            tx,
+            shared: self.shared.clone(),
+            notified: false,
+        })
+    }
+}
+
+/// A unit of work on the SQL store: one database transaction.
+pub struct SqlUnitOfWork {
+    pub(crate) tx: Transaction<'static, Any>,
+    pub(crate) shared: Arc<Shared>,
+    notified: bool,
+}
+
+impl fmt::Debug for SqlUnitOfWork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlUnitOfWork")
+            .field("backend", &self.shared.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlUnitOfWork {
+    pub(crate) fn wrote_outbox(&self) -> bool {
+        self.notified
+    }
+
+    /// The transaction's connection, for the handler's own SQL.
+    pub fn connection(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    pub(crate) async fn write(&mut self, messages: Vec<OutboxMessage>) -> Result<()> {
+        let sql = &self.shared.sql;
+        let now = micros(Utc::now());
+        for message in messages {
+            let envelope = &message.envelope;
+            let bytes = envelope.to_json().map_err(|source| Error::Database {
+                operation: "encode an envelope for the outbox",
+                source: sqlx::Error::Encode(Box::new(source)),
+            })?;
+            let message_id = envelope.metadata.message_id.to_string();
+            sqlx::query(AssertSqlSafe(sql.insert_outbox.clone()))
+                .bind(message_id.clone())
+                .bind(envelope.name.clone())
+                .bind(i64::from(envelope.version))
+                .bind(envelope.key.clone())
+                .bind(bytes)
+                .bind(now)
+                .execute(&mut *self.tx)
+                .await
+                .context("write the outbox")?;
+            let groups =
+                serde_json::to_string(&message.groups).map_err(|source| Error::Database {
+                    operation: "encode the groups of an outbox row",
+                    source: sqlx::Error::Encode(Box::new(source)),
+                })?;
+            sqlx::query(AssertSqlSafe(sql.insert_deliveries.clone()))
+                .bind(groups)
+                .bind(message_id)
+                .bind(envelope.key.clone())
+                .bind(message.deliver_at.map_or(now, micros))
+                .bind(now)
+                .execute(&mut *self.tx)
+                .await
+                .context("write the outbox deliveries")?;
+        }
+        if !self.notified {
+            if let Some(notify) = &sql.notify {
+                // Delivered by PostgreSQL on commit, to the relays of every instance.
+                sqlx::query(AssertSqlSafe(notify.clone()))
+                    .bind(sql.channel.to_string())
+                    .execute(&mut *self.tx)
+                    .await
+                    .context("notify the relays")?;
+            }
+            self.notified = true;
+        }
+        Ok(())
+    }
+}
+
+fn store_error(operation: &'static str) -> impl FnOnce(Error) -> StoreError {
+    move |error| StoreError::new(operation, error)
+}
+
+impl UnitOfWork for SqlUnitOfWork {
+    fn append<'a>(
+        &'a mut self,
+        messages: Vec<OutboxMessage>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.write(messages)
+                .await
+                .map_err(store_error("write the outbox"))
+        })
+    }
+
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.tx
+                .commit()
+                .await
+                .map_err(|e| StoreError::new("commit", e))
+        })
+    }
+
+    fn rollback(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.tx
+                .rollback()
+                .await
+                .map_err(|e| StoreError::new("roll back", e))
+        })
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn StdAny {
+        self
+    }
+}
+
+impl Store for SqlStore {
+    fn begin(&self) -> BoxFuture<'_, Result<Box<dyn UnitOfWork>, StoreError>> {
+        Box::pin(async move {
+            let unit = self
+                .begin_unit()
+                .await
+                .map_err(store_error("begin a transaction"))?;
+            Ok(Box::new(unit) as Box<dyn UnitOfWork>)
+        })
+    }
+
+    fn committed(&self) {
+        self.shared.wake();
+    }
+
+    fn start(&self, app: App) -> RelayHandle {
+        crate::relay::start(self.clone(), app)
+    }
+}
+
+/// The transaction of the command or delivery a handler runs in: `ctx.tx()`.
+///
+/// ```ignore
+/// #[command_handler]
+/// async fn open_account(cmd: OpenAccount, ctx: &mut CommandContext<'_>) -> Result<(), BankError> {
+///     sqlx::query("INSERT INTO accounts (id) VALUES ($1)").bind(cmd.id).execute(ctx.tx()?).await?;
+///     ctx.publish(AccountOpened { id: cmd.id });
+///     Ok(())
+/// }
+/// ```
+pub trait Transactional {
+    /// The connection of the unit of work's transaction: what the handler writes through it
+    /// commits together with the outbox rows, or not at all. Fails when the app has no
+    /// [`SqlStore`].
+    fn tx(&mut self) -> Result<&mut AnyConnection, sqlx::Error>;
+}
+
+fn no_transaction() -> sqlx::Error {
+    sqlx::Error::Configuration(
+        "this handler runs without an inseam-sql transaction: give the app a store with `App::builder().store(SqlStore::connect(url).await?)`".into(),
+    )
+}
+
+fn connection_of(uow: Option<&mut dyn UnitOfWork>) -> Result<&mut AnyConnection, sqlx::Error> {
+    uow.and_then(|uow| uow.as_any_mut().downcast_mut::<SqlUnitOfWork>())
+        .map(SqlUnitOfWork::connection)
+        .ok_or_else(no_transaction)
+}
+
+impl Transactional for CommandContext<'_> {
+    fn tx(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+        connection_of(self.unit_of_work())
+    }
+}
+
+impl Transactional for EventContext<'_> {
+    fn tx(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+        connection_of(self.unit_of_work())
+    }
+}
+
+/// Microseconds since the Unix epoch: how the store keeps instants, alike on both backends.
+pub(crate) fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}

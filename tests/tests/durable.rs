@@ -1,0 +1,423 @@
+//! Durable delivery on real databases: every scenario runs on a SQLite file and on the
+//! PostgreSQL server (`INSEAM_TEST_POSTGRES`, default the local one).
+
+use std::time::Duration;
+
+use inseam::prelude::*;
+use inseam::sql::sqlx::{self, Row as _};
+use inseam::sql::{Error as SqlError, RelayOptions, SqlStoreOptions};
+use inseam::store::{OutboxMessage, Store as _};
+use inseam_tests::bank::{self, Deposit, Deposited, Faults};
+use inseam_tests::{Backend, TestDb, eventually};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn fast_relay() -> RelayOptions {
+    RelayOptions {
+        poll_interval: Duration::from_millis(50),
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..RelayOptions::default()
+    }
+}
+
+async fn store(db: &TestDb, relay: RelayOptions) -> SqlStore {
+    let store = SqlStore::connect_with(&db.url, SqlStoreOptions::new().relay(relay))
+        .await
+        .expect("connect the store");
+    bank::create_schema(&store).await.expect("bank schema");
+    store
+}
+
+fn deposit(seq: i64, account: &str, amount: i64) -> Deposit {
+    Deposit {
+        account: account.to_owned(),
+        amount,
+        seq,
+    }
+}
+
+async fn sorted_seqs(store: &SqlStore, group: &str) -> Vec<i64> {
+    let mut seqs: Vec<i64> = bank::effects(store.pool(), group)
+        .await
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    seqs.sort_unstable();
+    seqs
+}
+
+/// Committed deposits reach both groups exactly once; failed ones reach nobody, and their rows
+/// and events were rolled back together.
+async fn committed_events_reach_every_group_once(backend: Backend) {
+    let db = TestDb::new(backend, "committed_once").await;
+    let store = store(&db, fast_relay()).await;
+    let app = bank::app(store.clone(), Faults::default()).await.unwrap();
+    let relay = app.start();
+    let mut committed = Vec::new();
+    for seq in 1..=60 {
+        let amount = if seq % 7 == 0 { -5 } else { 10 };
+        let result = app
+            .send(deposit(seq, &format!("acct-{}", seq % 5), amount))
+            .await;
+        match result {
+            Ok(got) => {
+                assert_eq!(got, seq);
+                committed.push(seq);
+            }
+            Err(error) => assert_eq!(
+                error.to_string(),
+                "a deposit must be positive, got -5",
+                "deposit {seq}"
+            ),
+        }
+    }
+    assert_eq!(committed.len(), 52);
+    assert_eq!(bank::deposits(store.pool()).await, committed);
+    for group in ["ledger", "audit"] {
+        eventually(WAIT, group, || async {
+            (sorted_seqs(&store, group).await.len() >= committed.len()).then_some(())
+        })
+        .await;
+    }
+    relay.shutdown().await;
+    for group in ["ledger", "audit"] {
+        assert_eq!(sorted_seqs(&store, group).await, committed, "{group}");
+    }
+    let lag = store.lag().await.unwrap();
+    assert!(lag.groups.is_empty(), "{lag:?}");
+    assert_eq!(lag.dead_letters, 0);
+}
+
+/// Per key, a group sees events in commit order.
+async fn same_key_in_commit_order(backend: Backend) {
+    let db = TestDb::new(backend, "key_order").await;
+    let store = store(&db, fast_relay()).await;
+    let app = bank::app(store.clone(), Faults::default()).await.unwrap();
+    for seq in 1..=200 {
+        app.send(deposit(seq, &format!("acct-{}", seq % 3), 1))
+            .await
+            .unwrap();
+    }
+    let relay = app.start();
+    eventually(WAIT, "every deposit in the ledger", || async {
+        (bank::effects(store.pool(), "ledger").await.len() == 200).then_some(())
+    })
+    .await;
+    relay.shutdown().await;
+    let effects = bank::effects(store.pool(), "ledger").await;
+    for account in ["acct-0", "acct-1", "acct-2"] {
+        let seqs: Vec<i64> = effects
+            .iter()
+            .filter(|(_, a)| a == account)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, sorted, "{account} out of order");
+    }
+}
+
+/// A poison message is retried, then dead-lettered with its error, while other keys flow; once
+/// the fault is fixed and it is retried from the dead letters, it is delivered once.
+async fn poison_message(backend: Backend) {
+    let db = TestDb::new(backend, "poison").await;
+    let relay_options = RelayOptions {
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(400),
+        backoff_max: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(50),
+        ..RelayOptions::default()
+    };
+    let store = store(&db, relay_options).await;
+    let faults = Faults::default();
+    faults.break_account("bad");
+    let app = bank::app(store.clone(), faults.clone()).await.unwrap();
+    let relay = app.start();
+    app.send(deposit(1, "bad", 1)).await.unwrap();
+    app.send(deposit(2, "bad", 1)).await.unwrap();
+    for seq in 3..=12 {
+        app.send(deposit(seq, &format!("good-{seq}"), 1))
+            .await
+            .unwrap();
+    }
+    // The other keys flow while the bad one waits for its retries.
+    eventually(WAIT, "the good deposits in the ledger", || async {
+        (sorted_seqs(&store, "ledger").await == (3..=12).collect::<Vec<_>>()).then_some(())
+    })
+    .await;
+    assert_eq!(store.lag().await.unwrap().dead_letters, 0);
+    // Both bad deposits end as dead letters, one after the other (same key, in order).
+    let letters = eventually(WAIT, "two dead letters", || async {
+        let letters = store.dead_letters(0, 10).await.unwrap();
+        (letters.len() == 2).then_some(letters)
+    })
+    .await;
+    for (letter, seq) in letters.iter().zip([1, 2]) {
+        assert_eq!(letter.group, "ledger");
+        assert_eq!(letter.name, "bank.deposited");
+        assert_eq!(letter.version, 1);
+        assert_eq!(letter.key.as_deref(), Some("bad"));
+        assert_eq!(letter.attempts, 3);
+        assert_eq!(
+            letter.error,
+            "subscriber `inseam_tests::bank::ledger` failed: ledger unavailable for account bad"
+        );
+        assert!(letter.first_failed_at < letter.last_failed_at);
+        let raw = inseam::RawEnvelope::from_json(&letter.envelope).unwrap();
+        assert_eq!(raw.decode::<Deposited>().unwrap().seq, seq);
+    }
+    assert_eq!(store.relay_stats().retried, 4);
+    assert_eq!(store.relay_stats().dead_lettered, 2);
+    // The audit group was never held back.
+    assert_eq!(
+        sorted_seqs(&store, "audit").await,
+        (1..=12).collect::<Vec<_>>()
+    );
+    faults.repair("bad");
+    for letter in &letters {
+        store.retry_dead_letter(letter.id).await.unwrap();
+    }
+    eventually(WAIT, "the retried deposits in the ledger", || async {
+        (sorted_seqs(&store, "ledger").await.len() == 12).then_some(())
+    })
+    .await;
+    relay.shutdown().await;
+    assert_eq!(
+        sorted_seqs(&store, "ledger").await,
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert!(store.dead_letters(0, 10).await.unwrap().is_empty());
+    let missing = store.retry_dead_letter(letters[0].id).await.unwrap_err();
+    assert!(
+        matches!(missing, SqlError::DeadLetterNotFound { .. }),
+        "{missing}"
+    );
+    assert_eq!(
+        missing.to_string(),
+        format!("no dead letter with id {}", letters[0].id)
+    );
+}
+
+/// Rows that cannot be delivered at all become dead letters at once, with a clear error, and
+/// the relay goes on.
+async fn bad_rows_are_dead_lettered(backend: Backend) {
+    let db = TestDb::new(backend, "bad_rows").await;
+    let store = store(&db, fast_relay()).await;
+    let app = bank::app(store.clone(), Faults::default()).await.unwrap();
+    // An event of a name this build does not know, and one whose payload does not decode.
+    let good = Envelope {
+        metadata: inseam::Metadata {
+            message_id: uuid::Uuid::now_v7(),
+            correlation_id: uuid::Uuid::now_v7(),
+            causation_id: None,
+        },
+        key: Some("k".to_owned()),
+        occurred_at: chrono::Utc::now(),
+        source: "test".into(),
+        headers: inseam::Headers::default(),
+        payload: Deposited {
+            account: "k".to_owned(),
+            amount: 1,
+            seq: 99,
+        },
+    };
+    let mut unknown = good.to_raw().unwrap();
+    unknown.name = "bank.withdrawn".to_owned();
+    unknown.metadata.message_id = uuid::Uuid::now_v7();
+    let mut undecodable = good.to_raw().unwrap();
+    undecodable.payload = br#"{"account": 5}"#.to_vec();
+    undecodable.metadata.message_id = uuid::Uuid::now_v7();
+    let mut uow = store.begin().await.unwrap();
+    uow.append(vec![
+        OutboxMessage {
+            envelope: unknown,
+            groups: vec!["ledger"],
+            deliver_at: None,
+        },
+        OutboxMessage {
+            envelope: undecodable,
+            groups: vec!["ledger"],
+            deliver_at: None,
+        },
+        OutboxMessage {
+            envelope: good.to_raw().unwrap(),
+            groups: vec!["ledger"],
+            deliver_at: None,
+        },
+    ])
+    .await
+    .unwrap();
+    uow.commit().await.unwrap();
+    let relay = app.start();
+    let letters = eventually(WAIT, "two dead letters", || async {
+        let letters = store.dead_letters(0, 10).await.unwrap();
+        (letters.len() == 2).then_some(letters)
+    })
+    .await;
+    eventually(WAIT, "the good event", || async {
+        (sorted_seqs(&store, "ledger").await == [99]).then_some(())
+    })
+    .await;
+    relay.shutdown().await;
+    assert_eq!(letters[0].attempts, 1);
+    assert_eq!(
+        letters[0].error,
+        "group `ledger` has no subscriber for event `bank.withdrawn` version 1"
+    );
+    assert_eq!(letters[1].attempts, 1);
+    assert!(
+        letters[1].error.starts_with(
+            "event `bank.deposited` version 1 does not decode: payload of `bank.deposited` v1"
+        ),
+        "{}",
+        letters[1].error
+    );
+    store.discard_dead_letter(letters[0].id).await.unwrap();
+    assert_eq!(store.dead_letters(0, 10).await.unwrap().len(), 1);
+}
+
+/// Events written while no relay runs are delivered after a restart; lag shows them meanwhile;
+/// retention prunes only what every group has.
+async fn restart_resumes_and_lag_is_reported(backend: Backend) {
+    let db = TestDb::new(backend, "restart").await;
+    {
+        let store = store(&db, fast_relay()).await;
+        let app = bank::app(store.clone(), Faults::default()).await.unwrap();
+        for seq in 1..=20 {
+            app.send(deposit(seq, "a", 1)).await.unwrap();
+        }
+        let lag = store.lag().await.unwrap();
+        let groups: Vec<(&str, i64)> = lag
+            .groups
+            .iter()
+            .map(|g| (g.group.as_str(), g.pending))
+            .collect();
+        assert_eq!(groups, [("audit", 20), ("ledger", 20)]);
+        assert!(lag.groups.iter().all(|g| g.oldest_age.is_some()));
+    }
+    let options = RelayOptions {
+        outbox_retention: Duration::ZERO,
+        ..fast_relay()
+    };
+    let store = store(&db, options).await;
+    let faults = Faults::default();
+    faults.break_account("b");
+    let app = bank::app(store.clone(), faults).await.unwrap();
+    app.send(deposit(21, "b", 1)).await.unwrap();
+    let relay = app.start();
+    eventually(WAIT, "the backlog delivered", || async {
+        (sorted_seqs(&store, "ledger").await.len() == 20
+            && sorted_seqs(&store, "audit").await.len() == 21)
+            .then_some(())
+    })
+    .await;
+    relay.shutdown().await;
+    let pruned = store.prune().await.unwrap();
+    // Deposit 21 still waits in the ledger group: its outbox row stays.
+    assert_eq!(pruned.outbox, 20);
+    let left: i64 = sqlx::query("SELECT COUNT(*) FROM inseam_outbox")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
+}
+
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    committed_events_reach_every_group_once,
+    same_key_in_commit_order,
+    poison_message,
+    bad_rows_are_dead_lettered,
+    restart_resumes_and_lag_is_reported,
+);
+
+#[tokio::test]
+async fn a_bad_table_prefix_is_refused() {
+    let db = TestDb::sqlite();
+    let error = SqlStore::connect_with(
+        &db.url,
+        SqlStoreOptions::new().table_prefix("x; DROP TABLE users"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid table prefix `x; DROP TABLE users`: use 1 to 32 lowercase ASCII letters, digits or `_`, starting with a letter"
+    );
+    let error = SqlStore::connect("mysql://localhost/x").await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("unsupported database URL scheme `mysql`")
+    );
+}
+
+#[tokio::test]
+async fn a_custom_prefix_keeps_its_own_tables() {
+    let db = TestDb::sqlite();
+    let store = SqlStore::connect_with(&db.url, SqlStoreOptions::new().table_prefix("shop_"))
+        .await
+        .unwrap();
+    bank::create_schema(&store).await.unwrap();
+    let app = bank::app(store.clone(), Faults::default()).await.unwrap();
+    app.send(deposit(1, "a", 1)).await.unwrap();
+    let rows: i64 = sqlx::query("SELECT COUNT(*) FROM shop_deliveries")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
+}
+
+#[tokio::test]
+async fn tx_without_a_store_is_a_clear_error() {
+    let app = inseam::App::builder()
+        .handler::<bank_no_store::touch>()
+        .build()
+        .await
+        .unwrap();
+    let error = app.send(bank_no_store::Touch).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "error with configuration: this handler runs without an inseam-sql transaction: give the app a store with `App::builder().store(SqlStore::connect(url).await?)`"
+    );
+}
+
+mod bank_no_store {
+    use inseam::prelude::*;
+
+    #[derive(Debug, Command)]
+    #[command(output = (), error = inseam::sql::sqlx::Error)]
+    pub(crate) struct Touch;
+
+    #[command_handler]
+    pub(crate) async fn touch(
+        _: Touch,
+        ctx: &mut CommandContext<'_>,
+    ) -> Result<(), inseam::sql::sqlx::Error> {
+        ctx.tx()?;
+        Ok(())
+    }
+}
