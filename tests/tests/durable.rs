@@ -421,3 +421,137 @@ mod bank_no_store {
         Ok(())
     }
 }
+
+fn deposited(seq: i64, account: &str) -> OutboxMessage {
+    let envelope = Envelope {
+        metadata: inseam::Metadata {
+            message_id: uuid::Uuid::now_v7(),
+            correlation_id: uuid::Uuid::now_v7(),
+            causation_id: None,
+        },
+        key: Some(account.to_owned()),
+        occurred_at: chrono::Utc::now(),
+        source: "test".into(),
+        headers: inseam::Headers::default(),
+        payload: Deposited {
+            account: account.to_owned(),
+            amount: 1,
+            seq,
+        },
+    };
+    OutboxMessage {
+        envelope: envelope.to_raw().unwrap(),
+        groups: vec!["ledger", "audit"],
+        deliver_at: None,
+    }
+}
+
+/// PostgreSQL hands out ids when rows are inserted but makes them visible when their
+/// transaction commits: here every writer inserts, then they commit in the reverse order of
+/// their ids while the relay runs. A reader that tracked "the last id seen" would skip the
+/// early ids that become visible late; the relay delivers every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_out_of_order_commits_lose_nothing() {
+    let db = TestDb::postgres("out_of_order").await;
+    // One connection per open writer, plus the relay's.
+    let store = SqlStore::connect_with(
+        &db.url,
+        SqlStoreOptions::new().max_connections(60).relay(fast_relay()),
+    )
+    .await
+    .unwrap();
+    bank::create_schema(&store).await.unwrap();
+    let app = bank::app(store.clone(), Faults::default()).await.unwrap();
+    let relay = app.start();
+    let writers = 40;
+    let mut open = Vec::new();
+    // Insert in order 1..=40, each in its own open transaction.
+    for seq in 1..=writers {
+        let mut uow = store.begin().await.unwrap();
+        uow.append(vec![deposited(seq, &format!("acct-{}", seq % 4))])
+            .await
+            .unwrap();
+        open.push((seq, uow));
+    }
+    // Commit the later half first, and wait until the relay delivered them all, so that its
+    // view has moved past ids that are still invisible.
+    let late = open.split_off(writers as usize / 2);
+    for (_, uow) in late.into_iter().rev() {
+        uow.commit().await.unwrap();
+        store.committed();
+    }
+    eventually(WAIT, "the later half delivered", || async {
+        (sorted_seqs(&store, "audit").await == (21..=40).collect::<Vec<_>>()).then_some(())
+    })
+    .await;
+    // Now the early ids commit, concurrently and in no particular order.
+    let mut commits = Vec::new();
+    for (_, uow) in open.into_iter().rev() {
+        let store = store.clone();
+        commits.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
+            uow.commit().await.unwrap();
+            store.committed();
+        }));
+    }
+    for commit in commits {
+        commit.await.unwrap();
+    }
+    for group in ["ledger", "audit"] {
+        eventually(WAIT, group, || async {
+            (sorted_seqs(&store, group).await == (1..=40).collect::<Vec<_>>()).then_some(())
+        })
+        .await;
+    }
+    relay.shutdown().await;
+}
+
+/// Two app instances with their own relays on one database share the work: every event is
+/// handled, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_relays_share_the_work() {
+    let db = TestDb::postgres("two_relays").await;
+    let relay_options = RelayOptions {
+        batch_size: 50,
+        ..fast_relay()
+    };
+    let first = store(&db, relay_options.clone()).await;
+    let second = store(&db, relay_options).await;
+    let app_one = bank::app(first.clone(), Faults::default()).await.unwrap();
+    let app_two = bank::app(second.clone(), Faults::default()).await.unwrap();
+    let relay_one = app_one.start();
+    let relay_two = app_two.start();
+    let total = 1_000;
+    let mut senders = Vec::new();
+    for (part, app) in [app_one.clone(), app_two.clone()].into_iter().enumerate() {
+        senders.push(tokio::spawn(async move {
+            for n in 0..total / 2 {
+                let seq = (n * 2 + part as i64) + 1;
+                app.send(deposit(seq, &format!("acct-{}", seq % 10), 1))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    for group in ["ledger", "audit"] {
+        eventually(WAIT, group, || async {
+            (bank::effects(first.pool(), group).await.len() >= total as usize).then_some(())
+        })
+        .await;
+    }
+    relay_one.shutdown().await;
+    relay_two.shutdown().await;
+    for group in ["ledger", "audit"] {
+        assert_eq!(
+            sorted_seqs(&first, group).await,
+            (1..=total).collect::<Vec<_>>(),
+            "{group}: every deposit exactly once"
+        );
+    }
+    let (one, two) = (first.relay_stats(), second.relay_stats());
+    assert_eq!(one.delivered + two.delivered, 2 * total as u64, "{one:?} {two:?}");
+    assert_eq!(one.duplicates + two.duplicates, 0);
+}
