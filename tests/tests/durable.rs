@@ -456,7 +456,9 @@ async fn postgres_out_of_order_commits_lose_nothing() {
     // One connection per open writer, plus the relay's.
     let store = SqlStore::connect_with(
         &db.url,
-        SqlStoreOptions::new().max_connections(60).relay(fast_relay()),
+        SqlStoreOptions::new()
+            .max_connections(60)
+            .relay(fast_relay()),
     )
     .await
     .unwrap();
@@ -552,6 +554,10 @@ async fn postgres_two_relays_share_the_work() {
         );
     }
     let (one, two) = (first.relay_stats(), second.relay_stats());
-    assert_eq!(one.delivered + two.delivered, 2 * total as u64, "{one:?} {two:?}");
+    assert_eq!(
+        one.delivered + two.delivered,
+        2 * total as u64,
+        "{one:?} {two:?}"
+    );
     assert_eq!(one.duplicates + two.duplicates, 0);
 }
