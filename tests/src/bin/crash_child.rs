@@ -50,10 +50,10 @@ async fn run(url: &str, first: i64, mode: &str) -> Result<(), Box<dyn std::error
                     seq,
                 };
                 // A failure is expected for the negative amounts; nothing else may fail.
-                if let Err(error) = app.send(deposit).await {
-                    if amount > 0 {
-                        return Err(error.into());
-                    }
+                if let Err(error) = app.send(deposit).await
+                    && amount > 0
+                {
+                    return Err(error.into());
                 }
             }
             Ok(())
