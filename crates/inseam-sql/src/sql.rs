@@ -142,6 +142,8 @@ pub(crate) struct Statements {
     pub(crate) record_migration: Arc<str>,
     pub(crate) lock_migrations: Option<Arc<str>>,
     pub(crate) insert_outbox: Arc<str>,
+    /// PostgreSQL: the outbox row, its deliveries and the relays' wake-up in one statement.
+    pub(crate) write_outbox: Option<Arc<str>>,
     pub(crate) insert_deliveries: Arc<str>,
     pub(crate) notify: Option<Arc<str>>,
     pub(crate) channel: Arc<str>,
@@ -212,6 +214,18 @@ impl Statements {
                 "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6)"
             )),
+            write_outbox: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(format!(
+                    "WITH o AS (
+                        INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at)
+                        VALUES ($1, $2, $3, $4, $5, $6) RETURNING message_id, msg_key)
+                     INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
+                     SELECT items.x, o.message_id, o.msg_key, $7, $6
+                     FROM o CROSS JOIN (SELECT pg_notify($9, '')) AS n CROSS JOIN {groups}",
+                    groups = each("$8")
+                ))),
+            },
             insert_deliveries: s(format!(
                 "INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
                  SELECT x, $2, $3, $4, $5 FROM {groups}",

@@ -324,6 +324,29 @@ impl SqlUnitOfWork {
                 source: sqlx::Error::Encode(Box::new(source)),
             })?;
             let message_id = envelope.metadata.message_id.to_string();
+            let groups =
+                serde_json::to_string(&message.groups).map_err(|source| Error::Database {
+                    operation: "encode the groups of an outbox row",
+                    source: sqlx::Error::Encode(Box::new(source)),
+                })?;
+            let deliver_at = message.deliver_at.map_or(now, micros);
+            if let Some(write) = &sql.write_outbox {
+                sqlx::query(AssertSqlSafe(write.clone()))
+                    .bind(message_id)
+                    .bind(envelope.name.clone())
+                    .bind(i64::from(envelope.version))
+                    .bind(envelope.key.clone())
+                    .bind(bytes)
+                    .bind(now)
+                    .bind(deliver_at)
+                    .bind(groups)
+                    .bind(sql.channel.to_string())
+                    .execute(&mut *self.tx)
+                    .await
+                    .context("write the outbox")?;
+                self.notified = true;
+                continue;
+            }
             sqlx::query(AssertSqlSafe(sql.insert_outbox.clone()))
                 .bind(message_id.clone())
                 .bind(envelope.name.clone())
@@ -334,16 +357,11 @@ impl SqlUnitOfWork {
                 .execute(&mut *self.tx)
                 .await
                 .context("write the outbox")?;
-            let groups =
-                serde_json::to_string(&message.groups).map_err(|source| Error::Database {
-                    operation: "encode the groups of an outbox row",
-                    source: sqlx::Error::Encode(Box::new(source)),
-                })?;
             sqlx::query(AssertSqlSafe(sql.insert_deliveries.clone()))
                 .bind(groups)
                 .bind(message_id)
                 .bind(envelope.key.clone())
-                .bind(message.deliver_at.map_or(now, micros))
+                .bind(deliver_at)
                 .bind(now)
                 .execute(&mut *self.tx)
                 .await
