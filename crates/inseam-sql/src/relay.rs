@@ -177,6 +177,14 @@ async fn claim(
     now: i64,
     limit: usize,
 ) -> Result<Vec<Claimed>> {
+    if let Some(plan) = unit.shared.sql.plan_claim.clone() {
+        // On a fresh table without statistics PostgreSQL would read every row of the group
+        // and sort them; walking the (grp, id) index stops after `limit` rows.
+        sqlx::query(AssertSqlSafe(plan))
+            .execute(&mut *unit.tx)
+            .await
+            .context("plan the claim")?;
+    }
     let sql = unit.shared.sql.claim.clone();
     let rows = sqlx::query(AssertSqlSafe(sql))
         .bind(group.to_owned())
@@ -202,6 +210,7 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
     let mut unit = store.begin_unit().await?;
     let now = micros(Utc::now());
     let rows = claim(&mut unit, group, now, shared.options.batch_size).await?;
+    let rows = key_heads(&mut unit, group, rows, now).await?;
     tracing::Span::current().record("claimed", rows.len());
     if rows.is_empty() {
         unit.tx.commit().await.context("end an empty claim")?;
@@ -273,6 +282,58 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
         }
     }
     Ok(BatchOutcome { claimed, retry_at })
+}
+
+/// Keeps, for every key of the batch, only the rows that come before any row of that key this
+/// batch does not hold (a row another relay holds, or one that became visible meanwhile), so
+/// that a key is never delivered past an earlier row. SQLite has one writer at a time, so its
+/// batches are already key prefixes.
+async fn key_heads(
+    unit: &mut SqlUnitOfWork,
+    group: &str,
+    rows: Vec<Claimed>,
+    now: i64,
+) -> Result<Vec<Claimed>> {
+    let Some(sql) = unit.shared.sql.key_rows.clone() else {
+        return Ok(rows);
+    };
+    let mut keys: Vec<&str> = rows.iter().filter_map(|r| r.key.as_deref()).collect();
+    if keys.is_empty() {
+        return Ok(rows);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let max_id = rows.iter().map(|r| r.id).max().unwrap_or_default();
+    let ours: HashSet<i64> = rows.iter().map(|r| r.id).collect();
+    let visible = sqlx::query(AssertSqlSafe(sql))
+        .bind(group.to_owned())
+        .bind(max_id)
+        .bind(serde_json::to_string(&keys).unwrap_or_default())
+        .bind(now)
+        .fetch_all(&mut *unit.tx)
+        .await
+        .context("check the order of keys")?;
+    // The first id of each key this batch must not go past.
+    let mut stop: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for row in &visible {
+        let id: i64 = row.try_get(0).context("check the order of keys")?;
+        let key: String = row.try_get(1).context("check the order of keys")?;
+        if !ours.contains(&id) {
+            stop.entry(key).or_insert(id);
+        }
+    }
+    if stop.is_empty() {
+        return Ok(rows);
+    }
+    Ok(rows
+        .into_iter()
+        .filter(
+            |r| match (&r.key, r.key.as_ref().and_then(|k| stop.get(k))) {
+                (Some(_), Some(&limit)) => r.id < limit,
+                _ => true,
+            },
+        )
+        .collect())
 }
 
 async fn insert_inbox(

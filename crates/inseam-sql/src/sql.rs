@@ -92,6 +92,11 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
         ),
         format!("CREATE INDEX {p}deliveries_group ON {p}deliveries (grp, id)"),
         format!("CREATE INDEX {p}deliveries_key ON {p}deliveries (grp, msg_key, id)"),
+        // The rows that hold back their key: few, so the claim's check stays cheap however
+        // long the backlog.
+        format!(
+            "CREATE INDEX {p}deliveries_failing ON {p}deliveries (grp, msg_key, id) WHERE attempts > 0"
+        ),
         format!("CREATE INDEX {p}deliveries_message ON {p}deliveries (message_id)"),
         // What each group handled: a redelivery finds its row and is skipped.
         format!(
@@ -149,6 +154,10 @@ pub(crate) struct Statements {
     pub(crate) channel: Arc<str>,
     pub(crate) claim: Arc<str>,
     pub(crate) claim_one: Arc<str>,
+    /// PostgreSQL: keep the claim on its index in id order, statistics or not.
+    pub(crate) plan_claim: Option<Arc<str>>,
+    /// PostgreSQL: the rows of some keys up to an id, to keep a batch to key prefixes.
+    pub(crate) key_rows: Option<Arc<str>>,
     pub(crate) in_inbox: Arc<str>,
     pub(crate) insert_inbox: Arc<str>,
     pub(crate) delete_deliveries: Arc<str>,
@@ -186,16 +195,25 @@ impl Statements {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE OF d SKIP LOCKED",
         };
-        // A row is due when its time came and no earlier row of the same key waits in the
-        // same group: that keeps each key in order and lets a failing row hold back its key only.
-        let claim_base = format!(
-            "SELECT d.id, d.message_id, d.msg_key, d.attempts, d.first_failed_at, o.name, o.version, o.envelope
-             FROM {p}deliveries d JOIN {p}outbox o ON o.message_id = d.message_id
-             WHERE d.grp = $1 AND d.deliver_at <= $2
-               AND (d.msg_key IS NULL OR NOT EXISTS (
-                   SELECT 1 FROM {p}deliveries e
-                   WHERE e.grp = d.grp AND e.msg_key = d.msg_key AND e.id < d.id))"
-        );
+        // A row is due when its time came and no earlier row of its key in the group waits for
+        // a retry or a scheduled time: a failing row holds back its own key only. The batch
+        // claim lets earlier due rows of the key through (they are in the same batch, or held
+        // by another relay; `key_heads` sorts that out); the single claim wants none at all.
+        let claim_base = |strict: bool| {
+            let waiting = if strict {
+                " AND (e.deliver_at <= $2 OR e.attempts > 0)"
+            } else {
+                " AND e.attempts > 0"
+            };
+            format!(
+                "SELECT d.id, d.message_id, d.msg_key, d.attempts, d.first_failed_at, o.name, o.version, o.envelope
+                 FROM {p}deliveries d JOIN {p}outbox o ON o.message_id = d.message_id
+                 WHERE d.grp = $1 AND d.deliver_at <= $2
+                   AND (d.msg_key IS NULL OR NOT EXISTS (
+                       SELECT 1 FROM {p}deliveries e
+                       WHERE e.grp = d.grp AND e.msg_key = d.msg_key AND e.id < d.id{waiting}))"
+            )
+        };
         Statements {
             migrations_table: s(format!(
                 "CREATE TABLE IF NOT EXISTS {p}migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)"
@@ -236,8 +254,25 @@ impl Statements {
                 Backend::Postgres => Some(s("SELECT pg_notify($1, '')".to_owned())),
             },
             channel: s(format!("{p}outbox")),
-            claim: s(format!("{claim_base} ORDER BY d.id LIMIT $3{lock}")),
-            claim_one: s(format!("{claim_base} AND d.id = $3{lock}")),
+            claim: s(format!("{} ORDER BY d.id LIMIT $3{lock}", claim_base(false))),
+            claim_one: s(format!("{} AND d.id = $3{lock}", claim_base(true))),
+            plan_claim: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(
+                    "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
+                        .to_owned(),
+                )),
+            },
+            key_rows: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(format!(
+                    "SELECT id, msg_key FROM {p}deliveries
+                     WHERE grp = $1 AND id <= $2 AND msg_key IN (SELECT x FROM {keys})
+                       AND (deliver_at <= $4 OR attempts > 0)
+                     ORDER BY id",
+                    keys = each("$3")
+                ))),
+            },
             in_inbox: s(format!(
                 "SELECT COUNT(*) FROM {p}inbox WHERE grp = $1 AND message_id = $2"
             )),

@@ -46,7 +46,7 @@ pub struct RelayOptions {
 impl Default for RelayOptions {
     fn default() -> Self {
         RelayOptions {
-            batch_size: 500,
+            batch_size: 1000,
             workers_per_group: 1,
             poll_interval: Duration::from_millis(500),
             max_attempts: 10,
