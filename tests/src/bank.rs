@@ -12,7 +12,7 @@ use inseam::{AppBuilder, BuildError};
 
 /// Deposits `amount` on `account`; `seq` identifies the deposit. A non-positive amount fails
 /// after the handler wrote its row and published its event: both must be rolled back.
-#[derive(Debug, Command)]
+#[derive(Debug, Serialize, Deserialize, Command)]
 #[command(output = i64, error = BankError, name = "bank.deposit")]
 pub struct Deposit {
     /// The account, also the event's ordering key.

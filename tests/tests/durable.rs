@@ -161,7 +161,7 @@ async fn poison_message(backend: Backend) {
         assert_eq!(letter.attempts, 3);
         assert_eq!(
             letter.error,
-            "subscriber `inseam_tests::bank::ledger` failed: ledger unavailable for account bad"
+            "handler `inseam_tests::bank::ledger` failed: ledger unavailable for account bad"
         );
         assert!(letter.first_failed_at < letter.last_failed_at);
         let raw = inseam::RawEnvelope::from_json(&letter.envelope).unwrap();
@@ -324,6 +324,70 @@ async fn restart_resumes_and_lag_is_reported(backend: Backend) {
     assert_eq!(left, 1);
 }
 
+/// A durable command runs at its time, once, in the relay with its inbox row; one that keeps
+/// failing ends in the dead letters.
+async fn scheduled_commands(backend: Backend) {
+    let db = TestDb::new(backend, "scheduled").await;
+    let store = store(
+        &db,
+        RelayOptions {
+            max_attempts: 2,
+            ..fast_relay()
+        },
+    )
+    .await;
+    let app = bank::builder(store.clone(), Faults::default())
+        .durable_command::<Deposit>()
+        .build()
+        .await
+        .unwrap();
+    let relay = app.start();
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    app.schedule(at, deposit(7, "a", 5)).await.unwrap();
+    app.schedule(chrono::Utc::now(), deposit(8, "a", -1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        bank::deposits(store.pool()).await.is_empty(),
+        "ran before its time"
+    );
+    eventually(WAIT, "the scheduled deposit and its events", || async {
+        (bank::deposits(store.pool()).await == [7]
+            && sorted_seqs(&store, "ledger").await == [7]
+            && sorted_seqs(&store, "audit").await == [7])
+        .then_some(())
+    })
+    .await;
+    assert!(chrono::Utc::now() >= at);
+    let letters = eventually(WAIT, "the failing command dead-lettered", || async {
+        let letters = store.dead_letters(0, 10).await.unwrap();
+        (letters.len() == 1).then_some(letters)
+    })
+    .await;
+    relay.shutdown().await;
+    assert_eq!(letters[0].group, "command:bank.deposit");
+    assert_eq!(letters[0].attempts, 2);
+    assert_eq!(
+        letters[0].error,
+        "handler `inseam_tests::bank::deposit` failed: a deposit must be positive, got -1"
+    );
+    let inbox: i64 =
+        sqlx::query("SELECT COUNT(*) FROM inseam_inbox WHERE grp = 'command:bank.deposit'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(inbox, 1);
+    // A command not declared durable is refused, typed.
+    let other = bank::app(store.clone(), Faults::default()).await.unwrap();
+    let refused = other.schedule(at, deposit(9, "a", 1)).await.unwrap_err();
+    assert!(
+        refused.to_string().starts_with("no handler for command"),
+        "{refused}"
+    );
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -351,6 +415,7 @@ on_every_backend!(
     poison_message,
     bad_rows_are_dead_lettered,
     restart_resumes_and_lag_is_reported,
+    scheduled_commands,
 );
 
 #[tokio::test]

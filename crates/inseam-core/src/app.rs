@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::context::{MessageMeta, PendingEvent};
 use crate::dispatch::{
-    CommandSlot, EventRoute, QuerySlot, classify, complete, publish_in_store, run_command,
-    run_query,
+    CommandSlot, DurableCommand, DurableRoute, EventRoute, QuerySlot, classify, complete,
+    publish_in_store, run_command, run_query,
 };
 use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{BuildError, DispatchError, WiringProblem};
@@ -95,6 +95,7 @@ pub(crate) struct Core {
     /// Event types by their stored identity: name and version.
     by_name: HashMap<(&'static str, u32), TypeId>,
     groups: Vec<&'static str>,
+    durable: HashMap<&'static str, Box<dyn DurableRoute>>,
     pub(crate) store: Option<Arc<dyn Store>>,
     source: Arc<str>,
     runtime: Handle,
@@ -295,6 +296,58 @@ impl App {
         }
     }
 
+    /// Stores a command to be run by its handler at `at` (or right away, if `at` has passed),
+    /// by the relay, in a unit of work with the inbox row: at-least-once, with effects once.
+    /// The command must have been declared with `AppBuilder::durable_command`.
+    pub async fn schedule<C>(
+        &self,
+        at: DateTime<Utc>,
+        command: C,
+    ) -> Result<uuid::Uuid, DispatchError<Infallible>>
+    where
+        C: Command + serde::Serialize + serde::de::DeserializeOwned,
+    {
+        let not_durable = || DispatchError::NoHandler {
+            kind: MessageKind::Command,
+            message: type_name::<C>(),
+        };
+        let (Some(store), true) = (
+            &self.inner.store,
+            self.inner.durable.contains_key(durable_group_name::<C>()),
+        ) else {
+            return Err(not_durable());
+        };
+        let metadata = MessageMeta::new().metadata(self);
+        let payload = serde_json::to_vec(&command).map_err(|e| DispatchError::Encode {
+            event: C::NAME,
+            source: crate::codec::CodecError {
+                content_type: "application/json",
+                source: Box::new(e),
+            },
+        })?;
+        let envelope = RawEnvelope {
+            metadata,
+            name: C::NAME.to_owned(),
+            version: 1,
+            key: None,
+            occurred_at: self.now(),
+            source: self.inner.source.to_string(),
+            headers: crate::envelope::Headers::new(),
+            content_type: "application/json".to_owned(),
+            payload,
+        };
+        let mut uow = store.begin().await?;
+        uow.append(vec![crate::store::OutboxMessage {
+            envelope,
+            groups: vec![durable_group_name::<C>()],
+            deliver_at: Some(at),
+        }])
+        .await?;
+        uow.commit().await?;
+        store.committed();
+        Ok(metadata.message_id)
+    }
+
     /// Every group with a durable subscriber, sorted.
     pub fn groups(&self) -> &[&'static str] {
         &self.inner.groups
@@ -309,6 +362,9 @@ impl App {
         envelope: &RawEnvelope,
         uow: &mut dyn UnitOfWork,
     ) -> Result<(), DeliveryFailure> {
+        if let Some(route) = self.inner.durable.get(group) {
+            return route.deliver(self, envelope, uow).await;
+        }
         let route = self
             .inner
             .by_name
@@ -422,6 +478,7 @@ pub struct AppBuilder {
     layers: Layers,
     source: String,
     store: Option<Arc<dyn Store>>,
+    durable: Vec<(&'static str, Box<dyn DurableRoute>)>,
 }
 
 impl Default for AppBuilder {
@@ -433,6 +490,7 @@ impl Default for AppBuilder {
             layers: Layers::default(),
             source: "inseam".to_owned(),
             store: None,
+            durable: Vec::new(),
         }
     }
 }
@@ -491,6 +549,19 @@ impl AppBuilder {
     pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
         self.resources.insert(value);
         self
+    }
+
+    /// Declares a command that can be dispatched durably with `App::schedule`; its handler
+    /// runs in the relay under the group `command:<name>`.
+    pub fn durable_command<C>(mut self) -> Self
+    where
+        C: Command + serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.durable.push((
+            durable_group_name::<C>(),
+            Box::new(DurableCommand::<C>(std::marker::PhantomData)),
+        ));
+        self.expect_command::<C>()
     }
 
     /// Makes delivery durable: commands run in units of work of `store`, events for groups go
@@ -573,6 +644,7 @@ impl AppBuilder {
             by_name.insert((route.event_name(), route.event_version()), *id);
             groups.extend_from_slice(route.durable_groups());
         }
+        groups.extend(self.durable.iter().map(|(group, _)| *group));
         groups.sort_unstable();
         groups.dedup();
         let app = App {
@@ -582,6 +654,7 @@ impl AppBuilder {
                 events: freeze(built.events),
                 by_name,
                 groups,
+                durable: self.durable.into_iter().collect(),
                 store: self.store,
                 source: Arc::from(self.source),
                 runtime,
@@ -592,4 +665,16 @@ impl AppBuilder {
         tracing::debug!(target: "inseam::app", app = ?app, "built");
         Ok(app)
     }
+}
+
+/// The relay group of a durable command: `command:<name>`, one per command type.
+pub(crate) fn durable_group_name<C: Command>() -> &'static str {
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashMap<TypeId, &'static str>>> = OnceLock::new();
+    let names = NAMES.get_or_init(Default::default);
+    let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
+    // Leaked once per command type for the life of the process: groups are `&'static str`.
+    names
+        .entry(TypeId::of::<C>())
+        .or_insert_with(|| Box::leak(format!("command:{}", C::NAME).into_boxed_str()))
 }

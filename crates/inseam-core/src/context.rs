@@ -138,6 +138,8 @@ pub struct CommandContext<'a> {
     pub(crate) outgoing: Vec<PendingEvent>,
     /// The store's transaction, when the app has a store.
     pub(crate) uow: Option<Box<dyn UnitOfWork>>,
+    /// The relay's unit of work, when a durable command is delivered.
+    pub(crate) borrowed: Option<&'a mut dyn UnitOfWork>,
 }
 
 impl std::fmt::Debug for CommandContext<'_> {
@@ -145,7 +147,10 @@ impl std::fmt::Debug for CommandContext<'_> {
         f.debug_struct("CommandContext")
             .field("meta", &self.meta)
             .field("outgoing", &self.outgoing)
-            .field("in_unit_of_work", &self.uow.is_some())
+            .field(
+                "in_unit_of_work",
+                &(self.uow.is_some() || self.borrowed.is_some()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -157,13 +162,20 @@ impl<'a> CommandContext<'a> {
             meta,
             outgoing: Vec::new(),
             uow: None,
+            borrowed: None,
         }
     }
 
     /// The store's unit of work this command runs in, if the app has a store. Stores offer
     /// typed access on top of it (`ctx.tx()` with `inseam-sql`).
     pub fn unit_of_work(&mut self) -> Option<&mut dyn UnitOfWork> {
-        self.uow.as_deref_mut()
+        if let Some(uow) = self.uow.as_deref_mut() {
+            return Some(uow);
+        }
+        match &mut self.borrowed {
+            Some(uow) => Some(&mut **uow),
+            None => None,
+        }
     }
 
     /// Publishes an event caused by this command.

@@ -778,3 +778,90 @@ pub(crate) fn event_service<E: Event>(handler: Arc<dyn ErasedEventHandler<E>>) -
         }
     }))
 }
+
+/// A command that can be dispatched durably: stored in the outbox, run later by its one
+/// handler in the relay's unit of work.
+pub(crate) trait DurableRoute: Send + Sync {
+    fn deliver<'a>(
+        &'a self,
+        app: &'a App,
+        raw: &'a RawEnvelope,
+        uow: &'a mut dyn UnitOfWork,
+    ) -> BoxFuture<'a, Result<(), DeliveryFailure>>;
+}
+
+pub(crate) struct DurableCommand<C>(pub(crate) std::marker::PhantomData<fn() -> C>);
+
+impl<C> DurableRoute for DurableCommand<C>
+where
+    C: Command + serde::de::DeserializeOwned,
+{
+    fn deliver<'a>(
+        &'a self,
+        app: &'a App,
+        raw: &'a RawEnvelope,
+        uow: &'a mut dyn UnitOfWork,
+    ) -> BoxFuture<'a, Result<(), DeliveryFailure>> {
+        Box::pin(async move {
+            let unroutable = || DeliveryFailure::Unroutable {
+                group: crate::app::durable_group_name::<C>().to_owned(),
+                name: raw.name.clone(),
+                version: raw.version,
+            };
+            if raw.name != C::NAME {
+                return Err(unroutable());
+            }
+            let Some(slot) = app.inner.command_slot::<C>() else {
+                return Err(unroutable());
+            };
+            let command: C =
+                serde_json::from_slice(&raw.payload).map_err(|source| DeliveryFailure::Decode {
+                    name: raw.name.clone(),
+                    version: raw.version,
+                    source: crate::envelope::WireError::Payload {
+                        name: raw.name.clone(),
+                        version: raw.version,
+                        message_id: raw.metadata.message_id,
+                        source: CodecError {
+                            content_type: "application/json",
+                            source: Box::new(source),
+                        },
+                    },
+                })?;
+            let mut ctx = CommandContext::new(
+                app,
+                MessageMeta::received(raw.metadata, raw.headers.clone()),
+            );
+            ctx.borrowed = Some(&mut *uow);
+            let outcome = AssertUnwindSafe(slot.handler.call(command, &mut ctx))
+                .catch_unwind()
+                .await;
+            match outcome {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    return Err(DeliveryFailure::Handler {
+                        handler: slot.handler_name,
+                        source: Box::new(error),
+                    });
+                }
+                Err(panic) => {
+                    return Err(DeliveryFailure::Panicked {
+                        handler: slot.handler_name,
+                        reason: panic_reason(&*panic),
+                    });
+                }
+            }
+            let outgoing = std::mem::take(&mut ctx.outgoing);
+            drop(ctx);
+            if !outgoing.is_empty() {
+                complete(app, outgoing, Some(uow)).await.map_err(|source| {
+                    DeliveryFailure::Completion {
+                        handler: slot.handler_name,
+                        source,
+                    }
+                })?;
+            }
+            Ok(())
+        })
+    }
+}

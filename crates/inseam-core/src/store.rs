@@ -105,7 +105,7 @@ pub enum DeliveryFailure {
         source: WireError,
     },
     /// The subscriber returned an error.
-    #[error("subscriber `{handler}` failed")]
+    #[error("handler `{handler}` failed")]
     Handler {
         /// The subscriber.
         handler: &'static str,
@@ -114,7 +114,7 @@ pub enum DeliveryFailure {
         source: BoxError,
     },
     /// The subscriber panicked.
-    #[error("subscriber `{handler}` panicked: {reason}")]
+    #[error("handler `{handler}` panicked: {reason}")]
     Panicked {
         /// The subscriber.
         handler: &'static str,
