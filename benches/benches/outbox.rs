@@ -10,26 +10,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use inseam::prelude::*;
 use inseam::sql::{Backend as StoreBackend, sqlx};
-use inseam_tests::bank::{self, Deposit, Deposited, Faults};
+use inseam_tests::bank::{self, Deposit, Faults};
 use inseam_tests::{Backend, TestDb};
 
 fn envelope_json(seq: i64, account: &str) -> (String, Vec<u8>) {
-    let envelope = Envelope {
-        metadata: inseam::Metadata {
-            message_id: uuid::Uuid::now_v7(),
-            correlation_id: uuid::Uuid::now_v7(),
-            causation_id: None,
-        },
-        key: Some(account.to_owned()),
-        occurred_at: chrono::Utc::now(),
-        source: "inseam".into(),
-        headers: inseam::Headers::default(),
-        payload: Deposited {
-            account: account.to_owned(),
-            amount: 1,
-            seq,
-        },
-    };
+    let envelope = bank::deposited(seq, account);
     let id = envelope.metadata.message_id.to_string();
     let json = envelope
         .to_raw()

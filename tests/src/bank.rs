@@ -129,6 +129,27 @@ async fn audit(ev: &Envelope<Deposited>, ctx: &mut EventContext<'_>) -> Result<(
     record(ctx, "audit", ev).await
 }
 
+/// A `Deposited` envelope of deposit `seq` on `account`, with fresh ids: what a deposit
+/// publishes, for tests that write the outbox directly.
+pub fn deposited(seq: i64, account: &str) -> Envelope<Deposited> {
+    Envelope {
+        metadata: inseam::Metadata {
+            message_id: uuid::Uuid::now_v7(),
+            correlation_id: uuid::Uuid::now_v7(),
+            causation_id: None,
+        },
+        key: Some(account.to_owned()),
+        occurred_at: chrono::Utc::now(),
+        source: "inseam".into(),
+        headers: inseam::Headers::default(),
+        payload: Deposited {
+            account: account.to_owned(),
+            amount: 1,
+            seq,
+        },
+    }
+}
+
 /// The bank's tables.
 pub async fn create_schema(store: &SqlStore) -> Result<(), sqlx::Error> {
     let pool = store.pool();

@@ -206,22 +206,7 @@ async fn bad_rows_are_dead_lettered(backend: Backend) {
     let store = store(&db, fast_relay()).await;
     let app = bank::app(store.clone(), Faults::default()).await.unwrap();
     // An event of a name this build does not know, and one whose payload does not decode.
-    let good = Envelope {
-        metadata: inseam::Metadata {
-            message_id: uuid::Uuid::now_v7(),
-            correlation_id: uuid::Uuid::now_v7(),
-            causation_id: None,
-        },
-        key: Some("k".to_owned()),
-        occurred_at: chrono::Utc::now(),
-        source: "test".into(),
-        headers: inseam::Headers::default(),
-        payload: Deposited {
-            account: "k".to_owned(),
-            amount: 1,
-            seq: 99,
-        },
-    };
+    let good = bank::deposited(99, "k");
     let mut unknown = good.to_raw().unwrap();
     unknown.name = "bank.withdrawn".to_owned();
     unknown.metadata.message_id = uuid::Uuid::now_v7();
@@ -488,22 +473,7 @@ mod bank_no_store {
 }
 
 fn deposited(seq: i64, account: &str) -> OutboxMessage {
-    let envelope = Envelope {
-        metadata: inseam::Metadata {
-            message_id: uuid::Uuid::now_v7(),
-            correlation_id: uuid::Uuid::now_v7(),
-            causation_id: None,
-        },
-        key: Some(account.to_owned()),
-        occurred_at: chrono::Utc::now(),
-        source: "test".into(),
-        headers: inseam::Headers::default(),
-        payload: Deposited {
-            account: account.to_owned(),
-            amount: 1,
-            seq,
-        },
-    };
+    let envelope = bank::deposited(seq, account);
     OutboxMessage {
         envelope: envelope.to_raw().unwrap(),
         groups: vec!["ledger", "audit"],
