@@ -367,14 +367,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
     let shared = &store.shared;
     let mut unit = store.begin_unit().await?;
     let now = micros(Utc::now());
-    let row = sqlx::query(AssertSqlSafe(shared.sql.claim_one.clone()))
-        .bind(group.to_owned())
-        .bind(now)
-        .bind(id)
-        .fetch_optional(&mut *unit.tx)
-        .await
-        .context("claim a delivery")?;
-    let Some(row) = row else {
+    let Some(row) = claim_one(&mut unit, group, now, id).await? else {
         unit.tx.rollback().await.context("release a claim")?;
         return Ok(One::Gone);
     };
@@ -424,14 +417,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         // The connection is in no state to go on (a handler left it mid-query): start over.
         drop(unit);
         unit = store.begin_unit().await?;
-        let again = sqlx::query(AssertSqlSafe(shared.sql.claim_one.clone()))
-            .bind(group.to_owned())
-            .bind(now)
-            .bind(id)
-            .fetch_optional(&mut *unit.tx)
-            .await
-            .context("claim a delivery again")?;
-        if again.is_none() {
+        if claim_one(&mut unit, group, now, id).await?.is_none() {
             unit.tx.rollback().await.context("release a claim")?;
             return Ok(One::Gone);
         }
@@ -439,6 +425,22 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
     let retry_at = record_failure(&mut unit, group, &row, &failure, now).await?;
     unit.tx.commit().await.context("record a failed delivery")?;
     Ok(One::Failed { retry_at })
+}
+
+/// Claims one row by id, if it is still there, due and first of its key.
+async fn claim_one(
+    unit: &mut SqlUnitOfWork,
+    group: &str,
+    now: i64,
+    id: i64,
+) -> Result<Option<sqlx::any::AnyRow>> {
+    sqlx::query(AssertSqlSafe(unit.shared.sql.claim_one.clone()))
+        .bind(group.to_owned())
+        .bind(now)
+        .bind(id)
+        .fetch_optional(&mut *unit.tx)
+        .await
+        .context("claim a delivery")
 }
 
 async fn delete_delivery(unit: &mut SqlUnitOfWork, id: i64) -> Result<()> {
