@@ -367,9 +367,127 @@ async fn scheduled_commands(backend: Backend) {
     // A command not declared durable is refused, typed.
     let other = bank::app(store.clone(), Faults::default()).await.unwrap();
     let refused = other.schedule(at, deposit(9, "a", 1)).await.unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "command `inseam_tests::bank::Deposit` cannot be dispatched durably: it was not declared durable: add `.durable_command::<..>()` to the app builder"
+    );
+}
+
+/// Opens an account: dispatches its first deposit durably, then refuses amounts over 1,000,
+/// which must take the dispatched deposit back with it.
+#[derive(Debug, Serialize, Deserialize, Command)]
+#[command(output = (), error = OpenError, name = "bank.open")]
+struct Open {
+    account: String,
+    first: i64,
+    seq: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error("a first deposit of {0} needs a branch visit")]
+    TooLarge(i64),
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError<std::convert::Infallible>),
+}
+
+#[command_handler]
+async fn open(cmd: Open, ctx: &mut CommandContext<'_>) -> Result<(), OpenError> {
+    ctx.dispatch(deposit(cmd.seq, &cmd.account, cmd.first))
+        .await?;
+    if cmd.first > 1000 {
+        return Err(OpenError::TooLarge(cmd.first));
+    }
+    Ok(())
+}
+
+/// Rewards every deposit of 100 or more with a bonus deposit, dispatched durably from the
+/// relay's delivery: once per rewarded deposit, however often the delivery is retried.
+#[event_handler(group = "rewards")]
+async fn rewards(
+    ev: &Envelope<Deposited>,
+    ctx: &mut EventContext<'_>,
+) -> Result<(), DispatchError<std::convert::Infallible>> {
+    if ev.amount >= 100 {
+        ctx.dispatch(deposit(ev.seq + 1000, &ev.account, 1)).await?;
+    }
+    Ok(())
+}
+
+/// Handlers dispatch durable commands in their unit of work: a command handler's exist only
+/// if it commits; a group subscriber's are written with its inbox row, so exactly once. The
+/// whole flow keeps one correlation id.
+async fn handlers_dispatch_durable_commands(backend: Backend) {
+    let db = TestDb::new(backend, "dispatch").await;
+    let store = store(&db, fast_relay()).await;
+    let refused = bank::builder(store.clone(), Faults::default())
+        .handler::<open>()
+        .build()
+        .await
+        .unwrap()
+        .send(Open {
+            account: "z".into(),
+            first: 1,
+            seq: 99,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "command `inseam_tests::bank::Deposit` cannot be dispatched durably: it was not declared durable: add `.durable_command::<..>()` to the app builder"
+    );
+    let app = bank::builder(store.clone(), Faults::default())
+        .handler::<open>()
+        .handler::<rewards>()
+        .durable_command::<Deposit>()
+        .build()
+        .await
+        .unwrap();
+    let relay = app.start();
+    let open = |account: &str, first, seq| Open {
+        account: account.into(),
+        first,
+        seq,
+    };
+    app.send(open("a", 150, 1)).await.unwrap();
+    let error = app.send(open("b", 5000, 2)).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "a first deposit of 5000 needs a branch visit"
+    );
+    app.send(open("c", 20, 3)).await.unwrap();
+    eventually(WAIT, "the dispatched deposits and the bonus", || async {
+        (bank::deposits(store.pool()).await == [1, 3, 1001]
+            && sorted_seqs(&store, "ledger").await == [1, 3, 1001]
+            && sorted_seqs(&store, "audit").await == [1, 3, 1001])
+        .then_some(())
+    })
+    .await;
+    // Nothing more arrives: no second bonus, nothing of the refused opening.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.shutdown().await;
+    assert_eq!(bank::deposits(store.pool()).await, [1, 3, 1001]);
+    assert_eq!(sorted_seqs(&store, "ledger").await, [1, 3, 1001]);
+    let rows = sqlx::query("SELECT envelope FROM inseam_outbox")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    let mut flow_a = Vec::new();
+    for row in rows {
+        let bytes: Vec<u8> = row.get(0);
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        if json["data"]["account"] == "a" {
+            flow_a.push((json["type"].to_string(), json["correlationid"].to_string()));
+        }
+    }
+    flow_a.sort();
+    // Deposit 1, Deposited 1, the bonus Deposit 1001 and its Deposited.
+    assert_eq!(flow_a.len(), 4, "{flow_a:?}");
     assert!(
-        refused.to_string().starts_with("no handler for command"),
-        "{refused}"
+        flow_a
+            .iter()
+            .all(|(_, correlation)| *correlation == flow_a[0].1),
+        "one correlation id across the flow: {flow_a:?}"
     );
 }
 
@@ -401,6 +519,7 @@ on_every_backend!(
     bad_rows_are_dead_lettered,
     restart_resumes_and_lag_is_reported,
     scheduled_commands,
+    handlers_dispatch_durable_commands,
 );
 
 #[tokio::test]

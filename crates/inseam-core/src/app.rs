@@ -29,7 +29,7 @@ use crate::handler::{BoxError, Handler};
 use crate::message::{Command, Event, MessageKind, Query};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService, LayerScope, Layers};
 use crate::registry::{Registration, Wiring, discovered};
-use crate::store::{DeliveryFailure, RelayHandle, Store, UnitOfWork};
+use crate::store::{DeliveryFailure, OutboxMessage, RelayHandle, Store, UnitOfWork};
 
 /// Hashes a `TypeId` by its own bits: the ids are already uniformly distributed.
 #[derive(Default)]
@@ -307,45 +307,19 @@ impl App {
     where
         C: Command + serde::Serialize + serde::de::DeserializeOwned,
     {
-        let not_durable = || DispatchError::NoHandler {
-            kind: MessageKind::Command,
-            message: type_name::<C>(),
+        let Some(store) = &self.inner.store else {
+            return Err(DispatchError::NotDurable {
+                command: type_name::<C>(),
+                reason: NO_STORE,
+            });
         };
-        let (Some(store), true) = (
-            &self.inner.store,
-            self.inner.durable.contains_key(durable_group_name::<C>()),
-        ) else {
-            return Err(not_durable());
-        };
-        let metadata = MessageMeta::new().metadata(self);
-        let payload = serde_json::to_vec(&command).map_err(|e| DispatchError::Encode {
-            event: C::NAME,
-            source: crate::codec::CodecError {
-                content_type: "application/json",
-                source: Box::new(e),
-            },
-        })?;
-        let envelope = RawEnvelope {
-            metadata,
-            name: C::NAME.to_owned(),
-            version: 1,
-            key: None,
-            occurred_at: self.now(),
-            source: self.inner.source.to_string(),
-            headers: crate::envelope::Headers::new(),
-            content_type: "application/json".to_owned(),
-            payload,
-        };
+        let message = durable_message(self, MessageMeta::new(), Some(at), &command)?;
+        let message_id = message.envelope.metadata.message_id;
         let mut uow = store.begin().await?;
-        uow.append(vec![crate::store::OutboxMessage {
-            envelope,
-            groups: vec![durable_group_name::<C>()],
-            deliver_at: Some(at),
-        }])
-        .await?;
+        uow.append(vec![message]).await?;
         uow.commit().await?;
         store.committed();
-        Ok(metadata.message_id)
+        Ok(message_id)
     }
 
     /// Every group with a durable subscriber, sorted.
@@ -665,6 +639,53 @@ impl AppBuilder {
         tracing::debug!(target: "inseam::app", app = ?app, "built");
         Ok(app)
     }
+}
+
+pub(crate) const NO_STORE: &str =
+    "the app has no store to hold it: give it one with `.store(..)` on the app builder";
+
+/// The outbox message that runs `command` durably at `at` (or as soon as the relay gets to
+/// it), with `meta`'s ids.
+pub(crate) fn durable_message<C>(
+    app: &App,
+    meta: MessageMeta,
+    at: Option<DateTime<Utc>>,
+    command: &C,
+) -> Result<OutboxMessage, DispatchError<Infallible>>
+where
+    C: Command + serde::Serialize,
+{
+    let group = durable_group_name::<C>();
+    if !app.inner.durable.contains_key(group) {
+        return Err(DispatchError::NotDurable {
+            command: type_name::<C>(),
+            reason: "it was not declared durable: add `.durable_command::<..>()` to the app builder",
+        });
+    }
+    let payload = serde_json::to_vec(command).map_err(|e| DispatchError::Encode {
+        event: C::NAME,
+        source: crate::codec::CodecError {
+            content_type: "application/json",
+            source: Box::new(e),
+        },
+    })?;
+    let headers = meta.headers.clone();
+    let envelope = RawEnvelope {
+        metadata: meta.metadata(app),
+        name: C::NAME.to_owned(),
+        version: 1,
+        key: None,
+        occurred_at: app.now(),
+        source: app.inner.source.to_string(),
+        headers,
+        content_type: "application/json".to_owned(),
+        payload,
+    };
+    Ok(OutboxMessage {
+        envelope,
+        groups: vec![group],
+        deliver_at: at,
+    })
 }
 
 /// The relay group of a durable command: `command:<name>`, one per command type.

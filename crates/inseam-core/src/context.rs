@@ -1,11 +1,13 @@
 //! What a handler sees of the dispatch it runs in.
 
 use std::any::{Any, TypeId};
+use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::app::App;
+use crate::app::{App, NO_STORE, durable_message};
 use crate::envelope::{Envelope, HeaderError, Headers, Metadata};
 use crate::error::DispatchError;
 use crate::extract::Parts;
@@ -128,6 +130,29 @@ fn pending<E: Event>(app: &App, event: E, parent: Metadata) -> PendingEvent {
     }
 }
 
+/// Writes a durable command caused by `parent` to `uow`'s outbox.
+async fn dispatch_durable<C>(
+    app: &App,
+    parent: Metadata,
+    uow: Option<&mut dyn UnitOfWork>,
+    at: Option<DateTime<Utc>>,
+    command: &C,
+) -> Result<Uuid, DispatchError<Infallible>>
+where
+    C: Command + serde::Serialize,
+{
+    let Some(uow) = uow else {
+        return Err(DispatchError::NotDurable {
+            command: std::any::type_name::<C>(),
+            reason: NO_STORE,
+        });
+    };
+    let message = durable_message(app, MessageMeta::caused_by(parent), at, command)?;
+    let id = message.envelope.metadata.message_id;
+    uow.append(vec![message]).await?;
+    Ok(id)
+}
+
 /// The context of a command handler: publish events, read the message's ids and headers.
 ///
 /// Events published here reach inline subscribers before `send` returns and other subscribers
@@ -140,6 +165,8 @@ pub struct CommandContext<'a> {
     pub(crate) uow: Option<Box<dyn UnitOfWork>>,
     /// The relay's unit of work, when a durable command is delivered.
     pub(crate) borrowed: Option<&'a mut dyn UnitOfWork>,
+    /// Whether durable commands were written to the unit of work.
+    pub(crate) dispatched: bool,
 }
 
 impl std::fmt::Debug for CommandContext<'_> {
@@ -163,6 +190,7 @@ impl<'a> CommandContext<'a> {
             outgoing: Vec::new(),
             uow: None,
             borrowed: None,
+            dispatched: false,
         }
     }
 
@@ -182,6 +210,45 @@ impl<'a> CommandContext<'a> {
     pub fn publish<E: Event>(&mut self, event: E) {
         let parent = self.meta.metadata(self.app);
         self.outgoing.push(pending(self.app, event, parent));
+    }
+
+    /// Dispatches a durable command caused by this one: written to the outbox in this unit
+    /// of work, so it exists if and only if this command commits; the relay then runs it by
+    /// its one handler, at least once with effects once (inbox). Returns the new command's
+    /// message id. The command must be declared with `AppBuilder::durable_command`, and the
+    /// app needs a store.
+    pub async fn dispatch<C>(&mut self, command: C) -> Result<Uuid, DispatchError<Infallible>>
+    where
+        C: Command + serde::Serialize,
+    {
+        self.schedule_at(None, command).await
+    }
+
+    /// Like [`dispatch`](Self::dispatch), but not run before `at`: a timeout, a reminder.
+    pub async fn schedule<C>(
+        &mut self,
+        at: DateTime<Utc>,
+        command: C,
+    ) -> Result<Uuid, DispatchError<Infallible>>
+    where
+        C: Command + serde::Serialize,
+    {
+        self.schedule_at(Some(at), command).await
+    }
+
+    async fn schedule_at<C>(
+        &mut self,
+        at: Option<DateTime<Utc>>,
+        command: C,
+    ) -> Result<Uuid, DispatchError<Infallible>>
+    where
+        C: Command + serde::Serialize,
+    {
+        let parent = self.meta.metadata(self.app);
+        let app = self.app;
+        let id = dispatch_durable(app, parent, self.unit_of_work(), at, &command).await?;
+        self.dispatched = true;
+        Ok(id)
     }
 
     /// This command's ids.
@@ -274,6 +341,31 @@ impl EventContext<'_> {
     pub fn publish<E: Event>(&mut self, event: E) {
         let parent = self.meta.metadata(self.app);
         self.outgoing.push(pending(self.app, event, parent));
+    }
+
+    /// Dispatches a durable command caused by this event, in this subscriber's unit of work:
+    /// the relay's for a group subscriber (committed with the inbox row, so exactly once per
+    /// delivered event), the publishing command's for an inline one. The relay runs it by its
+    /// one handler. See [`CommandContext::dispatch`].
+    pub async fn dispatch<C>(&mut self, command: C) -> Result<Uuid, DispatchError<Infallible>>
+    where
+        C: Command + serde::Serialize,
+    {
+        let parent = self.meta.metadata(self.app);
+        dispatch_durable(self.app, parent, self.unit_of_work(), None, &command).await
+    }
+
+    /// Like [`dispatch`](Self::dispatch), but not run before `at`: a timeout, a reminder.
+    pub async fn schedule<C>(
+        &mut self,
+        at: DateTime<Utc>,
+        command: C,
+    ) -> Result<Uuid, DispatchError<Infallible>>
+    where
+        C: Command + serde::Serialize,
+    {
+        let parent = self.meta.metadata(self.app);
+        dispatch_durable(self.app, parent, self.unit_of_work(), Some(at), &command).await
     }
 
     /// Sends a command in the same flow (same correlation id, caused by this event), as its own

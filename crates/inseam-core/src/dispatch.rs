@@ -416,8 +416,10 @@ async fn run_command_in_store<C: Command>(
     let Some(mut uow) = ctx.uow.take() else {
         return Ok(output);
     };
-    let wrote = !ctx.outgoing.is_empty();
-    if wrote && let Err(error) = complete(app, ctx.outgoing, Some(&mut *uow)).await {
+    let wrote = !ctx.outgoing.is_empty() || ctx.dispatched;
+    if !ctx.outgoing.is_empty()
+        && let Err(error) = complete(app, ctx.outgoing, Some(&mut *uow)).await
+    {
         rollback(Some(uow)).await;
         return Err(widen(error));
     }
@@ -660,6 +662,9 @@ pub(crate) fn widen<E>(error: DispatchError<Infallible>) -> DispatchError<E> {
         }
         DispatchError::Store(error) => DispatchError::Store(error),
         DispatchError::Encode { event, source } => DispatchError::Encode { event, source },
+        DispatchError::NotDurable { command, reason } => {
+            DispatchError::NotDurable { command, reason }
+        }
         DispatchError::Middleware {
             kind,
             message,

@@ -54,6 +54,15 @@ pub enum DispatchError<E> {
     /// database cannot tell.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A command dispatched durably (`App::schedule`, `ctx.dispatch`, `ctx.schedule`) cannot be:
+    /// it was not declared durable, or there is no store or unit of work to hold it.
+    #[error("command `{command}` cannot be dispatched durably: {reason}")]
+    NotDurable {
+        /// The command's Rust type.
+        command: &'static str,
+        /// What is missing.
+        reason: &'static str,
+    },
     /// An event could not be encoded for the outbox.
     #[error("event `{event}` could not be encoded for the outbox")]
     Encode {
