@@ -491,6 +491,55 @@ async fn handlers_dispatch_durable_commands(backend: Backend) {
     );
 }
 
+/// A message the group's inbox already holds (enqueued twice, say) is skipped, its handler not
+/// run again, while the rest of its batch is delivered.
+async fn the_inbox_skips_a_redelivery(backend: Backend) {
+    let db = TestDb::new(backend, "redelivery").await;
+    let store = store(&db, fast_relay()).await;
+    let app = bank::app(store.clone(), Faults::default()).await.unwrap();
+    let events: Vec<_> = (1..=3)
+        .map(|seq| bank::deposited(seq, &format!("acct-{seq}")))
+        .collect();
+    sqlx::query("INSERT INTO inseam_inbox (grp, message_id, handled_at) VALUES ('ledger', $1, 0)")
+        .bind(events[1].message_id().to_string())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let mut uow = store.begin().await.unwrap();
+    uow.append(
+        events
+            .iter()
+            .map(|ev| OutboxMessage {
+                envelope: ev.to_raw().unwrap(),
+                groups: vec!["ledger"],
+                deliver_at: None,
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    uow.commit().await.unwrap();
+    let relay = app.start();
+    eventually(WAIT, "the other two deposits", || async {
+        (sorted_seqs(&store, "ledger").await == [1, 3]).then_some(())
+    })
+    .await;
+    let stats = eventually(WAIT, "the skipped duplicate", || async {
+        let stats = store.relay_stats();
+        (stats.duplicates == 1).then_some(stats)
+    })
+    .await;
+    relay.shutdown().await;
+    assert_eq!(stats.delivered, 2);
+    assert_eq!(sorted_seqs(&store, "ledger").await, [1, 3]);
+    let left: i64 = sqlx::query("SELECT COUNT(*) FROM inseam_deliveries")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -520,6 +569,7 @@ on_every_backend!(
     restart_resumes_and_lag_is_reported,
     scheduled_commands,
     handlers_dispatch_durable_commands,
+    the_inbox_skips_a_redelivery,
 );
 
 #[tokio::test]

@@ -211,6 +211,23 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
     let now = micros(Utc::now());
     let rows = claim(&mut unit, group, now, shared.options.batch_size).await?;
     let rows = key_heads(&mut unit, group, rows, now).await?;
+    if !rows.is_empty() {
+        // Deleted up front, still under the claim's plan settings: a failing batch rolls back,
+        // and the rows are back.
+        let claimed: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let claimed = serde_json::to_string(&claimed).unwrap_or_default();
+        sqlx::query(AssertSqlSafe(shared.sql.delete_deliveries.clone()))
+            .bind(claimed)
+            .execute(&mut *unit.tx)
+            .await
+            .context("delete claimed rows")?;
+    }
+    if let Some(unplan) = shared.sql.unplan_claim.clone() {
+        sqlx::raw_sql(AssertSqlSafe(unplan))
+            .execute(&mut *unit.tx)
+            .await
+            .context("restore the planner settings")?;
+    }
     tracing::Span::current().record("claimed", rows.len());
     if rows.is_empty() {
         unit.tx.commit().await.context("end an empty claim")?;
@@ -232,15 +249,19 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
     }
     if !failed {
         let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
-        let inserted = insert_inbox(&mut unit, group, &ids, now).await?;
-        if inserted == rows.len() as u64 {
-            let claimed: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            let claimed = serde_json::to_string(&claimed).unwrap_or_default();
-            sqlx::query(AssertSqlSafe(shared.sql.delete_deliveries.clone()))
-                .bind(claimed)
-                .execute(&mut *unit.tx)
-                .await
-                .context("delete delivered rows")?;
+        let ids = serde_json::to_string(&ids).unwrap_or_default();
+        // A plain insert: a message this group handled before fails it (and the transaction),
+        // and the batch goes one by one, where the inbox is checked before the handler runs.
+        let inserted = sqlx::query(AssertSqlSafe(shared.sql.insert_inbox_batch.clone()))
+            .bind(group.to_owned())
+            .bind(ids)
+            .bind(now)
+            .execute(&mut *unit.tx)
+            .await;
+        if let Err(error) = &inserted {
+            tracing::debug!(target: "inseam::relay", group, error = error as &dyn std::error::Error, "batch inbox insert failed; going one by one");
+        }
+        if inserted.is_ok_and(|done| done.rows_affected() == rows.len() as u64) {
             let wrote = unit.wrote_outbox();
             unit.tx.commit().await.context("commit a delivered batch")?;
             if wrote {
@@ -256,8 +277,6 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
                 retry_at: None,
             });
         }
-        // Some of these were handled before: sort them out one by one, where the inbox is
-        // checked before the handler runs.
     }
     unit.tx
         .rollback()
@@ -319,7 +338,8 @@ async fn key_heads(
         let id: i64 = row.try_get(0).context("check the order of keys")?;
         let key: String = row.try_get(1).context("check the order of keys")?;
         if !ours.contains(&id) {
-            stop.entry(key).or_insert(id);
+            let first = stop.entry(key).or_insert(id);
+            *first = (*first).min(id);
         }
     }
     if stop.is_empty() {

@@ -133,10 +133,36 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
              autovacuum_analyze_scale_factor = 0.01)"
         ));
     }
-    vec![Migration {
-        version: 1,
-        statements: first,
-    }]
+    // Identifiers and keys compare byte-wise: the database's linguistic collation would only
+    // slow every index probe of the outbox, the deliveries and the inbox.
+    let bytewise = match backend {
+        Backend::Sqlite => Vec::new(),
+        Backend::Postgres => [
+            ("outbox", &["message_id", "msg_key"][..]),
+            ("deliveries", &["grp", "message_id", "msg_key"][..]),
+            ("inbox", &["grp", "message_id"][..]),
+            ("dead_letters", &["grp", "message_id", "msg_key"][..]),
+        ]
+        .iter()
+        .map(|(table, columns)| {
+            let columns: Vec<String> = columns
+                .iter()
+                .map(|c| format!("ALTER COLUMN {c} TYPE TEXT COLLATE \"C\""))
+                .collect();
+            format!("ALTER TABLE {p}{table} {}", columns.join(", "))
+        })
+        .collect(),
+    };
+    vec![
+        Migration {
+            version: 1,
+            statements: first,
+        },
+        Migration {
+            version: 2,
+            statements: bytewise,
+        },
+    ]
 }
 
 /// The statements of a store, with its prefix applied.
@@ -154,12 +180,18 @@ pub(crate) struct Statements {
     pub(crate) channel: Arc<str>,
     pub(crate) claim: Arc<str>,
     pub(crate) claim_one: Arc<str>,
-    /// PostgreSQL: keep the claim on its index in id order, statistics or not.
+    /// PostgreSQL: keep the relay's statements (claim, key check, delete) on their indexes,
+    /// whatever the statistics say: a burst into an empty table must not meet plans made for
+    /// an empty table.
     pub(crate) plan_claim: Option<Arc<str>>,
+    /// PostgreSQL: undo `plan_claim` before handlers run their own SQL in the transaction.
+    pub(crate) unplan_claim: Option<Arc<str>>,
     /// PostgreSQL: the rows of some keys up to an id, to keep a batch to key prefixes.
     pub(crate) key_rows: Option<Arc<str>>,
     pub(crate) in_inbox: Arc<str>,
     pub(crate) insert_inbox: Arc<str>,
+    /// The inbox rows of a batch; a duplicate fails it, and the batch goes one by one.
+    pub(crate) insert_inbox_batch: Arc<str>,
     pub(crate) delete_deliveries: Arc<str>,
     pub(crate) delete_delivery: Arc<str>,
     pub(crate) retry_later: Arc<str>,
@@ -185,10 +217,12 @@ impl Statements {
                 "(SELECT x FROM jsonb_array_elements_text(CAST({param} AS jsonb)) AS t(x)) AS items"
             ),
         };
-        let ids = |param: &str| match backend {
-            Backend::Sqlite => format!("(SELECT value FROM json_each({param}))"),
+        // `id IN` a JSON array of ids; on PostgreSQL as `= ANY(ARRAY(..))`, which stays an
+        // index lookup per id whatever the statistics say about the table.
+        let id_in = |param: &str| match backend {
+            Backend::Sqlite => format!("id IN (SELECT value FROM json_each({param}))"),
             Backend::Postgres => format!(
-                "(SELECT CAST(x AS BIGINT) FROM jsonb_array_elements_text(CAST({param} AS jsonb)) AS t(x))"
+                "id = ANY(ARRAY(SELECT CAST(x AS BIGINT) FROM jsonb_array_elements_text(CAST({param} AS jsonb)) AS t(x)))"
             ),
         };
         let lock = match backend {
@@ -259,7 +293,18 @@ impl Statements {
             plan_claim: match backend {
                 Backend::Sqlite => None,
                 Backend::Postgres => Some(s(
-                    "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
+                    "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), \
+                     set_config('enable_sort', 'off', true), set_config('jit', 'off', true), \
+                     set_config('max_parallel_workers_per_gather', '0', true)"
+                        .to_owned(),
+                )),
+            },
+            unplan_claim: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(
+                    "SET LOCAL enable_seqscan TO DEFAULT; SET LOCAL enable_bitmapscan TO DEFAULT; \
+                     SET LOCAL enable_sort TO DEFAULT; \
+                     SET LOCAL jit TO DEFAULT; SET LOCAL max_parallel_workers_per_gather TO DEFAULT"
                         .to_owned(),
                 )),
             },
@@ -267,10 +312,9 @@ impl Statements {
                 Backend::Sqlite => None,
                 Backend::Postgres => Some(s(format!(
                     "SELECT id, msg_key FROM {p}deliveries
-                     WHERE grp = $1 AND id <= $2 AND msg_key IN (SELECT x FROM {keys})
-                       AND (deliver_at <= $4 OR attempts > 0)
-                     ORDER BY id",
-                    keys = each("$3")
+                     WHERE grp = $1 AND id <= $2
+                       AND msg_key = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST($3 AS jsonb))))
+                       AND (deliver_at <= $4 OR attempts > 0)"
                 ))),
             },
             in_inbox: s(format!(
@@ -282,9 +326,13 @@ impl Statements {
                  ON CONFLICT DO NOTHING",
                 messages = each("$2")
             )),
+            insert_inbox_batch: s(format!(
+                "INSERT INTO {p}inbox (grp, message_id, handled_at) SELECT $1, x, $3 FROM {messages}",
+                messages = each("$2")
+            )),
             delete_deliveries: s(format!(
-                "DELETE FROM {p}deliveries WHERE id IN {ids}",
-                ids = ids("$1")
+                "DELETE FROM {p}deliveries WHERE {ids}",
+                ids = id_in("$1")
             )),
             delete_delivery: s(format!("DELETE FROM {p}deliveries WHERE id = $1")),
             retry_later: s(format!(
