@@ -8,6 +8,8 @@
 //!   `#[event(name = "orders.order_placed", version = 2, key = field, codec = path::To::Codec)]`:
 //!   the dotted name is required, the version defaults to 1, `key` names the field whose value
 //!   orders the events, and the codec defaults to JSON.
+//! - `#[derive(EventSet)]` on an enum with one tuple variant per event type makes it the event
+//!   set of an aggregate.
 //! - `#[command_handler]` and `#[query_handler]` go on an `async fn(message, ..) ->
 //!   Result<Output, Error>`; `#[event_handler(group = "name")]` or `#[event_handler(inline)]`
 //!   on an `async fn(event, ..)` returning `()` or `Result<(), E>`. Each keeps the function as
@@ -18,6 +20,7 @@
 mod attr;
 mod command;
 mod event;
+mod event_set;
 mod handler;
 mod query;
 mod span;
@@ -49,6 +52,16 @@ pub fn derive_query(input: TokenStream) -> TokenStream {
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     event::expand(&input)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Implements `EventSet` for an enum of event types (`enum OrderEvent { Placed(OrderPlaced),
+/// .. }`), the events of an aggregate, and `From` each event type into the enum.
+#[proc_macro_derive(EventSet)]
+pub fn derive_event_set(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    event_set::expand(&input)
         .unwrap_or_else(syn::Error::into_compile_error)
         .into()
 }

@@ -2,6 +2,7 @@
 //! whose handlers write through the store's transaction.
 
 pub mod bank;
+pub mod cart;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -110,4 +111,28 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Runs each scenario `fn(Backend)` as a test on a SQLite file (module `sqlite`) and on the
+/// PostgreSQL server (module `postgres`).
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
 }

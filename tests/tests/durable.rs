@@ -219,16 +219,19 @@ async fn bad_rows_are_dead_lettered(backend: Backend) {
             envelope: unknown,
             groups: vec!["ledger"],
             deliver_at: None,
+            stream: None,
         },
         OutboxMessage {
             envelope: undecodable,
             groups: vec!["ledger"],
             deliver_at: None,
+            stream: None,
         },
         OutboxMessage {
             envelope: good.to_raw().unwrap(),
             groups: vec!["ledger"],
             deliver_at: None,
+            stream: None,
         },
     ])
     .await
@@ -513,6 +516,7 @@ async fn the_inbox_skips_a_redelivery(backend: Backend) {
                 envelope: ev.to_raw().unwrap(),
                 groups: vec!["ledger"],
                 deliver_at: None,
+                stream: None,
             })
             .collect(),
     )
@@ -540,28 +544,7 @@ async fn the_inbox_skips_a_redelivery(backend: Backend) {
     assert_eq!(left, 0);
 }
 
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_every_backend!(
+inseam_tests::on_every_backend!(
     committed_events_reach_every_group_once,
     same_key_in_commit_order,
     poison_message,
@@ -647,6 +630,7 @@ fn deposited(seq: i64, account: &str) -> OutboxMessage {
         envelope: envelope.to_raw().unwrap(),
         groups: vec!["ledger", "audit"],
         deliver_at: None,
+        stream: None,
     }
 }
 

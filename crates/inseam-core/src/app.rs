@@ -17,6 +17,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use uuid::Uuid;
 
+use crate::aggregate::{Aggregate, AggregateError, Loaded};
 use crate::context::{MessageMeta, PendingEvent};
 use crate::dispatch::{
     CommandSlot, DurableCommand, DurableRoute, EventRoute, QuerySlot, classify, complete,
@@ -30,6 +31,7 @@ use crate::message::{Command, Event, MessageKind, Query};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService, LayerScope, Layers};
 use crate::registry::{Registration, Wiring, discovered};
 use crate::store::{DeliveryFailure, OutboxMessage, RelayHandle, Store, UnitOfWork};
+use crate::upcast::{UpcastError, Upcasters};
 
 /// Hashes a `TypeId` by its own bits: the ids are already uniformly distributed.
 #[derive(Default)]
@@ -96,6 +98,7 @@ pub(crate) struct Core {
     by_name: HashMap<(&'static str, u32), TypeId>,
     groups: Vec<&'static str>,
     durable: HashMap<&'static str, Box<dyn DurableRoute>>,
+    upcasters: Upcasters,
     pub(crate) store: Option<Arc<dyn Store>>,
     source: Arc<str>,
     runtime: Handle,
@@ -280,6 +283,7 @@ impl App {
             name: E::NAME,
             message_id: metadata.message_id,
             envelope: Arc::new(envelope),
+            stream: None,
         };
         match &self.inner.store {
             Some(store) => publish_in_store(self, &**store, vec![pending]).await,
@@ -322,6 +326,42 @@ impl App {
         Ok(message_id)
     }
 
+    /// Upcasts a stored envelope to its event's current version through the registered
+    /// upcasters (unchanged if none applies).
+    pub fn upcast(&self, raw: RawEnvelope) -> Result<RawEnvelope, UpcastError> {
+        self.inner.upcasters.upcast(raw)
+    }
+
+    /// Loads aggregate `A` with `id` as it is now, outside any command (for queries).
+    pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, AggregateError> {
+        self.read_aggregate(id, None).await
+    }
+
+    /// Loads aggregate `A` with `id` as it was at `at`: the events recorded up to then.
+    pub async fn load_as_of<A: Aggregate>(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Loaded<A>, AggregateError> {
+        self.read_aggregate(id, Some(at)).await
+    }
+
+    async fn read_aggregate<A: Aggregate>(
+        &self,
+        id: &str,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Loaded<A>, AggregateError> {
+        let Some(store) = &self.inner.store else {
+            return Err(AggregateError::NoStore);
+        };
+        let mut uow = store.begin().await?;
+        let loaded = crate::aggregate::load(self, &mut *uow, id, as_of).await;
+        if let Err(error) = uow.rollback().await {
+            tracing::debug!(target: "inseam::aggregate", error = &error as &dyn std::error::Error, "ending a read-only transaction failed");
+        }
+        loaded
+    }
+
     /// Every group with a durable subscriber, sorted.
     pub fn groups(&self) -> &[&'static str] {
         &self.inner.groups
@@ -339,6 +379,15 @@ impl App {
         if let Some(route) = self.inner.durable.get(group) {
             return route.deliver(self, envelope, uow).await;
         }
+        let upcast;
+        let envelope = if self.inner.upcasters.has(&envelope.name, envelope.version) {
+            upcast = self
+                .upcast(envelope.clone())
+                .map_err(|source| DeliveryFailure::Upcast { source })?;
+            &upcast
+        } else {
+            envelope
+        };
         let route = self
             .inner
             .by_name
@@ -453,6 +502,9 @@ pub struct AppBuilder {
     source: String,
     store: Option<Arc<dyn Store>>,
     durable: Vec<(&'static str, Box<dyn DurableRoute>)>,
+    upcasters: Upcasters,
+    /// Events of declared aggregates, `(name, version)`.
+    aggregate_events: Vec<(&'static str, u32)>,
 }
 
 impl Default for AppBuilder {
@@ -465,6 +517,8 @@ impl Default for AppBuilder {
             source: "inseam".to_owned(),
             store: None,
             durable: Vec::new(),
+            upcasters: Upcasters::default(),
+            aggregate_events: Vec::new(),
         }
     }
 }
@@ -576,6 +630,25 @@ impl AppBuilder {
         self
     }
 
+    /// Registers an upcaster: it turns a stored JSON payload of event `name` at version `from`
+    /// into the payload of version `from + 1`. Chains run wherever stored payloads are read;
+    /// `build()` checks that every event of version `n` has upcasters from 1 to `n - 1`.
+    pub fn upcaster<F>(mut self, name: &'static str, from: u32, upcast: F) -> Self
+    where
+        F: Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync + 'static,
+    {
+        self.upcasters.insert(name, from, Arc::new(upcast));
+        self
+    }
+
+    /// Declares an event-sourced aggregate, so that `build()` checks its events' upcasters
+    /// even when nothing subscribes to them.
+    pub fn aggregate<A: crate::aggregate::Aggregate>(mut self) -> Self {
+        use crate::aggregate::EventSet as _;
+        self.aggregate_events.extend(A::Event::events());
+        self
+    }
+
     /// Wraps every dispatch of one message type `M` (a command, a query or an event).
     pub fn layer_for<M: 'static, L, S>(mut self, layer: L) -> Self
     where
@@ -602,10 +675,21 @@ impl AppBuilder {
         }
         let runtime = Handle::try_current();
         let built = wiring.build(&self.resources, &self.layers);
+        let mut events: Vec<(&'static str, u32)> = self.aggregate_events.clone();
+        if let Ok(built) = &built {
+            events.extend(
+                built
+                    .events
+                    .values()
+                    .map(|route| (route.event_name(), route.event_version())),
+            );
+        }
+        let upcasting = check_upcasters(&events, &self.upcasters);
         let (built, runtime) = match (built, runtime) {
-            (Ok(built), Ok(runtime)) => (built, runtime),
+            (Ok(built), Ok(runtime)) if upcasting.is_empty() => (built, runtime),
             (built, runtime) => {
                 let mut problems = built.err().unwrap_or_default();
+                problems.extend(upcasting);
                 if runtime.is_err() {
                     problems.push(WiringProblem::NoRuntime);
                 }
@@ -629,6 +713,7 @@ impl AppBuilder {
                 by_name,
                 groups,
                 durable: self.durable.into_iter().collect(),
+                upcasters: self.upcasters,
                 store: self.store,
                 source: Arc::from(self.source),
                 runtime,
@@ -639,6 +724,44 @@ impl AppBuilder {
         tracing::debug!(target: "inseam::app", app = ?app, "built");
         Ok(app)
     }
+}
+
+/// The upcasting problems of `events` (every known `(name, current version)`).
+fn check_upcasters(events: &[(&'static str, u32)], upcasters: &Upcasters) -> Vec<WiringProblem> {
+    let mut current: HashMap<&'static str, u32> = HashMap::new();
+    for &(name, version) in events {
+        let entry = current.entry(name).or_insert(version);
+        *entry = (*entry).max(version);
+    }
+    let mut problems = Vec::new();
+    let mut names: Vec<(&'static str, u32)> = current.iter().map(|(n, v)| (*n, *v)).collect();
+    names.sort_unstable();
+    for (event, version) in names {
+        for from in 1..version {
+            if !upcasters.has(event, from) {
+                problems.push(WiringProblem::MissingUpcaster {
+                    event,
+                    version,
+                    from,
+                });
+            }
+        }
+    }
+    let mut stray: Vec<(&'static str, u32)> = upcasters
+        .registered()
+        .filter(|(name, from)| current.get(name).is_none_or(|v| from >= v))
+        .collect();
+    stray.sort_unstable();
+    problems.extend(
+        stray
+            .into_iter()
+            .map(|(event, from)| WiringProblem::StrayUpcaster {
+                event,
+                from,
+                current: current.get(event).copied(),
+            }),
+    );
+    problems
 }
 
 pub(crate) const NO_STORE: &str =
@@ -685,6 +808,7 @@ where
         envelope,
         groups: vec![group],
         deliver_at: at,
+        stream: None,
     })
 }
 

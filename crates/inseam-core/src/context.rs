@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::aggregate::{Aggregate, AggregateError, Loaded};
 use crate::app::{App, NO_STORE, durable_message};
 use crate::envelope::{Envelope, HeaderError, Headers, Metadata};
 use crate::error::DispatchError;
@@ -18,7 +19,7 @@ use crate::store::UnitOfWork;
 /// The metadata a message is dispatched with. Ids are generated lazily, on first use, so a
 /// command whose handler publishes nothing and that no middleware inspects costs no id and no
 /// clock read.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MessageMeta {
     message_id: OnceLock<Uuid>,
     correlation_id: Option<Uuid>,
@@ -101,6 +102,16 @@ pub(crate) struct PendingEvent {
     pub(crate) message_id: Uuid,
     /// An `Arc<Envelope<E>>`, shared by every subscriber.
     pub(crate) envelope: Arc<dyn Any + Send + Sync>,
+    /// Its place in an event-sourced stream.
+    pub(crate) stream: Option<StreamSlot>,
+}
+
+/// The place of a pending event in its stream, and how to encode it (an event of a stream is
+/// stored even when no route knows its type).
+#[derive(Clone)]
+pub(crate) struct StreamSlot {
+    pub(crate) position: crate::store::StreamPosition,
+    pub(crate) encode: fn(&PendingEvent) -> Result<crate::RawEnvelope, crate::CodecError>,
 }
 
 impl std::fmt::Debug for PendingEvent {
@@ -112,7 +123,7 @@ impl std::fmt::Debug for PendingEvent {
     }
 }
 
-fn pending<E: Event>(app: &App, event: E, parent: Metadata) -> PendingEvent {
+pub(crate) fn pending<E: Event>(app: &App, event: E, parent: Metadata) -> PendingEvent {
     let metadata = MessageMeta::caused_by(parent).metadata(app);
     let envelope = Envelope {
         metadata,
@@ -127,6 +138,7 @@ fn pending<E: Event>(app: &App, event: E, parent: Metadata) -> PendingEvent {
         name: E::NAME,
         message_id: metadata.message_id,
         envelope: Arc::new(envelope),
+        stream: None,
     }
 }
 
@@ -210,6 +222,32 @@ impl<'a> CommandContext<'a> {
     pub fn publish<E: Event>(&mut self, event: E) {
         let parent = self.meta.metadata(self.app);
         self.outgoing.push(pending(self.app, event, parent));
+    }
+
+    /// Loads aggregate `A` with `id` in this command's unit of work: its latest snapshot and
+    /// the events after it, upcast to their current versions.
+    pub async fn load<A: Aggregate>(&mut self, id: &str) -> Result<Loaded<A>, AggregateError> {
+        let app = self.app;
+        let uow = self.unit_of_work().ok_or(AggregateError::NoStore)?;
+        crate::aggregate::load(app, uow, id, None).await
+    }
+
+    /// Appends the events `aggregate` emitted to its stream, in this command's unit of work,
+    /// after the version it was loaded at. They are published like any event of this command
+    /// (inline subscribers, outbox). If another writer appended first, the command fails with
+    /// `DispatchError::Conflict` and nothing is committed. Returns the new stream version.
+    pub async fn save<A: Aggregate>(
+        &mut self,
+        aggregate: Loaded<A>,
+    ) -> Result<u64, AggregateError> {
+        let app = self.app;
+        let parent = self.meta.metadata(app);
+        let uow = match (self.uow.as_deref_mut(), &mut self.borrowed) {
+            (Some(uow), _) => uow,
+            (None, Some(uow)) => &mut **uow,
+            (None, None) => return Err(AggregateError::NoStore),
+        };
+        crate::aggregate::save(app, parent, uow, &mut self.outgoing, aggregate).await
     }
 
     /// Dispatches a durable command caused by this one: written to the outbox in this unit
@@ -341,6 +379,28 @@ impl EventContext<'_> {
     pub fn publish<E: Event>(&mut self, event: E) {
         let parent = self.meta.metadata(self.app);
         self.outgoing.push(pending(self.app, event, parent));
+    }
+
+    /// Loads aggregate `A` with `id` in this subscriber's unit of work (see
+    /// [`CommandContext::load`]).
+    pub async fn load<A: Aggregate>(&mut self, id: &str) -> Result<Loaded<A>, AggregateError> {
+        let app = self.app;
+        let uow = self.unit_of_work().ok_or(AggregateError::NoStore)?;
+        crate::aggregate::load(app, uow, id, None).await
+    }
+
+    /// Appends what `aggregate` emitted to its stream in this subscriber's unit of work (see
+    /// [`CommandContext::save`]).
+    pub async fn save<A: Aggregate>(
+        &mut self,
+        aggregate: Loaded<A>,
+    ) -> Result<u64, AggregateError> {
+        let app = self.app;
+        let parent = self.meta.metadata(app);
+        let Some(uow) = self.uow.as_deref_mut() else {
+            return Err(AggregateError::NoStore);
+        };
+        crate::aggregate::save(app, parent, uow, self.outgoing, aggregate).await
     }
 
     /// Dispatches a durable command caused by this event, in this subscriber's unit of work:

@@ -188,8 +188,8 @@ pub(crate) trait EventRoute: Send + Sync {
     /// The distinct groups subscribed.
     fn durable_groups(&self) -> &[&'static str];
 
-    /// Encodes a published event for the outbox.
-    fn encode(&self, event: &PendingEvent) -> Result<RawEnvelope, CodecError>;
+    /// The encoder of this route's event type, for the outbox.
+    fn encoder(&self) -> fn(&PendingEvent) -> Result<RawEnvelope, CodecError>;
 
     /// Delivers a stored event to one group's subscriber inside `uow`.
     fn deliver_raw<'a>(
@@ -208,6 +208,17 @@ pub(crate) trait EventRoute: Send + Sync {
 
     /// The groups subscribed.
     fn groups(&self) -> Vec<(&'static str, &'static str)>;
+}
+
+/// The wire form of a pending `E`.
+pub(crate) fn encode_pending<E: Event>(event: &PendingEvent) -> Result<RawEnvelope, CodecError> {
+    match event.envelope.downcast_ref::<Envelope<E>>() {
+        Some(envelope) => envelope.to_raw(),
+        None => Err(CodecError {
+            content_type: <E::Codec as crate::codec::Codec>::CONTENT_TYPE,
+            source: format!("a pending `{}` holds another type", E::NAME).into(),
+        }),
+    }
 }
 
 fn envelope_of<E: Event>(event: &PendingEvent) -> Option<Arc<Envelope<E>>> {
@@ -270,14 +281,8 @@ impl<E: Event> EventRoute for EventSlot<E> {
         &self.groups
     }
 
-    fn encode(&self, event: &PendingEvent) -> Result<RawEnvelope, CodecError> {
-        match event.envelope.downcast_ref::<Envelope<E>>() {
-            Some(envelope) => envelope.to_raw(),
-            None => Err(CodecError {
-                content_type: <E::Codec as crate::codec::Codec>::CONTENT_TYPE,
-                source: format!("a pending `{}` holds another type", E::NAME).into(),
-            }),
-        }
+    fn encoder(&self) -> fn(&PendingEvent) -> Result<RawEnvelope, CodecError> {
+        encode_pending::<E>
     }
 
     fn deliver_raw<'a>(
@@ -503,23 +508,23 @@ pub(crate) async fn complete(
     if let Some(uow) = uow {
         let mut messages = Vec::new();
         for event in &outgoing {
-            let Some(route) = app.inner.route(event.type_id) else {
-                continue;
+            let route = app.inner.route(event.type_id);
+            let groups = route.map(|r| r.durable_groups()).unwrap_or_default();
+            // An event of a stream is stored whoever subscribes: it is the stream.
+            let encode = match (&event.stream, route) {
+                (Some(stream), _) => stream.encode,
+                (None, Some(route)) if !groups.is_empty() => route.encoder(),
+                (None, _) => continue,
             };
-            let groups = route.durable_groups();
-            if groups.is_empty() {
-                continue;
-            }
-            let envelope = route
-                .encode(event)
-                .map_err(|source| DispatchError::Encode {
-                    event: event.name,
-                    source,
-                })?;
+            let envelope = encode(event).map_err(|source| DispatchError::Encode {
+                event: event.name,
+                source,
+            })?;
             messages.push(OutboxMessage {
                 envelope,
                 groups: groups.to_vec(),
                 deliver_at: None,
+                stream: event.stream.as_ref().map(|s| s.position.clone()),
             });
         }
         if !messages.is_empty() {
@@ -661,6 +666,7 @@ pub(crate) fn widen<E>(error: DispatchError<Infallible>) -> DispatchError<E> {
             DispatchError::TooManyEvents { limit, event }
         }
         DispatchError::Store(error) => DispatchError::Store(error),
+        DispatchError::Conflict(conflict) => DispatchError::Conflict(conflict),
         DispatchError::Encode { event, source } => DispatchError::Encode { event, source },
         DispatchError::NotDurable { command, reason } => {
             DispatchError::NotDurable { command, reason }
@@ -689,10 +695,13 @@ pub(crate) fn classify<E: std::error::Error + Send + Sync + 'static>(
         Ok(own) => DispatchError::Handler(*own),
         Err(error) => match error.downcast::<DispatchError<E>>() {
             Ok(framework) => *framework,
-            Err(source) => DispatchError::Middleware {
-                kind,
-                message,
-                source,
+            Err(error) => match error.downcast::<crate::store::Conflict>() {
+                Ok(conflict) => DispatchError::Conflict(*conflict),
+                Err(source) => DispatchError::Middleware {
+                    kind,
+                    message,
+                    source,
+                },
             },
         },
     }
@@ -705,6 +714,8 @@ fn into_service_error<E: std::error::Error + Send + Sync + 'static>(
     // failures travel as the dispatch error itself. `classify` undoes both.
     match error {
         DispatchError::Handler(own) => Box::new(own),
+        // As itself, so that a layer (`RetryOnConflict`) recognises it whatever the command.
+        DispatchError::Conflict(conflict) => Box::new(conflict),
         framework => Box::new(framework),
     }
 }

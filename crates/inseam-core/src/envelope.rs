@@ -275,6 +275,16 @@ pub enum WireError {
         /// The version asked for.
         expected_version: u32,
     },
+    /// The envelope holds an event that is not one of an event set's.
+    #[error("envelope holds `{found}` v{found_version}, which is not one of the events of `{set}`")]
+    NotInSet {
+        /// What the envelope holds.
+        found: String,
+        /// Its version.
+        found_version: u32,
+        /// The event set.
+        set: &'static str,
+    },
     /// The payload does not decode into the message type.
     #[error("payload of `{name}` v{version} (message {message_id}) does not decode")]
     Payload {

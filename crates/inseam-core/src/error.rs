@@ -63,6 +63,10 @@ pub enum DispatchError<E> {
         /// What is missing.
         reason: &'static str,
     },
+    /// Another writer appended to a stream this command appended to: nothing was committed.
+    /// Retry with fresh state (the `RetryOnConflict` layer does).
+    #[error(transparent)]
+    Conflict(crate::store::Conflict),
     /// An event could not be encoded for the outbox.
     #[error("event `{event}` could not be encoded for the outbox")]
     Encode {
@@ -85,7 +89,21 @@ pub enum DispatchError<E> {
     },
 }
 
+impl<E> From<crate::store::AppendError> for DispatchError<E> {
+    fn from(error: crate::store::AppendError) -> Self {
+        match error {
+            crate::store::AppendError::Conflict(conflict) => DispatchError::Conflict(conflict),
+            crate::store::AppendError::Store(store) => DispatchError::Store(store),
+        }
+    }
+}
+
 impl<E> DispatchError<E> {
+    /// Whether another writer changed a stream first: retrying with fresh state may succeed.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, DispatchError::Conflict(_))
+    }
+
     /// The handler's own error, if that is what failed.
     pub fn handler_error(&self) -> Option<&E> {
         match self {
@@ -150,6 +168,26 @@ pub enum WiringProblem {
         /// The missing state's type.
         state: &'static str,
     },
+    /// An event of version `version` lacks the upcaster from an older version, so stored
+    /// payloads of that version could not be read.
+    MissingUpcaster {
+        /// The event's name.
+        event: &'static str,
+        /// Its current version.
+        version: u32,
+        /// The version with no upcaster to the next.
+        from: u32,
+    },
+    /// An upcaster reads a version at or above the event's current one (or an event no
+    /// registration knows).
+    StrayUpcaster {
+        /// The event's name.
+        event: &'static str,
+        /// The version it reads.
+        from: u32,
+        /// The event's current version, if the event is known.
+        current: Option<u32>,
+    },
     /// The app was built outside a tokio runtime.
     NoRuntime,
 }
@@ -203,6 +241,30 @@ impl fmt::Display for WiringProblem {
             } => write!(
                 f,
                 "handler `{handler}` for `{message}` extracts state `{state}`, which was never provided; add `.state(..)` with a `{state}` to the builder"
+            ),
+            WiringProblem::MissingUpcaster {
+                event,
+                version,
+                from,
+            } => write!(
+                f,
+                "event `{event}` is at version {version} but has no upcaster from version {from}; add `.upcaster(\"{event}\", {from}, ..)` to the builder so that stored v{from} payloads can be read"
+            ),
+            WiringProblem::StrayUpcaster {
+                event,
+                from,
+                current: Some(current),
+            } => write!(
+                f,
+                "an upcaster reads `{event}` version {from}, but the event is at version {current}; upcasters read older versions only"
+            ),
+            WiringProblem::StrayUpcaster {
+                event,
+                from,
+                current: None,
+            } => write!(
+                f,
+                "an upcaster reads `{event}` version {from}, but no registered event or aggregate has that name"
             ),
             WiringProblem::NoRuntime => f.write_str(
                 "the app was built outside a tokio runtime; call `build().await` from within one",

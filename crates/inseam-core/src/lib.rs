@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod aggregate;
 mod app;
 pub mod codec;
 mod context;
@@ -18,7 +19,9 @@ pub mod message;
 pub mod middleware;
 pub mod registry;
 pub mod store;
+pub mod upcast;
 
+pub use aggregate::{Aggregate, AggregateError, EventSet, Loaded, Stage};
 pub use app::{App, AppBuilder, Stats};
 pub use codec::{Codec, CodecError, Json};
 pub use context::{CommandContext, EventContext, MessageMeta, QueryContext};
@@ -27,6 +30,12 @@ pub use error::{BuildError, DeliveryError, DispatchError, WiringProblem};
 pub use extract::{Extract, State};
 pub use handler::{BoxError, CommandHandler, Delivery, EventHandler, Handler, QueryHandler};
 pub use message::{Command, Event, MessageKind, Query};
-pub use middleware::{DispatchRequest, DispatchResponse, DispatchService, TraceLayer};
+pub use middleware::{
+    DispatchRequest, DispatchResponse, DispatchService, RetryOnConflict, TraceLayer,
+};
 pub use registry::Registration;
-pub use store::{DeliveryFailure, OutboxMessage, RelayHandle, Store, StoreError, UnitOfWork};
+pub use store::{
+    AppendError, Conflict, DeliveryFailure, OutboxMessage, RelayHandle, Snapshot, Store,
+    StoreError, StoredEvent, StreamPosition, UnitOfWork,
+};
+pub use upcast::UpcastError;

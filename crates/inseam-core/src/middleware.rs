@@ -307,3 +307,136 @@ where
         )
     }
 }
+
+type CloneMessage = fn(&(dyn Any + Send)) -> Option<Box<dyn Any + Send>>;
+
+/// A layer that runs a command again, on fresh state, when it failed with a concurrency
+/// [`Conflict`](crate::Conflict) (another writer appended to a stream it appended to). Each
+/// attempt is a whole new unit of work: the handler loads its aggregates again and decides
+/// again. After `max_attempts` the conflict reaches the caller.
+///
+/// Only the commands named with [`command`](Self::command) are retried (they must be `Clone`,
+/// so that each attempt gets its own copy); everything else passes through.
+///
+/// ```ignore
+/// App::builder().layer(RetryOnConflict::new(5).command::<AddLine>().command::<Checkout>())
+/// ```
+#[derive(Clone)]
+pub struct RetryOnConflict {
+    max_attempts: u32,
+    commands: Arc<std::collections::HashMap<TypeId, CloneMessage>>,
+}
+
+impl fmt::Debug for RetryOnConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryOnConflict")
+            .field("max_attempts", &self.max_attempts)
+            .field("commands", &self.commands.len())
+            .finish()
+    }
+}
+
+impl RetryOnConflict {
+    /// Retries up to `max_attempts` attempts in all (at least 1).
+    pub fn new(max_attempts: u32) -> Self {
+        RetryOnConflict {
+            max_attempts: max_attempts.max(1),
+            commands: Arc::default(),
+        }
+    }
+
+    /// Retries command `C` on conflicts.
+    pub fn command<C: crate::Command + Clone>(mut self) -> Self {
+        fn clone_message<C: Clone + Send + 'static>(
+            message: &(dyn Any + Send),
+        ) -> Option<Box<dyn Any + Send>> {
+            let message: &dyn Any = message;
+            message
+                .downcast_ref::<C>()
+                .map(|m| Box::new(m.clone()) as Box<dyn Any + Send>)
+        }
+        Arc::make_mut(&mut self.commands).insert(TypeId::of::<C>(), clone_message::<C>);
+        self
+    }
+}
+
+impl<S> Layer<S> for RetryOnConflict {
+    type Service = RetryOnConflictService<S>;
+
+    fn layer(&self, inner: S) -> RetryOnConflictService<S> {
+        RetryOnConflictService {
+            inner,
+            policy: self.clone(),
+        }
+    }
+}
+
+/// The service of [`RetryOnConflict`].
+#[derive(Debug, Clone)]
+pub struct RetryOnConflictService<S> {
+    inner: S,
+    policy: RetryOnConflict,
+}
+
+impl<S> Service<DispatchRequest> for RetryOnConflictService<S>
+where
+    S: Service<DispatchRequest, Response = DispatchResponse, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = DispatchResponse;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<DispatchResponse, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: DispatchRequest) -> Self::Future {
+        let clone_message = self
+            .policy
+            .commands
+            .get(&(*request.message).type_id())
+            .copied();
+        let Some(clone_message) = clone_message else {
+            return Box::pin(self.inner.call(request));
+        };
+        // Every attempt drives its own clone to readiness.
+        let service = self.inner.clone();
+        let max_attempts = self.policy.max_attempts;
+        Box::pin(async move {
+            use tower::ServiceExt as _;
+            // Every attempt carries the same ids.
+            let _ = request.metadata();
+            let mut request = request;
+            let mut attempt = 1;
+            loop {
+                let next = (attempt < max_attempts)
+                    .then(|| clone_message(&*request.message))
+                    .flatten()
+                    .map(|message| DispatchRequest {
+                        app: request.app.clone(),
+                        kind: request.kind,
+                        name: request.name,
+                        type_name: request.type_name,
+                        handler: request.handler,
+                        group: request.group,
+                        message,
+                        meta: request.meta.clone(),
+                    });
+                let name = request.name;
+                let result = service.clone().oneshot(request).await;
+                match (result, next) {
+                    (Err(error), Some(next)) if error.is::<crate::store::Conflict>() => {
+                        tracing::debug!(target: "inseam::dispatch", command = name, attempt, error = %error, "conflict; running the command again on fresh state");
+                        attempt += 1;
+                        request = next;
+                    }
+                    (result, _) => return result,
+                }
+            }
+        })
+    }
+}

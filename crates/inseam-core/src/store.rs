@@ -47,6 +47,66 @@ pub struct OutboxMessage {
     pub groups: Vec<&'static str>,
     /// Not delivered before this instant; `None` for right away.
     pub deliver_at: Option<DateTime<Utc>>,
+    /// For an event of an event-sourced stream: the stream and the event's version in it. The
+    /// store keeps such rows for good (they are the stream) and refuses a second event at the
+    /// same position with a [`Conflict`].
+    pub stream: Option<StreamPosition>,
+}
+
+/// Where an event sits in its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// The stream, `<aggregate type>-<id>`.
+    pub stream: String,
+    /// The event's version in the stream, from 1.
+    pub version: u64,
+}
+
+/// Another writer appended to a stream first: the optimistic concurrency check failed and
+/// nothing of the unit of work was committed. Load the aggregate again and retry (the
+/// `RetryOnConflict` layer does it for you).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "stream `{stream}` changed concurrently: version {version} was appended by another writer first"
+)]
+pub struct Conflict {
+    /// The stream.
+    pub stream: String,
+    /// The version both writers wanted to append.
+    pub version: u64,
+}
+
+/// Why an append to the outbox failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// A stream position was taken by another writer.
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An event read back from a stream.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// Its version in the stream.
+    pub version: u64,
+    /// The envelope as stored (upcast it before decoding: `App::upcast`).
+    pub envelope: RawEnvelope,
+    /// When it was appended.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// A snapshot of an aggregate's state.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The stream version the state includes.
+    pub version: u64,
+    /// The aggregate's snapshot schema version.
+    pub schema: u32,
+    /// The serialized state (JSON).
+    pub state: Vec<u8>,
 }
 
 /// A durable store: begins units of work and runs the relay that delivers committed outbox rows.
@@ -67,6 +127,28 @@ pub trait UnitOfWork: Send + 'static {
     fn append<'a>(
         &'a mut self,
         messages: Vec<OutboxMessage>,
+    ) -> BoxFuture<'a, Result<(), AppendError>>;
+
+    /// Reads the events of `stream` after version `after`, in order; with `as_of`, only those
+    /// recorded at or before that instant.
+    fn read_stream<'a>(
+        &'a mut self,
+        stream: &'a str,
+        after: u64,
+        as_of: Option<DateTime<Utc>>,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>>;
+
+    /// The latest snapshot of `stream`, if any.
+    fn load_snapshot<'a>(
+        &'a mut self,
+        stream: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Snapshot>, StoreError>>;
+
+    /// Stores `snapshot` as the latest of `stream` (replacing an older one).
+    fn save_snapshot<'a>(
+        &'a mut self,
+        stream: &'a str,
+        snapshot: Snapshot,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Commits.
@@ -104,6 +186,12 @@ pub enum DeliveryFailure {
         #[source]
         source: WireError,
     },
+    /// The stored payload could not be upcast to the event's current version.
+    #[error(transparent)]
+    Upcast {
+        /// The upcaster's error.
+        source: crate::upcast::UpcastError,
+    },
     /// The subscriber returned an error.
     #[error("handler `{handler}` failed")]
     Handler {
@@ -138,7 +226,9 @@ impl DeliveryFailure {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            DeliveryFailure::Unroutable { .. } | DeliveryFailure::Decode { .. }
+            DeliveryFailure::Unroutable { .. }
+                | DeliveryFailure::Decode { .. }
+                | DeliveryFailure::Upcast { .. }
         )
     }
 }

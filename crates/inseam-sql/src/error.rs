@@ -38,6 +38,9 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// Another writer appended to the stream first (optimistic concurrency).
+    #[error(transparent)]
+    Conflict(#[from] inseam_core::Conflict),
     /// No dead letter has this id (it was retried or discarded already, or never existed).
     #[error("no dead letter with id {id}")]
     DeadLetterNotFound {

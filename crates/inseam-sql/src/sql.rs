@@ -153,6 +153,28 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
         })
         .collect(),
     };
+    // Event sourcing: an event of a stream is an outbox row with its stream and version,
+    // kept for good; the unique index is the optimistic concurrency check.
+    let text_c = match backend {
+        Backend::Sqlite => "TEXT",
+        Backend::Postgres => "TEXT COLLATE \"C\"",
+    };
+    let streams = vec![
+        format!("ALTER TABLE {p}outbox ADD COLUMN stream {text_c}"),
+        format!("ALTER TABLE {p}outbox ADD COLUMN stream_version BIGINT"),
+        format!(
+            "CREATE UNIQUE INDEX {p}outbox_stream ON {p}outbox (stream, stream_version) WHERE stream IS NOT NULL"
+        ),
+        format!(
+            "CREATE TABLE {p}snapshots (
+                stream {text_c} PRIMARY KEY,
+                version BIGINT NOT NULL,
+                schema_version BIGINT NOT NULL,
+                state {bytes} NOT NULL,
+                taken_at BIGINT NOT NULL
+            )"
+        ),
+    ];
     vec![
         Migration {
             version: 1,
@@ -161,6 +183,10 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
         Migration {
             version: 2,
             statements: bytewise,
+        },
+        Migration {
+            version: 3,
+            statements: streams,
         },
     ]
 }
@@ -203,6 +229,9 @@ pub(crate) struct Statements {
     pub(crate) lag: Arc<str>,
     pub(crate) dead_letter_depth: Arc<str>,
     pub(crate) prune_outbox: Arc<str>,
+    pub(crate) read_stream: Arc<str>,
+    pub(crate) load_snapshot: Arc<str>,
+    pub(crate) save_snapshot: Arc<str>,
     pub(crate) prune_inbox: Arc<str>,
 }
 
@@ -263,15 +292,15 @@ impl Statements {
                 ))),
             },
             insert_outbox: s(format!(
-                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)"
+                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
             )),
             write_outbox: match backend {
                 Backend::Sqlite => None,
                 Backend::Postgres => Some(s(format!(
                     "WITH o AS (
-                        INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at)
-                        VALUES ($1, $2, $3, $4, $5, $6) RETURNING message_id, msg_key)
+                        INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version)
+                        VALUES ($1, $2, $3, $4, $5, $6, $10, $11) RETURNING message_id, msg_key)
                      INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
                      SELECT items.x, o.message_id, o.msg_key, $7, $6
                      FROM o CROSS JOIN (SELECT pg_notify($9, '')) AS n CROSS JOIN {groups}",
@@ -364,10 +393,25 @@ impl Statements {
             )),
             dead_letter_depth: s(format!("SELECT COUNT(*) FROM {p}dead_letters")),
             prune_outbox: s(format!(
-                "DELETE FROM {p}outbox WHERE created_at < $1
+                "DELETE FROM {p}outbox WHERE created_at < $1 AND stream IS NULL
                  AND NOT EXISTS (SELECT 1 FROM {p}deliveries d WHERE d.message_id = {p}outbox.message_id)"
             )),
             prune_inbox: s(format!("DELETE FROM {p}inbox WHERE handled_at < $1")),
+            read_stream: s(format!(
+                "SELECT stream_version, envelope, created_at FROM {p}outbox
+                 WHERE stream = $1 AND stream_version > $2 AND created_at <= $3
+                 ORDER BY stream_version"
+            )),
+            load_snapshot: s(format!(
+                "SELECT version, schema_version, state FROM {p}snapshots WHERE stream = $1"
+            )),
+            save_snapshot: s(format!(
+                "INSERT INTO {p}snapshots (stream, version, schema_version, state, taken_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (stream) DO UPDATE SET version = excluded.version,
+                     schema_version = excluded.schema_version, state = excluded.state,
+                     taken_at = excluded.taken_at"
+            )),
         }
     }
 }

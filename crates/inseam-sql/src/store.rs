@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
-use inseam_core::store::{OutboxMessage, RelayHandle, Store, StoreError, UnitOfWork};
+use inseam_core::RawEnvelope;
+use inseam_core::store::{
+    AppendError, OutboxMessage, RelayHandle, Snapshot, Store, StoreError, StoredEvent, UnitOfWork,
+};
 use inseam_core::{App, CommandContext, EventContext};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{
@@ -330,6 +333,11 @@ impl SqlUnitOfWork {
                     source: sqlx::Error::Encode(Box::new(source)),
                 })?;
             let deliver_at = message.deliver_at.map_or(now, micros);
+            let stream = message.stream.as_ref().map(|s| s.stream.clone());
+            let stream_version = message
+                .stream
+                .as_ref()
+                .map(|s| i64::try_from(s.version).unwrap_or(i64::MAX));
             if let Some(write) = &sql.write_outbox {
                 sqlx::query(AssertSqlSafe(write.clone()))
                     .bind(message_id)
@@ -341,9 +349,11 @@ impl SqlUnitOfWork {
                     .bind(deliver_at)
                     .bind(groups)
                     .bind(sql.channel.to_string())
+                    .bind(stream.clone())
+                    .bind(stream_version)
                     .execute(&mut *self.tx)
                     .await
-                    .context("write the outbox")?;
+                    .map_err(|e| conflict_or(e, &message))?;
                 self.notified = true;
                 continue;
             }
@@ -354,9 +364,11 @@ impl SqlUnitOfWork {
                 .bind(envelope.key.clone())
                 .bind(bytes)
                 .bind(now)
+                .bind(stream)
+                .bind(stream_version)
                 .execute(&mut *self.tx)
                 .await
-                .context("write the outbox")?;
+                .map_err(|e| conflict_or(e, &message))?;
             sqlx::query(AssertSqlSafe(sql.insert_deliveries.clone()))
                 .bind(groups)
                 .bind(message_id)
@@ -382,6 +394,27 @@ impl SqlUnitOfWork {
     }
 }
 
+/// A unique violation on a stream position is a concurrency conflict; anything else is a
+/// database error.
+fn conflict_or(error: sqlx::Error, message: &OutboxMessage) -> Error {
+    if let (Some(position), Some(db)) = (&message.stream, error.as_database_error())
+        && db.is_unique_violation()
+        && (db
+            .constraint()
+            .is_some_and(|c| c.ends_with("outbox_stream"))
+            || db.message().contains(".stream"))
+    {
+        return Error::Conflict(inseam_core::Conflict {
+            stream: position.stream.clone(),
+            version: position.version,
+        });
+    }
+    Error::Database {
+        operation: "write the outbox",
+        source: error,
+    }
+}
+
 fn store_error(operation: &'static str) -> impl FnOnce(Error) -> StoreError {
     move |error| StoreError::new(operation, error)
 }
@@ -390,11 +423,91 @@ impl UnitOfWork for SqlUnitOfWork {
     fn append<'a>(
         &'a mut self,
         messages: Vec<OutboxMessage>,
+    ) -> BoxFuture<'a, Result<(), AppendError>> {
+        Box::pin(async move {
+            self.write(messages).await.map_err(|error| match error {
+                Error::Conflict(conflict) => AppendError::Conflict(conflict),
+                other => AppendError::Store(StoreError::new("write the outbox", other)),
+            })
+        })
+    }
+
+    fn read_stream<'a>(
+        &'a mut self,
+        stream: &'a str,
+        after: u64,
+        as_of: Option<DateTime<Utc>>,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(AssertSqlSafe(self.shared.sql.read_stream.clone()))
+                .bind(stream.to_owned())
+                .bind(i64::try_from(after).unwrap_or(i64::MAX))
+                .bind(as_of.map_or(i64::MAX, micros))
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(|e| StoreError::new("read a stream", e))?;
+            rows.iter()
+                .map(|row| {
+                    let version: i64 = row.try_get(0)?;
+                    let bytes: Vec<u8> = row.try_get(1)?;
+                    let recorded: i64 = row.try_get(2)?;
+                    let envelope = RawEnvelope::from_json(&bytes)
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                    Ok(StoredEvent {
+                        version: u64::try_from(version).unwrap_or_default(),
+                        envelope,
+                        recorded_at: from_micros(recorded),
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(|e| StoreError::new("read a stream", e))
+        })
+    }
+
+    fn load_snapshot<'a>(
+        &'a mut self,
+        stream: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Snapshot>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(AssertSqlSafe(self.shared.sql.load_snapshot.clone()))
+                .bind(stream.to_owned())
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(|e| StoreError::new("load a snapshot", e))?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let read = || -> Result<Snapshot, sqlx::Error> {
+                let version: i64 = row.try_get(0)?;
+                let schema: i64 = row.try_get(1)?;
+                Ok(Snapshot {
+                    version: u64::try_from(version).unwrap_or_default(),
+                    schema: u32::try_from(schema).unwrap_or_default(),
+                    state: row.try_get(2)?,
+                })
+            };
+            read()
+                .map(Some)
+                .map_err(|e| StoreError::new("load a snapshot", e))
+        })
+    }
+
+    fn save_snapshot<'a>(
+        &'a mut self,
+        stream: &'a str,
+        snapshot: Snapshot,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.write(messages)
+            sqlx::query(AssertSqlSafe(self.shared.sql.save_snapshot.clone()))
+                .bind(stream.to_owned())
+                .bind(i64::try_from(snapshot.version).unwrap_or(i64::MAX))
+                .bind(i64::from(snapshot.schema))
+                .bind(snapshot.state)
+                .bind(micros(Utc::now()))
+                .execute(&mut *self.tx)
                 .await
-                .map_err(store_error("write the outbox"))
+                .map_err(|e| StoreError::new("save a snapshot", e))?;
+            Ok(())
         })
     }
 

@@ -37,6 +37,10 @@
 #![warn(missing_docs)]
 
 pub use inseam_core::{
+    Aggregate, AggregateError, AppendError, Conflict, EventSet, Loaded, RetryOnConflict, Stage,
+    UpcastError,
+};
+pub use inseam_core::{
     App, AppBuilder, BoxError, BuildError, Codec, CodecError, Command, CommandContext,
     CommandHandler, Delivery, DeliveryError, DispatchError, DispatchRequest, DispatchResponse,
     DispatchService, Envelope, Event, EventContext, EventHandler, Extract, Handler, HeaderError,
@@ -44,7 +48,8 @@ pub use inseam_core::{
     QueryHandler, RawEnvelope, Registration, State, Stats, TraceLayer, WireError, WiringProblem,
 };
 pub use inseam_core::{
-    codec, envelope, error, extract, handler, message, middleware, registry, store,
+    aggregate, codec, envelope, error, extract, handler, message, middleware, registry, store,
+    upcast,
 };
 
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
@@ -58,10 +63,12 @@ pub use inseam_sql::{SqlStore, Transactional};
 /// What a module defining messages and handlers needs, in one import.
 pub mod prelude {
     pub use inseam_core::{
-        App, Command, CommandContext, DispatchError, Envelope, Event, EventContext, Metadata,
-        Query, QueryContext, State,
+        Aggregate, AggregateError, App, Command, CommandContext, DispatchError, Envelope, Event,
+        EventContext, EventSet, Loaded, Metadata, Query, QueryContext, RetryOnConflict, State,
     };
-    pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
+    pub use inseam_macros::{
+        Command, Event, EventSet, Query, command_handler, event_handler, query_handler,
+    };
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub use inseam_sql::{SqlStore, Transactional};
     pub use serde::{Deserialize, Serialize};
@@ -78,10 +85,13 @@ pub mod __private {
     };
     pub use inseam_core::registry::Registration;
     pub use inseam_core::{
-        Command, CommandContext, Envelope, Event, EventContext, Json, Query, QueryContext,
+        Command, CommandContext, Envelope, Event, EventContext, EventSet, Json, Query,
+        QueryContext, RawEnvelope, Stage, WireError,
     };
     pub use inventory;
     pub use std::clone::Clone;
     pub use std::option::Option::{self, None, Some};
     pub use std::string::{String, ToString};
+    pub use std::vec;
+    pub use std::vec::Vec;
 }

@@ -1,0 +1,333 @@
+//! Event sourcing: aggregates folded from their events, appended with optimistic concurrency.
+//!
+//! An [`Aggregate`] is state rebuilt by applying its events in order. A command handler loads
+//! one (`ctx.load::<Order>(id)`), decides what happens by emitting events, and saves it
+//! (`ctx.save(order)`). The events are appended to the aggregate's stream in the command's unit
+//! of work, and they *are* outbox rows: subscribers receive them like any published event, and
+//! nothing can be stored without being published or published without being stored. A second
+//! writer at the same stream version fails with [`Conflict`](crate::Conflict) and nothing of its
+//! command is committed; the `RetryOnConflict` layer runs such commands again on fresh state.
+
+use std::ops::Deref;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::app::App;
+use crate::context::{PendingEvent, StreamSlot, pending};
+use crate::dispatch::encode_pending;
+use crate::envelope::{Metadata, RawEnvelope, WireError};
+use crate::message::Event;
+use crate::store::{Snapshot, StoreError, StreamPosition, UnitOfWork};
+use crate::upcast::UpcastError;
+
+/// State folded from events.
+///
+/// ```ignore
+/// #[derive(Debug, Default, Serialize, Deserialize)]
+/// struct Order { placed: bool, lines: u32 }
+///
+/// impl Aggregate for Order {
+///     const TYPE: &'static str = "order";
+///     type Event = OrderEvent;          // an enum with #[derive(EventSet)]
+///     const SNAPSHOT_EVERY: u64 = 100;
+///
+///     fn apply(&mut self, event: &OrderEvent) {
+///         match event {
+///             OrderEvent::Placed(_) => self.placed = true,
+///             OrderEvent::LineAdded(_) => self.lines += 1,
+///         }
+///     }
+/// }
+/// ```
+pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The stream category: the aggregate with id `42` lives in stream `<TYPE>-42`.
+    const TYPE: &'static str;
+    /// Take a snapshot every this many events (0: never).
+    const SNAPSHOT_EVERY: u64 = 0;
+    /// The schema version of the snapshots: bump it when the state's serialized form changes,
+    /// and older snapshots are ignored (the stream is replayed instead).
+    const SNAPSHOT_VERSION: u32 = 1;
+    /// The events of this aggregate.
+    type Event: EventSet;
+
+    /// Folds one event into the state. It cannot fail: an event is a fact.
+    fn apply(&mut self, event: &Self::Event);
+}
+
+/// The events of an aggregate: usually an enum with one variant per event type, with
+/// `#[derive(EventSet)]`. A single event type is an event set too.
+pub trait EventSet: Send + Sync + Sized + 'static {
+    /// Hands the event to `stage`, typed ([`Stage::event`], exactly once).
+    fn stage(self, stage: &mut Stage<'_>);
+
+    /// Decodes a stored envelope (already upcast to the current version) into the set.
+    fn decode(raw: &RawEnvelope) -> Result<Self, WireError>;
+
+    /// The `(name, version)` of every event of the set.
+    fn events() -> Vec<(&'static str, u32)>;
+}
+
+impl<E: Event> EventSet for E {
+    fn stage(self, stage: &mut Stage<'_>) {
+        stage.event(self);
+    }
+
+    fn decode(raw: &RawEnvelope) -> Result<Self, WireError> {
+        raw.decode::<E>().map(|envelope| envelope.payload)
+    }
+
+    fn events() -> Vec<(&'static str, u32)> {
+        vec![(E::NAME, E::VERSION)]
+    }
+}
+
+/// Where an aggregate's new event is staged, at its position in the stream.
+pub struct Stage<'a> {
+    app: &'a App,
+    parent: Metadata,
+    position: Option<StreamPosition>,
+    outgoing: &'a mut Vec<PendingEvent>,
+}
+
+impl std::fmt::Debug for Stage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("position", &self.position)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stage<'_> {
+    /// Stages `event` at this position. A second call stages nothing: one event per position.
+    pub fn event<E: Event>(&mut self, event: E) {
+        let Some(position) = self.position.take() else {
+            tracing::error!(target: "inseam::aggregate", event = E::NAME, "an event set staged two events for one position; the second was dropped");
+            return;
+        };
+        let mut pending = pending(self.app, event, self.parent);
+        pending.stream = Some(StreamSlot {
+            position,
+            encode: encode_pending::<E>,
+        });
+        self.outgoing.push(pending);
+    }
+}
+
+/// Why an aggregate could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AggregateError {
+    /// Event sourcing needs a store.
+    #[error("aggregates need a store: give the app one with `.store(..)` on the app builder")]
+    NoStore,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored event could not be upcast to its current version.
+    #[error("event {version} of stream `{stream}` could not be upcast")]
+    Upcast {
+        /// The stream.
+        stream: String,
+        /// The event's version in the stream.
+        version: u64,
+        /// The upcaster's error.
+        #[source]
+        source: UpcastError,
+    },
+    /// A stored event does not decode as one of the aggregate's events.
+    #[error("event {version} of stream `{stream}` does not decode")]
+    Decode {
+        /// The stream.
+        stream: String,
+        /// The event's version in the stream.
+        version: u64,
+        /// Why.
+        #[source]
+        source: WireError,
+    },
+}
+
+/// An aggregate loaded from its stream, with the events emitted since.
+#[derive(Debug)]
+pub struct Loaded<A: Aggregate> {
+    id: String,
+    stream: String,
+    state: A,
+    version: u64,
+    emitted: Vec<A::Event>,
+    replayed: u64,
+}
+
+impl<A: Aggregate> Loaded<A> {
+    /// The aggregate's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its stream, `<TYPE>-<id>`.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The stream version it was loaded at (0: no events yet).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Whether the stream had events when loaded.
+    pub fn exists(&self) -> bool {
+        self.version > 0
+    }
+
+    /// The state, with the emitted events applied.
+    pub fn state(&self) -> &A {
+        &self.state
+    }
+
+    /// How many events were applied on load (after the snapshot, if one was used).
+    pub fn replayed(&self) -> u64 {
+        self.replayed
+    }
+
+    /// The events emitted since loading, in order.
+    pub fn emitted(&self) -> &[A::Event] {
+        &self.emitted
+    }
+
+    /// Emits an event: applies it to the state at once and stages it for `save`.
+    pub fn emit(&mut self, event: impl Into<A::Event>) {
+        let event = event.into();
+        self.state.apply(&event);
+        self.emitted.push(event);
+    }
+
+    /// The state, giving up the emitted events.
+    pub fn into_state(self) -> A {
+        self.state
+    }
+}
+
+impl<A: Aggregate> Deref for Loaded<A> {
+    type Target = A;
+
+    fn deref(&self) -> &A {
+        &self.state
+    }
+}
+
+/// The stream of aggregate `A` with id `id`.
+pub fn stream_of<A: Aggregate>(id: &str) -> String {
+    format!("{}-{id}", A::TYPE)
+}
+
+/// Loads `A` with `id` in `uow`: the latest usable snapshot, then the events after it; with
+/// `as_of`, the state as it was at that instant (events only).
+pub(crate) async fn load<A: Aggregate>(
+    app: &App,
+    uow: &mut dyn UnitOfWork,
+    id: &str,
+    as_of: Option<DateTime<Utc>>,
+) -> Result<Loaded<A>, AggregateError> {
+    let stream = stream_of::<A>(id);
+    let mut state = A::default();
+    let mut version = 0;
+    if A::SNAPSHOT_EVERY > 0
+        && as_of.is_none()
+        && let Some(snapshot) = uow.load_snapshot(&stream).await?
+    {
+        if snapshot.schema != A::SNAPSHOT_VERSION {
+            tracing::debug!(target: "inseam::aggregate", stream, schema = snapshot.schema, "snapshot of another schema version ignored");
+        } else {
+            match serde_json::from_slice::<A>(&snapshot.state) {
+                Ok(restored) => {
+                    state = restored;
+                    version = snapshot.version;
+                }
+                Err(error) => {
+                    tracing::warn!(target: "inseam::aggregate", stream, error = &error as &dyn std::error::Error, "snapshot does not deserialize; replaying the stream");
+                }
+            }
+        }
+    }
+    let mut replayed = 0;
+    for stored in uow.read_stream(&stream, version, as_of).await? {
+        let raw = app
+            .upcast(stored.envelope)
+            .map_err(|source| AggregateError::Upcast {
+                stream: stream.clone(),
+                version: stored.version,
+                source,
+            })?;
+        let event = A::Event::decode(&raw).map_err(|source| AggregateError::Decode {
+            stream: stream.clone(),
+            version: stored.version,
+            source,
+        })?;
+        state.apply(&event);
+        version = stored.version;
+        replayed += 1;
+    }
+    Ok(Loaded {
+        id: id.to_owned(),
+        stream,
+        state,
+        version,
+        emitted: Vec::new(),
+        replayed,
+    })
+}
+
+/// Stages the emitted events of `aggregate` after its loaded version, and writes a snapshot
+/// in `uow` when the new version crosses a multiple of `SNAPSHOT_EVERY`. Returns the new
+/// version.
+pub(crate) async fn save<A: Aggregate>(
+    app: &App,
+    parent: Metadata,
+    uow: &mut dyn UnitOfWork,
+    outgoing: &mut Vec<PendingEvent>,
+    aggregate: Loaded<A>,
+) -> Result<u64, AggregateError> {
+    let Loaded {
+        stream,
+        state,
+        version: base,
+        emitted,
+        ..
+    } = aggregate;
+    let mut version = base;
+    for event in emitted {
+        version += 1;
+        let mut stage = Stage {
+            app,
+            parent,
+            position: Some(StreamPosition {
+                stream: stream.clone(),
+                version,
+            }),
+            outgoing: &mut *outgoing,
+        };
+        event.stage(&mut stage);
+    }
+    let every = A::SNAPSHOT_EVERY;
+    if every > 0 && version / every > base / every {
+        match serde_json::to_vec(&state) {
+            Ok(bytes) => {
+                uow.save_snapshot(
+                    &stream,
+                    Snapshot {
+                        version,
+                        schema: A::SNAPSHOT_VERSION,
+                        state: bytes,
+                    },
+                )
+                .await?;
+            }
+            Err(error) => {
+                tracing::warn!(target: "inseam::aggregate", stream, error = &error as &dyn std::error::Error, "state does not serialize; no snapshot taken");
+            }
+        }
+    }
+    Ok(version)
+}
