@@ -70,6 +70,7 @@ pub(crate) fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
     let names = variants.iter().map(|(_, ty)| {
         quote! { (<#ty as #p::Event>::NAME, <#ty as #p::Event>::VERSION) }
     });
+    let tys = variants.iter().map(|(_, ty)| ty);
     let froms = variants.iter().map(|(variant, ty)| {
         quote! {
             impl ::core::convert::From<#ty> for #ident {
@@ -98,6 +99,10 @@ pub(crate) fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
 
             fn events() -> #p::Vec<(&'static str, u32)> {
                 #p::vec![#(#names),*]
+            }
+
+            fn visit<V: #p::EventVisitor>(visitor: &mut V) {
+                #(visitor.visit::<#tys>();)*
             }
         }
         #(#froms)*

@@ -3,6 +3,7 @@
 
 pub mod bank;
 pub mod cart;
+pub mod orders;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

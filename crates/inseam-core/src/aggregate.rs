@@ -67,6 +67,9 @@ pub trait EventSet: Send + Sync + Sized + 'static {
 
     /// The `(name, version)` of every event of the set.
     fn events() -> Vec<(&'static str, u32)>;
+
+    /// Calls `visitor` with every event type of the set.
+    fn visit<V: crate::saga::EventVisitor>(visitor: &mut V);
 }
 
 impl<E: Event> EventSet for E {
@@ -80,6 +83,10 @@ impl<E: Event> EventSet for E {
 
     fn events() -> Vec<(&'static str, u32)> {
         vec![(E::NAME, E::VERSION)]
+    }
+
+    fn visit<V: crate::saga::EventVisitor>(visitor: &mut V) {
+        visitor.visit::<E>();
     }
 }
 

@@ -18,6 +18,7 @@ use tower_service::Service;
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, AggregateError, Loaded};
+use crate::clock::{Clock, SystemClock};
 use crate::context::{MessageMeta, PendingEvent};
 use crate::dispatch::{
     CommandSlot, DurableCommand, DurableRoute, EventRoute, QuerySlot, classify, complete,
@@ -99,6 +100,8 @@ pub(crate) struct Core {
     groups: Vec<&'static str>,
     durable: HashMap<&'static str, Box<dyn DurableRoute>>,
     upcasters: Upcasters,
+    clock: Arc<dyn Clock>,
+    resources: Resources,
     pub(crate) store: Option<Arc<dyn Store>>,
     source: Arc<str>,
     runtime: Handle,
@@ -326,6 +329,12 @@ impl App {
         Ok(message_id)
     }
 
+    /// The shared value of type `T` registered with `.state(..)` on the builder, for code
+    /// that is not an extracting handler (sagas, projections).
+    pub fn state<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.inner.resources.get::<T>()
+    }
+
     /// Upcasts a stored envelope to its event's current version through the registered
     /// upcasters (unchanged if none applies).
     pub fn upcast(&self, raw: RawEnvelope) -> Result<RawEnvelope, UpcastError> {
@@ -442,8 +451,9 @@ impl App {
         Uuid::now_v7()
     }
 
-    pub(crate) fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+    /// Now, by the app's clock (the system's unless the builder was given another).
+    pub fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
     }
 
     pub(crate) fn source(&self) -> Arc<str> {
@@ -503,6 +513,7 @@ pub struct AppBuilder {
     store: Option<Arc<dyn Store>>,
     durable: Vec<(&'static str, Box<dyn DurableRoute>)>,
     upcasters: Upcasters,
+    clock: Arc<dyn Clock>,
     /// Events of declared aggregates, `(name, version)`.
     aggregate_events: Vec<(&'static str, u32)>,
 }
@@ -518,6 +529,7 @@ impl Default for AppBuilder {
             store: None,
             durable: Vec::new(),
             upcasters: Upcasters::default(),
+            clock: Arc::new(SystemClock),
             aggregate_events: Vec::new(),
         }
     }
@@ -641,6 +653,19 @@ impl AppBuilder {
         self
     }
 
+    /// Registers saga `S`: a subscriber group `S::NAME` for every event of `S::Event` and for
+    /// its timeouts. Its commands must be declared with `.durable_command::<..>()`.
+    pub fn saga<S: crate::saga::Saga>(mut self) -> Self {
+        self.registrations.extend(crate::saga::registrations::<S>());
+        self
+    }
+
+    /// Uses `clock` for everything time-dependent (a `ManualClock` in tests).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
     /// Declares an event-sourced aggregate, so that `build()` checks its events' upcasters
     /// even when nothing subscribes to them.
     pub fn aggregate<A: crate::aggregate::Aggregate>(mut self) -> Self {
@@ -714,6 +739,8 @@ impl AppBuilder {
                 groups,
                 durable: self.durable.into_iter().collect(),
                 upcasters: self.upcasters,
+                clock: self.clock,
+                resources: self.resources,
                 store: self.store,
                 source: Arc::from(self.source),
                 runtime,
@@ -721,6 +748,9 @@ impl AppBuilder {
                 stats: Counters::default(),
             }),
         };
+        if let Some(store) = &app.inner.store {
+            store.use_clock(app.inner.clock.clone());
+        }
         tracing::debug!(target: "inseam::app", app = ?app, "built");
         Ok(app)
     }
@@ -808,6 +838,47 @@ where
         envelope,
         groups: vec![group],
         deliver_at: at,
+        stream: None,
+    })
+}
+
+/// The outbox message that runs the durable command named `name` with a JSON `payload` (a
+/// planned compensation), with `meta`'s ids.
+pub(crate) fn durable_named_message(
+    app: &App,
+    meta: MessageMeta,
+    name: &str,
+    payload: &serde_json::Value,
+) -> Result<OutboxMessage, DispatchError<Infallible>> {
+    let group = format!("command:{name}");
+    let Some((&group, _)) = app.inner.durable.get_key_value(group.as_str()) else {
+        return Err(DispatchError::NotDurable {
+            command: "a planned compensation",
+            reason: "no command of that name was declared durable: add `.durable_command::<..>()` to the app builder",
+        });
+    };
+    let payload = serde_json::to_vec(payload).map_err(|e| DispatchError::Encode {
+        event: group,
+        source: crate::codec::CodecError {
+            content_type: "application/json",
+            source: Box::new(e),
+        },
+    })?;
+    let headers = meta.headers.clone();
+    Ok(OutboxMessage {
+        envelope: RawEnvelope {
+            metadata: meta.metadata(app),
+            name: name.to_owned(),
+            version: 1,
+            key: None,
+            occurred_at: app.now(),
+            source: app.inner.source.to_string(),
+            headers,
+            content_type: "application/json".to_owned(),
+            payload,
+        },
+        groups: vec![group],
+        deliver_at: None,
         stream: None,
     })
 }

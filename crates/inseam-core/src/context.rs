@@ -165,6 +165,58 @@ where
     Ok(id)
 }
 
+/// Writes `event` to the outbox of `ctx`'s unit of work for `group` only, due at `at`.
+pub(crate) async fn deliver_later<E: Event>(
+    ctx: &mut EventContext<'_>,
+    event: E,
+    group: &'static str,
+    at: DateTime<Utc>,
+) -> Result<Uuid, DispatchError<Infallible>> {
+    let parent = ctx.meta.metadata(ctx.app);
+    let pending = pending(ctx.app, event, parent);
+    let envelope =
+        crate::dispatch::encode_pending::<E>(&pending).map_err(|source| DispatchError::Encode {
+            event: E::NAME,
+            source,
+        })?;
+    let id = pending.message_id;
+    let Some(uow) = ctx.unit_of_work() else {
+        return Err(DispatchError::NotDurable {
+            command: E::NAME,
+            reason: NO_STORE,
+        });
+    };
+    uow.append(vec![crate::store::OutboxMessage {
+        envelope,
+        groups: vec![group],
+        deliver_at: Some(at),
+        stream: None,
+    }])
+    .await?;
+    Ok(id)
+}
+
+/// Dispatches the durable command named `name` with a JSON `payload`, caused by the event
+/// `ctx` handles.
+pub(crate) async fn dispatch_named(
+    ctx: &mut EventContext<'_>,
+    name: &str,
+    payload: &serde_json::Value,
+) -> Result<Uuid, DispatchError<Infallible>> {
+    let parent = ctx.meta.metadata(ctx.app);
+    let message =
+        crate::app::durable_named_message(ctx.app, MessageMeta::caused_by(parent), name, payload)?;
+    let id = message.envelope.metadata.message_id;
+    let Some(uow) = ctx.unit_of_work() else {
+        return Err(DispatchError::NotDurable {
+            command: "a planned compensation",
+            reason: NO_STORE,
+        });
+    };
+    uow.append(vec![message]).await?;
+    Ok(id)
+}
+
 /// The context of a command handler: publish events, read the message's ids and headers.
 ///
 /// Events published here reach inline subscribers before `send` returns and other subscribers

@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 mod app;
+pub mod clock;
 pub mod codec;
 mod context;
 mod dispatch;
@@ -18,11 +19,13 @@ pub mod handler;
 pub mod message;
 pub mod middleware;
 pub mod registry;
+pub mod saga;
 pub mod store;
 pub mod upcast;
 
 pub use aggregate::{Aggregate, AggregateError, EventSet, Loaded, Stage};
 pub use app::{App, AppBuilder, Stats};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::{Codec, CodecError, Json};
 pub use context::{CommandContext, EventContext, MessageMeta, QueryContext};
 pub use envelope::{Envelope, HeaderError, HeaderName, Headers, Metadata, RawEnvelope, WireError};

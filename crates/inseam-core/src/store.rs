@@ -98,6 +98,15 @@ pub struct StoredEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+/// The stored state of a process (a saga instance).
+#[derive(Debug, Clone)]
+pub struct ProcessState {
+    /// The serialized state (JSON).
+    pub state: Vec<u8>,
+    /// Whether the process finished.
+    pub done: bool,
+}
+
 /// A snapshot of an aggregate's state.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -116,6 +125,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Told after a unit of work that wrote outbox rows committed, to wake the relay at once.
     fn committed(&self);
+
+    /// Uses `clock` for "now" (when a message is due, retention, timestamps). Called by
+    /// `build()` with the app's clock; the default ignores it.
+    fn use_clock(&self, clock: std::sync::Arc<dyn crate::clock::Clock>) {
+        let _ = clock;
+    }
 
     /// Starts the relay and whatever else the store runs in the background for `app`.
     fn start(&self, app: crate::App) -> RelayHandle;
@@ -149,6 +164,21 @@ pub trait UnitOfWork: Send + 'static {
         &'a mut self,
         stream: &'a str,
         snapshot: Snapshot,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The state of process `id` of kind `kind` (a saga instance), if stored.
+    fn load_process<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ProcessState>, StoreError>>;
+
+    /// Stores the state of process `id` of kind `kind`.
+    fn save_process<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+        state: ProcessState,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Commits.

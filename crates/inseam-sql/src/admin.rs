@@ -99,7 +99,7 @@ impl SqlStore {
     /// The backlog per group and the dead letter depth.
     pub async fn lag(&self) -> Result<Lag> {
         let sql = &self.shared.sql;
-        let now = micros(Utc::now());
+        let now = micros(self.shared.now());
         let rows = sqlx::query(AssertSqlSafe(sql.lag.clone()))
             .fetch_all(&self.shared.pool)
             .await
@@ -129,7 +129,7 @@ impl SqlStore {
     /// older than `outbox_retention`, inbox rows older than `inbox_retention`.
     pub async fn prune(&self) -> Result<Pruned> {
         let options = &self.shared.options;
-        let now = Utc::now();
+        let now = self.shared.now();
         let before =
             |keep: Duration| micros(now) - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX / 2);
         let sql = &self.shared.sql;
@@ -185,7 +185,7 @@ impl SqlStore {
             .context("read a dead letter")?
             .ok_or(Error::DeadLetterNotFound { id })?;
         let letter = DeadLetter::from_row(&row).context("read a dead letter")?;
-        let now = micros(Utc::now());
+        let now = micros(self.shared.now());
         sqlx::query(AssertSqlSafe(shared.sql.restore_outbox.clone()))
             .bind(letter.message_id.clone())
             .bind(letter.name.clone())

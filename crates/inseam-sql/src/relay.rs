@@ -11,7 +11,6 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chrono::Utc;
 use inseam_core::store::{DeliveryFailure, RelayHandle};
 use inseam_core::{App, RawEnvelope};
 use sqlx::{AssertSqlSafe, Row as _};
@@ -142,7 +141,7 @@ async fn worker(store: SqlStore, app: App, group: &'static str, cancel: Cancella
                 }
                 if let Some(at) = outcome.retry_at {
                     let until = Duration::from_micros(
-                        u64::try_from(at - micros(Utc::now())).unwrap_or_default(),
+                        u64::try_from(at - micros(store.shared.now())).unwrap_or_default(),
                     );
                     idle_for = idle_for.min(until);
                 }
@@ -208,7 +207,7 @@ async fn claim(
 async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Result<BatchOutcome> {
     let shared = &store.shared;
     let mut unit = store.begin_unit().await?;
-    let now = micros(Utc::now());
+    let now = micros(shared.now());
     let rows = claim(&mut unit, group, now, shared.options.batch_size).await?;
     let rows = key_heads(&mut unit, group, rows, now).await?;
     if !rows.is_empty() {
@@ -386,7 +385,7 @@ const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT inseam_delivery";
 async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) -> Result<One> {
     let shared = &store.shared;
     let mut unit = store.begin_unit().await?;
-    let now = micros(Utc::now());
+    let now = micros(shared.now());
     let Some(row) = claim_one(&mut unit, group, now, id).await? else {
         unit.tx.rollback().await.context("release a claim")?;
         return Ok(One::Gone);

@@ -188,6 +188,20 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
             version: 3,
             statements: streams,
         },
+        // Processes (saga instances): state keyed by kind and id.
+        Migration {
+            version: 4,
+            statements: vec![format!(
+                "CREATE TABLE {p}processes (
+                    kind {text_c} NOT NULL,
+                    id {text_c} NOT NULL,
+                    state {bytes} NOT NULL,
+                    done BIGINT NOT NULL,
+                    updated_at BIGINT NOT NULL,
+                    PRIMARY KEY (kind, id)
+                )"
+            )],
+        },
     ]
 }
 
@@ -232,6 +246,8 @@ pub(crate) struct Statements {
     pub(crate) read_stream: Arc<str>,
     pub(crate) load_snapshot: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
+    pub(crate) load_process: Arc<str>,
+    pub(crate) save_process: Arc<str>,
     pub(crate) prune_inbox: Arc<str>,
 }
 
@@ -411,6 +427,15 @@ impl Statements {
                  ON CONFLICT (stream) DO UPDATE SET version = excluded.version,
                      schema_version = excluded.schema_version, state = excluded.state,
                      taken_at = excluded.taken_at"
+            )),
+            load_process: s(format!(
+                "SELECT state, done FROM {p}processes WHERE kind = $1 AND id = $2"
+            )),
+            save_process: s(format!(
+                "INSERT INTO {p}processes (kind, id, state, done, updated_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (kind, id) DO UPDATE SET state = excluded.state,
+                     done = excluded.done, updated_at = excluded.updated_at"
             )),
         }
     }

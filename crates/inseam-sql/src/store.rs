@@ -9,9 +9,10 @@ use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use inseam_core::RawEnvelope;
 use inseam_core::store::{
-    AppendError, OutboxMessage, RelayHandle, Snapshot, Store, StoreError, StoredEvent, UnitOfWork,
+    AppendError, OutboxMessage, ProcessState, RelayHandle, Snapshot, Store, StoreError,
+    StoredEvent, UnitOfWork,
 };
-use inseam_core::{App, CommandContext, EventContext};
+use inseam_core::{App, Clock, CommandContext, EventContext, SystemClock};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{
     Any, AnyConnection, AnyPool, AssertSqlSafe, Connection as _, Executor as _, Row as _,
@@ -115,6 +116,8 @@ pub(crate) struct Shared {
     /// Bumped after each local commit that wrote outbox rows; relay workers watch it.
     pub(crate) wake: watch::Sender<u64>,
     pub(crate) stats: crate::relay::Counters,
+    /// The app's clock (the system's until an app is built on the store).
+    pub(crate) clock: std::sync::RwLock<Arc<dyn Clock>>,
 }
 
 impl Shared {
@@ -125,6 +128,14 @@ impl Shared {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
+    }
+
+    /// Now, by the app's clock.
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        self.clock
+            .read()
+            .map(|clock| clock.now())
+            .unwrap_or_else(|p| p.into_inner().now())
     }
 
     pub(crate) fn wake(&self) {
@@ -216,6 +227,7 @@ impl SqlStore {
                 url,
                 wake,
                 stats: crate::relay::Counters::default(),
+                clock: std::sync::RwLock::new(Arc::new(SystemClock)),
             }),
         };
         store.migrate(&prefix).await?;
@@ -272,7 +284,7 @@ impl SqlStore {
             }
             sqlx::query(AssertSqlSafe(shared.sql.record_migration.clone()))
                 .bind(version)
-                .bind(micros(Utc::now()))
+                .bind(micros(self.shared.now()))
                 .execute(&mut *tx)
                 .await
                 .map_err(failed)?;
@@ -319,7 +331,7 @@ impl SqlUnitOfWork {
 
     pub(crate) async fn write(&mut self, messages: Vec<OutboxMessage>) -> Result<()> {
         let sql = &self.shared.sql;
-        let now = micros(Utc::now());
+        let now = micros(self.shared.now());
         for message in messages {
             let envelope = &message.envelope;
             let bytes = envelope.to_json().map_err(|source| Error::Database {
@@ -503,10 +515,58 @@ impl UnitOfWork for SqlUnitOfWork {
                 .bind(i64::try_from(snapshot.version).unwrap_or(i64::MAX))
                 .bind(i64::from(snapshot.schema))
                 .bind(snapshot.state)
-                .bind(micros(Utc::now()))
+                .bind(micros(self.shared.now()))
                 .execute(&mut *self.tx)
                 .await
                 .map_err(|e| StoreError::new("save a snapshot", e))?;
+            Ok(())
+        })
+    }
+
+    fn load_process<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ProcessState>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(AssertSqlSafe(self.shared.sql.load_process.clone()))
+                .bind(kind.to_owned())
+                .bind(id.to_owned())
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(|e| StoreError::new("load a process", e))?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let read = || -> Result<ProcessState, sqlx::Error> {
+                let done: i64 = row.try_get(1)?;
+                Ok(ProcessState {
+                    state: row.try_get(0)?,
+                    done: done != 0,
+                })
+            };
+            read()
+                .map(Some)
+                .map_err(|e| StoreError::new("load a process", e))
+        })
+    }
+
+    fn save_process<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+        state: ProcessState,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query(AssertSqlSafe(self.shared.sql.save_process.clone()))
+                .bind(kind.to_owned())
+                .bind(id.to_owned())
+                .bind(state.state)
+                .bind(i64::from(state.done))
+                .bind(micros(self.shared.now()))
+                .execute(&mut *self.tx)
+                .await
+                .map_err(|e| StoreError::new("save a process", e))?;
             Ok(())
         })
     }
@@ -547,6 +607,10 @@ impl Store for SqlStore {
 
     fn committed(&self) {
         self.shared.wake();
+    }
+
+    fn use_clock(&self, clock: Arc<dyn Clock>) {
+        *self.shared.clock.write().unwrap_or_else(|p| p.into_inner()) = clock;
     }
 
     fn start(&self, app: App) -> RelayHandle {

@@ -36,9 +36,10 @@
 
 #![warn(missing_docs)]
 
+pub use inseam_core::saga::{Compensations, Saga, SagaContext};
 pub use inseam_core::{
-    Aggregate, AggregateError, AppendError, Conflict, EventSet, Loaded, RetryOnConflict, Stage,
-    UpcastError,
+    Aggregate, AggregateError, AppendError, Clock, Conflict, EventSet, Loaded, ManualClock,
+    RetryOnConflict, Stage, SystemClock, UpcastError,
 };
 pub use inseam_core::{
     App, AppBuilder, BoxError, BuildError, Codec, CodecError, Command, CommandContext,
@@ -48,8 +49,8 @@ pub use inseam_core::{
     QueryHandler, RawEnvelope, Registration, State, Stats, TraceLayer, WireError, WiringProblem,
 };
 pub use inseam_core::{
-    aggregate, codec, envelope, error, extract, handler, message, middleware, registry, store,
-    upcast,
+    aggregate, clock, codec, envelope, error, extract, handler, message, middleware, registry,
+    saga, store, upcast,
 };
 
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
@@ -62,6 +63,7 @@ pub use inseam_sql::{SqlStore, Transactional};
 
 /// What a module defining messages and handlers needs, in one import.
 pub mod prelude {
+    pub use inseam_core::saga::{Compensations, Saga, SagaContext};
     pub use inseam_core::{
         Aggregate, AggregateError, App, Command, CommandContext, DispatchError, Envelope, Event,
         EventContext, EventSet, Loaded, Metadata, Query, QueryContext, RetryOnConflict, State,
@@ -84,6 +86,7 @@ pub mod __private {
         handler_future,
     };
     pub use inseam_core::registry::Registration;
+    pub use inseam_core::saga::EventVisitor;
     pub use inseam_core::{
         Command, CommandContext, Envelope, Event, EventContext, EventSet, Json, Query,
         QueryContext, RawEnvelope, Stage, WireError,
