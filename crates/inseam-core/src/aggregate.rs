@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::app::App;
-use crate::context::{PendingEvent, StreamSlot, pending};
+use crate::context::{PendingEvent, StreamSlot, pending_keyed};
 use crate::dispatch::encode_pending;
 use crate::envelope::{Metadata, RawEnvelope, WireError};
 use crate::message::Event;
@@ -90,9 +90,11 @@ impl<E: Event> EventSet for E {
     }
 }
 
-/// Where an aggregate's new event is staged, at its position in the stream.
+/// Where an aggregate's new event is staged, at its position in the stream. An event without a
+/// key of its own is keyed by the aggregate's id.
 pub struct Stage<'a> {
     app: &'a App,
+    id: &'a str,
     parent: Metadata,
     position: Option<StreamPosition>,
     outgoing: &'a mut Vec<PendingEvent>,
@@ -113,7 +115,9 @@ impl Stage<'_> {
             tracing::error!(target: "inseam::aggregate", event = E::NAME, "an event set staged two events for one position; the second was dropped");
             return;
         };
-        let mut pending = pending(self.app, event, self.parent);
+        // Keyed by the aggregate unless the event has a key of its own: a group receives one
+        // aggregate's events in order.
+        let mut pending = pending_keyed(self.app, event, self.parent, Some(self.id));
         pending.stream = Some(StreamSlot {
             position,
             encode: encode_pending::<E>,
@@ -297,6 +301,7 @@ pub(crate) async fn save<A: Aggregate>(
     aggregate: Loaded<A>,
 ) -> Result<u64, AggregateError> {
     let Loaded {
+        id,
         stream,
         state,
         version: base,
@@ -308,6 +313,7 @@ pub(crate) async fn save<A: Aggregate>(
         version += 1;
         let mut stage = Stage {
             app,
+            id: &id,
             parent,
             position: Some(StreamPosition {
                 stream: stream.clone(),

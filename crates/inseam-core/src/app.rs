@@ -385,6 +385,41 @@ impl App {
         envelope: &RawEnvelope,
         uow: &mut dyn UnitOfWork,
     ) -> Result<(), DeliveryFailure> {
+        self.deliver_as(group, envelope, uow, false).await
+    }
+
+    /// Replays a stored event to the subscriber of `group` inside `uow`, to rebuild a read
+    /// model: like [`deliver`](Self::deliver), but the subscriber sees `ctx.is_replay()` and
+    /// what it publishes is dropped.
+    pub async fn replay(
+        &self,
+        group: &str,
+        envelope: &RawEnvelope,
+        uow: &mut dyn UnitOfWork,
+    ) -> Result<(), DeliveryFailure> {
+        self.deliver_as(group, envelope, uow, true).await
+    }
+
+    /// The `(name, version)` of every event `group` subscribes to, sorted.
+    pub fn group_events(&self, group: &str) -> Vec<(&'static str, u32)> {
+        let mut events: Vec<(&'static str, u32)> = self
+            .inner
+            .events
+            .values()
+            .filter(|route| route.groups().iter().any(|(g, _)| *g == group))
+            .map(|route| (route.event_name(), route.event_version()))
+            .collect();
+        events.sort_unstable();
+        events
+    }
+
+    async fn deliver_as(
+        &self,
+        group: &str,
+        envelope: &RawEnvelope,
+        uow: &mut dyn UnitOfWork,
+        replay: bool,
+    ) -> Result<(), DeliveryFailure> {
         if let Some(route) = self.inner.durable.get(group) {
             return route.deliver(self, envelope, uow).await;
         }
@@ -403,7 +438,7 @@ impl App {
             .get(&(envelope.name.as_str(), envelope.version))
             .and_then(|id| self.inner.route(*id));
         match route {
-            Some(route) => route.deliver_raw(self, group, envelope, uow).await,
+            Some(route) => route.deliver_raw(self, group, envelope, uow, replay).await,
             None => Err(DeliveryFailure::Unroutable {
                 group: group.to_owned(),
                 name: envelope.name.clone(),

@@ -124,10 +124,21 @@ impl std::fmt::Debug for PendingEvent {
 }
 
 pub(crate) fn pending<E: Event>(app: &App, event: E, parent: Metadata) -> PendingEvent {
+    pending_keyed(app, event, parent, None)
+}
+
+/// A pending event whose key, if the event declares none, is `fallback_key`.
+pub(crate) fn pending_keyed<E: Event>(
+    app: &App,
+    event: E,
+    parent: Metadata,
+    fallback_key: Option<&str>,
+) -> PendingEvent {
     let metadata = MessageMeta::caused_by(parent).metadata(app);
+    let key = event.key().or_else(|| fallback_key.map(str::to_owned));
     let envelope = Envelope {
         metadata,
-        key: event.key(),
+        key,
         occurred_at: app.now(),
         source: app.source(),
         headers: Headers::new(),
@@ -403,6 +414,8 @@ pub struct EventContext<'a> {
     pub(crate) meta: MessageMeta,
     pub(crate) outgoing: &'a mut Vec<PendingEvent>,
     pub(crate) delivery: Delivery,
+    /// Whether the event is replayed from the event store (a projection rebuild).
+    pub(crate) replay: bool,
     /// The unit of work of the publishing command (inline) or of the delivery (durable).
     pub(crate) uow: Option<&'a mut dyn UnitOfWork>,
 }
@@ -495,6 +508,12 @@ impl EventContext<'_> {
     /// The handled event's headers.
     pub fn headers(&self) -> &Headers {
         &self.meta.headers
+    }
+
+    /// Whether the event is replayed from the event store to rebuild a read model, rather than
+    /// delivered live. Events published during a replay are not published.
+    pub fn is_replay(&self) -> bool {
+        self.replay
     }
 
     /// Whether this subscriber runs inline or for a group.

@@ -198,6 +198,7 @@ pub(crate) trait EventRoute: Send + Sync {
         group: &'a str,
         raw: &'a RawEnvelope,
         uow: &'a mut dyn UnitOfWork,
+        replay: bool,
     ) -> BoxFuture<'a, Result<(), DeliveryFailure>>;
 
     /// The event's name.
@@ -244,6 +245,7 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
                     outgoing: &mut *outgoing,
                     delivery: Delivery::Inline,
+                    replay: false,
                     uow: match &mut uow {
                         Some(uow) => Some(&mut **uow),
                         None => None,
@@ -291,6 +293,7 @@ impl<E: Event> EventRoute for EventSlot<E> {
         group: &'a str,
         raw: &'a RawEnvelope,
         uow: &'a mut dyn UnitOfWork,
+        replay: bool,
     ) -> BoxFuture<'a, Result<(), DeliveryFailure>> {
         Box::pin(async move {
             let in_group =
@@ -319,6 +322,7 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
                     outgoing: &mut outgoing,
                     delivery: subscriber.delivery,
+                    replay,
                     uow: Some(&mut *uow),
                 };
                 let outcome = AssertUnwindSafe(subscriber.handler.call(&envelope, &mut ctx))
@@ -326,6 +330,18 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     .await;
                 match outcome {
                     Ok(Ok(())) => {}
+                    Ok(Err(source)) if source.is::<crate::handler::Halt>() => {
+                        return Err(DeliveryFailure::Halted {
+                            handler: subscriber.name,
+                            source,
+                        });
+                    }
+                    Ok(Err(source)) if source.is::<crate::handler::Reject>() => {
+                        return Err(DeliveryFailure::Rejected {
+                            handler: subscriber.name,
+                            source,
+                        });
+                    }
                     Ok(Err(source)) => {
                         return Err(DeliveryFailure::Handler {
                             handler: subscriber.name,
@@ -339,7 +355,8 @@ impl<E: Event> EventRoute for EventSlot<E> {
                         });
                     }
                 }
-                if !outgoing.is_empty() {
+                // A replay rebuilds a read model: what it publishes is not published again.
+                if !outgoing.is_empty() && !replay {
                     complete(app, outgoing, Some(&mut *uow))
                         .await
                         .map_err(|source| DeliveryFailure::Completion {
@@ -553,6 +570,7 @@ async fn run_subscriber<E: Event>(
         meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
         outgoing: &mut outgoing,
         delivery,
+        replay: false,
         uow: None,
     };
     handler.call(envelope, &mut ctx).await?;

@@ -14,6 +14,25 @@ use crate::registry::Registration;
 /// A boxed error, as tower and `std` use it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Returned by a group subscriber to say that retrying cannot help: the event goes to the dead
+/// letters at once (with this error) and the group moves on.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Reject(pub BoxError);
+
+/// Returned by a group subscriber to stop its whole group at this event: the failure is
+/// recorded and the group is paused until resumed by an operator (`store.resume(group)`).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Halt(pub BoxError);
+
+impl Reject {
+    /// Rejects with `error`.
+    pub fn new(error: impl Into<BoxError>) -> Self {
+        Reject(error.into())
+    }
+}
+
 /// Bytes reserved inline for a handler's future. A future that fits is stored without a heap
 /// allocation; a larger one (typically a handler awaiting database calls, whose cost dwarfs an
 /// allocation) is boxed.

@@ -31,7 +31,9 @@ pub use context::{CommandContext, EventContext, MessageMeta, QueryContext};
 pub use envelope::{Envelope, HeaderError, HeaderName, Headers, Metadata, RawEnvelope, WireError};
 pub use error::{BuildError, DeliveryError, DispatchError, WiringProblem};
 pub use extract::{Extract, State};
-pub use handler::{BoxError, CommandHandler, Delivery, EventHandler, Handler, QueryHandler};
+pub use handler::{
+    BoxError, CommandHandler, Delivery, EventHandler, Halt, Handler, QueryHandler, Reject,
+};
 pub use message::{Command, Event, MessageKind, Query};
 pub use middleware::{
     DispatchRequest, DispatchResponse, DispatchService, RetryOnConflict, TraceLayer,

@@ -231,6 +231,24 @@ pub enum DeliveryFailure {
         #[source]
         source: BoxError,
     },
+    /// The subscriber rejected the event (`Reject`): retrying cannot help.
+    #[error("handler `{handler}` rejected the event")]
+    Rejected {
+        /// The subscriber.
+        handler: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
+    /// The subscriber asked to stop its group (`Halt`).
+    #[error("handler `{handler}` stopped its group")]
+    Halted {
+        /// The subscriber.
+        handler: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
     /// The subscriber panicked.
     #[error("handler `{handler}` panicked: {reason}")]
     Panicked {
@@ -259,6 +277,7 @@ impl DeliveryFailure {
             DeliveryFailure::Unroutable { .. }
                 | DeliveryFailure::Decode { .. }
                 | DeliveryFailure::Upcast { .. }
+                | DeliveryFailure::Rejected { .. }
         )
     }
 }

@@ -41,6 +41,21 @@ pub enum Error {
     /// Another writer appended to the stream first (optimistic concurrency).
     #[error(transparent)]
     Conflict(#[from] inseam_core::Conflict),
+    /// Replaying a stored event into a projection failed; the rebuild stopped.
+    #[error("replaying event {message_id} failed")]
+    Replay {
+        /// The event.
+        message_id: String,
+        /// Why.
+        #[source]
+        source: inseam_core::BoxError,
+    },
+    /// A projection named a table that is not a plain identifier.
+    #[error("invalid table name `{name}`: use ASCII letters, digits and `_`")]
+    InvalidTable {
+        /// The name given.
+        name: String,
+    },
     /// No dead letter has this id (it was retried or discarded already, or never existed).
     #[error("no dead letter with id {id}")]
     DeadLetterNotFound {

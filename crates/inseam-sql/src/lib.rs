@@ -20,12 +20,17 @@
 
 mod admin;
 mod error;
+mod projection;
 mod relay;
 mod sql;
 mod store;
 
 pub use admin::{DeadLetter, GroupLag, Lag, Pruned};
 pub use error::{Error, Result};
+pub use projection::{
+    EventInfo, Model, OnError, Paused, Projection, ProjectionStep, Projections, RebuildProgress,
+    Rebuilt,
+};
 pub use relay::RelayStats;
 pub use sql::Backend;
 pub use store::{RelayOptions, SqlStore, SqlStoreOptions, SqlUnitOfWork, Transactional};

@@ -105,6 +105,8 @@ impl Claimed {
 /// Why one delivery failed, as the relay records it.
 struct Failure {
     permanent: bool,
+    /// The handler asked to stop its group (`Halt`).
+    halt: bool,
     chain: String,
 }
 
@@ -117,11 +119,18 @@ impl Failure {
             chain.push_str(&cause.to_string());
             source = cause.source();
         }
-        Failure { permanent, chain }
+        Failure {
+            permanent,
+            halt: false,
+            chain,
+        }
     }
 
     fn delivery(failure: &DeliveryFailure) -> Self {
-        Failure::of(failure, failure.is_permanent())
+        Failure {
+            halt: matches!(failure, DeliveryFailure::Halted { .. }),
+            ..Failure::of(failure, failure.is_permanent())
+        }
     }
 }
 
@@ -442,6 +451,17 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         }
     }
     let retry_at = record_failure(&mut unit, group, &row, &failure, now).await?;
+    if failure.halt {
+        // Stopped with the failure recorded, atomically: nothing past it is delivered.
+        sqlx::query(AssertSqlSafe(shared.sql.pause.clone()))
+            .bind(group)
+            .bind(format!("stopped on an error: {}", failure.chain))
+            .bind(now)
+            .execute(&mut *unit.tx)
+            .await
+            .context("stop a group")?;
+        tracing::error!(target: "inseam::relay", group, error = %failure.chain, "group stopped; resume it with `store.resume(..)` once fixed");
+    }
     unit.tx.commit().await.context("record a failed delivery")?;
     Ok(One::Failed { retry_at })
 }

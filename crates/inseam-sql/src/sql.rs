@@ -202,6 +202,19 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
                 )"
             )],
         },
+        // Paused groups (a projection rebuilding, or stopped on an error), and the replay order
+        // of a stream's events for rebuilds.
+        Migration {
+            version: 5,
+            statements: vec![
+                format!(
+                    "CREATE TABLE {p}paused (grp {text_c} PRIMARY KEY, reason TEXT NOT NULL, since BIGINT NOT NULL)"
+                ),
+                format!(
+                    "CREATE INDEX {p}outbox_replay ON {p}outbox (created_at, stream, stream_version) WHERE stream IS NOT NULL"
+                ),
+            ],
+        },
     ]
 }
 
@@ -247,6 +260,13 @@ pub(crate) struct Statements {
     pub(crate) load_snapshot: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_process: Arc<str>,
+    pub(crate) pause: Arc<str>,
+    pub(crate) resume: Arc<str>,
+    pub(crate) paused: Arc<str>,
+    pub(crate) count_replay: Arc<str>,
+    pub(crate) replay_batch: Arc<str>,
+    pub(crate) rename_inbox: Arc<str>,
+    pub(crate) clear_inbox: Arc<str>,
     pub(crate) save_process: Arc<str>,
     pub(crate) prune_inbox: Arc<str>,
 }
@@ -288,6 +308,7 @@ impl Statements {
                 "SELECT d.id, d.message_id, d.msg_key, d.attempts, d.first_failed_at, o.name, o.version, o.envelope
                  FROM {p}deliveries d JOIN {p}outbox o ON o.message_id = d.message_id
                  WHERE d.grp = $1 AND d.deliver_at <= $2
+                   AND NOT EXISTS (SELECT 1 FROM {p}paused z WHERE z.grp = $1)
                    AND (d.msg_key IS NULL OR NOT EXISTS (
                        SELECT 1 FROM {p}deliveries e
                        WHERE e.grp = d.grp AND e.msg_key = d.msg_key AND e.id < d.id{waiting}))"
@@ -428,6 +449,25 @@ impl Statements {
                      schema_version = excluded.schema_version, state = excluded.state,
                      taken_at = excluded.taken_at"
             )),
+            pause: s(format!(
+                "INSERT INTO {p}paused (grp, reason, since) VALUES ($1, $2, $3)
+                 ON CONFLICT (grp) DO UPDATE SET reason = excluded.reason, since = excluded.since"
+            )),
+            resume: s(format!("DELETE FROM {p}paused WHERE grp = $1")),
+            paused: s(format!("SELECT grp, reason, since FROM {p}paused ORDER BY grp")),
+            count_replay: s(format!(
+                "SELECT COUNT(*) FROM {p}outbox WHERE stream IS NOT NULL AND name IN (SELECT x FROM {names})",
+                names = each("$1")
+            )),
+            replay_batch: s(format!(
+                "SELECT message_id, envelope, created_at, stream, stream_version FROM {p}outbox
+                 WHERE stream IS NOT NULL AND name IN (SELECT x FROM {names})
+                   AND (created_at, stream, stream_version) > ($2, $3, $4)
+                 ORDER BY created_at, stream, stream_version LIMIT $5",
+                names = each("$1")
+            )),
+            rename_inbox: s(format!("UPDATE {p}inbox SET grp = $1 WHERE grp = $2")),
+            clear_inbox: s(format!("DELETE FROM {p}inbox WHERE grp = $1")),
             load_process: s(format!(
                 "SELECT state, done FROM {p}processes WHERE kind = $1 AND id = $2"
             )),

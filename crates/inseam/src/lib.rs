@@ -38,8 +38,8 @@
 
 pub use inseam_core::saga::{Compensations, Saga, SagaContext};
 pub use inseam_core::{
-    Aggregate, AggregateError, AppendError, Clock, Conflict, EventSet, Loaded, ManualClock,
-    RetryOnConflict, Stage, SystemClock, UpcastError,
+    Aggregate, AggregateError, AppendError, Clock, Conflict, EventSet, Halt, Loaded, ManualClock,
+    Reject, RetryOnConflict, Stage, SystemClock, UpcastError,
 };
 pub use inseam_core::{
     App, AppBuilder, BoxError, BuildError, Codec, CodecError, Command, CommandContext,
@@ -72,7 +72,7 @@ pub mod prelude {
         Command, Event, EventSet, Query, command_handler, event_handler, query_handler,
     };
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
-    pub use inseam_sql::{SqlStore, Transactional};
+    pub use inseam_sql::{Projections as _, SqlStore, Transactional};
     pub use serde::{Deserialize, Serialize};
 }
 
