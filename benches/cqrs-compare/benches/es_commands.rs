@@ -1,0 +1,300 @@
+//! Event-sourced command throughput: load a cart from its events, decide, append one event,
+//! commit; inseam on PostgreSQL and on SQLite against cqrs-es with postgres-es on PostgreSQL,
+//! in one process.
+//!
+//! `cargo bench --manifest-path benches/cqrs-compare/Cargo.toml` from the repository root
+//! (PostgreSQL at `INSEAM_TEST_POSTGRES`, default `postgres://postgres@127.0.0.1:5432`, trust
+//! auth). Each side gets a warm-up, then `INSEAM_BENCH_ROUNDS` rounds (default 5) of
+//! `INSEAM_BENCH_CARTS` fresh carts (default 1,000) × `INSEAM_BENCH_COMMANDS` `AddItem`
+//! commands each (default 10), sent one at a time. A round is made of passes, one `AddItem` to
+//! every cart; the sides take turns pass by pass, in an order that rotates, so that all of them
+//! meet the same machine within seconds of each other. The report gives every round's
+//! commands/s, the median, and the ratios per round.
+//!
+//! `INSEAM_BENCH_SYNCHRONOUS_COMMIT=off` sets that on the benchmark's PostgreSQL databases (not
+//! the server), to see the cost of each side without waiting for the WAL flush at commit.
+
+#![allow(clippy::print_stdout)] // a bench binary reports on stdout
+
+use std::time::{Duration, Instant};
+
+use inseam::prelude::*;
+use inseam::sql::sqlx::postgres::PgConnection;
+use inseam::sql::sqlx::{self, AssertSqlSafe, Connection as _, Executor as _};
+use inseam_cqrs_compare::on_cqrs_es::{self, CartCommand};
+use inseam_cqrs_compare::on_inseam::{self, AddItem, Cart};
+use postgres_es::PostgresCqrs;
+
+const WARM_UP_CARTS: usize = 100;
+
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+enum Target {
+    Inseam(App),
+    CqrsEs(Box<PostgresCqrs<on_cqrs_es::Cart>>),
+}
+
+struct Side {
+    name: &'static str,
+    target: Target,
+    /// Commands per second of each round.
+    rounds: Vec<f64>,
+}
+
+impl Side {
+    async fn add_item(&self, cart: &str, sku: &str) {
+        match &self.target {
+            Target::Inseam(app) => {
+                app.send(AddItem {
+                    cart: cart.to_owned(),
+                    sku: sku.to_owned(),
+                    qty: 1,
+                    unit_price: 250,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{}: add to {cart}: {e}", self.name));
+            }
+            Target::CqrsEs(cqrs) => {
+                cqrs.execute(
+                    cart,
+                    CartCommand::AddItem {
+                        sku: sku.to_owned(),
+                        qty: 1,
+                        unit_price: 250,
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{}: add to {cart}: {e}", self.name));
+            }
+        }
+    }
+
+    /// One pass: an `AddItem` to each cart of `ids`, in order; returns the time it took.
+    async fn pass(&self, ids: &[String], sku: &str) -> Duration {
+        let start = Instant::now();
+        for id in ids {
+            self.add_item(id, sku).await;
+        }
+        start.elapsed()
+    }
+
+    fn median(&self) -> f64 {
+        let mut sorted = self.rounds.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mid = sorted.len() / 2;
+        if sorted.len() % 2 == 1 {
+            sorted[mid]
+        } else {
+            (sorted[mid - 1] + sorted[mid]) / 2.0
+        }
+    }
+}
+
+async fn count(conn: &mut PgConnection, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+async fn run() {
+    let carts = setting("INSEAM_BENCH_CARTS", 1_000);
+    let commands = setting("INSEAM_BENCH_COMMANDS", 10);
+    let rounds = setting("INSEAM_BENCH_ROUNDS", 5).max(1);
+    let synchronous_commit = std::env::var("INSEAM_BENCH_SYNCHRONOUS_COMMIT").ok();
+    let server = std::env::var("INSEAM_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+
+    let mut admin = PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {server}: {e}"));
+    let base = format!("inseam_cqrs_bench_{}", std::process::id());
+    let databases = [
+        format!("{base}_inseam"),
+        format!("{base}_inseam_group"),
+        format!("{base}_cqrs"),
+    ];
+    for db in &databases {
+        admin
+            .execute(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+            )))
+            .await
+            .expect("drop an old database");
+        admin
+            .execute(AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .await
+            .expect("create a database");
+        if let Some(value) = &synchronous_commit {
+            admin
+                .execute(AssertSqlSafe(format!(
+                    "ALTER DATABASE {db} SET synchronous_commit = '{}'",
+                    value.replace('\'', "")
+                )))
+                .await
+                .expect("set synchronous_commit on a database");
+        }
+    }
+    let url = |db: &str| format!("{server}/{db}");
+    let sqlite_dir = tempfile::tempdir().expect("a temporary directory");
+    let sqlite_url = format!("sqlite://{}", sqlite_dir.path().join("inseam.db").display());
+
+    let inseam_app = |url: String, subscribed: bool| async move {
+        let store = SqlStore::connect(&url).await.expect("connect the store");
+        let builder = if subscribed {
+            on_inseam::app_with_subscriber(store)
+        } else {
+            on_inseam::app(store)
+        };
+        builder.build().await.expect("build the app")
+    };
+    let cqrs_url = url(&databases[2]);
+    let mut cqrs_conn = PgConnection::connect(&cqrs_url)
+        .await
+        .expect("connect to the cqrs-es database");
+    cqrs_conn
+        .execute(on_cqrs_es::SCHEMA)
+        .await
+        .expect("create the events table");
+
+    // The relay is not started: nothing here measures delivery, and with the group subscribed
+    // its delivery rows stay in the table.
+    let mut sides = vec![
+        Side {
+            name: "inseam, PostgreSQL",
+            target: Target::Inseam(inseam_app(url(&databases[0]), false).await),
+            rounds: Vec::new(),
+        },
+        Side {
+            name: "inseam, PostgreSQL, 1 group subscribed",
+            target: Target::Inseam(inseam_app(url(&databases[1]), true).await),
+            rounds: Vec::new(),
+        },
+        Side {
+            name: "inseam, SQLite",
+            target: Target::Inseam(inseam_app(sqlite_url, false).await),
+            rounds: Vec::new(),
+        },
+        Side {
+            name: "cqrs-es + postgres-es, PostgreSQL",
+            target: Target::CqrsEs(Box::new(on_cqrs_es::framework(&cqrs_url).await)),
+            rounds: Vec::new(),
+        },
+    ];
+
+    let skus = ["tea", "milk", "bread"];
+    let carts_named = |prefix: &str, n: usize| -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i}")).collect()
+    };
+    let warm_up = carts_named("warm-", WARM_UP_CARTS);
+    for k in 0..commands {
+        for side in &sides {
+            side.pass(&warm_up, skus[k % skus.len()]).await;
+        }
+    }
+    for round in 0..rounds {
+        let ids = carts_named(&format!("r{round}-"), carts);
+        let mut elapsed = vec![Duration::ZERO; sides.len()];
+        for k in 0..commands {
+            for i in 0..sides.len() {
+                let at = (i + k + round) % sides.len();
+                elapsed[at] += sides[at].pass(&ids, skus[k % skus.len()]).await;
+            }
+        }
+        for (side, took) in sides.iter_mut().zip(elapsed) {
+            side.rounds
+                .push((carts * commands) as f64 / took.as_secs_f64());
+        }
+    }
+
+    // Every command stored exactly one event, and the carts fold to what was sent.
+    let events = ((WARM_UP_CARTS + rounds * carts) * commands) as i64;
+    let expected_tea = commands.div_ceil(3) as u32;
+    for side in &sides {
+        match &side.target {
+            Target::Inseam(app) => {
+                let cart = app.load::<Cart>("r0-0").await.expect("load a cart");
+                assert_eq!(cart.version(), commands as u64, "{}", side.name);
+                assert_eq!(cart.0.items["tea"], (expected_tea, 250), "{}", side.name);
+            }
+            Target::CqrsEs(_) => {}
+        }
+    }
+    let mut conns = Vec::new();
+    for db in &databases[..2] {
+        conns.push(PgConnection::connect(&url(db)).await.expect("connect"));
+    }
+    const STREAM_ROWS: &str = "SELECT count(*) FROM inseam_outbox WHERE stream IS NOT NULL";
+    const DELIVERY_ROWS: &str = "SELECT count(*) FROM inseam_deliveries";
+    assert_eq!(count(&mut conns[0], STREAM_ROWS).await, events);
+    assert_eq!(count(&mut conns[0], DELIVERY_ROWS).await, 0);
+    assert_eq!(count(&mut conns[1], STREAM_ROWS).await, events);
+    assert_eq!(count(&mut conns[1], DELIVERY_ROWS).await, events);
+    assert_eq!(
+        count(&mut cqrs_conn, "SELECT count(*) FROM events").await,
+        events
+    );
+    let tea: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = 'r0-0' AND payload::text LIKE '%\"tea\"%'",
+    )
+    .fetch_one(&mut cqrs_conn)
+    .await
+    .expect("count a cart's events");
+    assert_eq!(tea, i64::from(expected_tea));
+
+    println!(
+        "event-sourced AddItem commands, sequential: {rounds} round(s) of {carts} carts x {commands} \
+         commands (after a warm-up of {WARM_UP_CARTS} carts x {commands}), commands/s"
+    );
+    if let Some(value) = &synchronous_commit {
+        println!("PostgreSQL databases with synchronous_commit = {value}");
+    }
+    let header: String = (1..=rounds)
+        .map(|r| format!("{:>10}", format!("round {r}")))
+        .collect();
+    println!("{:<40}{header}{:>10}", "side", "median");
+    for side in &sides {
+        let cells: String = side.rounds.iter().map(|r| format!("{r:>10.0}")).collect();
+        println!("{:<40}{cells}{:>10.0}", side.name, side.median());
+    }
+    let cqrs = &sides[3];
+    for side in &sides[..3] {
+        let per_round: Vec<String> = side
+            .rounds
+            .iter()
+            .zip(&cqrs.rounds)
+            .map(|(a, b)| format!("{:.2}", a / b))
+            .collect();
+        println!(
+            "{} / cqrs-es PostgreSQL: {:.2}x (medians; per round {})",
+            side.name,
+            side.median() / cqrs.median(),
+            per_round.join(", ")
+        );
+    }
+    println!("verified: {events} events stored on each side, carts fold to what was sent");
+
+    drop(conns);
+    drop(cqrs_conn);
+    drop(sides);
+    for db in &databases {
+        admin
+            .execute(AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
+            .await
+            .expect("drop a database");
+    }
+}
+
+fn main() {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(run());
+}
