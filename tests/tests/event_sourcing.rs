@@ -268,6 +268,18 @@ async fn upcasting_stored_payloads(backend: Backend) {
     .unwrap();
     let old = app.load::<Cart>("old").await.unwrap();
     assert_eq!(old.version(), 1);
+    // Read forward from a version, as the current version.
+    let stored = app.read_stream("cart-old", 0).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].envelope.version, 2);
+    assert_eq!(
+        stored[0].envelope.decode::<ItemAdded>().unwrap().payload,
+        ItemAdded {
+            sku: "tea".into(),
+            qty: 3,
+            unit_price: 0
+        }
+    );
     assert_eq!(old.items["tea"], (3, 0));
     assert_eq!(app.send(add("old", 1)).await.unwrap(), 2);
     assert_eq!(

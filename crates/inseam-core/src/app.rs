@@ -355,6 +355,37 @@ impl App {
         self.read_aggregate(id, Some(at)).await
     }
 
+    /// The events of `stream` after version `after`, in order, upcast to their current
+    /// versions (for tools and tests; handlers load aggregates).
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        after: u64,
+    ) -> Result<Vec<crate::store::StoredEvent>, AggregateError> {
+        let Some(store) = &self.inner.store else {
+            return Err(AggregateError::NoStore);
+        };
+        let mut uow = store.begin().await?;
+        let read = uow.read_stream(stream, after, None).await;
+        if let Err(error) = uow.rollback().await {
+            tracing::debug!(target: "inseam::aggregate", error = &error as &dyn std::error::Error, "ending a read-only transaction failed");
+        }
+        read?
+            .into_iter()
+            .map(|mut stored| {
+                let version = stored.version;
+                stored.envelope =
+                    self.upcast(stored.envelope)
+                        .map_err(|source| AggregateError::Upcast {
+                            stream: stream.to_owned(),
+                            version,
+                            source,
+                        })?;
+                Ok(stored)
+            })
+            .collect()
+    }
+
     async fn read_aggregate<A: Aggregate>(
         &self,
         id: &str,
