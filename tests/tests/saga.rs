@@ -42,9 +42,13 @@ async fn run(store: &SqlStore, faults: Faults, order: &str) -> (Vec<String>, Vec
     .await
     .unwrap();
     let relay = app.start();
-    app.send(PlaceOrder {
-        order: order.to_owned(),
-    })
+    let correlation = uuid::Uuid::now_v7();
+    app.send_with(
+        PlaceOrder {
+            order: order.to_owned(),
+        },
+        inseam::MessageMeta::new().correlation_id(correlation),
+    )
     .await
     .unwrap();
     if faults == Faults::PaymentTimeout {
@@ -88,6 +92,41 @@ async fn run(store: &SqlStore, faults: Faults, order: &str) -> (Vec<String>, Vec
         .unwrap()
         .get(0);
     assert_eq!(done, 1, "the saga's state is terminal");
+    // The stored flow: every command the saga issued and every event, under one correlation
+    // id (the timeout is the saga's own message, in the same flow).
+    let mut stored: Vec<String> = store
+        .flow(correlation)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| {
+            let name = entry.envelope.name;
+            let kind = if app.is_durable_command(&name) {
+                "command"
+            } else {
+                "event"
+            };
+            format!("{kind} {name}")
+        })
+        .collect();
+    stored.sort();
+    if faults == Faults::None {
+        assert_eq!(
+            stored,
+            [
+                "command inventory.reserve_stock",
+                "command orders.confirm",
+                "command payments.charge",
+                "command shipping.create_shipment",
+                "event inseam.saga_timeout",
+                "event inventory.stock_reserved",
+                "event orders.confirmed",
+                "event orders.placed",
+                "event payments.charged",
+                "event shipping.shipment_created",
+            ]
+        );
+    }
     // What the services actually ran, from their inbox rows: each command exactly once.
     let mut lines = flow.lines();
     lines.push("-- commands run (inbox rows):".to_owned());

@@ -402,6 +402,13 @@ impl App {
         loaded
     }
 
+    /// Whether `name` is the name of a command declared durable (for tools that show flows).
+    pub fn is_durable_command(&self, name: &str) -> bool {
+        self.inner
+            .durable
+            .contains_key(format!("command:{name}").as_str())
+    }
+
     /// Every group with a durable subscriber, sorted.
     pub fn groups(&self) -> &[&'static str] {
         &self.inner.groups

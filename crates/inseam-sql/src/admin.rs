@@ -231,3 +231,37 @@ impl SqlStore {
         Ok(())
     }
 }
+
+/// One message of a flow, as stored in the outbox.
+#[derive(Debug, Clone)]
+pub struct FlowEntry {
+    /// When it was written (committed with its unit of work).
+    pub recorded_at: DateTime<Utc>,
+    /// The message.
+    pub envelope: inseam_core::RawEnvelope,
+}
+
+impl SqlStore {
+    /// Every message of the flow with `correlation_id` still in the outbox (events and durable
+    /// commands; delivered messages stay for the outbox retention, a stream's events for
+    /// good), oldest first.
+    pub async fn flow(&self, correlation_id: Uuid) -> Result<Vec<FlowEntry>> {
+        let rows = sqlx::query(AssertSqlSafe(self.shared.sql.flow.clone()))
+            .bind(correlation_id.to_string())
+            .fetch_all(&self.shared.pool)
+            .await
+            .context("read a flow")?;
+        rows.iter()
+            .map(|row| {
+                let bytes: Vec<u8> = row.try_get(0)?;
+                let envelope = inseam_core::RawEnvelope::from_json(&bytes)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                Ok(FlowEntry {
+                    recorded_at: from_micros(row.try_get(1)?),
+                    envelope,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .context("read a flow")
+    }
+}

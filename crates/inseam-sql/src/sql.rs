@@ -215,6 +215,14 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
                 ),
             ],
         },
+        // A flow's messages by correlation id, for timelines and tools.
+        Migration {
+            version: 6,
+            statements: vec![
+                format!("ALTER TABLE {p}outbox ADD COLUMN correlation_id {text_c}"),
+                format!("CREATE INDEX {p}outbox_flow ON {p}outbox (correlation_id, created_at)"),
+            ],
+        },
     ]
 }
 
@@ -260,6 +268,7 @@ pub(crate) struct Statements {
     pub(crate) load_snapshot: Arc<str>,
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_process: Arc<str>,
+    pub(crate) flow: Arc<str>,
     pub(crate) pause: Arc<str>,
     pub(crate) resume: Arc<str>,
     pub(crate) paused: Arc<str>,
@@ -329,15 +338,15 @@ impl Statements {
                 ))),
             },
             insert_outbox: s(format!(
-                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             )),
             write_outbox: match backend {
                 Backend::Sqlite => None,
                 Backend::Postgres => Some(s(format!(
                     "WITH o AS (
-                        INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version)
-                        VALUES ($1, $2, $3, $4, $5, $6, $10, $11) RETURNING message_id, msg_key)
+                        INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id)
+                        VALUES ($1, $2, $3, $4, $5, $6, $10, $11, $12) RETURNING message_id, msg_key)
                      INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
                      SELECT items.x, o.message_id, o.msg_key, $7, $6
                      FROM o CROSS JOIN (SELECT pg_notify($9, '')) AS n CROSS JOIN {groups}",
@@ -468,6 +477,10 @@ impl Statements {
             )),
             rename_inbox: s(format!("UPDATE {p}inbox SET grp = $1 WHERE grp = $2")),
             clear_inbox: s(format!("DELETE FROM {p}inbox WHERE grp = $1")),
+            flow: s(format!(
+                "SELECT envelope, created_at FROM {p}outbox WHERE correlation_id = $1
+                 ORDER BY created_at, message_id"
+            )),
             load_process: s(format!(
                 "SELECT state, done FROM {p}processes WHERE kind = $1 AND id = $2"
             )),

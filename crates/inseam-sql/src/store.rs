@@ -346,6 +346,7 @@ impl SqlUnitOfWork {
                 })?;
             let deliver_at = message.deliver_at.map_or(now, micros);
             let stream = message.stream.as_ref().map(|s| s.stream.clone());
+            let correlation = envelope.metadata.correlation_id.to_string();
             let stream_version = message
                 .stream
                 .as_ref()
@@ -363,6 +364,7 @@ impl SqlUnitOfWork {
                     .bind(sql.channel.to_string())
                     .bind(stream.clone())
                     .bind(stream_version)
+                    .bind(correlation.clone())
                     .execute(&mut *self.tx)
                     .await
                     .map_err(|e| conflict_or(e, &message))?;
@@ -378,6 +380,7 @@ impl SqlUnitOfWork {
                 .bind(now)
                 .bind(stream)
                 .bind(stream_version)
+                .bind(correlation)
                 .execute(&mut *self.tx)
                 .await
                 .map_err(|e| conflict_or(e, &message))?;
