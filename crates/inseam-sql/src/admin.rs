@@ -177,7 +177,7 @@ impl SqlStore {
     /// The inbox still guards against a second delivery.
     pub async fn retry_dead_letter(&self, id: i64) -> Result<()> {
         let shared = &self.shared;
-        let mut tx = shared.begin().await.context("begin a dead letter retry")?;
+        let (mut tx, _turn) = shared.begin().await.context("begin a dead letter retry")?;
         let row = sqlx::query(AssertSqlSafe(shared.sql.get_dead_letter.clone()))
             .bind(id)
             .fetch_optional(&mut *tx)

@@ -311,7 +311,7 @@ impl SqlStore {
         self.pause(group, "rebuilding").await?;
         let started = Instant::now();
         let outcome = async {
-            let mut tx = shared.begin().await.context("begin a rebuild")?;
+            let (mut tx, turn) = shared.begin().await.context("begin a rebuild")?;
             for table in projection.tables() {
                 if P::SWAP || model.is_next() {
                     drop_table(&mut tx, &model.table(table)).await?;
@@ -335,6 +335,7 @@ impl SqlStore {
                 .and_then(|row| row.try_get(0))
                 .context("count the events to replay")?;
             tx.commit().await.context("commit the rebuild's start")?;
+            drop(turn);
             let total = u64::try_from(total).unwrap_or_default();
             let mut done: u64 = 0;
             let mut after: (i64, String, i64) = (i64::MIN, String::new(), 0);
@@ -350,7 +351,7 @@ impl SqlStore {
                     .await
                     .context("read events to replay")?;
                 if rows.is_empty() {
-                    unit.tx.commit().await.context("end the replay")?;
+                    unit.commit_unit().await.context("end the replay")?;
                     break;
                 }
                 let mut ids = Vec::with_capacity(rows.len());
@@ -380,7 +381,7 @@ impl SqlStore {
                     .execute(&mut *unit.tx)
                     .await
                     .context("record replayed events")?;
-                unit.tx.commit().await.context("commit a replayed batch")?;
+                unit.commit_unit().await.context("commit a replayed batch")?;
                 done += rows.len() as u64;
                 let elapsed = started.elapsed().as_secs_f64();
                 let rate = if elapsed > 0.0 {
@@ -400,7 +401,7 @@ impl SqlStore {
                 progress(&report);
             }
             // Swap: the rebuilt tables, the inbox of what they hold, and the group resumes.
-            let mut tx = shared.begin().await.context("begin the swap")?;
+            let (mut tx, turn) = shared.begin().await.context("begin the swap")?;
             if P::SWAP {
                 for table in projection.tables() {
                     drop_table(&mut tx, table).await?;
@@ -432,6 +433,7 @@ impl SqlStore {
                 .await
                 .context("resume the group")?;
             tx.commit().await.context("commit the swap")?;
+            drop(turn);
             shared.wake();
             Ok(done)
         }

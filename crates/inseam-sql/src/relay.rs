@@ -238,7 +238,7 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
     }
     tracing::Span::current().record("claimed", rows.len());
     if rows.is_empty() {
-        unit.tx.commit().await.context("end an empty claim")?;
+        unit.commit_unit().await.context("end an empty claim")?;
         return Ok(BatchOutcome {
             claimed: 0,
             retry_at: None,
@@ -271,7 +271,9 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
         }
         if inserted.is_ok_and(|done| done.rows_affected() == rows.len() as u64) {
             let wrote = unit.wrote_outbox();
-            unit.tx.commit().await.context("commit a delivered batch")?;
+            unit.commit_unit()
+                .await
+                .context("commit a delivered batch")?;
             if wrote {
                 shared.wake();
             }
@@ -286,8 +288,7 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
             });
         }
     }
-    unit.tx
-        .rollback()
+    unit.rollback_unit()
         .await
         .context("roll back a failed batch")?;
     let claimed = rows.len();
@@ -396,7 +397,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
     let mut unit = store.begin_unit().await?;
     let now = micros(shared.now());
     let Some(row) = claim_one(&mut unit, group, now, id).await? else {
-        unit.tx.rollback().await.context("release a claim")?;
+        unit.rollback_unit().await.context("release a claim")?;
         return Ok(One::Gone);
     };
     let row = Claimed::from_row(&row).context("read a claimed delivery")?;
@@ -409,7 +410,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         .context("check the inbox")?;
     if seen > 0 {
         delete_delivery(&mut unit, row.id).await?;
-        unit.tx.commit().await.context("skip a duplicate")?;
+        unit.commit_unit().await.context("skip a duplicate")?;
         shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         tracing::info!(target: "inseam::relay", group, message_id = %row.message_id, "redelivery skipped: already in the inbox");
         return Ok(One::Duplicate);
@@ -429,7 +430,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         insert_inbox(&mut unit, group, &[&row.message_id], now).await?;
         delete_delivery(&mut unit, row.id).await?;
         let wrote = unit.wrote_outbox();
-        unit.tx.commit().await.context("commit a delivery")?;
+        unit.commit_unit().await.context("commit a delivery")?;
         if wrote {
             shared.wake();
         }
@@ -446,7 +447,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         drop(unit);
         unit = store.begin_unit().await?;
         if claim_one(&mut unit, group, now, id).await?.is_none() {
-            unit.tx.rollback().await.context("release a claim")?;
+            unit.rollback_unit().await.context("release a claim")?;
             return Ok(One::Gone);
         }
     }
@@ -462,7 +463,9 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
             .context("stop a group")?;
         tracing::error!(target: "inseam::relay", group, error = %failure.chain, "group stopped; resume it with `store.resume(..)` once fixed");
     }
-    unit.tx.commit().await.context("record a failed delivery")?;
+    unit.commit_unit()
+        .await
+        .context("record a failed delivery")?;
     Ok(One::Failed { retry_at })
 }
 

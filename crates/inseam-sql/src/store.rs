@@ -118,15 +118,39 @@ pub(crate) struct Shared {
     pub(crate) stats: crate::relay::Counters,
     /// The app's clock (the system's until an app is built on the store).
     pub(crate) clock: std::sync::RwLock<Arc<dyn Clock>>,
+    /// SQLite: the in-process turn to write.
+    pub(crate) writer: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// In-process turn to write to SQLite: held for the whole write transaction.
+pub(crate) type WriteTurn = Option<tokio::sync::OwnedMutexGuard<()>>;
+
+/// How long a SQLite writer waits for its turn (and for the file lock, `busy_timeout`).
+const SQLITE_BUSY: Duration = Duration::from_secs(10);
+
 impl Shared {
-    pub(crate) async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+    /// Begins a write transaction. On SQLite, writers first take their turn in process, so
+    /// that waiting for the single write lock never holds a pool connection that a handler in
+    /// the writing transaction may need for a read; the turn is released with the returned
+    /// guard.
+    pub(crate) async fn begin(
+        &self,
+    ) -> Result<(Transaction<'static, Any>, WriteTurn), sqlx::Error> {
         match self.backend {
-            // Take SQLite's write lock up front: a transaction that reads before it writes
-            // would otherwise fail when another connection committed in between.
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+            Backend::Sqlite => {
+                let turn = tokio::time::timeout(SQLITE_BUSY, self.writer.clone().lock_owned())
+                    .await
+                    .map_err(|_| {
+                        sqlx::Error::Protocol(format!(
+                            "waited {SQLITE_BUSY:?} for SQLite's write lock: is a handler sending a command from inside another command's transaction?"
+                        ))
+                    })?;
+                // Take SQLite's write lock up front: a transaction that reads before it
+                // writes would otherwise fail when another process committed in between.
+                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                Ok((tx, Some(turn)))
+            }
+            Backend::Postgres => Ok((self.pool.begin().await?, None)),
         }
     }
 
@@ -228,6 +252,7 @@ impl SqlStore {
                 wake,
                 stats: crate::relay::Counters::default(),
                 clock: std::sync::RwLock::new(Arc::new(SystemClock)),
+                writer: Arc::new(tokio::sync::Mutex::new(())),
             }),
         };
         store.migrate(&prefix).await?;
@@ -295,11 +320,12 @@ impl SqlStore {
     }
 
     pub(crate) async fn begin_unit(&self) -> Result<SqlUnitOfWork> {
-        let tx = self.shared.begin().await.context("begin a transaction")?;
+        let (tx, turn) = self.shared.begin().await.context("begin a transaction")?;
         Ok(SqlUnitOfWork {
             tx,
             shared: self.shared.clone(),
             notified: false,
+            _turn: turn,
         })
     }
 }
@@ -309,6 +335,8 @@ pub struct SqlUnitOfWork {
     pub(crate) tx: Transaction<'static, Any>,
     pub(crate) shared: Arc<Shared>,
     notified: bool,
+    /// Declared after `tx`: released once the transaction is over.
+    _turn: WriteTurn,
 }
 
 impl fmt::Debug for SqlUnitOfWork {
@@ -322,6 +350,18 @@ impl fmt::Debug for SqlUnitOfWork {
 impl SqlUnitOfWork {
     pub(crate) fn wrote_outbox(&self) -> bool {
         self.notified
+    }
+
+    /// Commits, then gives up the write turn.
+    pub(crate) async fn commit_unit(self) -> Result<(), sqlx::Error> {
+        let SqlUnitOfWork { tx, _turn, .. } = self;
+        tx.commit().await
+    }
+
+    /// Rolls back, then gives up the write turn.
+    pub(crate) async fn rollback_unit(self) -> Result<(), sqlx::Error> {
+        let SqlUnitOfWork { tx, _turn, .. } = self;
+        tx.rollback().await
     }
 
     /// The transaction's connection, for the handler's own SQL.

@@ -1,0 +1,242 @@
+//! The example shop: six modules of one app, each exposing only its messages.
+//!
+//! - [`catalog`]: products and prices.
+//! - [`orders`]: the event-sourced `Order`, the fulfilment saga, the order summaries.
+//! - [`inventory`]: stock and reservations.
+//! - [`payments`]: charges and refunds against a fake gateway.
+//! - [`shipping`]: shipments with a fake carrier.
+//! - [`notifications`]: messages to customers, by choreography.
+//!
+//! A module's tables carry its name as a prefix, and no module touches another's tables
+//! (`tests/boundaries.rs` checks the SQL of every module). Modules talk through commands,
+//! queries and events only, so any of them can later move behind a broker.
+
+pub mod catalog;
+pub mod inventory;
+pub mod notifications;
+pub mod orders;
+pub mod payments;
+pub mod shipping;
+
+use std::time::Duration;
+
+use inseam::sql::sqlx::{self, AssertSqlSafe};
+use inseam::sql::{Backend, SqlStore};
+use inseam::{App, BuildError, MessageMeta};
+
+use crate::catalog::{AddProduct, Product};
+use crate::inventory::SetStock;
+use crate::orders::{GetOrder, OrderLine, OrderSummary, PlaceOrder};
+use crate::payments::Gateway;
+use crate::shipping::Carrier;
+
+/// Why the shop could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum ShopError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] inseam::sql::Error),
+    /// Creating a module's tables failed.
+    #[error("creating the shop's tables failed")]
+    Schema(#[source] sqlx::Error),
+    /// The app's wiring is wrong.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A command or query failed.
+    #[error("{0}")]
+    Dispatch(String),
+    /// An order did not finish in time.
+    #[error("order `{0}` did not finish within {1:?}")]
+    Timeout(String, Duration),
+}
+
+/// The fake outside world the shop talks to.
+#[derive(Debug, Clone, Default)]
+pub struct World {
+    /// The payment gateway.
+    pub gateway: Gateway,
+    /// The carrier.
+    pub carrier: Carrier,
+}
+
+/// Connects to the shop's database (`sqlite://..` or `postgres://..`) and creates its tables.
+pub async fn open(url: &str) -> Result<SqlStore, ShopError> {
+    let store = SqlStore::connect(url).await?;
+    let serial = match store.backend() {
+        Backend::Sqlite => "INTEGER PRIMARY KEY",
+        Backend::Postgres => "BIGSERIAL PRIMARY KEY",
+    };
+    let schemas = [
+        catalog::SCHEMA,
+        inventory::SCHEMA,
+        payments::SCHEMA,
+        shipping::SCHEMA,
+        notifications::SCHEMA,
+    ];
+    for statement in schemas.into_iter().flatten() {
+        sqlx::query(AssertSqlSafe(statement.replace("{serial}", serial)))
+            .execute(store.pool())
+            .await
+            .map_err(ShopError::Schema)?;
+    }
+    store.install(&orders::Summaries).await?;
+    Ok(store)
+}
+
+/// The shop's app on `store`, talking to `world`.
+pub async fn app(store: &SqlStore, world: &World) -> Result<App, ShopError> {
+    let builder = App::builder()
+        .store(store.clone())
+        .state(store.pool().clone());
+    let builder = catalog::register(builder);
+    let builder = inventory::register(builder);
+    let builder = payments::register(builder, world.gateway.clone());
+    let builder = shipping::register(builder, world.carrier.clone());
+    let builder = notifications::register(builder);
+    let builder = orders::register(builder);
+    Ok(builder.build().await?)
+}
+
+/// The catalog and stock the demo starts with.
+pub async fn seed(app: &App) -> Result<(), ShopError> {
+    let products = [
+        ("tea", "Assam tea, 250 g", 650, 100),
+        ("cup", "Porcelain cup", 1200, 20),
+        ("teapot", "Cast iron teapot", 4500, 1),
+    ];
+    for (sku, name, price_cents, stock) in products {
+        app.send(AddProduct {
+            product: Product {
+                sku: sku.into(),
+                name: name.into(),
+                price_cents,
+            },
+        })
+        .await
+        .map_err(|e| ShopError::Dispatch(e.to_string()))?;
+        app.send(SetStock {
+            sku: sku.into(),
+            available: stock,
+        })
+        .await
+        .map_err(|e| ShopError::Dispatch(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// One of the demo's orders.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoOrder {
+    /// The order's id.
+    pub order_id: &'static str,
+    /// Who orders.
+    pub customer: &'static str,
+    /// `(sku, quantity)` per line.
+    pub lines: &'static [(&'static str, u32)],
+}
+
+/// The demo's three orders: alice's goes through, bob's card is declined (the demo's gateway
+/// declines bob), carol asks for three teapots when one is in stock.
+pub const DEMO_ORDERS: [DemoOrder; 3] = [
+    DemoOrder {
+        order_id: "order-1",
+        customer: "alice",
+        lines: &[("tea", 2), ("cup", 1)],
+    },
+    DemoOrder {
+        order_id: "order-2",
+        customer: "bob",
+        lines: &[("tea", 1)],
+    },
+    DemoOrder {
+        order_id: "order-3",
+        customer: "carol",
+        lines: &[("teapot", 3)],
+    },
+];
+
+/// Places an order in a flow of its own; returns the flow's correlation id.
+pub async fn place(
+    app: &App,
+    order_id: &str,
+    customer: &str,
+    lines: &[(&str, u32)],
+) -> Result<uuid::Uuid, ShopError> {
+    let correlation = uuid::Uuid::now_v7();
+    let order = PlaceOrder {
+        order_id: order_id.into(),
+        customer: customer.into(),
+        lines: lines
+            .iter()
+            .map(|(sku, quantity)| OrderLine {
+                sku: (*sku).into(),
+                quantity: *quantity,
+            })
+            .collect(),
+    };
+    app.send_with(order, MessageMeta::new().correlation_id(correlation))
+        .await
+        .map_err(|e| ShopError::Dispatch(e.to_string()))?;
+    Ok(correlation)
+}
+
+/// Waits until the order is confirmed or rejected in the read model.
+pub async fn settled(
+    app: &App,
+    order_id: &str,
+    within: Duration,
+) -> Result<OrderSummary, ShopError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let summary = app
+            .query(GetOrder {
+                order_id: order_id.into(),
+            })
+            .await;
+        if let Ok(summary) = summary
+            && summary.status != "placed"
+        {
+            return Ok(summary);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ShopError::Timeout(order_id.into(), within));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A flow as readable text: every command and event with its correlation id, in the order
+/// they were written, with the time since the first and the payload.
+pub async fn timeline(
+    store: &SqlStore,
+    app: &App,
+    correlation: uuid::Uuid,
+    with_times: bool,
+) -> Result<String, ShopError> {
+    let flow = store.flow(correlation).await?;
+    let start = flow.first().map(|e| e.recorded_at);
+    let mut text = String::new();
+    for entry in flow {
+        let name = &entry.envelope.name;
+        let kind = if app.is_durable_command(name) {
+            "command"
+        } else if name.starts_with("inseam.") {
+            "timer"
+        } else {
+            "event"
+        };
+        let data = serde_json::from_slice::<serde_json::Value>(&entry.envelope.payload)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        let elapsed = start
+            .map(|s| (entry.recorded_at - s).num_milliseconds())
+            .unwrap_or_default();
+        if with_times {
+            text.push_str(&format!("  +{elapsed:>4} ms  "));
+        } else {
+            text.push_str("  ");
+        }
+        text.push_str(&format!("{kind:<7} {name:<28} {data}\n"));
+    }
+    Ok(text)
+}
