@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
-use futures_util::future::Either;
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
@@ -17,10 +16,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 use uuid::Uuid;
 
-use crate::context::{MessageMeta, PendingEvent};
+use crate::context::{MessageMeta, NO_META, PendingEvent};
 use crate::dispatch::{
     CommandSlot, DurableCommand, DurableRoute, EventRoute, QuerySlot, classify, complete,
-    publish_in_store, run_command, run_query,
+    publish_in_store, run_command, run_command_alone, run_query,
 };
 use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{BuildError, DispatchError, WiringProblem};
@@ -159,7 +158,7 @@ impl App {
         &self,
         command: C,
     ) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + '_ {
-        self.send_with(command, MessageMeta::new())
+        self.dispatch_command(command, NoMeta)
     }
 
     /// Sends a command with given metadata (correlation id, headers, ...).
@@ -168,28 +167,35 @@ impl App {
         command: C,
         meta: MessageMeta,
     ) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + '_ {
-        // The path without layers returns the unit of work's future itself: no extra state
-        // machine around it, no copy of it, no allocation.
-        match self.inner.command_slot::<C>() {
-            Some(slot) if slot.service.is_none() => {
-                Either::Left(run_command(self, slot, command, meta))
-            }
-            slot => Either::Right(Box::pin(self.send_layered(slot, command, meta))),
-        }
+        self.dispatch_command(command, meta)
     }
 
-    async fn send_layered<C: Command>(
+    /// One state machine for every path: the path without layers and without a store runs in
+    /// it directly, the others are boxed (they allocate anyway).
+    async fn dispatch_command<C: Command, M: GivenMeta>(
         &self,
-        slot: Option<&CommandSlot<C>>,
         command: C,
-        meta: MessageMeta,
+        meta: M,
     ) -> Result<C::Output, DispatchError<C::Error>> {
-        let Some(slot) = slot else {
+        let Some(slot) = self.inner.command_slot::<C>() else {
             return Err(DispatchError::NoHandler {
                 kind: MessageKind::Command,
                 message: type_name::<C>(),
             });
         };
+        if slot.service.is_none() && self.inner.store.is_none() {
+            run_command_alone(self, slot, command, meta.get()).await
+        } else {
+            Box::pin(self.send_layered(slot, command, meta.into_owned())).await
+        }
+    }
+
+    async fn send_layered<C: Command>(
+        &self,
+        slot: &CommandSlot<C>,
+        command: C,
+        meta: MessageMeta,
+    ) -> Result<C::Output, DispatchError<C::Error>> {
         let Some(service) = &slot.service else {
             return run_command(self, slot, command, meta).await;
         };
@@ -210,7 +216,7 @@ impl App {
         &self,
         query: Q,
     ) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + '_ {
-        self.query_with(query, MessageMeta::new())
+        self.dispatch_query(query, NoMeta)
     }
 
     /// Sends a query with given metadata.
@@ -219,29 +225,35 @@ impl App {
         query: Q,
         meta: MessageMeta,
     ) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + '_ {
-        match self.inner.query_slot::<Q>() {
-            Some(slot) if slot.service.is_none() => {
-                Either::Left(run_query(self, slot, query, meta))
-            }
-            slot => Either::Right(Box::pin(self.query_layered(slot, query, meta))),
-        }
+        self.dispatch_query(query, meta)
     }
 
-    async fn query_layered<Q: Query>(
+    async fn dispatch_query<Q: Query, M: GivenMeta>(
         &self,
-        slot: Option<&QuerySlot<Q>>,
         query: Q,
-        meta: MessageMeta,
+        meta: M,
     ) -> Result<Q::Output, DispatchError<Q::Error>> {
-        let Some(slot) = slot else {
+        let Some(slot) = self.inner.query_slot::<Q>() else {
             return Err(DispatchError::NoHandler {
                 kind: MessageKind::Query,
                 message: type_name::<Q>(),
             });
         };
-        let Some(service) = &slot.service else {
-            return run_query(self, slot, query, meta).await;
-        };
+        match &slot.service {
+            None => run_query(self, slot, query, meta.get()).await,
+            Some(service) => {
+                Box::pin(self.query_layered(service, slot, query, meta.into_owned())).await
+            }
+        }
+    }
+
+    async fn query_layered<Q: Query>(
+        &self,
+        service: &DispatchService,
+        slot: &QuerySlot<Q>,
+        query: Q,
+        meta: MessageMeta,
+    ) -> Result<Q::Output, DispatchError<Q::Error>> {
         let request = self.request(
             MessageKind::Query,
             Q::NAME,
@@ -441,6 +453,38 @@ impl App {
             }
             Err(error) => Err(classify(kind, name, error)),
         }
+    }
+}
+
+/// The metadata a dispatch was given: none (`send`, `query`) or the caller's (`send_with`,
+/// `query_with`). Without any, the dispatch future holds none either.
+trait GivenMeta: Send + Sync + 'static {
+    fn get(&self) -> &MessageMeta;
+    fn into_owned(self) -> MessageMeta;
+}
+
+/// No metadata given: fresh ids on first use.
+struct NoMeta;
+
+impl GivenMeta for NoMeta {
+    #[inline]
+    fn get(&self) -> &MessageMeta {
+        &NO_META
+    }
+
+    fn into_owned(self) -> MessageMeta {
+        MessageMeta::new()
+    }
+}
+
+impl GivenMeta for MessageMeta {
+    #[inline]
+    fn get(&self) -> &MessageMeta {
+        self
+    }
+
+    fn into_owned(self) -> MessageMeta {
+        self
     }
 }
 

@@ -3,8 +3,11 @@
 
 use std::any::Any;
 use std::convert::Infallible;
+use std::future::poll_fn;
 use std::panic::AssertUnwindSafe;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::Poll;
 
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
@@ -14,7 +17,9 @@ use tower::util::BoxCloneSyncService;
 
 use crate::app::App;
 use crate::codec::CodecError;
-use crate::context::{CommandContext, EventContext, MessageMeta, PendingEvent, QueryContext};
+use crate::context::{
+    CommandContext, DispatchMeta, EventContext, MessageMeta, PendingEvent, QueryContext,
+};
 use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{DeliveryError, DispatchError, MAX_EVENTS_PER_UNIT};
 use crate::handler::{
@@ -34,11 +39,26 @@ pub(crate) trait ErasedCommandHandler<C: Command>: Send + Sync {
         command: C,
         ctx: &'a mut CommandContext<'_>,
     ) -> HandlerFuture<'a, CommandResult<C>>;
+
+    /// Like `call`, with the future written into `future`, where it is then polled: returned
+    /// from the dynamic call instead, it would be copied into the caller's state machine.
+    fn start<'a>(
+        &'a self,
+        command: C,
+        ctx: &'a mut CommandContext<'_>,
+        future: Pin<&mut Option<HandlerFuture<'a, CommandResult<C>>>>,
+    );
 }
 
 pub(crate) trait ErasedQueryHandler<Q: Query>: Send + Sync {
-    fn call<'a>(&'a self, query: Q, ctx: &'a QueryContext<'_>)
-    -> HandlerFuture<'a, QueryResult<Q>>;
+    /// Starts the handler with its future written into `future` (see
+    /// `ErasedCommandHandler::start`).
+    fn start<'a>(
+        &'a self,
+        query: Q,
+        ctx: &'a QueryContext<'_>,
+        future: Pin<&mut Option<HandlerFuture<'a, QueryResult<Q>>>>,
+    );
 }
 
 pub(crate) trait ErasedEventHandler<E: Event>: Send + Sync {
@@ -73,6 +93,16 @@ impl<H: CommandHandler> ErasedCommandHandler<H::Command> for Prepared<Bound<H, H
     ) -> HandlerFuture<'a, CommandResult<H::Command>> {
         H::call(&self.0.prepared, command, ctx)
     }
+
+    #[inline]
+    fn start<'a>(
+        &'a self,
+        command: H::Command,
+        ctx: &'a mut CommandContext<'_>,
+        mut future: Pin<&mut Option<HandlerFuture<'a, CommandResult<H::Command>>>>,
+    ) {
+        future.set(Some(H::call(&self.0.prepared, command, ctx)));
+    }
 }
 
 impl<H: QueryHandler> Prepared<Bound<H, H::Prepared>> {
@@ -86,12 +116,13 @@ impl<H: QueryHandler> Prepared<Bound<H, H::Prepared>> {
 
 impl<H: QueryHandler> ErasedQueryHandler<H::Query> for Prepared<Bound<H, H::Prepared>> {
     #[inline]
-    fn call<'a>(
+    fn start<'a>(
         &'a self,
         query: H::Query,
         ctx: &'a QueryContext<'_>,
-    ) -> HandlerFuture<'a, QueryResult<H::Query>> {
-        H::call(&self.0.prepared, query, ctx)
+        mut future: Pin<&mut Option<HandlerFuture<'a, QueryResult<H::Query>>>>,
+    ) {
+        future.set(Some(H::call(&self.0.prepared, query, ctx)));
     }
 }
 
@@ -228,9 +259,10 @@ impl<E: Event> EventRoute for EventSlot<E> {
         let envelope = event.envelope.downcast_ref::<Envelope<E>>()?;
         Some(Box::pin(async move {
             for subscriber in &self.inline {
+                let meta = MessageMeta::received(envelope.metadata, envelope.headers.clone());
                 let mut ctx = EventContext {
                     app,
-                    meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+                    meta: DispatchMeta::new(&meta),
                     outgoing: &mut *outgoing,
                     delivery: Delivery::Inline,
                     uow: match &mut uow {
@@ -309,9 +341,10 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     continue;
                 }
                 let mut outgoing = Vec::new();
+                let meta = MessageMeta::received(envelope.metadata, envelope.headers.clone());
                 let mut ctx = EventContext {
                     app,
-                    meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+                    meta: DispatchMeta::new(&meta),
                     outgoing: &mut outgoing,
                     delivery: subscriber.delivery,
                     uow: Some(&mut *uow),
@@ -366,34 +399,51 @@ impl<E: Event> EventRoute for EventSlot<E> {
     }
 }
 
-/// Runs a command handler and completes its unit of work.
-pub(crate) fn run_command<'a, C: Command>(
-    app: &'a App,
-    slot: &'a CommandSlot<C>,
+/// Runs a command handler and completes its unit of work (the path through middleware and the
+/// store's; callers box it).
+pub(crate) async fn run_command<C: Command>(
+    app: &App,
+    slot: &CommandSlot<C>,
     command: C,
     meta: MessageMeta,
-) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + 'a {
-    // The context is built before the future, so the future holds it in place instead of
-    // moving it in on first poll.
-    let mut ctx = CommandContext::new(app, meta);
-    async move {
-        if let Some(store) = &app.inner.store {
-            return Box::pin(run_command_in_store(app, &**store, slot, command, ctx)).await;
-        }
-        let output = slot
-            .handler
-            .call(command, &mut ctx)
-            .await
-            .map_err(DispatchError::Handler)?;
-        if !ctx.outgoing.is_empty() {
-            // Boxed so the common case (nothing published) keeps a small future; publishing
-            // allocates anyway.
-            Box::pin(complete(app, ctx.outgoing, None))
-                .await
-                .map_err(widen)?;
-        }
-        Ok(output)
+) -> Result<C::Output, DispatchError<C::Error>> {
+    match &app.inner.store {
+        Some(store) => run_command_in_store(app, &**store, slot, command, meta).await,
+        None => run_command_alone(app, slot, command, &meta).await,
     }
+}
+
+/// Runs a command handler outside any store's unit of work: the path of `send` without
+/// middleware and without a store.
+#[inline]
+pub(crate) async fn run_command_alone<C: Command>(
+    app: &App,
+    slot: &CommandSlot<C>,
+    command: C,
+    meta: &MessageMeta,
+) -> Result<C::Output, DispatchError<C::Error>> {
+    let mut ctx = CommandContext::new(app, meta);
+    let output = {
+        let mut future = pin!(None);
+        slot.handler.start(command, &mut ctx, future.as_mut());
+        poll_fn(|cx| match future.as_mut().as_pin_mut() {
+            Some(future) => future.poll(cx).map_err(DispatchError::Handler),
+            // `start` always sets the future.
+            None => Poll::Ready(Err(DispatchError::NoHandler {
+                kind: MessageKind::Command,
+                message: std::any::type_name::<C>(),
+            })),
+        })
+        .await?
+    };
+    if !ctx.outgoing.is_empty() {
+        // Boxed so the common case (nothing published) keeps a small future; publishing
+        // allocates anyway.
+        Box::pin(complete(app, ctx.outgoing, None))
+            .await
+            .map_err(widen)?;
+    }
+    Ok(output)
 }
 
 /// Runs a command handler in a unit of work of the store: its writes, its outbox rows and its
@@ -403,24 +453,29 @@ async fn run_command_in_store<C: Command>(
     store: &dyn Store,
     slot: &CommandSlot<C>,
     command: C,
-    mut ctx: CommandContext<'_>,
+    meta: MessageMeta,
 ) -> Result<C::Output, DispatchError<C::Error>> {
-    ctx.uow = Some(store.begin().await?);
-    let output = match slot.handler.call(command, &mut ctx).await {
+    let mut uow = store.begin().await?;
+    let mut ctx = CommandContext::new(app, &meta);
+    ctx.uow = Some(&mut *uow);
+    let outcome = slot.handler.call(command, &mut ctx).await;
+    let CommandContext {
+        outgoing,
+        dispatched,
+        ..
+    } = ctx;
+    let output = match outcome {
         Ok(output) => output,
         Err(error) => {
-            rollback(ctx.uow.take()).await;
+            rollback(uow).await;
             return Err(DispatchError::Handler(error));
         }
     };
-    let Some(mut uow) = ctx.uow.take() else {
-        return Ok(output);
-    };
-    let wrote = !ctx.outgoing.is_empty() || ctx.dispatched;
-    if !ctx.outgoing.is_empty()
-        && let Err(error) = complete(app, ctx.outgoing, Some(&mut *uow)).await
+    let wrote = !outgoing.is_empty() || dispatched;
+    if !outgoing.is_empty()
+        && let Err(error) = complete(app, outgoing, Some(&mut *uow)).await
     {
-        rollback(Some(uow)).await;
+        rollback(uow).await;
         return Err(widen(error));
     }
     uow.commit().await?;
@@ -438,7 +493,7 @@ pub(crate) async fn publish_in_store(
 ) -> Result<(), DispatchError<Infallible>> {
     let mut uow = store.begin().await?;
     if let Err(error) = complete(app, outgoing, Some(&mut *uow)).await {
-        rollback(Some(uow)).await;
+        rollback(uow).await;
         return Err(error);
     }
     uow.commit().await?;
@@ -446,10 +501,8 @@ pub(crate) async fn publish_in_store(
     Ok(())
 }
 
-async fn rollback(uow: Option<Box<dyn UnitOfWork>>) {
-    if let Some(uow) = uow
-        && let Err(error) = uow.rollback().await
-    {
+async fn rollback(uow: Box<dyn UnitOfWork>) {
+    if let Err(error) = uow.rollback().await {
         // The transaction is abandoned either way; the database rolls it back when the
         // connection is reset.
         tracing::warn!(target: "inseam::dispatch", error = &error as &dyn std::error::Error, "rollback failed");
@@ -457,19 +510,28 @@ async fn rollback(uow: Option<Box<dyn UnitOfWork>>) {
 }
 
 /// Runs a query handler.
-pub(crate) fn run_query<'a, Q: Query>(
-    app: &'a App,
-    slot: &'a QuerySlot<Q>,
+#[inline]
+pub(crate) async fn run_query<Q: Query>(
+    app: &App,
+    slot: &QuerySlot<Q>,
     query: Q,
-    meta: MessageMeta,
-) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + 'a {
-    let ctx = QueryContext { app, meta };
-    async move {
-        slot.handler
-            .call(query, &ctx)
-            .await
-            .map_err(DispatchError::Handler)
-    }
+    meta: &MessageMeta,
+) -> Result<Q::Output, DispatchError<Q::Error>> {
+    let ctx = QueryContext {
+        app,
+        meta: DispatchMeta::new(meta),
+    };
+    let mut future = pin!(None);
+    slot.handler.start(query, &ctx, future.as_mut());
+    poll_fn(|cx| match future.as_mut().as_pin_mut() {
+        Some(future) => future.poll(cx).map_err(DispatchError::Handler),
+        // `start` always sets the future.
+        None => Poll::Ready(Err(DispatchError::NoHandler {
+            kind: MessageKind::Query,
+            message: std::any::type_name::<Q>(),
+        })),
+    })
+    .await
 }
 
 /// Completes a unit of work that published `outgoing`: inline subscribers run first (and may
@@ -543,9 +605,10 @@ async fn run_subscriber<E: Event>(
     envelope: &Envelope<E>,
 ) -> Result<(), BoxError> {
     let mut outgoing = Vec::new();
+    let meta = MessageMeta::received(envelope.metadata, envelope.headers.clone());
     let mut ctx = EventContext {
         app,
-        meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+        meta: DispatchMeta::new(&meta),
         outgoing: &mut outgoing,
         delivery,
         uow: None,
@@ -755,7 +818,7 @@ pub(crate) fn query_service<Q: Query>() -> DispatchService {
                 message: std::any::type_name::<Q>(),
             }) as BoxError
         })?;
-        match run_query(&app, slot, *query, meta).await {
+        match run_query(&app, slot, *query, &meta).await {
             Ok(output) => Ok(DispatchResponse(Box::new(output))),
             Err(error) => Err(into_service_error(error)),
         }
@@ -833,11 +896,9 @@ where
                         },
                     },
                 })?;
-            let mut ctx = CommandContext::new(
-                app,
-                MessageMeta::received(raw.metadata, raw.headers.clone()),
-            );
-            ctx.borrowed = Some(&mut *uow);
+            let meta = MessageMeta::received(raw.metadata, raw.headers.clone());
+            let mut ctx = CommandContext::new(app, &meta);
+            ctx.uow = Some(&mut *uow);
             let outcome = AssertUnwindSafe(slot.handler.call(command, &mut ctx))
                 .catch_unwind()
                 .await;
