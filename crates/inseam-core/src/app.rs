@@ -4,9 +4,12 @@ use std::any::{Any, TypeId, type_name};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
+use std::future::poll_fn;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 use chrono::{DateTime, Utc};
 use tokio::runtime::Handle;
@@ -16,10 +19,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 use uuid::Uuid;
 
-use crate::context::{MessageMeta, NO_META, PendingEvent};
+use crate::context::{
+    CommandContext, DispatchMeta, MessageMeta, NO_META, PendingEvent, QueryContext,
+};
 use crate::dispatch::{
     CommandSlot, DurableCommand, DurableRoute, EventRoute, QuerySlot, classify, complete,
-    publish_in_store, run_command, run_command_alone, run_query,
+    publish_in_store, run_command_in_store, widen,
 };
 use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{BuildError, DispatchError, WiringProblem};
@@ -158,7 +163,7 @@ impl App {
         &self,
         command: C,
     ) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + '_ {
-        self.dispatch_command(command, NoMeta)
+        self.dispatch_command::<C, _, true>(command, NoMeta)
     }
 
     /// Sends a command with given metadata (correlation id, headers, ...).
@@ -167,12 +172,13 @@ impl App {
         command: C,
         meta: MessageMeta,
     ) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + '_ {
-        self.dispatch_command(command, meta)
+        self.dispatch_command::<C, _, true>(command, meta)
     }
 
-    /// One state machine for every path: the path without layers and without a store runs in
-    /// it directly, the others are boxed (they allocate anyway).
-    async fn dispatch_command<C: Command, M: GivenMeta>(
+    /// Dispatches a command, through its layers if `LAYERED`. One state machine for every
+    /// path: the path without layers and without a store runs in it directly, the others are
+    /// boxed (they allocate anyway).
+    pub(crate) async fn dispatch_command<C: Command, M: GivenMeta, const LAYERED: bool>(
         &self,
         command: C,
         meta: M,
@@ -183,22 +189,50 @@ impl App {
                 message: type_name::<C>(),
             });
         };
-        if slot.service.is_none() && self.inner.store.is_none() {
-            run_command_alone(self, slot, command, meta.get()).await
-        } else {
-            Box::pin(self.send_layered(slot, command, meta.into_owned())).await
+        if LAYERED && let Some(service) = &slot.service {
+            return Box::pin(self.send_layered(service, slot, command, meta.into_owned())).await;
         }
+        if let Some(store) = &self.inner.store {
+            return Box::pin(run_command_in_store(
+                self,
+                &**store,
+                slot,
+                command,
+                meta.into_owned(),
+            ))
+            .await;
+        }
+        let mut ctx = CommandContext::new(self, meta.get());
+        let output = {
+            let mut future = pin!(None);
+            slot.handler.start(command, &mut ctx, future.as_mut());
+            poll_fn(|cx| match future.as_mut().as_pin_mut() {
+                Some(future) => future.poll(cx).map_err(DispatchError::Handler),
+                // `start` always sets the future.
+                None => Poll::Ready(Err(DispatchError::NoHandler {
+                    kind: MessageKind::Command,
+                    message: type_name::<C>(),
+                })),
+            })
+            .await?
+        };
+        if !ctx.outgoing.is_empty() {
+            // Boxed so the common case (nothing published) keeps a small future; publishing
+            // allocates anyway.
+            Box::pin(complete(self, ctx.outgoing, None))
+                .await
+                .map_err(widen)?;
+        }
+        Ok(output)
     }
 
     async fn send_layered<C: Command>(
         &self,
+        service: &DispatchService,
         slot: &CommandSlot<C>,
         command: C,
         meta: MessageMeta,
     ) -> Result<C::Output, DispatchError<C::Error>> {
-        let Some(service) = &slot.service else {
-            return run_command(self, slot, command, meta).await;
-        };
         let request = self.request(
             MessageKind::Command,
             C::NAME,
@@ -216,7 +250,7 @@ impl App {
         &self,
         query: Q,
     ) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + '_ {
-        self.dispatch_query(query, NoMeta)
+        self.dispatch_query::<Q, _, true>(query, NoMeta)
     }
 
     /// Sends a query with given metadata.
@@ -225,10 +259,11 @@ impl App {
         query: Q,
         meta: MessageMeta,
     ) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + '_ {
-        self.dispatch_query(query, meta)
+        self.dispatch_query::<Q, _, true>(query, meta)
     }
 
-    async fn dispatch_query<Q: Query, M: GivenMeta>(
+    /// Dispatches a query, through its layers if `LAYERED` (see `dispatch_command`).
+    pub(crate) async fn dispatch_query<Q: Query, M: GivenMeta, const LAYERED: bool>(
         &self,
         query: Q,
         meta: M,
@@ -239,12 +274,24 @@ impl App {
                 message: type_name::<Q>(),
             });
         };
-        match &slot.service {
-            None => run_query(self, slot, query, meta.get()).await,
-            Some(service) => {
-                Box::pin(self.query_layered(service, slot, query, meta.into_owned())).await
-            }
+        if LAYERED && let Some(service) = &slot.service {
+            return Box::pin(self.query_layered(service, slot, query, meta.into_owned())).await;
         }
+        let ctx = QueryContext {
+            app: self,
+            meta: DispatchMeta::new(meta.get()),
+        };
+        let mut future = pin!(None);
+        slot.handler.start(query, &ctx, future.as_mut());
+        poll_fn(|cx| match future.as_mut().as_pin_mut() {
+            Some(future) => future.poll(cx).map_err(DispatchError::Handler),
+            // `start` always sets the future.
+            None => Poll::Ready(Err(DispatchError::NoHandler {
+                kind: MessageKind::Query,
+                message: type_name::<Q>(),
+            })),
+        })
+        .await
     }
 
     async fn query_layered<Q: Query>(
@@ -458,7 +505,7 @@ impl App {
 
 /// The metadata a dispatch was given: none (`send`, `query`) or the caller's (`send_with`,
 /// `query_with`). Without any, the dispatch future holds none either.
-trait GivenMeta: Send + Sync + 'static {
+pub(crate) trait GivenMeta: Send + Sync + 'static {
     fn get(&self) -> &MessageMeta;
     fn into_owned(self) -> MessageMeta;
 }

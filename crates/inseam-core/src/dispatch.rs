@@ -3,11 +3,9 @@
 
 use std::any::Any;
 use std::convert::Infallible;
-use std::future::poll_fn;
 use std::panic::AssertUnwindSafe;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
@@ -399,56 +397,9 @@ impl<E: Event> EventRoute for EventSlot<E> {
     }
 }
 
-/// Runs a command handler and completes its unit of work (the path through middleware and the
-/// store's; callers box it).
-pub(crate) async fn run_command<C: Command>(
-    app: &App,
-    slot: &CommandSlot<C>,
-    command: C,
-    meta: MessageMeta,
-) -> Result<C::Output, DispatchError<C::Error>> {
-    match &app.inner.store {
-        Some(store) => run_command_in_store(app, &**store, slot, command, meta).await,
-        None => run_command_alone(app, slot, command, &meta).await,
-    }
-}
-
-/// Runs a command handler outside any store's unit of work: the path of `send` without
-/// middleware and without a store.
-#[inline]
-pub(crate) async fn run_command_alone<C: Command>(
-    app: &App,
-    slot: &CommandSlot<C>,
-    command: C,
-    meta: &MessageMeta,
-) -> Result<C::Output, DispatchError<C::Error>> {
-    let mut ctx = CommandContext::new(app, meta);
-    let output = {
-        let mut future = pin!(None);
-        slot.handler.start(command, &mut ctx, future.as_mut());
-        poll_fn(|cx| match future.as_mut().as_pin_mut() {
-            Some(future) => future.poll(cx).map_err(DispatchError::Handler),
-            // `start` always sets the future.
-            None => Poll::Ready(Err(DispatchError::NoHandler {
-                kind: MessageKind::Command,
-                message: std::any::type_name::<C>(),
-            })),
-        })
-        .await?
-    };
-    if !ctx.outgoing.is_empty() {
-        // Boxed so the common case (nothing published) keeps a small future; publishing
-        // allocates anyway.
-        Box::pin(complete(app, ctx.outgoing, None))
-            .await
-            .map_err(widen)?;
-    }
-    Ok(output)
-}
-
 /// Runs a command handler in a unit of work of the store: its writes, its outbox rows and its
 /// inline subscribers commit together, after the handler returned `Ok`.
-async fn run_command_in_store<C: Command>(
+pub(crate) async fn run_command_in_store<C: Command>(
     app: &App,
     store: &dyn Store,
     slot: &CommandSlot<C>,
@@ -507,31 +458,6 @@ async fn rollback(uow: Box<dyn UnitOfWork>) {
         // connection is reset.
         tracing::warn!(target: "inseam::dispatch", error = &error as &dyn std::error::Error, "rollback failed");
     }
-}
-
-/// Runs a query handler.
-#[inline]
-pub(crate) async fn run_query<Q: Query>(
-    app: &App,
-    slot: &QuerySlot<Q>,
-    query: Q,
-    meta: &MessageMeta,
-) -> Result<Q::Output, DispatchError<Q::Error>> {
-    let ctx = QueryContext {
-        app,
-        meta: DispatchMeta::new(meta),
-    };
-    let mut future = pin!(None);
-    slot.handler.start(query, &ctx, future.as_mut());
-    poll_fn(|cx| match future.as_mut().as_pin_mut() {
-        Some(future) => future.poll(cx).map_err(DispatchError::Handler),
-        // `start` always sets the future.
-        None => Poll::Ready(Err(DispatchError::NoHandler {
-            kind: MessageKind::Query,
-            message: std::any::type_name::<Q>(),
-        })),
-    })
-    .await
 }
 
 /// Completes a unit of work that published `outgoing`: inline subscribers run first (and may
@@ -789,13 +715,7 @@ pub(crate) fn command_service<C: Command>() -> DispatchService {
             kind: MessageKind::Command,
             message: C::NAME,
         })?;
-        let slot = app.inner.command_slot::<C>().ok_or_else(|| {
-            Box::new(DispatchError::<C::Error>::NoHandler {
-                kind: MessageKind::Command,
-                message: std::any::type_name::<C>(),
-            }) as BoxError
-        })?;
-        match run_command(&app, slot, *command, meta).await {
+        match app.dispatch_command::<C, _, false>(*command, meta).await {
             Ok(output) => Ok(DispatchResponse(Box::new(output))),
             Err(error) => Err(into_service_error(error)),
         }
@@ -812,13 +732,7 @@ pub(crate) fn query_service<Q: Query>() -> DispatchService {
             kind: MessageKind::Query,
             message: Q::NAME,
         })?;
-        let slot = app.inner.query_slot::<Q>().ok_or_else(|| {
-            Box::new(DispatchError::<Q::Error>::NoHandler {
-                kind: MessageKind::Query,
-                message: std::any::type_name::<Q>(),
-            }) as BoxError
-        })?;
-        match run_query(&app, slot, *query, &meta).await {
+        match app.dispatch_query::<Q, _, false>(*query, meta).await {
             Ok(output) => Ok(DispatchResponse(Box::new(output))),
             Err(error) => Err(into_service_error(error)),
         }
