@@ -30,9 +30,9 @@ use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{BuildError, DispatchError, WiringProblem};
 use crate::extract::Resources;
 use crate::handler::{BoxError, Handler};
-use crate::message::{Command, Event, MessageKind, Query};
+use crate::message::{Command, Event, MessageKind, Query, SlotIndex};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService, LayerScope, Layers};
-use crate::registry::{Registration, Wiring, discovered};
+use crate::registry::{BuiltSlot, Registration, Wiring, discovered};
 use crate::store::{DeliveryFailure, OutboxMessage, RelayHandle, Store, UnitOfWork};
 
 /// Hashes a `TypeId` by its own bits: the ids are already uniformly distributed.
@@ -59,6 +59,56 @@ type TypeMap<V> = HashMap<TypeId, V, BuildHasherDefault<TypeIdHasher>>;
 
 fn freeze<V>(map: HashMap<TypeId, V>) -> TypeMap<V> {
     map.into_iter().collect()
+}
+
+type AnySlot = Box<dyn Any + Send + Sync>;
+
+/// The command or query slots of an app: at their type's slot index when it has one (a load
+/// and a bounds check per dispatch), by `TypeId` otherwise.
+struct Slots {
+    indexed: Vec<Option<AnySlot>>,
+    by_type: TypeMap<AnySlot>,
+    len: usize,
+}
+
+impl Slots {
+    fn new(built: HashMap<TypeId, BuiltSlot>) -> Self {
+        let len = built.len();
+        let mut indexed: Vec<Option<AnySlot>> = Vec::new();
+        let mut by_type = TypeMap::default();
+        for (type_id, BuiltSlot { index, slot }) in built {
+            match index {
+                Some(index) => {
+                    if indexed.len() <= index {
+                        indexed.resize_with(index + 1, || None);
+                    }
+                    indexed[index] = Some(slot);
+                }
+                None => {
+                    by_type.insert(type_id, slot);
+                }
+            }
+        }
+        Slots {
+            indexed,
+            by_type,
+            len,
+        }
+    }
+
+    #[inline]
+    fn get<M: 'static>(
+        &self,
+        index: Option<&'static SlotIndex>,
+    ) -> Option<&(dyn Any + Send + Sync)> {
+        if let Some(slot) = index
+            .and_then(SlotIndex::get)
+            .and_then(|index| self.indexed.get(index)?.as_deref())
+        {
+            return Some(slot);
+        }
+        self.by_type.get(&TypeId::of::<M>()).map(|slot| &**slot)
+    }
 }
 
 /// Counters of background deliveries.
@@ -93,8 +143,8 @@ pub struct Stats {
 }
 
 pub(crate) struct Core {
-    commands: TypeMap<Box<dyn Any + Send + Sync>>,
-    queries: TypeMap<Box<dyn Any + Send + Sync>>,
+    commands: Slots,
+    queries: Slots,
     events: TypeMap<Box<dyn EventRoute>>,
     /// Event types by their stored identity: name and version.
     by_name: HashMap<(&'static str, u32), TypeId>,
@@ -110,12 +160,12 @@ pub(crate) struct Core {
 impl Core {
     #[inline]
     pub(crate) fn command_slot<C: Command>(&self) -> Option<&CommandSlot<C>> {
-        self.commands.get(&TypeId::of::<C>())?.downcast_ref()
+        self.commands.get::<C>(C::__slot_index())?.downcast_ref()
     }
 
     #[inline]
     pub(crate) fn query_slot<Q: Query>(&self) -> Option<&QuerySlot<Q>> {
-        self.queries.get(&TypeId::of::<Q>())?.downcast_ref()
+        self.queries.get::<Q>(Q::__slot_index())?.downcast_ref()
     }
 
     pub(crate) fn route(&self, event: TypeId) -> Option<&dyn EventRoute> {
@@ -141,8 +191,8 @@ pub struct App {
 impl fmt::Debug for App {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("App")
-            .field("commands", &self.inner.commands.len())
-            .field("queries", &self.inner.queries.len())
+            .field("commands", &self.inner.commands.len)
+            .field("queries", &self.inner.queries.len)
             .field("events", &self.inner.events.len())
             .field("source", &self.inner.source)
             .finish_non_exhaustive()
@@ -714,8 +764,8 @@ impl AppBuilder {
         groups.dedup();
         let app = App {
             inner: Arc::new(Core {
-                commands: freeze(built.commands),
-                queries: freeze(built.queries),
+                commands: Slots::new(built.commands),
+                queries: Slots::new(built.queries),
                 events: freeze(built.events),
                 by_name,
                 groups,

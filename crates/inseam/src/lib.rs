@@ -76,6 +76,7 @@ pub mod __private {
         IntoHandlerResult, QueryHandler, QueryResult, ReturnsCommandResult, ReturnsQueryResult,
         handler_future,
     };
+    pub use inseam_core::message::SlotIndex;
     pub use inseam_core::registry::Registration;
     pub use inseam_core::{
         Command, CommandContext, Envelope, Event, EventContext, Json, Query, QueryContext,
