@@ -88,12 +88,25 @@ pub(crate) fn expand_request(input: &DeriveInput, kind: &RequestKind) -> syn::Re
         }
     });
 
+    // A static in a generic impl would be shared by every instantiation; a generic message is
+    // found by its `TypeId` instead.
+    let slot_index = input.generics.params.is_empty().then(|| {
+        quote! {
+            #[inline]
+            fn __slot_index() -> ::inseam::__private::Option<&'static ::inseam::__private::SlotIndex> {
+                static INDEX: ::inseam::__private::SlotIndex = ::inseam::__private::SlotIndex::new();
+                ::inseam::__private::Some(&INDEX)
+            }
+        }
+    });
+
     Ok(quote! {
         #[automatically_derived]
         impl #impl_generics ::inseam::__private::#trait_name for #ident #ty_generics #where_clause {
             type Output = #output;
             type Error = #error;
             const NAME: &'static str = #name;
+            #slot_index
         }
         #submit
     })

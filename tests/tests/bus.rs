@@ -436,3 +436,86 @@ async fn inline_subscribers_publishing_in_a_cycle_are_stopped() {
         other => panic!("expected TooManyEvents, got {other:?}"),
     }
 }
+
+// Apps find handlers by a per-type slot index (derived, non-generic messages) or by type id
+// (generic messages, hand-written impls); each app sees only its own handlers.
+
+#[derive(Debug, Command)]
+#[command(output = String)]
+struct Echo(String);
+
+#[command_handler]
+async fn echo(cmd: Echo) -> Result<String, std::convert::Infallible> {
+    Ok(cmd.0)
+}
+
+#[derive(Debug, Command)]
+#[command(output = String)]
+struct Wrapped<T: std::fmt::Debug + Send + 'static>(T);
+
+#[command_handler]
+async fn wrapped_number(cmd: Wrapped<u32>) -> Result<String, std::convert::Infallible> {
+    Ok(format!("number {}", cmd.0))
+}
+
+#[command_handler]
+async fn wrapped_text(cmd: Wrapped<&'static str>) -> Result<String, std::convert::Infallible> {
+    Ok(format!("text {}", cmd.0))
+}
+
+#[derive(Debug)]
+struct Shout(String);
+
+impl inseam::Query for Shout {
+    type Output = String;
+    type Error = std::convert::Infallible;
+    const NAME: &'static str = "tests.shout";
+}
+
+#[query_handler]
+async fn shout(q: Shout) -> Result<String, std::convert::Infallible> {
+    Ok(q.0.to_uppercase())
+}
+
+#[tokio::test]
+async fn each_app_finds_its_own_handlers_by_slot_index_or_type() {
+    let full = App::builder()
+        .handler::<echo>()
+        .handler::<wrapped_number>()
+        .handler::<wrapped_text>()
+        .handler::<shout>()
+        .build()
+        .await
+        .expect("full app");
+    let partial = App::builder()
+        .handler::<wrapped_text>()
+        .build()
+        .await
+        .expect("partial app");
+
+    assert_eq!(full.send(Echo("hi".into())).await.expect("echo"), "hi");
+    assert_eq!(full.send(Wrapped(7_u32)).await.expect("number"), "number 7");
+    assert_eq!(
+        full.send(Wrapped("seven")).await.expect("text"),
+        "text seven"
+    );
+    assert_eq!(full.query(Shout("hey".into())).await.expect("shout"), "HEY");
+
+    assert_eq!(
+        partial.send(Wrapped("eight")).await.expect("text"),
+        "text eight"
+    );
+    for outcome in [
+        partial.send(Echo("hi".into())).await.map(drop),
+        partial.send(Wrapped(8_u32)).await.map(drop),
+    ] {
+        assert!(
+            matches!(outcome, Err(DispatchError::NoHandler { .. })),
+            "{outcome:?}"
+        );
+    }
+    assert!(matches!(
+        partial.query(Shout("hey".into())).await,
+        Err(DispatchError::NoHandler { .. })
+    ));
+}

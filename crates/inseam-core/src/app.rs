@@ -4,12 +4,14 @@ use std::any::{Any, TypeId, type_name};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
+use std::future::poll_fn;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::Either;
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
@@ -19,18 +21,20 @@ use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, AggregateError, Loaded};
 use crate::clock::{Clock, SystemClock};
-use crate::context::{MessageMeta, PendingEvent};
+use crate::context::{
+    CommandContext, DispatchMeta, MessageMeta, NO_META, PendingEvent, QueryContext,
+};
 use crate::dispatch::{
     CommandSlot, DurableCommand, DurableRoute, EventRoute, QuerySlot, classify, complete,
-    publish_in_store, run_command, run_query,
+    publish_in_store, run_command_in_store, widen,
 };
 use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{BuildError, DispatchError, WiringProblem};
 use crate::extract::Resources;
 use crate::handler::{BoxError, Handler};
-use crate::message::{Command, Event, MessageKind, Query};
+use crate::message::{Command, Event, MessageKind, Query, SlotIndex};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService, LayerScope, Layers};
-use crate::registry::{Registration, Wiring, discovered};
+use crate::registry::{BuiltSlot, Registration, Wiring, discovered};
 use crate::store::{DeliveryFailure, OutboxMessage, RelayHandle, Store, UnitOfWork};
 use crate::upcast::{UpcastError, Upcasters};
 
@@ -58,6 +62,56 @@ type TypeMap<V> = HashMap<TypeId, V, BuildHasherDefault<TypeIdHasher>>;
 
 fn freeze<V>(map: HashMap<TypeId, V>) -> TypeMap<V> {
     map.into_iter().collect()
+}
+
+type AnySlot = Box<dyn Any + Send + Sync>;
+
+/// The command or query slots of an app: at their type's slot index when it has one (a load
+/// and a bounds check per dispatch), by `TypeId` otherwise.
+struct Slots {
+    indexed: Vec<Option<AnySlot>>,
+    by_type: TypeMap<AnySlot>,
+    len: usize,
+}
+
+impl Slots {
+    fn new(built: HashMap<TypeId, BuiltSlot>) -> Self {
+        let len = built.len();
+        let mut indexed: Vec<Option<AnySlot>> = Vec::new();
+        let mut by_type = TypeMap::default();
+        for (type_id, BuiltSlot { index, slot }) in built {
+            match index {
+                Some(index) => {
+                    if indexed.len() <= index {
+                        indexed.resize_with(index + 1, || None);
+                    }
+                    indexed[index] = Some(slot);
+                }
+                None => {
+                    by_type.insert(type_id, slot);
+                }
+            }
+        }
+        Slots {
+            indexed,
+            by_type,
+            len,
+        }
+    }
+
+    #[inline]
+    fn get<M: 'static>(
+        &self,
+        index: Option<&'static SlotIndex>,
+    ) -> Option<&(dyn Any + Send + Sync)> {
+        if let Some(slot) = index
+            .and_then(SlotIndex::get)
+            .and_then(|index| self.indexed.get(index)?.as_deref())
+        {
+            return Some(slot);
+        }
+        self.by_type.get(&TypeId::of::<M>()).map(|slot| &**slot)
+    }
 }
 
 /// Counters of background deliveries.
@@ -92,8 +146,8 @@ pub struct Stats {
 }
 
 pub(crate) struct Core {
-    commands: TypeMap<Box<dyn Any + Send + Sync>>,
-    queries: TypeMap<Box<dyn Any + Send + Sync>>,
+    commands: Slots,
+    queries: Slots,
     events: TypeMap<Box<dyn EventRoute>>,
     /// Event types by their stored identity: name and version.
     by_name: HashMap<(&'static str, u32), TypeId>,
@@ -112,12 +166,12 @@ pub(crate) struct Core {
 impl Core {
     #[inline]
     pub(crate) fn command_slot<C: Command>(&self) -> Option<&CommandSlot<C>> {
-        self.commands.get(&TypeId::of::<C>())?.downcast_ref()
+        self.commands.get::<C>(C::__slot_index())?.downcast_ref()
     }
 
     #[inline]
     pub(crate) fn query_slot<Q: Query>(&self) -> Option<&QuerySlot<Q>> {
-        self.queries.get(&TypeId::of::<Q>())?.downcast_ref()
+        self.queries.get::<Q>(Q::__slot_index())?.downcast_ref()
     }
 
     pub(crate) fn route(&self, event: TypeId) -> Option<&dyn EventRoute> {
@@ -143,8 +197,8 @@ pub struct App {
 impl fmt::Debug for App {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("App")
-            .field("commands", &self.inner.commands.len())
-            .field("queries", &self.inner.queries.len())
+            .field("commands", &self.inner.commands.len)
+            .field("queries", &self.inner.queries.len)
             .field("events", &self.inner.events.len())
             .field("source", &self.inner.source)
             .finish_non_exhaustive()
@@ -165,7 +219,7 @@ impl App {
         &self,
         command: C,
     ) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + '_ {
-        self.send_with(command, MessageMeta::new())
+        self.dispatch_command::<C, _, true>(command, NoMeta)
     }
 
     /// Sends a command with given metadata (correlation id, headers, ...).
@@ -174,31 +228,67 @@ impl App {
         command: C,
         meta: MessageMeta,
     ) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + '_ {
-        // The path without layers returns the unit of work's future itself: no extra state
-        // machine around it, no copy of it, no allocation.
-        match self.inner.command_slot::<C>() {
-            Some(slot) if slot.service.is_none() => {
-                Either::Left(run_command(self, slot, command, meta))
-            }
-            slot => Either::Right(Box::pin(self.send_layered(slot, command, meta))),
-        }
+        self.dispatch_command::<C, _, true>(command, meta)
     }
 
-    async fn send_layered<C: Command>(
+    /// Dispatches a command, through its layers if `LAYERED`. One state machine for every
+    /// path: the path without layers and without a store runs in it directly, the others are
+    /// boxed (they allocate anyway).
+    pub(crate) async fn dispatch_command<C: Command, M: GivenMeta, const LAYERED: bool>(
         &self,
-        slot: Option<&CommandSlot<C>>,
         command: C,
-        meta: MessageMeta,
+        meta: M,
     ) -> Result<C::Output, DispatchError<C::Error>> {
-        let Some(slot) = slot else {
+        let Some(slot) = self.inner.command_slot::<C>() else {
             return Err(DispatchError::NoHandler {
                 kind: MessageKind::Command,
                 message: type_name::<C>(),
             });
         };
-        let Some(service) = &slot.service else {
-            return run_command(self, slot, command, meta).await;
+        if LAYERED && let Some(service) = &slot.service {
+            return Box::pin(self.send_layered(service, slot, command, meta.into_owned())).await;
+        }
+        if let Some(store) = &self.inner.store {
+            return Box::pin(run_command_in_store(
+                self,
+                &**store,
+                slot,
+                command,
+                meta.into_owned(),
+            ))
+            .await;
+        }
+        let mut ctx = CommandContext::new(self, meta.get());
+        let output = {
+            let mut future = pin!(None);
+            slot.handler.start(command, &mut ctx, future.as_mut());
+            poll_fn(|cx| match future.as_mut().as_pin_mut() {
+                Some(future) => future.poll(cx).map_err(DispatchError::Handler),
+                // `start` always sets the future.
+                None => Poll::Ready(Err(DispatchError::NoHandler {
+                    kind: MessageKind::Command,
+                    message: type_name::<C>(),
+                })),
+            })
+            .await?
         };
+        if !ctx.outgoing.is_empty() {
+            // Boxed so the common case (nothing published) keeps a small future; publishing
+            // allocates anyway.
+            Box::pin(complete(self, ctx.outgoing, None))
+                .await
+                .map_err(widen)?;
+        }
+        Ok(output)
+    }
+
+    async fn send_layered<C: Command>(
+        &self,
+        service: &DispatchService,
+        slot: &CommandSlot<C>,
+        command: C,
+        meta: MessageMeta,
+    ) -> Result<C::Output, DispatchError<C::Error>> {
         let request = self.request(
             MessageKind::Command,
             C::NAME,
@@ -216,7 +306,7 @@ impl App {
         &self,
         query: Q,
     ) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + '_ {
-        self.query_with(query, MessageMeta::new())
+        self.dispatch_query::<Q, _, true>(query, NoMeta)
     }
 
     /// Sends a query with given metadata.
@@ -225,29 +315,48 @@ impl App {
         query: Q,
         meta: MessageMeta,
     ) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + '_ {
-        match self.inner.query_slot::<Q>() {
-            Some(slot) if slot.service.is_none() => {
-                Either::Left(run_query(self, slot, query, meta))
-            }
-            slot => Either::Right(Box::pin(self.query_layered(slot, query, meta))),
-        }
+        self.dispatch_query::<Q, _, true>(query, meta)
     }
 
-    async fn query_layered<Q: Query>(
+    /// Dispatches a query, through its layers if `LAYERED` (see `dispatch_command`).
+    pub(crate) async fn dispatch_query<Q: Query, M: GivenMeta, const LAYERED: bool>(
         &self,
-        slot: Option<&QuerySlot<Q>>,
         query: Q,
-        meta: MessageMeta,
+        meta: M,
     ) -> Result<Q::Output, DispatchError<Q::Error>> {
-        let Some(slot) = slot else {
+        let Some(slot) = self.inner.query_slot::<Q>() else {
             return Err(DispatchError::NoHandler {
                 kind: MessageKind::Query,
                 message: type_name::<Q>(),
             });
         };
-        let Some(service) = &slot.service else {
-            return run_query(self, slot, query, meta).await;
+        if LAYERED && let Some(service) = &slot.service {
+            return Box::pin(self.query_layered(service, slot, query, meta.into_owned())).await;
+        }
+        let ctx = QueryContext {
+            app: self,
+            meta: DispatchMeta::new(meta.get()),
         };
+        let mut future = pin!(None);
+        slot.handler.start(query, &ctx, future.as_mut());
+        poll_fn(|cx| match future.as_mut().as_pin_mut() {
+            Some(future) => future.poll(cx).map_err(DispatchError::Handler),
+            // `start` always sets the future.
+            None => Poll::Ready(Err(DispatchError::NoHandler {
+                kind: MessageKind::Query,
+                message: type_name::<Q>(),
+            })),
+        })
+        .await
+    }
+
+    async fn query_layered<Q: Query>(
+        &self,
+        service: &DispatchService,
+        slot: &QuerySlot<Q>,
+        query: Q,
+        meta: MessageMeta,
+    ) -> Result<Q::Output, DispatchError<Q::Error>> {
         let request = self.request(
             MessageKind::Query,
             Q::NAME,
@@ -576,6 +685,38 @@ impl App {
     }
 }
 
+/// The metadata a dispatch was given: none (`send`, `query`) or the caller's (`send_with`,
+/// `query_with`). Without any, the dispatch future holds none either.
+pub(crate) trait GivenMeta: Send + Sync + 'static {
+    fn get(&self) -> &MessageMeta;
+    fn into_owned(self) -> MessageMeta;
+}
+
+/// No metadata given: fresh ids on first use.
+struct NoMeta;
+
+impl GivenMeta for NoMeta {
+    #[inline]
+    fn get(&self) -> &MessageMeta {
+        &NO_META
+    }
+
+    fn into_owned(self) -> MessageMeta {
+        MessageMeta::new()
+    }
+}
+
+impl GivenMeta for MessageMeta {
+    #[inline]
+    fn get(&self) -> &MessageMeta {
+        self
+    }
+
+    fn into_owned(self) -> MessageMeta {
+        self
+    }
+}
+
 /// Builds an [`App`]: registrations, state, layers; `build()` validates the wiring.
 pub struct AppBuilder {
     registrations: Vec<Registration>,
@@ -805,8 +946,8 @@ impl AppBuilder {
         groups.dedup();
         let app = App {
             inner: Arc::new(Core {
-                commands: freeze(built.commands),
-                queries: freeze(built.queries),
+                commands: Slots::new(built.commands),
+                queries: Slots::new(built.queries),
                 events: freeze(built.events),
                 by_name,
                 groups,

@@ -86,11 +86,66 @@ impl MessageMeta {
 
     pub(crate) fn metadata(&self, app: &App) -> Metadata {
         let message_id = *self.message_id.get_or_init(|| app.next_id());
+        self.with_id(message_id)
+    }
+
+    fn with_id(&self, message_id: Uuid) -> Metadata {
         Metadata {
             message_id,
             correlation_id: self.correlation_id.unwrap_or(message_id),
             causation_id: self.causation_id,
         }
+    }
+}
+
+/// The metadata of a `send` or `query` without any: shared, never written to (a dispatch keeps
+/// the id it generates in its own [`DispatchMeta`]).
+pub(crate) static NO_META: MessageMeta = MessageMeta::new();
+
+/// The metadata of one dispatch as its context sees it: the caller's [`MessageMeta`], borrowed,
+/// and the message id generated for the dispatch on first use when the caller gave none.
+///
+/// Borrowing keeps the context small (the dispatch future holds it, and is moved when awaited);
+/// a `send` without metadata borrows [`NO_META`] and holds no metadata of its own.
+pub(crate) struct DispatchMeta<'a> {
+    given: &'a MessageMeta,
+    generated: OnceLock<Uuid>,
+}
+
+impl<'a> DispatchMeta<'a> {
+    pub(crate) const fn new(given: &'a MessageMeta) -> Self {
+        DispatchMeta {
+            given,
+            generated: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn metadata(&self, app: &App) -> Metadata {
+        // The caller's id, or one a layer generated into the caller's metadata, wins; the
+        // caller's metadata is never written to, so that `NO_META` can be shared.
+        let message_id = match self.given.message_id.get() {
+            Some(id) => *id,
+            None => *self.generated.get_or_init(|| app.next_id()),
+        };
+        self.given.with_id(message_id)
+    }
+
+    pub(crate) fn headers(&self) -> &'a Headers {
+        &self.given.headers
+    }
+}
+
+impl std::fmt::Debug for DispatchMeta<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageMeta")
+            .field(
+                "message_id",
+                &self.given.message_id.get().or(self.generated.get()),
+            )
+            .field("correlation_id", &self.given.correlation_id)
+            .field("causation_id", &self.given.causation_id)
+            .field("headers", &self.given.headers)
+            .finish()
     }
 }
 
@@ -234,12 +289,11 @@ pub(crate) async fn dispatch_named(
 /// only once the command completed successfully; if the handler fails, they are discarded.
 pub struct CommandContext<'a> {
     pub(crate) app: &'a App,
-    pub(crate) meta: MessageMeta,
+    pub(crate) meta: DispatchMeta<'a>,
     pub(crate) outgoing: Vec<PendingEvent>,
-    /// The store's transaction, when the app has a store.
-    pub(crate) uow: Option<Box<dyn UnitOfWork>>,
-    /// The relay's unit of work, when a durable command is delivered.
-    pub(crate) borrowed: Option<&'a mut dyn UnitOfWork>,
+    /// The unit of work the command runs in: the store's transaction when the app has a store,
+    /// the relay's when a durable command is delivered.
+    pub(crate) uow: Option<&'a mut dyn UnitOfWork>,
     /// Whether durable commands were written to the unit of work.
     pub(crate) dispatched: bool,
 }
@@ -249,22 +303,18 @@ impl std::fmt::Debug for CommandContext<'_> {
         f.debug_struct("CommandContext")
             .field("meta", &self.meta)
             .field("outgoing", &self.outgoing)
-            .field(
-                "in_unit_of_work",
-                &(self.uow.is_some() || self.borrowed.is_some()),
-            )
+            .field("in_unit_of_work", &self.uow.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl<'a> CommandContext<'a> {
-    pub(crate) fn new(app: &'a App, meta: MessageMeta) -> Self {
+    pub(crate) fn new(app: &'a App, meta: &'a MessageMeta) -> Self {
         CommandContext {
             app,
-            meta,
+            meta: DispatchMeta::new(meta),
             outgoing: Vec::new(),
             uow: None,
-            borrowed: None,
             dispatched: false,
         }
     }
@@ -272,10 +322,7 @@ impl<'a> CommandContext<'a> {
     /// The store's unit of work this command runs in, if the app has a store. Stores offer
     /// typed access on top of it (`ctx.tx()` with `inseam-sql`).
     pub fn unit_of_work(&mut self) -> Option<&mut dyn UnitOfWork> {
-        if let Some(uow) = self.uow.as_deref_mut() {
-            return Some(uow);
-        }
-        match &mut self.borrowed {
+        match &mut self.uow {
             Some(uow) => Some(&mut **uow),
             None => None,
         }
@@ -305,10 +352,8 @@ impl<'a> CommandContext<'a> {
     ) -> Result<u64, AggregateError> {
         let app = self.app;
         let parent = self.meta.metadata(app);
-        let uow = match (self.uow.as_deref_mut(), &mut self.borrowed) {
-            (Some(uow), _) => uow,
-            (None, Some(uow)) => &mut **uow,
-            (None, None) => return Err(AggregateError::NoStore),
+        let Some(uow) = self.uow.as_deref_mut() else {
+            return Err(AggregateError::NoStore);
         };
         crate::aggregate::save(app, parent, uow, &mut self.outgoing, aggregate).await
     }
@@ -359,7 +404,7 @@ impl<'a> CommandContext<'a> {
 
     /// This command's headers.
     pub fn headers(&self) -> &Headers {
-        &self.meta.headers
+        self.meta.headers()
     }
 
     /// The app.
@@ -380,7 +425,7 @@ impl<'a> CommandContext<'a> {
 #[derive(Debug)]
 pub struct QueryContext<'a> {
     pub(crate) app: &'a App,
-    pub(crate) meta: MessageMeta,
+    pub(crate) meta: DispatchMeta<'a>,
 }
 
 impl QueryContext<'_> {
@@ -391,7 +436,7 @@ impl QueryContext<'_> {
 
     /// This query's headers.
     pub fn headers(&self) -> &Headers {
-        &self.meta.headers
+        self.meta.headers()
     }
 
     /// The app.
@@ -411,7 +456,7 @@ impl QueryContext<'_> {
 /// The context of an event subscriber: publish further events, send commands in the same flow.
 pub struct EventContext<'a> {
     pub(crate) app: &'a App,
-    pub(crate) meta: MessageMeta,
+    pub(crate) meta: DispatchMeta<'a>,
     pub(crate) outgoing: &'a mut Vec<PendingEvent>,
     pub(crate) delivery: Delivery,
     /// Whether the event is replayed from the event store (a projection rebuild).
@@ -507,7 +552,7 @@ impl EventContext<'_> {
 
     /// The handled event's headers.
     pub fn headers(&self) -> &Headers {
-        &self.meta.headers
+        self.meta.headers()
     }
 
     /// Whether the event is replayed from the event store to rebuild a read model, rather than

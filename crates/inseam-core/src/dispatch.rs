@@ -4,6 +4,7 @@
 use std::any::Any;
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::FutureExt as _;
@@ -14,7 +15,9 @@ use tower::util::BoxCloneSyncService;
 
 use crate::app::App;
 use crate::codec::CodecError;
-use crate::context::{CommandContext, EventContext, MessageMeta, PendingEvent, QueryContext};
+use crate::context::{
+    CommandContext, DispatchMeta, EventContext, MessageMeta, PendingEvent, QueryContext,
+};
 use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{DeliveryError, DispatchError, MAX_EVENTS_PER_UNIT};
 use crate::handler::{
@@ -34,11 +37,26 @@ pub(crate) trait ErasedCommandHandler<C: Command>: Send + Sync {
         command: C,
         ctx: &'a mut CommandContext<'_>,
     ) -> HandlerFuture<'a, CommandResult<C>>;
+
+    /// Like `call`, with the future written into `future`, where it is then polled: returned
+    /// from the dynamic call instead, it would be copied into the caller's state machine.
+    fn start<'a>(
+        &'a self,
+        command: C,
+        ctx: &'a mut CommandContext<'_>,
+        future: Pin<&mut Option<HandlerFuture<'a, CommandResult<C>>>>,
+    );
 }
 
 pub(crate) trait ErasedQueryHandler<Q: Query>: Send + Sync {
-    fn call<'a>(&'a self, query: Q, ctx: &'a QueryContext<'_>)
-    -> HandlerFuture<'a, QueryResult<Q>>;
+    /// Starts the handler with its future written into `future` (see
+    /// `ErasedCommandHandler::start`).
+    fn start<'a>(
+        &'a self,
+        query: Q,
+        ctx: &'a QueryContext<'_>,
+        future: Pin<&mut Option<HandlerFuture<'a, QueryResult<Q>>>>,
+    );
 }
 
 pub(crate) trait ErasedEventHandler<E: Event>: Send + Sync {
@@ -73,6 +91,16 @@ impl<H: CommandHandler> ErasedCommandHandler<H::Command> for Prepared<Bound<H, H
     ) -> HandlerFuture<'a, CommandResult<H::Command>> {
         H::call(&self.0.prepared, command, ctx)
     }
+
+    #[inline]
+    fn start<'a>(
+        &'a self,
+        command: H::Command,
+        ctx: &'a mut CommandContext<'_>,
+        mut future: Pin<&mut Option<HandlerFuture<'a, CommandResult<H::Command>>>>,
+    ) {
+        future.set(Some(H::call(&self.0.prepared, command, ctx)));
+    }
 }
 
 impl<H: QueryHandler> Prepared<Bound<H, H::Prepared>> {
@@ -86,12 +114,13 @@ impl<H: QueryHandler> Prepared<Bound<H, H::Prepared>> {
 
 impl<H: QueryHandler> ErasedQueryHandler<H::Query> for Prepared<Bound<H, H::Prepared>> {
     #[inline]
-    fn call<'a>(
+    fn start<'a>(
         &'a self,
         query: H::Query,
         ctx: &'a QueryContext<'_>,
-    ) -> HandlerFuture<'a, QueryResult<H::Query>> {
-        H::call(&self.0.prepared, query, ctx)
+        mut future: Pin<&mut Option<HandlerFuture<'a, QueryResult<H::Query>>>>,
+    ) {
+        future.set(Some(H::call(&self.0.prepared, query, ctx)));
     }
 }
 
@@ -240,9 +269,10 @@ impl<E: Event> EventRoute for EventSlot<E> {
         let envelope = event.envelope.downcast_ref::<Envelope<E>>()?;
         Some(Box::pin(async move {
             for subscriber in &self.inline {
+                let meta = MessageMeta::received(envelope.metadata, envelope.headers.clone());
                 let mut ctx = EventContext {
                     app,
-                    meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+                    meta: DispatchMeta::new(&meta),
                     outgoing: &mut *outgoing,
                     delivery: Delivery::Inline,
                     replay: false,
@@ -317,9 +347,10 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     continue;
                 }
                 let mut outgoing = Vec::new();
+                let meta = MessageMeta::received(envelope.metadata, envelope.headers.clone());
                 let mut ctx = EventContext {
                     app,
-                    meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+                    meta: DispatchMeta::new(&meta),
                     outgoing: &mut outgoing,
                     delivery: subscriber.delivery,
                     replay,
@@ -388,61 +419,36 @@ impl<E: Event> EventRoute for EventSlot<E> {
     }
 }
 
-/// Runs a command handler and completes its unit of work.
-pub(crate) fn run_command<'a, C: Command>(
-    app: &'a App,
-    slot: &'a CommandSlot<C>,
-    command: C,
-    meta: MessageMeta,
-) -> impl Future<Output = Result<C::Output, DispatchError<C::Error>>> + Send + 'a {
-    // The context is built before the future, so the future holds it in place instead of
-    // moving it in on first poll.
-    let mut ctx = CommandContext::new(app, meta);
-    async move {
-        if let Some(store) = &app.inner.store {
-            return Box::pin(run_command_in_store(app, &**store, slot, command, ctx)).await;
-        }
-        let output = slot
-            .handler
-            .call(command, &mut ctx)
-            .await
-            .map_err(DispatchError::Handler)?;
-        if !ctx.outgoing.is_empty() {
-            // Boxed so the common case (nothing published) keeps a small future; publishing
-            // allocates anyway.
-            Box::pin(complete(app, ctx.outgoing, None))
-                .await
-                .map_err(widen)?;
-        }
-        Ok(output)
-    }
-}
-
 /// Runs a command handler in a unit of work of the store: its writes, its outbox rows and its
 /// inline subscribers commit together, after the handler returned `Ok`.
-async fn run_command_in_store<C: Command>(
+pub(crate) async fn run_command_in_store<C: Command>(
     app: &App,
     store: &dyn Store,
     slot: &CommandSlot<C>,
     command: C,
-    mut ctx: CommandContext<'_>,
+    meta: MessageMeta,
 ) -> Result<C::Output, DispatchError<C::Error>> {
-    ctx.uow = Some(store.begin().await?);
-    let output = match slot.handler.call(command, &mut ctx).await {
+    let mut uow = store.begin().await?;
+    let mut ctx = CommandContext::new(app, &meta);
+    ctx.uow = Some(&mut *uow);
+    let outcome = slot.handler.call(command, &mut ctx).await;
+    let CommandContext {
+        outgoing,
+        dispatched,
+        ..
+    } = ctx;
+    let output = match outcome {
         Ok(output) => output,
         Err(error) => {
-            rollback(ctx.uow.take()).await;
+            rollback(uow).await;
             return Err(DispatchError::Handler(error));
         }
     };
-    let Some(mut uow) = ctx.uow.take() else {
-        return Ok(output);
-    };
-    let wrote = !ctx.outgoing.is_empty() || ctx.dispatched;
-    if !ctx.outgoing.is_empty()
-        && let Err(error) = complete(app, ctx.outgoing, Some(&mut *uow)).await
+    let wrote = !outgoing.is_empty() || dispatched;
+    if !outgoing.is_empty()
+        && let Err(error) = complete(app, outgoing, Some(&mut *uow)).await
     {
-        rollback(Some(uow)).await;
+        rollback(uow).await;
         return Err(widen(error));
     }
     uow.commit().await?;
@@ -460,7 +466,7 @@ pub(crate) async fn publish_in_store(
 ) -> Result<(), DispatchError<Infallible>> {
     let mut uow = store.begin().await?;
     if let Err(error) = complete(app, outgoing, Some(&mut *uow)).await {
-        rollback(Some(uow)).await;
+        rollback(uow).await;
         return Err(error);
     }
     uow.commit().await?;
@@ -468,29 +474,11 @@ pub(crate) async fn publish_in_store(
     Ok(())
 }
 
-async fn rollback(uow: Option<Box<dyn UnitOfWork>>) {
-    if let Some(uow) = uow
-        && let Err(error) = uow.rollback().await
-    {
+async fn rollback(uow: Box<dyn UnitOfWork>) {
+    if let Err(error) = uow.rollback().await {
         // The transaction is abandoned either way; the database rolls it back when the
         // connection is reset.
         tracing::warn!(target: "inseam::dispatch", error = &error as &dyn std::error::Error, "rollback failed");
-    }
-}
-
-/// Runs a query handler.
-pub(crate) fn run_query<'a, Q: Query>(
-    app: &'a App,
-    slot: &'a QuerySlot<Q>,
-    query: Q,
-    meta: MessageMeta,
-) -> impl Future<Output = Result<Q::Output, DispatchError<Q::Error>>> + Send + 'a {
-    let ctx = QueryContext { app, meta };
-    async move {
-        slot.handler
-            .call(query, &ctx)
-            .await
-            .map_err(DispatchError::Handler)
     }
 }
 
@@ -565,9 +553,10 @@ async fn run_subscriber<E: Event>(
     envelope: &Envelope<E>,
 ) -> Result<(), BoxError> {
     let mut outgoing = Vec::new();
+    let meta = MessageMeta::received(envelope.metadata, envelope.headers.clone());
     let mut ctx = EventContext {
         app,
-        meta: MessageMeta::received(envelope.metadata, envelope.headers.clone()),
+        meta: DispatchMeta::new(&meta),
         outgoing: &mut outgoing,
         delivery,
         replay: false,
@@ -755,13 +744,7 @@ pub(crate) fn command_service<C: Command>() -> DispatchService {
             kind: MessageKind::Command,
             message: C::NAME,
         })?;
-        let slot = app.inner.command_slot::<C>().ok_or_else(|| {
-            Box::new(DispatchError::<C::Error>::NoHandler {
-                kind: MessageKind::Command,
-                message: std::any::type_name::<C>(),
-            }) as BoxError
-        })?;
-        match run_command(&app, slot, *command, meta).await {
+        match app.dispatch_command::<C, _, false>(*command, meta).await {
             Ok(output) => Ok(DispatchResponse(Box::new(output))),
             Err(error) => Err(into_service_error(error)),
         }
@@ -778,13 +761,7 @@ pub(crate) fn query_service<Q: Query>() -> DispatchService {
             kind: MessageKind::Query,
             message: Q::NAME,
         })?;
-        let slot = app.inner.query_slot::<Q>().ok_or_else(|| {
-            Box::new(DispatchError::<Q::Error>::NoHandler {
-                kind: MessageKind::Query,
-                message: std::any::type_name::<Q>(),
-            }) as BoxError
-        })?;
-        match run_query(&app, slot, *query, meta).await {
+        match app.dispatch_query::<Q, _, false>(*query, meta).await {
             Ok(output) => Ok(DispatchResponse(Box::new(output))),
             Err(error) => Err(into_service_error(error)),
         }
@@ -862,11 +839,9 @@ where
                         },
                     },
                 })?;
-            let mut ctx = CommandContext::new(
-                app,
-                MessageMeta::received(raw.metadata, raw.headers.clone()),
-            );
-            ctx.borrowed = Some(&mut *uow);
+            let meta = MessageMeta::received(raw.metadata, raw.headers.clone());
+            let mut ctx = CommandContext::new(app, &meta);
+            ctx.uow = Some(&mut *uow);
             let outcome = AssertUnwindSafe(slot.handler.call(command, &mut ctx))
                 .catch_unwind()
                 .await;

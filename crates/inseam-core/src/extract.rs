@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::app::App;
-use crate::context::MessageMeta;
+use crate::context::DispatchMeta;
 use crate::envelope::{Headers, Metadata};
 use crate::error::WiringProblem;
 
@@ -69,7 +69,7 @@ impl PrepareCx<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct Parts<'a> {
     pub(crate) app: &'a App,
-    pub(crate) meta: &'a MessageMeta,
+    pub(crate) meta: &'a DispatchMeta<'a>,
 }
 
 impl Parts<'_> {
@@ -85,7 +85,7 @@ impl Parts<'_> {
 
     /// The headers of the message being handled.
     pub fn headers(&self) -> &Headers {
-        &self.meta.headers
+        self.meta.headers()
     }
 }
 
@@ -164,7 +164,7 @@ impl Extract for Headers {
     }
 
     fn extract(_: &(), parts: &Parts<'_>) -> Self {
-        parts.meta.headers.clone()
+        parts.meta.headers().clone()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The three kinds of message: commands, queries and events.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -28,6 +29,14 @@ pub trait Command: Send + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
     /// A stable name, independent of the Rust path (used by durable dispatch and in logs).
     const NAME: &'static str;
+
+    /// Where apps find this command's handler without a hash lookup. `#[derive(Command)]`
+    /// gives every non-generic command its own; without one, apps look the type up by its
+    /// `TypeId`. Not public API.
+    #[doc(hidden)]
+    fn __slot_index() -> Option<&'static SlotIndex> {
+        None
+    }
 }
 
 /// A request for data without side effects, handled by exactly one handler.
@@ -43,6 +52,61 @@ pub trait Query: Send + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
     /// A stable name, independent of the Rust path.
     const NAME: &'static str;
+
+    /// Where apps find this query's handler (see `Command::__slot_index`). Not public API.
+    #[doc(hidden)]
+    fn __slot_index() -> Option<&'static SlotIndex> {
+        None
+    }
+}
+
+/// A message type's position in the handler table of every app, the same in all apps of the
+/// process: assigned when the first app with a handler for the type is built. It must be
+/// unique to one type, which is why only the derives of non-generic messages provide one.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct SlotIndex(AtomicU32);
+
+const UNASSIGNED: u32 = u32::MAX;
+
+impl SlotIndex {
+    /// An index not assigned yet.
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        SlotIndex(AtomicU32::new(UNASSIGNED))
+    }
+
+    /// The position, `None` before any app with a handler for the type was built.
+    #[inline]
+    pub(crate) fn get(&self) -> Option<usize> {
+        // Relaxed: an app that has a handler for the type assigned the index while it was
+        // built, before it could be used.
+        match self.0.load(Ordering::Relaxed) {
+            UNASSIGNED => None,
+            index => Some(index as usize),
+        }
+    }
+
+    /// The position, taken from `next` the first time; `None` if the positions ran out.
+    pub(crate) fn assign(&self, next: &AtomicU32) -> Option<usize> {
+        if let Some(index) = self.get() {
+            return Some(index);
+        }
+        let fresh = next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < UNASSIGNED - 1).then_some(n + 1)
+            })
+            .ok()?;
+        // Another thread building an app may have assigned one meanwhile; its index wins and
+        // `fresh` stays unused.
+        match self
+            .0
+            .compare_exchange(UNASSIGNED, fresh, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => Some(fresh as usize),
+            Err(index) => Some(index as usize),
+        }
+    }
 }
 
 /// An immutable fact, in the past tense, with zero or more subscribers.

@@ -8,6 +8,7 @@ use std::any::{Any, TypeId, type_name};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 
 use crate::dispatch::{
     Bound, CommandSlot, EventRoute, EventSlot, Prepared, QuerySlot, Subscriber, command_service,
@@ -87,9 +88,19 @@ pub(crate) fn discovered() -> impl Iterator<Item = &'static Registration> {
 }
 
 /// Builds a slot once the resources and layers are known.
-type BuildSlot = fn(&mut BuildCx<'_>) -> Option<Box<dyn Any + Send + Sync>>;
+type BuildSlot = fn(&mut BuildCx<'_>) -> Option<BuiltSlot>;
 type BuildSubscriber = fn(&mut BuildCx<'_>) -> Option<Box<dyn Any + Send + Sync>>;
 type AssembleRoute = fn(Vec<Box<dyn Any + Send + Sync>>) -> Box<dyn EventRoute>;
+
+/// Where the next command and query types get their slot index.
+static NEXT_COMMAND_INDEX: AtomicU32 = AtomicU32::new(0);
+static NEXT_QUERY_INDEX: AtomicU32 = AtomicU32::new(0);
+
+/// A command's or query's slot, with its message type's slot index when it has one.
+pub(crate) struct BuiltSlot {
+    pub(crate) index: Option<usize>,
+    pub(crate) slot: Box<dyn Any + Send + Sync>,
+}
 
 /// What building a slot needs.
 pub(crate) struct BuildCx<'a> {
@@ -203,7 +214,7 @@ fn declare_event<E: Event>(wiring: &mut Wiring) {
     event_entry::<E>(wiring);
 }
 
-fn build_command<H: CommandHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any + Send + Sync>> {
+fn build_command<H: CommandHandler>(cx: &mut BuildCx<'_>) -> Option<BuiltSlot> {
     let prepared = H::prepare(&mut PrepareCx {
         resources: cx.resources,
         handler: H::NAME,
@@ -213,14 +224,17 @@ fn build_command<H: CommandHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any 
     let service = cx
         .layers
         .wrap::<H::Command>(MessageKind::Command, command_service::<H::Command>);
-    Some(Box::new(CommandSlot::<H::Command> {
-        handler: Box::new(Prepared::<Bound<H, H::Prepared>>::command(prepared)),
-        handler_name: H::NAME,
-        service,
-    }))
+    Some(BuiltSlot {
+        index: H::Command::__slot_index().and_then(|index| index.assign(&NEXT_COMMAND_INDEX)),
+        slot: Box::new(CommandSlot::<H::Command> {
+            handler: Box::new(Prepared::<Bound<H, H::Prepared>>::command(prepared)),
+            handler_name: H::NAME,
+            service,
+        }),
+    })
 }
 
-fn build_query<H: QueryHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any + Send + Sync>> {
+fn build_query<H: QueryHandler>(cx: &mut BuildCx<'_>) -> Option<BuiltSlot> {
     let prepared = H::prepare(&mut PrepareCx {
         resources: cx.resources,
         handler: H::NAME,
@@ -230,11 +244,14 @@ fn build_query<H: QueryHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any + Se
     let service = cx
         .layers
         .wrap::<H::Query>(MessageKind::Query, query_service::<H::Query>);
-    Some(Box::new(QuerySlot::<H::Query> {
-        handler: Box::new(Prepared::<Bound<H, H::Prepared>>::query(prepared)),
-        handler_name: H::NAME,
-        service,
-    }))
+    Some(BuiltSlot {
+        index: H::Query::__slot_index().and_then(|index| index.assign(&NEXT_QUERY_INDEX)),
+        slot: Box::new(QuerySlot::<H::Query> {
+            handler: Box::new(Prepared::<Bound<H, H::Prepared>>::query(prepared)),
+            handler_name: H::NAME,
+            service,
+        }),
+    })
 }
 
 fn build_subscriber<H: EventHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any + Send + Sync>> {
@@ -266,8 +283,8 @@ fn build_subscriber<H: EventHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any
 
 /// The validated, prepared wiring: what the app dispatches through.
 pub(crate) struct Built {
-    pub(crate) commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
-    pub(crate) queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    pub(crate) commands: HashMap<TypeId, BuiltSlot>,
+    pub(crate) queries: HashMap<TypeId, BuiltSlot>,
     pub(crate) events: HashMap<TypeId, Box<dyn EventRoute>>,
 }
 
@@ -357,7 +374,7 @@ fn build_messages(
     entries: HashMap<TypeId, MessageEntry>,
     kind: MessageKind,
     cx: &mut BuildCx<'_>,
-) -> HashMap<TypeId, Box<dyn Any + Send + Sync>> {
+) -> HashMap<TypeId, BuiltSlot> {
     let mut entries: Vec<_> = entries.into_iter().collect();
     entries.sort_by_key(|(_, e)| e.type_name);
     let mut slots = HashMap::new();

@@ -85,6 +85,7 @@ pub mod __private {
         IntoHandlerResult, QueryHandler, QueryResult, ReturnsCommandResult, ReturnsQueryResult,
         handler_future,
     };
+    pub use inseam_core::message::SlotIndex;
     pub use inseam_core::registry::Registration;
     pub use inseam_core::saga::EventVisitor;
     pub use inseam_core::{
