@@ -12,6 +12,7 @@
 //! queries and events only, so any of them can later move behind a broker.
 
 pub mod catalog;
+pub mod http;
 pub mod inventory;
 pub mod notifications;
 pub mod orders;

@@ -2,6 +2,9 @@
 //! `SHOP_DATABASE_URL`), seeds the catalog, places three orders (one goes through, one is
 //! declined by the payment gateway, one asks for more than is in stock) and prints the
 //! timeline of each flow.
+//!
+//! `cargo run -p shop -- serve [address]`: the HTTP API (default `127.0.0.1:3000`) on
+//! `SHOP_DATABASE_URL` (default `sqlite://shop.db`), until Ctrl-C.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -17,7 +20,15 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    match demo().await {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.first().map(String::as_str) {
+        None => demo().await,
+        Some("serve") => serve(args.get(1).map_or("127.0.0.1:3000", String::as_str)).await,
+        Some(other) => Err(ShopError::Dispatch(format!(
+            "unknown mode `{other}`: run without arguments for the demo, or `serve [address]`"
+        ))),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let mut message = error.to_string();
@@ -30,6 +41,26 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn serve(address: &str) -> Result<(), ShopError> {
+    let url = std::env::var("SHOP_DATABASE_URL").unwrap_or_else(|_| "sqlite://shop.db".into());
+    let store = shop::open(&url).await?;
+    let app = shop::app(&store, &World::default()).await?;
+    let relay = app.start();
+    shop::seed(&app).await?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| ShopError::Dispatch(format!("cannot listen on {address}: {e}")))?;
+    show(&format!("inseam shop on {url}, serving http://{address}\n"));
+    axum::serve(listener, shop::http::router(app, store))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| ShopError::Dispatch(e.to_string()))?;
+    relay.shutdown().await;
+    Ok(())
 }
 
 /// Writes to standard output; a closed pipe (`| head`) only cuts the output short.

@@ -1,0 +1,199 @@
+//! The shop's HTTP API (`cargo run -p shop -- serve`): place an order, read an order, list a
+//! customer's orders, list and retry dead letters. Bad input gets a 4xx with a JSON body
+//! `{"error": "..."}` that says what was wrong, and nothing is written.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use inseam::sql::SqlStore;
+use inseam::{App, DispatchError};
+use serde::{Deserialize, Serialize};
+
+use crate::orders::{CustomerOrders, GetOrder, OrderError, OrderLine, OrderSummary, PlaceOrder};
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+struct Shop {
+    app: App,
+    store: SqlStore,
+}
+
+/// The API's routes over `app` and its `store`.
+pub fn router(app: App, store: SqlStore) -> Router {
+    Router::new()
+        .route("/orders", post(place_order))
+        .route("/orders/{order_id}", get(get_order))
+        .route("/customers/{customer}/orders", get(customer_orders))
+        .route("/dead-letters", get(dead_letters))
+        .route("/dead-letters/{id}/retry", post(retry_dead_letter))
+        .with_state(Shop { app, store })
+}
+
+/// An error as the API answers it.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        ApiError(rejection.status(), rejection.body_text())
+    }
+}
+
+fn order_error(error: DispatchError<OrderError>) -> ApiError {
+    let status = match error.handler_error() {
+        Some(OrderError::NoLines | OrderError::InvalidQuantity { .. }) => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
+        Some(OrderError::UnknownProduct(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+        Some(OrderError::AlreadyPlaced(_)) => StatusCode::CONFLICT,
+        Some(OrderError::NotFound(_)) => StatusCode::NOT_FOUND,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, error.to_string())
+}
+
+/// One line of an order as a client sends it; the quantity is signed so that a negative one
+/// gets a clear message rather than a parse error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody {
+    sku: String,
+    quantity: i64,
+}
+
+/// An order as a client sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrderBody {
+    order_id: String,
+    customer: String,
+    lines: Vec<LineBody>,
+}
+
+#[derive(Debug, Serialize)]
+struct Placed {
+    order_id: String,
+    total_cents: u64,
+}
+
+async fn place_order(
+    State(shop): State<Shop>,
+    body: Result<Json<OrderBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<Placed>), ApiError> {
+    let Json(body) = body?;
+    let unprocessable = |message: String| ApiError(StatusCode::UNPROCESSABLE_ENTITY, message);
+    if body.order_id.trim().is_empty() {
+        return Err(unprocessable("`order_id` must not be empty".into()));
+    }
+    if body.customer.trim().is_empty() {
+        return Err(unprocessable("`customer` must not be empty".into()));
+    }
+    let mut lines = Vec::with_capacity(body.lines.len());
+    for line in body.lines {
+        let quantity = u32::try_from(line.quantity)
+            .ok()
+            .filter(|q| *q > 0)
+            .ok_or_else(|| {
+                unprocessable(format!(
+                    "the quantity of `{}` must be at least 1, got {}",
+                    line.sku, line.quantity
+                ))
+            })?;
+        lines.push(OrderLine {
+            sku: line.sku,
+            quantity,
+        });
+    }
+    let order_id = body.order_id.clone();
+    let total_cents = shop
+        .app
+        .send(PlaceOrder {
+            order_id: body.order_id,
+            customer: body.customer,
+            lines,
+        })
+        .await
+        .map_err(order_error)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Placed {
+            order_id,
+            total_cents,
+        }),
+    ))
+}
+
+async fn get_order(
+    State(shop): State<Shop>,
+    Path(order_id): Path<String>,
+) -> Result<Json<OrderSummary>, ApiError> {
+    let query = shop.app.query(GetOrder { order_id });
+    query.await.map(Json).map_err(order_error)
+}
+
+async fn customer_orders(
+    State(shop): State<Shop>,
+    Path(customer): Path<String>,
+) -> Result<Json<Vec<OrderSummary>>, ApiError> {
+    let query = shop.app.query(CustomerOrders { customer });
+    query.await.map(Json).map_err(order_error)
+}
+
+#[derive(Debug, Serialize)]
+struct Letter {
+    id: i64,
+    group: String,
+    name: String,
+    error: String,
+    attempts: i64,
+}
+
+async fn dead_letters(State(shop): State<Shop>) -> Result<Json<Vec<Letter>>, ApiError> {
+    let letters = shop
+        .store
+        .dead_letters(0, 100)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(
+        letters
+            .into_iter()
+            .map(|l| Letter {
+                id: l.id,
+                group: l.group,
+                name: l.name,
+                error: l.error,
+                attempts: l.attempts,
+            })
+            .collect(),
+    ))
+}
+
+async fn retry_dead_letter(
+    State(shop): State<Shop>,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    match shop.store.retry_dead_letter(id).await {
+        Ok(()) => Ok(StatusCode::ACCEPTED),
+        Err(error @ inseam::sql::Error::DeadLetterNotFound { .. }) => {
+            Err(ApiError(StatusCode::NOT_FOUND, error.to_string()))
+        }
+        Err(error) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            error.to_string(),
+        )),
+    }
+}
