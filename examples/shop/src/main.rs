@@ -24,6 +24,7 @@ async fn main() -> ExitCode {
     let outcome = match args.first().map(String::as_str) {
         None => demo().await,
         Some("serve") => serve(args.get(1).map_or("127.0.0.1:3000", String::as_str)).await,
+        Some("worker") => worker(&args[1..]).await,
         Some(other) => Err(ShopError::Dispatch(format!(
             "unknown mode `{other}`: run without arguments for the demo, or `serve [address]`"
         ))),
@@ -60,6 +61,38 @@ async fn serve(address: &str) -> Result<(), ShopError> {
         .await
         .map_err(|e| ShopError::Dispatch(e.to_string()))?;
     relay.shutdown().await;
+    Ok(())
+}
+
+/// `shop worker <from> <to>`: the process the crash test kills. Places the orders
+/// `w-<from>`..`w-<to>` (those placed before are refused, and skipped) and relays until killed.
+/// Customers `c<i>` with `i % 3 == 1` are declined; orders with `i % 3 == 2` ask for more cups
+/// than exist.
+async fn worker(args: &[String]) -> Result<(), ShopError> {
+    let range = |i: usize| args.get(i).and_then(|a| a.parse::<u32>().ok()).unwrap_or(0);
+    let (from, to) = (range(0), range(1));
+    let url = std::env::var("SHOP_DATABASE_URL")
+        .map_err(|_| ShopError::Dispatch("the worker needs SHOP_DATABASE_URL".into()))?;
+    let store = shop::open(&url).await?;
+    let world = World::default();
+    for i in (from..to).filter(|i| i % 3 == 1) {
+        world.gateway.decline(&format!("c{i}"));
+    }
+    let app = shop::app(&store, &world).await?;
+    let _relay = app.start();
+    for i in from..to {
+        let lines: &[(&str, u32)] = if i % 3 == 2 {
+            &[("cup", 1000)]
+        } else {
+            &[("tea", 1)]
+        };
+        match shop::place(&app, &format!("w-{i}"), &format!("c{i}"), lines).await {
+            Ok(_) => {}
+            Err(ShopError::Dispatch(message)) if message.contains("already placed") => {}
+            Err(error) => return Err(error),
+        }
+    }
+    std::future::pending::<()>().await;
     Ok(())
 }
 
