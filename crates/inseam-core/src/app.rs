@@ -20,7 +20,7 @@ use tower_service::Service;
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, AggregateError, Loaded};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, IdGenerator, SystemClock, V7Ids};
 use crate::context::{
     CommandContext, DispatchMeta, MessageMeta, NO_META, PendingEvent, QueryContext,
 };
@@ -155,6 +155,7 @@ pub(crate) struct Core {
     durable: HashMap<&'static str, Box<dyn DurableRoute>>,
     upcasters: Upcasters,
     clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdGenerator>,
     resources: Resources,
     pub(crate) store: Option<Arc<dyn Store>>,
     source: Arc<str>,
@@ -464,6 +465,52 @@ impl App {
         self.read_aggregate(id, Some(at)).await
     }
 
+    /// Appends `events` to aggregate `A` with `id` outside any command, in a unit of work of
+    /// its own, and publishes them like a command's (tests' "given" events, imports). `meta`
+    /// gives the flow's ids. Returns the new stream version.
+    pub async fn append<A: Aggregate>(
+        &self,
+        id: &str,
+        events: Vec<A::Event>,
+        meta: MessageMeta,
+    ) -> Result<u64, DispatchError<AggregateError>> {
+        let Some(store) = &self.inner.store else {
+            return Err(DispatchError::Handler(AggregateError::NoStore));
+        };
+        let mut uow = store.begin().await?;
+        let outcome = async {
+            let mut loaded = crate::aggregate::load::<A>(self, &mut *uow, id, None)
+                .await
+                .map_err(DispatchError::Handler)?;
+            for event in events {
+                loaded.emit(event);
+            }
+            let mut outgoing = Vec::new();
+            let version =
+                crate::aggregate::save(self, meta.metadata(self), &mut *uow, &mut outgoing, loaded)
+                    .await
+                    .map_err(DispatchError::Handler)?;
+            complete(self, outgoing, Some(&mut *uow))
+                .await
+                .map_err(crate::dispatch::widen)?;
+            Ok::<u64, DispatchError<AggregateError>>(version)
+        }
+        .await;
+        match outcome {
+            Ok(version) => {
+                uow.commit().await?;
+                store.committed();
+                Ok(version)
+            }
+            Err(error) => {
+                if let Err(rollback) = uow.rollback().await {
+                    tracing::warn!(target: "inseam::aggregate", error = &rollback as &dyn std::error::Error, "rollback failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
     /// The events of `stream` after version `after`, in order, upcast to their current
     /// versions (for tools and tests; handlers load aggregates).
     pub async fn read_stream(
@@ -630,7 +677,7 @@ impl App {
     }
 
     pub(crate) fn next_id(&self) -> Uuid {
-        Uuid::now_v7()
+        self.inner.ids.next_id()
     }
 
     /// Now, by the app's clock (the system's unless the builder was given another).
@@ -728,6 +775,7 @@ pub struct AppBuilder {
     durable: Vec<(&'static str, Box<dyn DurableRoute>)>,
     upcasters: Upcasters,
     clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdGenerator>,
     /// Events of declared aggregates, `(name, version)`.
     aggregate_events: Vec<(&'static str, u32)>,
 }
@@ -744,6 +792,7 @@ impl Default for AppBuilder {
             durable: Vec::new(),
             upcasters: Upcasters::default(),
             clock: Arc::new(SystemClock),
+            ids: Arc::new(V7Ids),
             aggregate_events: Vec::new(),
         }
     }
@@ -880,6 +929,12 @@ impl AppBuilder {
         self
     }
 
+    /// Uses `ids` for message ids (`SequentialIds` in tests: stable flows and snapshots).
+    pub fn ids(mut self, ids: impl IdGenerator) -> Self {
+        self.ids = Arc::new(ids);
+        self
+    }
+
     /// Declares an event-sourced aggregate, so that `build()` checks its events' upcasters
     /// even when nothing subscribes to them.
     pub fn aggregate<A: crate::aggregate::Aggregate>(mut self) -> Self {
@@ -954,6 +1009,7 @@ impl AppBuilder {
                 durable: self.durable.into_iter().collect(),
                 upcasters: self.upcasters,
                 clock: self.clock,
+                ids: self.ids,
                 resources: self.resources,
                 store: self.store,
                 source: Arc::from(self.source),

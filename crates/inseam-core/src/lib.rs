@@ -25,7 +25,7 @@ pub mod upcast;
 
 pub use aggregate::{Aggregate, AggregateError, EventSet, Loaded, Stage};
 pub use app::{App, AppBuilder, Stats};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, IdGenerator, ManualClock, SequentialIds, SystemClock, V7Ids};
 pub use codec::{Codec, CodecError, Json};
 pub use context::{CommandContext, EventContext, MessageMeta, QueryContext};
 pub use envelope::{Envelope, HeaderError, HeaderName, Headers, Metadata, RawEnvelope, WireError};

@@ -38,8 +38,8 @@
 
 pub use inseam_core::saga::{Compensations, Saga, SagaContext};
 pub use inseam_core::{
-    Aggregate, AggregateError, AppendError, Clock, Conflict, EventSet, Halt, Loaded, ManualClock,
-    Reject, RetryOnConflict, Stage, SystemClock, UpcastError,
+    Aggregate, AggregateError, AppendError, Clock, Conflict, EventSet, Halt, IdGenerator, Loaded,
+    ManualClock, Reject, RetryOnConflict, SequentialIds, Stage, SystemClock, UpcastError, V7Ids,
 };
 pub use inseam_core::{
     App, AppBuilder, BoxError, BuildError, Codec, CodecError, Command, CommandContext,

@@ -63,6 +63,12 @@ pub struct World {
 /// Connects to the shop's database (`sqlite://..` or `postgres://..`) and creates its tables.
 pub async fn open(url: &str) -> Result<SqlStore, ShopError> {
     let store = SqlStore::connect(url).await?;
+    install(&store).await?;
+    Ok(store)
+}
+
+/// Creates the modules' tables in `store`, if they do not exist.
+pub async fn install(store: &SqlStore) -> Result<(), ShopError> {
     let serial = match store.backend() {
         Backend::Sqlite => "INTEGER PRIMARY KEY",
         Backend::Postgres => "BIGSERIAL PRIMARY KEY",
@@ -81,21 +87,28 @@ pub async fn open(url: &str) -> Result<SqlStore, ShopError> {
             .map_err(ShopError::Schema)?;
     }
     store.install(&orders::Summaries).await?;
-    Ok(store)
+    Ok(())
 }
 
 /// The shop's app on `store`, talking to `world`.
 pub async fn app(store: &SqlStore, world: &World) -> Result<App, ShopError> {
-    let builder = App::builder()
-        .store(store.clone())
-        .state(store.pool().clone());
+    let builder = App::builder().store(store.clone());
+    Ok(configure(builder, store, world).build().await?)
+}
+
+/// Registers every module on `builder`; queries read through `store`'s pool.
+pub fn configure(
+    builder: inseam::AppBuilder,
+    store: &SqlStore,
+    world: &World,
+) -> inseam::AppBuilder {
+    let builder = builder.state(store.pool().clone());
     let builder = catalog::register(builder);
     let builder = inventory::register(builder);
     let builder = payments::register(builder, world.gateway.clone());
     let builder = shipping::register(builder, world.carrier.clone());
     let builder = notifications::register(builder);
-    let builder = orders::register(builder);
-    Ok(builder.build().await?)
+    orders::register(builder)
 }
 
 /// The catalog and stock the demo starts with.

@@ -1,0 +1,244 @@
+//! Testing inseam apps the way they run: a real store (a temporary SQLite file, or a database
+//! you give), a manual clock and sequential ids so that every run is the same, the relay run to
+//! quiescence in the test's own task (no sleeps), given/when/then scenarios, and the flow a
+//! command caused as stable text for `insta`.
+//!
+//! ```ignore
+//! let test = TestApp::new(|builder, store| shop::configure(builder, store, &World::default())).await?;
+//! let flow = test
+//!     .given_events::<Order>("o-1", [OrderPlaced { .. }.into()])
+//!     .await?
+//!     .when(ConfirmOrder { order_id: "o-1".into() })
+//!     .await;
+//! flow.assert_ok();
+//! insta::assert_snapshot!(flow.text());
+//! ```
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use inseam::sql::SqlStore;
+use inseam::{
+    Aggregate, AggregateError, App, AppBuilder, Command, DispatchError, ManualClock, MessageMeta,
+    SequentialIds,
+};
+
+/// Why a test app could not be set up or driven.
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] inseam::sql::Error),
+    /// The app's wiring is wrong.
+    #[error(transparent)]
+    Build(#[from] inseam::BuildError),
+    /// Setting up the temporary database failed.
+    #[error("could not create a temporary database: {0}")]
+    TempDir(#[from] std::io::Error),
+    /// A "given" step failed.
+    #[error("a given step failed: {0}")]
+    Given(String),
+}
+
+/// The instant a test app's clock starts at: 2030-01-01T00:00:00Z.
+pub fn epoch() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default()
+}
+
+/// An app on a real store, with a manual clock and sequential ids; the relay does not run in
+/// the background: [`settle`](Self::settle) delivers everything that is due.
+#[derive(Debug)]
+pub struct TestApp {
+    /// The app.
+    pub app: App,
+    /// Its store.
+    pub store: SqlStore,
+    /// Its clock, standing at [`epoch`] until advanced.
+    pub clock: ManualClock,
+    flows: std::sync::atomic::AtomicU64,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestApp {
+    /// An app on a fresh SQLite file, configured by `configure` (register handlers, state,
+    /// sagas, projections; the builder comes with the store, clock and ids set).
+    pub async fn new(
+        configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
+    ) -> Result<Self, TestError> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let store = SqlStore::connect(&url).await?;
+        let mut test = Self::on(store, configure).await?;
+        test._dir = Some(dir);
+        Ok(test)
+    }
+
+    /// An app on `store` (for example a fresh PostgreSQL database).
+    pub async fn on(
+        store: SqlStore,
+        configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
+    ) -> Result<Self, TestError> {
+        let clock = ManualClock::new(epoch());
+        let builder = App::builder()
+            .store(store.clone())
+            .clock(clock.clone())
+            .ids(SequentialIds::default());
+        let app = configure(builder, &store).build().await?;
+        Ok(TestApp {
+            app,
+            store,
+            clock,
+            flows: std::sync::atomic::AtomicU64::new(0),
+            _dir: None,
+        })
+    }
+
+    /// Delivers everything due until nothing is left; returns how many deliveries ran.
+    pub async fn settle(&self) -> Result<u64, TestError> {
+        Ok(self.store.deliver_due(&self.app).await?)
+    }
+
+    /// Moves the clock forward by `by` and delivers what became due (timeouts, scheduled
+    /// commands, retries).
+    pub async fn advance(&self, by: Duration) -> Result<u64, TestError> {
+        self.clock.advance(by);
+        self.settle().await
+    }
+
+    /// A fresh flow (correlation id), numbered so that runs are alike.
+    fn next_flow(&self) -> uuid::Uuid {
+        let n = self
+            .flows
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        uuid::Uuid::from_u128((0xf10f_u128 << 112) | u128::from(n))
+    }
+
+    /// Given: `command` was handled (and everything it caused settled).
+    pub async fn given<C: Command>(&self, command: C) -> Result<&Self, TestError> {
+        let meta = MessageMeta::new().correlation_id(self.next_flow());
+        self.app
+            .send_with(command, meta)
+            .await
+            .map_err(|e| TestError::Given(e.to_string()))?;
+        self.settle().await?;
+        Ok(self)
+    }
+
+    /// Given: aggregate `A` with `id` has these events (published like any, and settled).
+    pub async fn given_events<A: Aggregate>(
+        &self,
+        id: &str,
+        events: impl IntoIterator<Item = A::Event>,
+    ) -> Result<&Self, TestError> {
+        let meta = MessageMeta::new().correlation_id(self.next_flow());
+        self.app
+            .append::<A>(id, events.into_iter().collect(), meta)
+            .await
+            .map_err(|e: DispatchError<AggregateError>| TestError::Given(e.to_string()))?;
+        self.settle().await?;
+        Ok(self)
+    }
+
+    /// When: `command` is sent in a flow of its own, and everything it causes settles.
+    pub async fn when<C: Command>(&self, command: C) -> Flow<C> {
+        let correlation = self.next_flow();
+        let meta = MessageMeta::new().correlation_id(correlation);
+        let outcome = self.app.send_with(command, meta).await;
+        let settled = self.settle().await.err().map(|e| e.to_string());
+        Flow {
+            outcome,
+            correlation,
+            lines: self.lines(correlation).await,
+            settle_error: settled,
+        }
+    }
+
+    /// The flow with `correlation` as text: one line per stored message, in order.
+    pub async fn lines(&self, correlation: uuid::Uuid) -> Vec<String> {
+        let Ok(entries) = self.store.flow(correlation).await else {
+            return vec!["<the flow could not be read>".to_owned()];
+        };
+        entries
+            .into_iter()
+            .map(|entry| {
+                let name = &entry.envelope.name;
+                let kind = if self.app.is_durable_command(name) {
+                    "command"
+                } else if name.starts_with("inseam.") {
+                    "timer"
+                } else {
+                    "event"
+                };
+                let data = serde_json::from_slice::<serde_json::Value>(&entry.envelope.payload)
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|_| "<not JSON>".to_owned());
+                format!("{kind} {name} {data}")
+            })
+            .collect()
+    }
+}
+
+/// What a command caused: its outcome and every message of its flow.
+#[derive(Debug)]
+pub struct Flow<C: Command> {
+    /// What `send` returned.
+    pub outcome: Result<C::Output, DispatchError<C::Error>>,
+    /// The flow's correlation id.
+    pub correlation: uuid::Uuid,
+    /// The flow's messages, as text.
+    pub lines: Vec<String>,
+    settle_error: Option<String>,
+}
+
+impl<C: Command> Flow<C>
+where
+    C::Output: std::fmt::Debug,
+{
+    /// Then: the command succeeded; returns its output.
+    #[track_caller]
+    pub fn assert_ok(&self) -> &C::Output {
+        if let Some(error) = &self.settle_error {
+            panic!("delivering the flow failed: {error}");
+        }
+        match &self.outcome {
+            Ok(output) => output,
+            Err(error) => panic!("expected the command to succeed, it failed: {error}"),
+        }
+    }
+
+    /// Then: the command failed with exactly `message`.
+    #[track_caller]
+    pub fn assert_error(&self, message: &str) {
+        match &self.outcome {
+            Ok(output) => panic!("expected the error `{message}`, the command returned {output:?}"),
+            Err(error) => assert_eq!(error.to_string(), message),
+        }
+    }
+
+    /// Then: these events, in this order, are the flow's events (names only).
+    #[track_caller]
+    pub fn assert_events(&self, names: &[&str]) {
+        let events: Vec<&str> = self
+            .lines
+            .iter()
+            .filter_map(|line| line.strip_prefix("event "))
+            .filter_map(|rest| rest.split(' ').next())
+            .collect();
+        assert_eq!(events, names, "the flow's events");
+    }
+
+    /// The flow as text, for a snapshot: the outcome, then one line per message.
+    pub fn text(&self) -> String {
+        let outcome = match &self.outcome {
+            Ok(output) => format!("ok: {output:?}"),
+            Err(error) => format!("error: {error}"),
+        };
+        let mut text = format!("{outcome}\n");
+        for line in &self.lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text
+    }
+}

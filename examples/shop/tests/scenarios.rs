@@ -1,0 +1,111 @@
+//! The shop's behaviour as scenarios, written with `inseam-test`: each test builds the real app
+//! on a fresh SQLite file with a manual clock, says what is given, does one thing, and checks
+//! what it caused. Copy one to start testing your own app.
+
+use std::time::Duration;
+
+use inseam_test::TestApp;
+use shop::World;
+use shop::orders::{
+    ConfirmOrder, Order, OrderConfirmed, OrderLine, OrderPlaced, PAYMENT_TIMEOUT, PlaceOrder,
+    PricedLine,
+};
+
+/// The shop with its tables and its demo catalog, talking to `world`.
+async fn shop(world: World) -> TestApp {
+    let test = TestApp::new(|builder, store| shop::configure(builder, store, &world))
+        .await
+        .unwrap();
+    shop::install(&test.store).await.unwrap();
+    shop::seed(&test.app).await.unwrap();
+    test
+}
+
+fn order(order_id: &str, customer: &str, sku: &str, quantity: u32) -> PlaceOrder {
+    PlaceOrder {
+        order_id: order_id.into(),
+        customer: customer.into(),
+        lines: vec![OrderLine {
+            sku: sku.into(),
+            quantity,
+        }],
+    }
+}
+
+#[tokio::test]
+async fn an_order_goes_through_the_saga() {
+    let test = shop(World::default()).await;
+
+    let flow = test.when(order("o-1", "ann", "tea", 2)).await;
+
+    assert_eq!(*flow.assert_ok(), 1300);
+    flow.assert_events(&[
+        "orders.order_placed",
+        "inventory.stock_reserved",
+        "payments.charged",
+        "shipping.shipment_created",
+        "orders.order_confirmed",
+    ]);
+    insta::assert_snapshot!(flow.text());
+}
+
+#[tokio::test]
+async fn a_silent_payment_gateway_times_out_and_the_stock_is_released() {
+    let world = World::default();
+    world.gateway.time_out("ann");
+    let test = shop(world).await;
+
+    let flow = test.when(order("o-1", "ann", "tea", 1)).await;
+    flow.assert_ok();
+    flow.assert_events(&["orders.order_placed", "inventory.stock_reserved"]);
+
+    test.advance(PAYMENT_TIMEOUT).await.unwrap();
+
+    insta::assert_snapshot!(test.lines(flow.correlation).await.join("\n"));
+}
+
+#[tokio::test]
+async fn an_order_id_is_used_once() {
+    let test = shop(World::default()).await;
+    let placed = OrderPlaced {
+        order_id: "o-7".into(),
+        customer: "bo".into(),
+        lines: vec![PricedLine {
+            sku: "tea".into(),
+            quantity: 1,
+            unit_price_cents: 650,
+        }],
+        total_cents: 650,
+    };
+    let confirmed = OrderConfirmed {
+        order_id: "o-7".into(),
+        customer: "bo".into(),
+    };
+    test.given_events::<Order>("o-7", [placed.into(), confirmed.into()])
+        .await
+        .unwrap();
+
+    test.when(order("o-7", "bo", "tea", 1))
+        .await
+        .assert_error("order `o-7` was already placed");
+    let again = test
+        .when(ConfirmOrder {
+            order_id: "o-7".into(),
+        })
+        .await;
+    again.assert_ok();
+    again.assert_events(&[]);
+}
+
+#[tokio::test]
+async fn bad_orders_are_refused_with_what_is_wrong() {
+    let test = shop(World::default()).await;
+    test.when(order("o-1", "ann", "tea", 0))
+        .await
+        .assert_error("the quantity of `tea` must be at least 1, got 0");
+    test.when(order("o-2", "ann", "caviar", 1))
+        .await
+        .assert_error("unknown product `caviar`");
+    let nothing = test.advance(Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(nothing, 0, "nothing was written, nothing is delivered");
+}
