@@ -241,6 +241,28 @@ pub struct FlowEntry {
     pub envelope: inseam_core::RawEnvelope,
 }
 
+impl FlowEntry {
+    /// `command` (a durable command of `app`), `timer` (inseam's own scheduled messages, such
+    /// as saga timeouts) or `event`.
+    pub fn kind(&self, app: &inseam_core::App) -> &'static str {
+        let name = &self.envelope.name;
+        if app.is_durable_command(name) {
+            "command"
+        } else if name.starts_with("inseam.") {
+            "timer"
+        } else {
+            "event"
+        }
+    }
+
+    /// The payload as compact JSON (or `<not JSON>`).
+    pub fn data(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.envelope.payload)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|_| "<not JSON>".to_owned())
+    }
+}
+
 impl SqlStore {
     /// Every message of the flow with `correlation_id` still in the outbox (events and durable
     /// commands; delivered messages stay for the outbox retention, a stream's events for

@@ -162,18 +162,8 @@ impl TestApp {
         entries
             .into_iter()
             .map(|entry| {
-                let name = &entry.envelope.name;
-                let kind = if self.app.is_durable_command(name) {
-                    "command"
-                } else if name.starts_with("inseam.") {
-                    "timer"
-                } else {
-                    "event"
-                };
-                let data = serde_json::from_slice::<serde_json::Value>(&entry.envelope.payload)
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|_| "<not JSON>".to_owned());
-                format!("{kind} {name} {data}")
+                let kind = entry.kind(&self.app);
+                format!("{kind} {} {}", entry.envelope.name, entry.data())
             })
             .collect()
     }

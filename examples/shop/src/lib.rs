@@ -232,16 +232,8 @@ pub async fn timeline(
     let mut text = String::new();
     for entry in flow {
         let name = &entry.envelope.name;
-        let kind = if app.is_durable_command(name) {
-            "command"
-        } else if name.starts_with("inseam.") {
-            "timer"
-        } else {
-            "event"
-        };
-        let data = serde_json::from_slice::<serde_json::Value>(&entry.envelope.payload)
-            .map(|v| v.to_string())
-            .unwrap_or_default();
+        let kind = entry.kind(app);
+        let data = entry.data();
         let elapsed = start
             .map(|s| (entry.recorded_at - s).num_milliseconds())
             .unwrap_or_default();
