@@ -594,6 +594,13 @@ impl App {
         self.deliver_as(group, envelope, uow, true).await
     }
 
+    /// The `(name, version)` of every event type with a subscriber, sorted.
+    pub fn events(&self) -> Vec<(&'static str, u32)> {
+        let mut events: Vec<(&'static str, u32)> = self.inner.by_name.keys().copied().collect();
+        events.sort_unstable();
+        events
+    }
+
     /// The `(name, version)` of every event `group` subscribes to, sorted.
     pub fn group_events(&self, group: &str) -> Vec<(&'static str, u32)> {
         let mut events: Vec<(&'static str, u32)> = self

@@ -232,3 +232,55 @@ where
         text
     }
 }
+
+/// The contract of event `E`: its name, version, content type and the JSON schema of its
+/// payload, as stored under `contracts/<name>.v<version>.json`.
+pub fn contract<E: inseam::Event + schemars::JsonSchema>() -> serde_json::Value {
+    let schema = schemars::schema_for!(E);
+    serde_json::json!({
+        "name": E::NAME,
+        "version": E::VERSION,
+        "content_type": <E::Codec as inseam::Codec>::CONTENT_TYPE,
+        "schema": schema,
+    })
+}
+
+/// Checks event `E`'s contract against the one recorded in `dir` for its name and version.
+/// A different payload schema under the same version fails, saying so: bump the version (and
+/// register an upcaster) instead. A contract not recorded yet is written, and the check fails
+/// so that it is reviewed and committed; set `INSEAM_ACCEPT_NEW_CONTRACTS=1` to write new ones
+/// without failing.
+#[track_caller]
+pub fn assert_contract<E: inseam::Event + schemars::JsonSchema>(dir: &std::path::Path) {
+    let current = contract::<E>();
+    let path = dir.join(format!("{}.v{}.json", E::NAME, E::VERSION));
+    let rendered = serde_json::to_string_pretty(&current).unwrap_or_default() + "\n";
+    match std::fs::read_to_string(&path) {
+        Ok(recorded) if recorded == rendered => {}
+        Ok(recorded) => panic!(
+            "event `{}` version {} changed its payload without a version bump.\n\
+             Recorded in {}:\n{recorded}\nNow:\n{rendered}\n\
+             Stored events of version {} keep the recorded shape: keep the payload, or bump \
+             `#[event(version = {})]` and register an upcaster from {}.",
+            E::NAME,
+            E::VERSION,
+            path.display(),
+            E::VERSION,
+            E::VERSION + 1,
+            E::VERSION
+        ),
+        Err(_) => {
+            if let Err(error) =
+                std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &rendered))
+            {
+                panic!("could not record the contract {}: {error}", path.display());
+            }
+            if std::env::var_os("INSEAM_ACCEPT_NEW_CONTRACTS").is_none() {
+                panic!(
+                    "new contract recorded in {}: review it and commit it (or set INSEAM_ACCEPT_NEW_CONTRACTS=1)",
+                    path.display()
+                );
+            }
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 use inseam::prelude::*;
 use inseam::sql::sqlx::{self, Row as _};
+use schemars::JsonSchema;
 
 /// Sets the stock of a product.
 #[derive(Debug, Clone, Serialize, Deserialize, Command)]
@@ -42,7 +43,7 @@ pub struct ReleaseStock {
 }
 
 /// Stock was reserved for an order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "inventory.stock_reserved", key = order_id)]
 pub struct StockReserved {
     /// The order.
@@ -50,7 +51,7 @@ pub struct StockReserved {
 }
 
 /// An order asked for more than is in stock.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "inventory.stock_unavailable", key = order_id)]
 pub struct StockUnavailable {
     /// The order.
@@ -64,7 +65,7 @@ pub struct StockUnavailable {
 }
 
 /// An order's reservation was released.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "inventory.stock_released", key = order_id)]
 pub struct StockReleased {
     /// The order.

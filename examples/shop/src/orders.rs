@@ -11,6 +11,7 @@ use inseam::prelude::*;
 use inseam::sql::sqlx::{self, AnyConnection, AnyPool, AssertSqlSafe, Row as _};
 use inseam::sql::{EventInfo, Model, Projection};
 use inseam::{BoxError, Compensations, SagaContext};
+use schemars::JsonSchema;
 
 use crate::catalog::GetProducts;
 use crate::inventory::{ReleaseStock, ReserveStock, StockReserved, StockUnavailable, Units};
@@ -30,7 +31,7 @@ pub struct OrderLine {
 }
 
 /// A priced line, as placed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PricedLine {
     /// The product.
     pub sku: String,
@@ -71,7 +72,7 @@ pub struct RejectOrder {
 }
 
 /// An order was placed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "orders.order_placed", key = order_id)]
 pub struct OrderPlaced {
     /// The order.
@@ -85,7 +86,7 @@ pub struct OrderPlaced {
 }
 
 /// An order was confirmed: paid and shipped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "orders.order_confirmed", key = order_id)]
 pub struct OrderConfirmed {
     /// The order.
@@ -95,7 +96,7 @@ pub struct OrderConfirmed {
 }
 
 /// An order was rejected.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "orders.order_rejected", key = order_id)]
 pub struct OrderRejected {
     /// The order.

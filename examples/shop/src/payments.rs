@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use inseam::prelude::*;
 use inseam::sql::sqlx;
+use schemars::JsonSchema;
 
 /// The fake payment gateway.
 #[derive(Debug, Clone, Default)]
@@ -75,7 +76,7 @@ pub struct RefundPayment {
 }
 
 /// An order was paid.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "payments.charged", key = order_id)]
 pub struct PaymentCharged {
     /// The order.
@@ -85,7 +86,7 @@ pub struct PaymentCharged {
 }
 
 /// The gateway declined an order's payment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "payments.declined", key = order_id)]
 pub struct PaymentDeclined {
     /// The order.
@@ -93,7 +94,7 @@ pub struct PaymentDeclined {
 }
 
 /// An order's payment was refunded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "payments.refunded", key = order_id)]
 pub struct PaymentRefunded {
     /// The order.

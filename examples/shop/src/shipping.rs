@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use inseam::prelude::*;
 use inseam::sql::sqlx;
+use schemars::JsonSchema;
 
 /// The fake carrier.
 #[derive(Debug, Clone, Default)]
@@ -40,7 +41,7 @@ pub struct CreateShipment {
 }
 
 /// An order's parcel is on its way.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "shipping.shipment_created", key = order_id)]
 pub struct ShipmentCreated {
     /// The order.
@@ -50,7 +51,7 @@ pub struct ShipmentCreated {
 }
 
 /// The carrier refused an order's parcel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Event)]
 #[event(name = "shipping.shipment_failed", key = order_id)]
 pub struct ShipmentFailed {
     /// The order.

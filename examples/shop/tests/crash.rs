@@ -10,7 +10,7 @@ use inseam_tests::{Backend, TestDb};
 use shop::World;
 
 const SHOP: &str = env!("CARGO_BIN_EXE_shop");
-const ORDERS: u32 = 30;
+const ORDERS: u32 = 60;
 
 fn worker(url: &str) -> Child {
     Command::new(SHOP)
@@ -45,7 +45,19 @@ async fn killed_between_saga_steps(backend: Backend) {
     let mut interrupted = 0;
     for round in 0..rounds {
         let mut child = worker(&db.url);
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(100..600))).await;
+        if round == 0 {
+            // The first kill lands mid-way: some orders placed, not all of them finished.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let placed = rows(&store, "SELECT order_id, status FROM orders_summaries").await;
+                if !placed.is_empty() || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(100..600))).await;
+        }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the worker stopped by itself in round {round}: {status}");
         }
