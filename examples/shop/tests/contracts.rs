@@ -15,8 +15,11 @@ fn dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/contracts"))
 }
 
+/// Checks one event's contract in a directory.
+type Check = fn(&Path);
+
 /// Every event the shop's modules publish, with the check of its contract.
-const EVENTS: [(&str, fn(&Path)); 11] = [
+const EVENTS: [(&str, Check); 11] = [
     ("orders.order_placed", assert_contract::<OrderPlaced>),
     ("orders.order_confirmed", assert_contract::<OrderConfirmed>),
     ("orders.order_rejected", assert_contract::<OrderRejected>),
