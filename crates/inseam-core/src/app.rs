@@ -518,14 +518,9 @@ impl App {
         stream: &str,
         after: u64,
     ) -> Result<Vec<crate::store::StoredEvent>, AggregateError> {
-        let Some(store) = &self.inner.store else {
-            return Err(AggregateError::NoStore);
-        };
-        let mut uow = store.begin().await?;
+        let mut uow = self.begin_read().await?;
         let read = uow.read_stream(stream, after, None).await;
-        if let Err(error) = uow.rollback().await {
-            tracing::debug!(target: "inseam::aggregate", error = &error as &dyn std::error::Error, "ending a read-only transaction failed");
-        }
+        end_read(uow).await;
         read?
             .into_iter()
             .map(|mut stored| {
@@ -547,15 +542,18 @@ impl App {
         id: &str,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Loaded<A>, AggregateError> {
+        let mut uow = self.begin_read().await?;
+        let loaded = crate::aggregate::load(self, &mut *uow, id, as_of).await;
+        end_read(uow).await;
+        loaded
+    }
+
+    /// A unit of work for reading only; end it with [`end_read`].
+    async fn begin_read(&self) -> Result<Box<dyn UnitOfWork>, AggregateError> {
         let Some(store) = &self.inner.store else {
             return Err(AggregateError::NoStore);
         };
-        let mut uow = store.begin().await?;
-        let loaded = crate::aggregate::load(self, &mut *uow, id, as_of).await;
-        if let Err(error) = uow.rollback().await {
-            tracing::debug!(target: "inseam::aggregate", error = &error as &dyn std::error::Error, "ending a read-only transaction failed");
-        }
-        loaded
+        Ok(store.begin().await?)
     }
 
     /// Whether `name` is the name of a command declared durable (for tools that show flows).
@@ -1069,6 +1067,13 @@ fn check_upcasters(events: &[(&'static str, u32)], upcasters: &Upcasters) -> Vec
             }),
     );
     problems
+}
+
+/// Ends a read-only unit of work (rolled back: it wrote nothing).
+async fn end_read(uow: Box<dyn UnitOfWork>) {
+    if let Err(error) = uow.rollback().await {
+        tracing::debug!(target: "inseam::aggregate", error = &error as &dyn std::error::Error, "ending a read-only transaction failed");
+    }
 }
 
 pub(crate) const NO_STORE: &str =
