@@ -91,7 +91,9 @@ pub(crate) fn expand_request(input: &DeriveInput, kind: &RequestKind) -> syn::Re
     // A static in a generic impl would be shared by every instantiation; a generic message is
     // found by its `TypeId` instead.
     let slot_index = input.generics.params.is_empty().then(|| {
+        let schema = crate::schema_fn();
         quote! {
+            #schema
             #[inline]
             fn __slot_index() -> ::inseam::__private::Option<&'static ::inseam::__private::SlotIndex> {
                 static INDEX: ::inseam::__private::SlotIndex = ::inseam::__private::SlotIndex::new();

@@ -73,6 +73,7 @@ pub(crate) fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
         |ty| ty.into_token_stream(),
     );
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let schema = input.generics.params.is_empty().then(crate::schema_fn);
     let submit = input.generics.params.is_empty().then(|| {
         quote! {
             ::inseam::__private::inventory::submit! {
@@ -88,6 +89,7 @@ pub(crate) fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
             const VERSION: u32 = #version;
             type Codec = #codec;
             #key_fn
+            #schema
         }
         #submit
     })

@@ -91,9 +91,14 @@ enum Param<'a> {
 
 fn expand_fn(kind: Kind, args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     let mut errors = Errors::default();
+    let mut emits = Emits::default();
     let delivery = match kind {
-        Kind::Event => parse_delivery(args, &mut errors),
-        Kind::Command | Kind::Query => {
+        Kind::Event => parse_delivery(args, &mut emits, &mut errors),
+        Kind::Command => {
+            parse_emits_only(args, &mut emits, &mut errors);
+            None
+        }
+        Kind::Query => {
             if !args.is_empty() {
                 errors.spanned(
                     &args,
@@ -223,7 +228,13 @@ fn expand_fn(kind: Kind, args: TokenStream, function: &ItemFn) -> syn::Result<To
     };
 
     Ok(generate(
-        kind, function, message, event_arg, &params, output, delivery,
+        kind,
+        function,
+        message,
+        event_arg,
+        &params,
+        output,
+        &Settings { delivery, emits },
     ))
 }
 
@@ -341,7 +352,88 @@ fn envelope_payload(ty: &Type) -> Option<&Type> {
 const BOTH: &str = "an event handler is either delivered to a group or inline, not both: keep `group = \"..\"` or `inline`";
 
 /// Parses `group = ".."` or `inline`.
-fn parse_delivery(args: TokenStream, errors: &mut Errors) -> Option<TokenStream> {
+/// What the handler attribute says.
+struct Settings {
+    /// An event handler's delivery.
+    delivery: Option<TokenStream>,
+    /// What the handler declares it emits.
+    emits: Emits,
+}
+
+/// What a handler declares it emits, for the catalog.
+#[derive(Default)]
+struct Emits {
+    publishes: Setting<Vec<Type>>,
+    sends: Setting<Vec<Type>>,
+}
+
+impl Emits {
+    /// Parses `publishes(..)` or `sends(..)`; `false` if `key` is neither.
+    fn parse(
+        &mut self,
+        key: &Ident,
+        input: syn::parse::ParseStream<'_>,
+        errors: &mut Errors,
+    ) -> syn::Result<bool> {
+        let (setting, example) = if key == "publishes" {
+            (&mut self.publishes, "publishes(OrderPlaced, OrderRejected)")
+        } else if key == "sends" {
+            (&mut self.sends, "sends(ReserveStock)")
+        } else {
+            return Ok(false);
+        };
+        if !input.peek(syn::token::Paren) {
+            return Err(syn::Error::new_spanned(
+                key,
+                format_args!("`{key}` takes a list of types in parentheses: `{example}`"),
+            ));
+        }
+        let content;
+        syn::parenthesized!(content in input);
+        let types =
+            syn::punctuated::Punctuated::<Type, syn::Token![,]>::parse_terminated(&content)?;
+        setting.set(key, types.into_iter().collect(), errors);
+        Ok(true)
+    }
+
+    /// The handler trait's `PUBLISHES` and `SENDS`.
+    fn consts(&self) -> TokenStream {
+        let publishes = self.publishes.get().map(|types| {
+            let refs = types
+                .iter()
+                .map(|ty| quote!(::inseam::__private::Published::of::<#ty>()));
+            quote!(const PUBLISHES: &'static [::inseam::__private::Published] = &[#(#refs),*];)
+        });
+        let sends = self.sends.get().map(|types| {
+            let names = types
+                .iter()
+                .map(|ty| quote!(<#ty as ::inseam::__private::Command>::NAME));
+            quote!(const SENDS: &'static [&'static str] = &[#(#names),*];)
+        });
+        quote!(#publishes #sends)
+    }
+}
+
+/// Parses a command handler's arguments: only `publishes(..)` and `sends(..)`.
+fn parse_emits_only(args: TokenStream, emits: &mut Emits, errors: &mut Errors) {
+    attr::parse_list(args, errors, &mut |key, input, errors| {
+        if emits.parse(key, input, errors)? {
+            Ok(())
+        } else {
+            Err(attr::unknown_key(
+                key,
+                "#[command_handler(..)]",
+                &["publishes", "sends"],
+            ))
+        }
+    });
+}
+
+fn parse_delivery(
+    args: TokenStream,
+    emits: &mut Emits,
+    errors: &mut Errors,
+) -> Option<TokenStream> {
     let mut group = Setting::<LitStr>::default();
     let mut inline = Setting::<()>::default();
     // Set even when the value is malformed, which is then the one error reported about it.
@@ -349,6 +441,9 @@ fn parse_delivery(args: TokenStream, errors: &mut Errors) -> Option<TokenStream>
     attr::parse_list(args, errors, &mut |key, input, errors| {
         if key == "group" || key == "inline" {
             delivery_given = true;
+        }
+        if emits.parse(key, input, errors)? {
+            return Ok(());
         }
         if key == "group" {
             attr::expect_eq(key, input, "\"inventory\"")?;
@@ -381,7 +476,7 @@ fn parse_delivery(args: TokenStream, errors: &mut Errors) -> Option<TokenStream>
             return Err(attr::unknown_key(
                 key,
                 "#[event_handler(..)]",
-                &["group", "inline"],
+                &["group", "inline", "publishes", "sends"],
             ));
         }
         Ok(())
@@ -423,8 +518,9 @@ fn generate(
     event_arg: EventArg,
     params: &[Param<'_>],
     output: Option<&Type>,
-    delivery: Option<TokenStream>,
+    settings: &Settings,
 ) -> TokenStream {
+    let delivery = &settings.delivery;
     let vis = &function.vis;
     let name = &function.sig.ident;
     let name_str = name.to_string();
@@ -459,9 +555,11 @@ fn generate(
         let rest = quote_spanned!(last=> as ::inseam::__private::Extract>::Prepared);
         quote!(#open #ty #rest)
     });
+    let emit_consts = settings.emits.consts();
     let prepare = quote! {
         type Prepared = (#(#prepared_types,)*);
         const NAME: &'static str = ::core::concat!(::core::module_path!(), "::", #name_str);
+        #emit_consts
         fn prepare(
             #cx: &mut ::inseam::__private::PrepareCx<'_>,
         ) -> ::inseam::__private::Option<Self::Prepared> {

@@ -15,7 +15,11 @@
 //!   on an `async fn(event, ..)` returning `()` or `Result<(), E>`. Each keeps the function as
 //!   it is and adds a marker type of the same name that implements the handler trait, so it can
 //!   be registered explicitly (`.handler::<place_order>()`) and is also discovered. Parameters
-//!   after the message are extractors, or the context taken by reference.
+//!   after the message are extractors, or the context taken by reference. Command and event
+//!   handlers may declare what they emit, for the catalog: `publishes(EventA, EventB)` and
+//!   `sends(CommandA)`.
+//! - A message type that also derives `schemars::JsonSchema` gets its payload schema into the
+//!   app's catalog.
 
 mod attr;
 mod command;
@@ -24,6 +28,18 @@ mod event_set;
 mod handler;
 mod query;
 mod span;
+
+/// The `__schema` method of a non-generic message: its JSON schema when it derives
+/// `schemars::JsonSchema`, found by autoref specialisation.
+pub(crate) fn schema_fn() -> proc_macro2::TokenStream {
+    quote::quote! {
+        fn __schema() -> ::inseam::__private::Option<::inseam::__private::JsonValue> {
+            #[allow(unused_imports)]
+            use ::inseam::__private::{ViaJsonSchema as _, WithoutSchema as _};
+            (&::inseam::__private::SchemaProbe::<Self>::new()).schema()
+        }
+    }
+}
 
 use proc_macro::TokenStream;
 use syn::{DeriveInput, parse_macro_input};

@@ -20,6 +20,7 @@ use tower_service::Service;
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, AggregateError, Loaded};
+use crate::catalog::{AggregateDoc, Catalog, EventRef};
 use crate::clock::{Clock, IdGenerator, SystemClock, V7Ids};
 use crate::context::{
     CommandContext, DispatchMeta, MessageMeta, NO_META, PendingEvent, QueryContext,
@@ -162,6 +163,7 @@ pub(crate) struct Core {
     runtime: Handle,
     tasks: TaskTracker,
     pub(crate) stats: Counters,
+    catalog: Catalog,
 }
 
 impl Core {
@@ -556,6 +558,12 @@ impl App {
         Ok(store.begin().await?)
     }
 
+    /// Everything the app's registrations say about its messages: render it with
+    /// [`Catalog::markdown`], [`Catalog::asyncapi_yaml`] or [`Catalog::mermaid`].
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
     /// Whether `name` is the name of a command declared durable (for tools that show flows).
     pub fn is_durable_command(&self, name: &str) -> bool {
         self.inner
@@ -783,6 +791,8 @@ pub struct AppBuilder {
     ids: Arc<dyn IdGenerator>,
     /// Events of declared aggregates, `(name, version)`.
     aggregate_events: Vec<(&'static str, u32)>,
+    /// Declared aggregates, for the catalog.
+    aggregates: Vec<AggregateDoc>,
 }
 
 impl Default for AppBuilder {
@@ -799,6 +809,7 @@ impl Default for AppBuilder {
             clock: Arc::new(SystemClock),
             ids: Arc::new(V7Ids),
             aggregate_events: Vec::new(),
+            aggregates: Vec::new(),
         }
     }
 }
@@ -944,7 +955,25 @@ impl AppBuilder {
     /// even when nothing subscribes to them.
     pub fn aggregate<A: crate::aggregate::Aggregate>(mut self) -> Self {
         use crate::aggregate::EventSet as _;
-        self.aggregate_events.extend(A::Event::events());
+        struct Declare(Vec<Registration>);
+        impl crate::saga::EventVisitor for Declare {
+            fn visit<E: Event>(&mut self) {
+                self.0.push(Registration::declare_event::<E>());
+            }
+        }
+        let mut declare = Declare(Vec::new());
+        A::Event::visit(&mut declare);
+        self.registrations.extend(declare.0);
+        let events = A::Event::events();
+        self.aggregates.push(AggregateDoc {
+            kind: A::TYPE,
+            rust_type: std::any::type_name::<A>(),
+            events: events
+                .iter()
+                .map(|&(name, version)| EventRef { name, version })
+                .collect(),
+        });
+        self.aggregate_events.extend(events);
         self
     }
 
@@ -973,6 +1002,7 @@ impl AppBuilder {
             wiring.install(registration);
         }
         let runtime = Handle::try_current();
+        let gather = wiring.gather();
         let built = wiring.build(&self.resources, &self.layers);
         let mut events: Vec<(&'static str, u32)> = self.aggregate_events.clone();
         if let Ok(built) = &built {
@@ -1004,6 +1034,12 @@ impl AppBuilder {
         groups.extend(self.durable.iter().map(|(group, _)| *group));
         groups.sort_unstable();
         groups.dedup();
+        let durable: Vec<(&'static str, &'static str)> = self
+            .durable
+            .iter()
+            .map(|(group, _)| (*group, group.strip_prefix("command:").unwrap_or(group)))
+            .collect();
+        let catalog = gather.finish(&self.source, &durable, self.aggregates);
         let app = App {
             inner: Arc::new(Core {
                 commands: Slots::new(built.commands),
@@ -1021,6 +1057,7 @@ impl AppBuilder {
                 runtime,
                 tasks: TaskTracker::new(),
                 stats: Counters::default(),
+                catalog,
             }),
         };
         if let Some(store) = &app.inner.store {

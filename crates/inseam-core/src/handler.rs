@@ -5,6 +5,7 @@ use std::fmt;
 
 use stackfuture::StackFuture;
 
+use crate::catalog::{Published, Role};
 use crate::context::{CommandContext, EventContext, QueryContext};
 use crate::envelope::Envelope;
 use crate::extract::PrepareCx;
@@ -61,6 +62,12 @@ pub trait CommandHandler: Send + Sync + 'static {
     type Prepared: Send + Sync + 'static;
     /// The handler's name (its function's path), used in errors and logs.
     const NAME: &'static str;
+    /// The events it declares it publishes (`publishes(..)` in the handler attribute), for the
+    /// catalog.
+    const PUBLISHES: &'static [Published] = &[];
+    /// The commands it declares it sends (`sends(..)` in the handler attribute), for the
+    /// catalog.
+    const SENDS: &'static [&'static str] = &[];
     /// Looks up what the arguments need; missing pieces are reported to `cx`.
     fn prepare(cx: &mut PrepareCx<'_>) -> Option<Self::Prepared>;
     /// Handles one command.
@@ -131,6 +138,14 @@ pub trait EventHandler: Send + Sync + 'static {
     const NAME: &'static str;
     /// Inline, or the group it is delivered to.
     const DELIVERY: Delivery;
+    /// The events it declares it publishes (`publishes(..)` in the handler attribute), for the
+    /// catalog.
+    const PUBLISHES: &'static [Published] = &[];
+    /// The commands it declares it sends (`sends(..)` in the handler attribute), for the
+    /// catalog.
+    const SENDS: &'static [&'static str] = &[];
+    /// What kind of subscriber it is, for the catalog.
+    const ROLE: Role = Role::Subscriber;
     /// Looks up what the arguments need.
     fn prepare(cx: &mut PrepareCx<'_>) -> Option<Self::Prepared>;
     /// Handles one event.

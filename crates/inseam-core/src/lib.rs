@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 mod app;
+pub mod catalog;
 pub mod clock;
 pub mod codec;
 mod context;
@@ -25,6 +26,7 @@ pub mod upcast;
 
 pub use aggregate::{Aggregate, AggregateError, EventSet, Loaded, Stage};
 pub use app::{App, AppBuilder, Stats};
+pub use catalog::Catalog;
 pub use clock::{Clock, IdGenerator, ManualClock, SequentialIds, SystemClock, V7Ids};
 pub use codec::{Codec, CodecError, Json};
 pub use context::{CommandContext, EventContext, MessageMeta, QueryContext};

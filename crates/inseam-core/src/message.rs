@@ -37,6 +37,13 @@ pub trait Command: Send + 'static {
     fn __slot_index() -> Option<&'static SlotIndex> {
         None
     }
+
+    /// The JSON schema of the payload, when the type derives `schemars::JsonSchema` (the derive
+    /// finds out). Not public API.
+    #[doc(hidden)]
+    fn __schema() -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// A request for data without side effects, handled by exactly one handler.
@@ -56,6 +63,13 @@ pub trait Query: Send + 'static {
     /// Where apps find this query's handler (see `Command::__slot_index`). Not public API.
     #[doc(hidden)]
     fn __slot_index() -> Option<&'static SlotIndex> {
+        None
+    }
+
+    /// The JSON schema of the payload, when the type derives `schemars::JsonSchema` (the derive
+    /// finds out). Not public API.
+    #[doc(hidden)]
+    fn __schema() -> Option<serde_json::Value> {
         None
     }
 }
@@ -127,6 +141,13 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     type Codec: Codec;
     /// The ordering key: events with the same key reach each subscriber in order.
     fn key(&self) -> Option<String> {
+        None
+    }
+
+    /// The JSON schema of the payload, when the type derives `schemars::JsonSchema` (the derive
+    /// finds out). Not public API.
+    #[doc(hidden)]
+    fn __schema() -> Option<serde_json::Value> {
         None
     }
 }

@@ -10,6 +10,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
+use crate::catalog::{
+    CommandDoc, EventDoc, EventRef, Gather, HandlerDoc, Member, Published, QueryDoc, Role,
+    SubscriberDoc,
+};
+use crate::codec::Codec;
 use crate::dispatch::{
     Bound, CommandSlot, EventRoute, EventSlot, Prepared, QuerySlot, Subscriber, command_service,
     event_service, query_service,
@@ -111,11 +116,23 @@ pub(crate) struct BuildCx<'a> {
 
 struct HandlerEntry {
     name: &'static str,
+    publishes: &'static [Published],
+    sends: &'static [&'static str],
     build: BuildSlot,
+}
+
+/// What the catalog shows of a command or query type.
+#[derive(Clone, Copy)]
+struct MessageInfo {
+    name: &'static str,
+    output: &'static str,
+    error: &'static str,
+    schema: fn() -> Option<serde_json::Value>,
 }
 
 struct MessageEntry {
     type_name: &'static str,
+    info: MessageInfo,
     declared: bool,
     handlers: Vec<HandlerEntry>,
 }
@@ -123,6 +140,9 @@ struct MessageEntry {
 struct SubscriberEntry {
     name: &'static str,
     delivery: Delivery,
+    role: Role,
+    publishes: &'static [Published],
+    sends: &'static [&'static str],
     build: BuildSubscriber,
 }
 
@@ -130,6 +150,8 @@ struct EventEntry {
     type_name: &'static str,
     name: &'static str,
     version: u32,
+    content_type: &'static str,
+    schema: fn() -> Option<serde_json::Value>,
     assemble: AssembleRoute,
     subscribers: Vec<SubscriberEntry>,
 }
@@ -152,19 +174,41 @@ impl fmt::Debug for Wiring {
     }
 }
 
-fn message_entry<M: 'static>(map: &mut HashMap<TypeId, MessageEntry>) -> &mut MessageEntry {
+fn command_info<C: Command>() -> MessageInfo {
+    MessageInfo {
+        name: C::NAME,
+        output: type_name::<C::Output>(),
+        error: type_name::<C::Error>(),
+        schema: C::__schema,
+    }
+}
+
+fn query_info<Q: Query>() -> MessageInfo {
+    MessageInfo {
+        name: Q::NAME,
+        output: type_name::<Q::Output>(),
+        error: type_name::<Q::Error>(),
+        schema: Q::__schema,
+    }
+}
+
+fn message_entry<M: 'static>(
+    map: &mut HashMap<TypeId, MessageEntry>,
+    info: MessageInfo,
+) -> &mut MessageEntry {
     map.entry(TypeId::of::<M>())
         .or_insert_with(|| MessageEntry {
             type_name: type_name::<M>(),
+            info,
             declared: false,
             handlers: Vec::new(),
         })
 }
 
-fn add_handler(entry: &mut MessageEntry, name: &'static str, build: BuildSlot) {
+fn add_handler(entry: &mut MessageEntry, handler: HandlerEntry) {
     // The same handler registered twice (explicitly and discovered) is one handler.
-    if !entry.handlers.iter().any(|h| h.name == name) {
-        entry.handlers.push(HandlerEntry { name, build });
+    if !entry.handlers.iter().any(|h| h.name == handler.name) {
+        entry.handlers.push(handler);
     }
 }
 
@@ -176,19 +220,45 @@ fn event_entry<E: Event>(wiring: &mut Wiring) -> &mut EventEntry {
             type_name: type_name::<E>(),
             name: E::NAME,
             version: E::VERSION,
+            content_type: <E::Codec as Codec>::CONTENT_TYPE,
+            schema: E::__schema,
             assemble: EventSlot::<E>::assemble,
             subscribers: Vec::new(),
         })
 }
 
 fn install_command<H: CommandHandler>(wiring: &mut Wiring) {
-    let entry = message_entry::<H::Command>(&mut wiring.commands);
-    add_handler(entry, H::NAME, build_command::<H>);
+    let entry = message_entry::<H::Command>(&mut wiring.commands, command_info::<H::Command>());
+    add_handler(
+        entry,
+        HandlerEntry {
+            name: H::NAME,
+            publishes: H::PUBLISHES,
+            sends: H::SENDS,
+            build: build_command::<H>,
+        },
+    );
+    declare_published(wiring, H::PUBLISHES);
+}
+
+/// Declares the events a handler says it publishes, so that the catalog knows them all.
+fn declare_published(wiring: &mut Wiring, published: &[Published]) {
+    for event in published {
+        event.declaration().install(wiring);
+    }
 }
 
 fn install_query<H: QueryHandler>(wiring: &mut Wiring) {
-    let entry = message_entry::<H::Query>(&mut wiring.queries);
-    add_handler(entry, H::NAME, build_query::<H>);
+    let entry = message_entry::<H::Query>(&mut wiring.queries, query_info::<H::Query>());
+    add_handler(
+        entry,
+        HandlerEntry {
+            name: H::NAME,
+            publishes: &[],
+            sends: &[],
+            build: build_query::<H>,
+        },
+    );
 }
 
 fn install_subscriber<H: EventHandler>(wiring: &mut Wiring) {
@@ -197,17 +267,21 @@ fn install_subscriber<H: EventHandler>(wiring: &mut Wiring) {
         entry.subscribers.push(SubscriberEntry {
             name: H::NAME,
             delivery: H::DELIVERY,
+            role: H::ROLE,
+            publishes: H::PUBLISHES,
+            sends: H::SENDS,
             build: build_subscriber::<H>,
         });
     }
+    declare_published(wiring, H::PUBLISHES);
 }
 
 fn declare_command<C: Command>(wiring: &mut Wiring) {
-    message_entry::<C>(&mut wiring.commands).declared = true;
+    message_entry::<C>(&mut wiring.commands, command_info::<C>()).declared = true;
 }
 
 fn declare_query<Q: Query>(wiring: &mut Wiring) {
-    message_entry::<Q>(&mut wiring.queries).declared = true;
+    message_entry::<Q>(&mut wiring.queries, query_info::<Q>()).declared = true;
 }
 
 fn declare_event<E: Event>(wiring: &mut Wiring) {
@@ -291,6 +365,77 @@ pub(crate) struct Built {
 impl Wiring {
     pub(crate) fn install(&mut self, registration: &Registration) {
         registration.install(self);
+    }
+
+    /// What the catalog shows of this wiring.
+    pub(crate) fn gather(&self) -> Gather {
+        let mut gather = Gather::default();
+        for entry in self.commands.values() {
+            let handler = entry.handlers.first().map(|h| HandlerDoc {
+                name: h.name,
+                publishes: h.publishes.iter().map(|p| p.event).collect(),
+                sends: h.sends.to_vec(),
+            });
+            gather.commands.push(CommandDoc {
+                name: entry.info.name,
+                rust_type: entry.type_name,
+                output: entry.info.output,
+                error: entry.info.error,
+                handler,
+                durable: false,
+                schema: (entry.info.schema)(),
+            });
+        }
+        for entry in self.queries.values() {
+            gather.queries.push(QueryDoc {
+                name: entry.info.name,
+                rust_type: entry.type_name,
+                output: entry.info.output,
+                error: entry.info.error,
+                handler: entry.handlers.first().map(|h| h.name),
+            });
+        }
+        for entry in self.events.values() {
+            let event = EventRef {
+                name: entry.name,
+                version: entry.version,
+            };
+            for sub in &entry.subscribers {
+                match sub.delivery {
+                    Delivery::Group(group) => gather.members.push(Member {
+                        group,
+                        role: sub.role,
+                        handler: sub.name,
+                        event,
+                        publishes: sub.publishes,
+                        sends: sub.sends,
+                    }),
+                    Delivery::Inline => gather.inline.push((sub.name, sub.publishes)),
+                }
+            }
+            gather.events.push(EventDoc {
+                name: entry.name,
+                version: entry.version,
+                rust_type: entry.type_name,
+                content_type: entry.content_type,
+                schema: (entry.schema)(),
+                internal: entry.name.starts_with("inseam."),
+                publishers: Vec::new(),
+                subscribers: entry
+                    .subscribers
+                    .iter()
+                    .map(|sub| SubscriberDoc {
+                        handler: sub.name,
+                        role: sub.role,
+                        group: match sub.delivery {
+                            Delivery::Group(group) => Some(group),
+                            Delivery::Inline => None,
+                        },
+                    })
+                    .collect(),
+            });
+        }
+        gather
     }
 
     /// Validates the wiring and builds every slot, reporting every problem at once.

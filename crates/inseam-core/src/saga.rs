@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::aggregate::EventSet;
 use crate::app::App;
+use crate::catalog::{Published, Role};
 use crate::codec::Json;
 use crate::context::EventContext;
 use crate::envelope::{Envelope, Metadata};
@@ -61,6 +62,10 @@ pub trait Saga: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
     const NAME: &'static str;
     /// The events it reacts to.
     type Event: EventSet;
+    /// The commands it sends, for the catalog: `&[ReserveStock::NAME, ChargePayment::NAME]`.
+    const SENDS: &'static [&'static str] = &[];
+    /// The events it publishes, for the catalog.
+    const PUBLISHES: &'static [Published] = &[];
 
     /// Whether `event` starts a new instance. An event for an instance that does not exist and
     /// does not start one is ignored.
@@ -341,6 +346,9 @@ impl<S: Saga, E: Event> EventHandler for SagaStep<S, E> {
     type Prepared = ();
     const NAME: &'static str = S::NAME;
     const DELIVERY: Delivery = Delivery::Group(S::NAME);
+    const SENDS: &'static [&'static str] = S::SENDS;
+    const PUBLISHES: &'static [Published] = S::PUBLISHES;
+    const ROLE: Role = Role::Saga;
 
     fn prepare(_: &mut PrepareCx<'_>) -> Option<()> {
         Some(())
@@ -375,6 +383,9 @@ impl<S: Saga> EventHandler for SagaTimeouts<S> {
     type Prepared = ();
     const NAME: &'static str = S::NAME;
     const DELIVERY: Delivery = Delivery::Group(S::NAME);
+    const SENDS: &'static [&'static str] = S::SENDS;
+    const PUBLISHES: &'static [Published] = S::PUBLISHES;
+    const ROLE: Role = Role::Saga;
 
     fn prepare(_: &mut PrepareCx<'_>) -> Option<()> {
         Some(())

@@ -138,6 +138,7 @@ impl<P: Projection, E: Event> EventHandler for ProjectionStep<P, E> {
     type Prepared = Arc<P>;
     const NAME: &'static str = P::NAME;
     const DELIVERY: Delivery = Delivery::Group(P::NAME);
+    const ROLE: inseam_core::catalog::Role = inseam_core::catalog::Role::Projection;
 
     fn prepare(cx: &mut PrepareCx<'_>) -> Option<Arc<P>> {
         let projection = cx.resources().get::<Arc<P>>().cloned();

@@ -17,10 +17,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use inseam::catalog::EventDoc;
 use inseam::sql::SqlStore;
 use inseam::{
-    Aggregate, AggregateError, App, AppBuilder, Command, DispatchError, ManualClock, MessageMeta,
-    SequentialIds,
+    Aggregate, AggregateError, App, AppBuilder, Catalog, Command, DispatchError, Headers,
+    ManualClock, MessageMeta, Metadata, RawEnvelope, SequentialIds,
 };
 
 /// Why a test app could not be set up or driven.
@@ -233,54 +234,148 @@ where
     }
 }
 
-/// The contract of event `E`: its name, version, content type and the JSON schema of its
-/// payload, as stored under `contracts/<name>.v<version>.json`.
+/// The contract of event `E`: its name, version, content type, the JSON schema of its payload
+/// and its wire form (the CloudEvents envelope it travels in, with placeholders for the values
+/// of one message), as stored under `contracts/<name>.v<version>.json`.
 pub fn contract<E: inseam::Event + schemars::JsonSchema>() -> serde_json::Value {
-    let schema = schemars::schema_for!(E);
+    let schema = serde_json::to_value(schemars::schema_for!(E)).unwrap_or_default();
+    contract_value(
+        E::NAME,
+        E::VERSION,
+        <E::Codec as inseam::Codec>::CONTENT_TYPE,
+        &schema,
+    )
+}
+
+/// The contract of a catalogued event; `None` when its type does not derive
+/// `schemars::JsonSchema`.
+pub fn catalog_contract(event: &EventDoc) -> Option<serde_json::Value> {
+    let schema = event.schema.as_ref()?;
+    Some(contract_value(
+        event.name,
+        event.version,
+        event.content_type,
+        schema,
+    ))
+}
+
+fn contract_value(
+    name: &str,
+    version: u32,
+    content_type: &str,
+    schema: &serde_json::Value,
+) -> serde_json::Value {
     serde_json::json!({
-        "name": E::NAME,
-        "version": E::VERSION,
-        "content_type": <E::Codec as inseam::Codec>::CONTENT_TYPE,
+        "name": name,
+        "version": version,
+        "content_type": content_type,
         "schema": schema,
+        "wire": wire_form(name, version, content_type),
     })
 }
 
+/// The envelope an event travels in, with placeholders: nil ids, the test epoch, `<source>`,
+/// `<key>` and `<payload>` for what differs between messages.
+fn wire_form(name: &str, version: u32, content_type: &str) -> serde_json::Value {
+    let nil = uuid::Uuid::nil();
+    let json = content_type == <inseam::Json as inseam::Codec>::CONTENT_TYPE;
+    let envelope = RawEnvelope {
+        metadata: Metadata {
+            message_id: nil,
+            correlation_id: nil,
+            causation_id: Some(nil),
+        },
+        name: name.to_owned(),
+        version,
+        key: Some("<key>".to_owned()),
+        occurred_at: epoch(),
+        source: "<source>".to_owned(),
+        headers: Headers::default(),
+        content_type: content_type.to_owned(),
+        payload: if json {
+            b"\"<payload>\"".to_vec()
+        } else {
+            b"<payload>".to_vec()
+        },
+    };
+    envelope
+        .to_json()
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
 /// Checks event `E`'s contract against the one recorded in `dir` for its name and version.
-/// A different payload schema under the same version fails, saying so: bump the version (and
+/// A different contract under the same version fails, saying so: bump the version (and
 /// register an upcaster) instead. A contract not recorded yet is written, and the check fails
 /// so that it is reviewed and committed; set `INSEAM_ACCEPT_NEW_CONTRACTS=1` to write new ones
 /// without failing.
 #[track_caller]
 pub fn assert_contract<E: inseam::Event + schemars::JsonSchema>(dir: &std::path::Path) {
-    let current = contract::<E>();
-    let path = dir.join(format!("{}.v{}.json", E::NAME, E::VERSION));
-    let rendered = serde_json::to_string_pretty(&current).unwrap_or_default() + "\n";
+    if let Err(problem) = check_contract(E::NAME, E::VERSION, &contract::<E>(), dir) {
+        panic!("{problem}");
+    }
+}
+
+/// Checks the contract of every event in `catalog` (except inseam's own) against `dir`, as
+/// [`assert_contract`] does for one, and fails listing every problem: a changed contract
+/// without a version bump, a new contract (written, to review), an event whose type does not
+/// derive `schemars::JsonSchema`.
+#[track_caller]
+pub fn assert_contracts(catalog: &Catalog, dir: &std::path::Path) {
+    let mut problems = Vec::new();
+    for event in catalog.contracts() {
+        let outcome = match catalog_contract(event) {
+            Some(contract) => check_contract(event.name, event.version, &contract, dir),
+            None => Err(format!(
+                "event `{}` version {} (`{}`) has no payload schema: derive `schemars::JsonSchema` on it so that its contract is recorded",
+                event.name, event.version, event.rust_type
+            )),
+        };
+        if let Err(problem) = outcome {
+            problems.push(problem);
+        }
+    }
+    if !problems.is_empty() {
+        panic!(
+            "{} contract problem(s):\n\n{}",
+            problems.len(),
+            problems.join("\n\n")
+        );
+    }
+}
+
+fn check_contract(
+    name: &str,
+    version: u32,
+    current: &serde_json::Value,
+    dir: &std::path::Path,
+) -> Result<(), String> {
+    let path = dir.join(format!("{name}.v{version}.json"));
+    let rendered = serde_json::to_string_pretty(current).unwrap_or_default() + "\n";
     match std::fs::read_to_string(&path) {
-        Ok(recorded) if recorded == rendered => {}
-        Ok(recorded) => panic!(
-            "event `{}` version {} changed its payload without a version bump.\n\
+        Ok(recorded) if recorded == rendered => Ok(()),
+        Ok(recorded) => Err(format!(
+            "event `{name}` version {version} changed its contract without a version bump.\n\
              Recorded in {}:\n{recorded}\nNow:\n{rendered}\n\
-             Stored events of version {} keep the recorded shape: keep the payload, or bump \
-             `#[event(version = {})]` and register an upcaster from {}.",
-            E::NAME,
-            E::VERSION,
+             Stored events of version {version} keep the recorded shape: keep the payload, or bump \
+             `#[event(version = {})]` and register an upcaster from {version}.",
             path.display(),
-            E::VERSION,
-            E::VERSION + 1,
-            E::VERSION
-        ),
+            version + 1,
+        )),
         Err(_) => {
-            if let Err(error) =
-                std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &rendered))
-            {
-                panic!("could not record the contract {}: {error}", path.display());
-            }
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::write(&path, &rendered))
+                .map_err(|error| {
+                    format!("could not record the contract {}: {error}", path.display())
+                })?;
             if std::env::var_os("INSEAM_ACCEPT_NEW_CONTRACTS").is_none() {
-                panic!(
+                return Err(format!(
                     "new contract recorded in {}: review it and commit it (or set INSEAM_ACCEPT_NEW_CONTRACTS=1)",
                     path.display()
-                );
+                ));
             }
+            Ok(())
         }
     }
 }

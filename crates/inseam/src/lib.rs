@@ -42,15 +42,15 @@ pub use inseam_core::{
     ManualClock, Reject, RetryOnConflict, SequentialIds, Stage, SystemClock, UpcastError, V7Ids,
 };
 pub use inseam_core::{
-    App, AppBuilder, BoxError, BuildError, Codec, CodecError, Command, CommandContext,
+    App, AppBuilder, BoxError, BuildError, Catalog, Codec, CodecError, Command, CommandContext,
     CommandHandler, Delivery, DeliveryError, DispatchError, DispatchRequest, DispatchResponse,
     DispatchService, Envelope, Event, EventContext, EventHandler, Extract, Handler, HeaderError,
     HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata, Query, QueryContext,
     QueryHandler, RawEnvelope, Registration, State, Stats, TraceLayer, WireError, WiringProblem,
 };
 pub use inseam_core::{
-    aggregate, clock, codec, envelope, error, extract, handler, message, middleware, registry,
-    saga, store, upcast,
+    aggregate, catalog, clock, codec, envelope, error, extract, handler, message, middleware,
+    registry, saga, store, upcast,
 };
 
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
@@ -79,6 +79,7 @@ pub mod prelude {
 /// Paths the macros expand to. Not public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use inseam_core::catalog::{Published, SchemaProbe, ViaJsonSchema, WithoutSchema};
     pub use inseam_core::extract::{Extract, Parts, PrepareCx};
     pub use inseam_core::handler::{
         BoxError, CommandHandler, CommandResult, Delivery, EventHandler, Handler, HandlerFuture,
@@ -93,6 +94,7 @@ pub mod __private {
         QueryContext, RawEnvelope, Stage, WireError,
     };
     pub use inventory;
+    pub use serde_json::Value as JsonValue;
     pub use std::clone::Clone;
     pub use std::option::Option::{self, None, Some};
     pub use std::string::{String, ToString};

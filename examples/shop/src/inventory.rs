@@ -93,7 +93,7 @@ async fn set_stock(cmd: SetStock, ctx: &mut CommandContext<'_>) -> Result<(), In
     Ok(())
 }
 
-#[command_handler]
+#[command_handler(publishes(StockReserved, StockUnavailable))]
 async fn reserve_stock(
     cmd: ReserveStock,
     ctx: &mut CommandContext<'_>,
@@ -137,7 +137,7 @@ async fn reserve_stock(
     Ok(())
 }
 
-#[command_handler]
+#[command_handler(publishes(StockReleased))]
 async fn release_stock(
     cmd: ReleaseStock,
     ctx: &mut CommandContext<'_>,

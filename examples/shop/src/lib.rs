@@ -92,8 +92,30 @@ pub async fn install(store: &SqlStore) -> Result<(), ShopError> {
 
 /// The shop's app on `store`, talking to `world`.
 pub async fn app(store: &SqlStore, world: &World) -> Result<App, ShopError> {
-    let builder = App::builder().store(store.clone());
+    let builder = App::builder().source("shop").store(store.clone());
     Ok(configure(builder, store, world).build().await?)
+}
+
+/// The shop's message catalog, as the files under `examples/shop/docs/`: `catalog.md`
+/// (Markdown, with the flow diagram), `asyncapi.yaml` (AsyncAPI 3.0) and `flow.mmd` (Mermaid).
+/// `cargo run -p shop -- catalog` writes them; `tests/catalog.rs` checks they are current.
+pub async fn catalog_files() -> Result<Vec<(&'static str, String)>, ShopError> {
+    let dir = tempfile::tempdir()
+        .map_err(|e| ShopError::Dispatch(format!("cannot create a temporary directory: {e}")))?;
+    let url = format!("sqlite://{}", dir.path().join("catalog.db").display());
+    let store = open(&url).await?;
+    let app = app(&store, &World::default()).await?;
+    let catalog = app.catalog();
+    let asyncapi = catalog
+        .asyncapi_yaml()
+        .map_err(|e| ShopError::Dispatch(e.to_string()))?;
+    let files = vec![
+        ("catalog.md", catalog.markdown()),
+        ("asyncapi.yaml", asyncapi),
+        ("flow.mmd", catalog.mermaid()),
+    ];
+    store.pool().close().await;
+    Ok(files)
 }
 
 /// Registers every module on `builder`; queries read through `store`'s pool.

@@ -5,6 +5,10 @@
 //!
 //! `cargo run -p shop -- serve [address]`: the HTTP API (default `127.0.0.1:3000`) on
 //! `SHOP_DATABASE_URL` (default `sqlite://shop.db`), until Ctrl-C.
+//!
+//! `cargo run -p shop -- catalog [directory]`: writes the message catalog (`catalog.md`,
+//! `asyncapi.yaml`, `flow.mmd`) from the app's registrations, by default to
+//! `examples/shop/docs/`.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -25,8 +29,9 @@ async fn main() -> ExitCode {
         None => demo().await,
         Some("serve") => serve(args.get(1).map_or("127.0.0.1:3000", String::as_str)).await,
         Some("worker") => worker(&args[1..]).await,
+        Some("catalog") => catalog(args.get(1).map_or(DOCS, String::as_str)).await,
         Some(other) => Err(ShopError::Dispatch(format!(
-            "unknown mode `{other}`: run without arguments for the demo, or `serve [address]`"
+            "unknown mode `{other}`: run without arguments for the demo, `serve [address]` or `catalog [directory]`"
         ))),
     };
     match outcome {
@@ -42,6 +47,23 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where `catalog` writes by default: the shop's `docs/` directory.
+const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs");
+
+/// `shop catalog [directory]`: writes the message catalog (Markdown, AsyncAPI, Mermaid).
+async fn catalog(dir: &str) -> Result<(), ShopError> {
+    let dir = std::path::Path::new(dir);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ShopError::Dispatch(format!("cannot create {}: {e}", dir.display())))?;
+    for (name, text) in shop::catalog_files().await? {
+        let path = dir.join(name);
+        std::fs::write(&path, text)
+            .map_err(|e| ShopError::Dispatch(format!("cannot write {}: {e}", path.display())))?;
+        show(&format!("wrote {}\n", path.display()));
+    }
+    Ok(())
 }
 
 async fn serve(address: &str) -> Result<(), ShopError> {

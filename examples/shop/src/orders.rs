@@ -194,7 +194,7 @@ pub enum OrderError {
     Db(#[from] sqlx::Error),
 }
 
-#[command_handler]
+#[command_handler(publishes(OrderPlaced))]
 async fn place_order(cmd: PlaceOrder, ctx: &mut CommandContext<'_>) -> Result<u64, OrderError> {
     if cmd.lines.is_empty() {
         return Err(OrderError::NoLines);
@@ -242,7 +242,7 @@ async fn place_order(cmd: PlaceOrder, ctx: &mut CommandContext<'_>) -> Result<u6
     Ok(total_cents)
 }
 
-#[command_handler]
+#[command_handler(publishes(OrderConfirmed))]
 async fn confirm_order(cmd: ConfirmOrder, ctx: &mut CommandContext<'_>) -> Result<(), OrderError> {
     let mut order = ctx.load::<Order>(&cmd.order_id).await?;
     if order.status != Status::Placed {
@@ -258,7 +258,7 @@ async fn confirm_order(cmd: ConfirmOrder, ctx: &mut CommandContext<'_>) -> Resul
     Ok(())
 }
 
-#[command_handler]
+#[command_handler(publishes(OrderRejected))]
 async fn reject_order(cmd: RejectOrder, ctx: &mut CommandContext<'_>) -> Result<(), OrderError> {
     let mut order = ctx.load::<Order>(&cmd.order_id).await?;
     if order.status != Status::Placed {
@@ -326,6 +326,15 @@ impl Fulfilment {
 impl Saga for Fulfilment {
     const NAME: &'static str = "orders.fulfilment";
     type Event = FulfilmentEvent;
+    const SENDS: &'static [&'static str] = &[
+        ReserveStock::NAME,
+        ReleaseStock::NAME,
+        ChargePayment::NAME,
+        RefundPayment::NAME,
+        CreateShipment::NAME,
+        ConfirmOrder::NAME,
+        RejectOrder::NAME,
+    ];
 
     fn starts(event: &FulfilmentEvent) -> bool {
         matches!(event, FulfilmentEvent::Placed(_))

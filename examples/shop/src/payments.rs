@@ -109,7 +109,7 @@ pub enum PaymentError {
     Db(#[from] sqlx::Error),
 }
 
-#[command_handler]
+#[command_handler(publishes(PaymentCharged, PaymentDeclined))]
 async fn charge(
     cmd: ChargePayment,
     ctx: &mut CommandContext<'_>,
@@ -140,7 +140,7 @@ async fn charge(
     Ok(())
 }
 
-#[command_handler]
+#[command_handler(publishes(PaymentRefunded))]
 async fn refund(cmd: RefundPayment, ctx: &mut CommandContext<'_>) -> Result<(), PaymentError> {
     sqlx::query("UPDATE payments_charges SET status = 'refunded' WHERE order_id = $1")
         .bind(cmd.order_id.clone())

@@ -66,7 +66,7 @@ pub enum ShippingError {
     Db(#[from] sqlx::Error),
 }
 
-#[command_handler]
+#[command_handler(publishes(ShipmentCreated, ShipmentFailed))]
 async fn create_shipment(
     cmd: CreateShipment,
     ctx: &mut CommandContext<'_>,

@@ -1,0 +1,605 @@
+//! The catalog of an app: every message it knows with its name, version and schema, who handles
+//! it, who publishes it, who subscribes and which groups are routed where — taken from the
+//! registrations when the app is built, and rendered as Markdown, AsyncAPI 3.0 or a Mermaid
+//! flow diagram.
+//!
+//! ```ignore
+//! let catalog = app.catalog();
+//! std::fs::write("docs/catalog.md", catalog.markdown())?;
+//! std::fs::write("docs/asyncapi.yaml", catalog.asyncapi_yaml()?)?;
+//! ```
+//!
+//! Who publishes an event and who sends a command are what handlers declare
+//! (`#[command_handler(publishes(OrderPlaced))]`, `#[event_handler(group = "..", sends(..))]`,
+//! `Saga::SENDS`), plus the events of every aggregate registered with `.aggregate::<A>()`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Write as _};
+use std::marker::PhantomData;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::message::Event;
+use crate::registry::Registration;
+
+mod asyncapi;
+mod markdown;
+mod mermaid;
+
+pub use asyncapi::{AsyncApiError, Components, Document, Info};
+
+/// Everything an app's registrations say about its messages, sorted by name.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Catalog {
+    /// The app's source (`AppBuilder::source`), the title of the rendered documents.
+    pub source: String,
+    /// Every command with a handler, or declared.
+    pub commands: Vec<CommandDoc>,
+    /// Every query with a handler, or declared.
+    pub queries: Vec<QueryDoc>,
+    /// Every event declared, subscribed to or emitted by an aggregate; inseam's own events
+    /// (named `inseam.*`) are marked [`internal`](EventDoc::internal).
+    pub events: Vec<EventDoc>,
+    /// Every subscriber group.
+    pub groups: Vec<GroupDoc>,
+    /// Every aggregate registered with `.aggregate::<A>()`.
+    pub aggregates: Vec<AggregateDoc>,
+}
+
+/// A command.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandDoc {
+    /// Its stable name.
+    pub name: &'static str,
+    /// Its Rust type.
+    pub rust_type: &'static str,
+    /// What its handler returns on success.
+    pub output: &'static str,
+    /// What its handler returns on failure.
+    pub error: &'static str,
+    /// Its handler; `None` for a declared command without one (which `build()` refuses, so
+    /// only in a catalog of a failed build).
+    pub handler: Option<HandlerDoc>,
+    /// Whether it can be dispatched durably (`AppBuilder::durable_command`).
+    pub durable: bool,
+    /// The JSON schema of its payload, when the type derives `schemars::JsonSchema`.
+    pub schema: Option<Value>,
+}
+
+/// A query.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueryDoc {
+    /// Its stable name.
+    pub name: &'static str,
+    /// Its Rust type.
+    pub rust_type: &'static str,
+    /// What its handler returns on success.
+    pub output: &'static str,
+    /// What its handler returns on failure.
+    pub error: &'static str,
+    /// Its handler's name.
+    pub handler: Option<&'static str>,
+}
+
+/// A handler, with what it declares it emits.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HandlerDoc {
+    /// The handler's name (its function's path).
+    pub name: &'static str,
+    /// The events it declares it publishes.
+    pub publishes: Vec<EventRef>,
+    /// The commands it declares it sends (durably).
+    pub sends: Vec<&'static str>,
+}
+
+/// An event a handler declares it publishes: its contract, and its declaration, so that the
+/// app knows the event even when nothing subscribes to it.
+#[derive(Clone, Copy)]
+pub struct Published {
+    /// The event's contract.
+    pub event: EventRef,
+    declare: Registration,
+}
+
+impl Published {
+    /// Event `E`.
+    pub const fn of<E: Event>() -> Self {
+        Published {
+            event: EventRef {
+                name: E::NAME,
+                version: E::VERSION,
+            },
+            declare: Registration::declare_event::<E>(),
+        }
+    }
+
+    pub(crate) fn declaration(&self) -> &Registration {
+        &self.declare
+    }
+}
+
+impl fmt::Debug for Published {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Published").field(&self.event).finish()
+    }
+}
+
+/// An event contract: a name and a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct EventRef {
+    /// The event's stable name.
+    pub name: &'static str,
+    /// The contract's version.
+    pub version: u32,
+}
+
+impl fmt::Display for EventRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} v{}", self.name, self.version)
+    }
+}
+
+/// An event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventDoc {
+    /// Its stable name.
+    pub name: &'static str,
+    /// Its contract's version.
+    pub version: u32,
+    /// Its Rust type.
+    pub rust_type: &'static str,
+    /// The media type of its payload on the wire.
+    pub content_type: &'static str,
+    /// The JSON schema of its payload, when the type derives `schemars::JsonSchema`.
+    pub schema: Option<Value>,
+    /// One of inseam's own events (saga timeouts and the like), not part of the app's contracts.
+    pub internal: bool,
+    /// Who publishes it: handlers that declare it, and aggregates whose events include it.
+    pub publishers: Vec<Publisher>,
+    /// Who receives it.
+    pub subscribers: Vec<SubscriberDoc>,
+}
+
+impl EventDoc {
+    /// The event's contract reference.
+    pub fn reference(&self) -> EventRef {
+        EventRef {
+            name: self.name,
+            version: self.version,
+        }
+    }
+}
+
+/// Who publishes an event.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
+pub enum Publisher {
+    /// A command handler, by name.
+    CommandHandler(&'static str),
+    /// A subscriber group (its handler or saga declares it).
+    Group(&'static str),
+    /// An inline subscriber, by name.
+    InlineSubscriber(&'static str),
+    /// An aggregate, by its type name (`Aggregate::TYPE`).
+    Aggregate(&'static str),
+}
+
+impl fmt::Display for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Publisher::CommandHandler(name) => write!(f, "command handler `{name}`"),
+            Publisher::Group(name) => write!(f, "group `{name}`"),
+            Publisher::InlineSubscriber(name) => write!(f, "inline subscriber `{name}`"),
+            Publisher::Aggregate(name) => write!(f, "aggregate `{name}`"),
+        }
+    }
+}
+
+/// One subscriber of an event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubscriberDoc {
+    /// The handler's name.
+    pub handler: &'static str,
+    /// What kind of subscriber it is.
+    pub role: Role,
+    /// Its group; `None` for an inline subscriber, which runs in the publishing unit of work.
+    pub group: Option<&'static str>,
+}
+
+/// What kind of subscriber a handler is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Role {
+    /// A plain event handler.
+    Subscriber,
+    /// A saga's step.
+    Saga,
+    /// A projection's step.
+    Projection,
+    /// The durable delivery of a command to its handler.
+    Command,
+}
+
+impl Role {
+    /// The role in lower case.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Subscriber => "subscriber",
+            Role::Saga => "saga",
+            Role::Projection => "projection",
+            Role::Command => "durable command",
+        }
+    }
+}
+
+/// Where a group's deliveries travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Route {
+    /// The store's relay, in this process: outbox to inbox in one database.
+    Relay,
+}
+
+impl Route {
+    /// How the route reads in the rendered documents.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Route::Relay => "in-process relay (outbox → inbox)",
+        }
+    }
+}
+
+/// A subscriber group: one checkpoint, one inbox, one delivery order per key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupDoc {
+    /// Its stable name.
+    pub name: &'static str,
+    /// What kind of handlers it runs.
+    pub role: Role,
+    /// Where its deliveries travel.
+    pub route: Route,
+    /// The events it receives (for a durable command's group, none: it receives the command).
+    pub events: Vec<EventRef>,
+    /// Its handlers' names.
+    pub handlers: Vec<&'static str>,
+    /// The events its handlers declare they publish.
+    pub publishes: Vec<EventRef>,
+    /// The commands its handlers declare they send.
+    pub sends: Vec<&'static str>,
+}
+
+/// An event-sourced aggregate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AggregateDoc {
+    /// Its type name (`Aggregate::TYPE`), the prefix of its streams.
+    pub kind: &'static str,
+    /// Its Rust type.
+    pub rust_type: &'static str,
+    /// The events of its stream.
+    pub events: Vec<EventRef>,
+}
+
+impl Catalog {
+    /// The command named `name`.
+    pub fn command(&self, name: &str) -> Option<&CommandDoc> {
+        self.commands.iter().find(|c| c.name == name)
+    }
+
+    /// The current version of the event named `name`.
+    pub fn event(&self, name: &str) -> Option<&EventDoc> {
+        self.events.iter().rev().find(|e| e.name == name)
+    }
+
+    /// The group named `name`.
+    pub fn group(&self, name: &str) -> Option<&GroupDoc> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The events that are part of the app's contracts (not inseam's own).
+    pub fn contracts(&self) -> impl Iterator<Item = &EventDoc> {
+        self.events.iter().filter(|e| !e.internal)
+    }
+
+    /// The catalog as a Markdown document: commands, queries, events with their schemas,
+    /// groups, aggregates and the flow diagram.
+    pub fn markdown(&self) -> String {
+        markdown::render(self)
+    }
+
+    /// The flow as a Mermaid `flowchart`: commands, events and groups by module, with who
+    /// publishes, subscribes and sends.
+    pub fn mermaid(&self) -> String {
+        mermaid::render(self)
+    }
+
+    /// The catalog as an AsyncAPI 3.0 document (serialize it with any serde format).
+    pub fn asyncapi(&self) -> Document {
+        asyncapi::document(self)
+    }
+
+    /// The AsyncAPI 3.0 document as YAML.
+    pub fn asyncapi_yaml(&self) -> Result<String, AsyncApiError> {
+        asyncapi::yaml(self)
+    }
+
+    /// The module of a message or group: its name up to the first dot.
+    pub fn module_of(name: &str) -> &str {
+        name.split_once('.').map_or(name, |(module, _)| module)
+    }
+
+    /// Every module, sorted.
+    pub fn modules(&self) -> Vec<&str> {
+        let names = self
+            .commands
+            .iter()
+            .map(|c| c.name)
+            .chain(self.contracts().map(|e| e.name))
+            .chain(
+                self.groups
+                    .iter()
+                    .filter(|g| g.role != Role::Command)
+                    .map(|g| g.name),
+            );
+        let modules: BTreeSet<&str> = names.map(Catalog::module_of).collect();
+        modules.into_iter().collect()
+    }
+}
+
+/// Gathers a catalog while the registry is read. Not public API.
+#[derive(Debug, Default)]
+pub(crate) struct Gather {
+    pub(crate) commands: Vec<CommandDoc>,
+    pub(crate) queries: Vec<QueryDoc>,
+    pub(crate) events: Vec<EventDoc>,
+    /// Every group subscriber.
+    pub(crate) members: Vec<Member>,
+    /// Every inline subscriber with the events it declares it publishes.
+    pub(crate) inline: Vec<(&'static str, &'static [Published])>,
+}
+
+/// One group subscriber, as gathered.
+#[derive(Debug)]
+pub(crate) struct Member {
+    pub(crate) group: &'static str,
+    pub(crate) role: Role,
+    pub(crate) handler: &'static str,
+    pub(crate) event: EventRef,
+    pub(crate) publishes: &'static [Published],
+    pub(crate) sends: &'static [&'static str],
+}
+
+impl Gather {
+    /// The catalog, with the durable command groups and aggregates the builder knows.
+    pub(crate) fn finish(
+        mut self,
+        source: &str,
+        durable: &[(&'static str, &'static str)],
+        aggregates: Vec<AggregateDoc>,
+    ) -> Catalog {
+        for command in &mut self.commands {
+            command.durable = durable.iter().any(|(_, name)| *name == command.name);
+        }
+        self.commands.sort_by_key(|c| c.name);
+        self.queries.sort_by_key(|q| q.name);
+
+        let mut groups: BTreeMap<&'static str, GroupDoc> = BTreeMap::new();
+        for member in &self.members {
+            let group = groups.entry(member.group).or_insert_with(|| GroupDoc {
+                name: member.group,
+                role: member.role,
+                route: Route::Relay,
+                events: Vec::new(),
+                handlers: Vec::new(),
+                publishes: Vec::new(),
+                sends: Vec::new(),
+            });
+            group.events.push(member.event);
+            group.handlers.push(member.handler);
+            group
+                .publishes
+                .extend(member.publishes.iter().map(|p| p.event));
+            group.sends.extend_from_slice(member.sends);
+        }
+        for &(group, command) in durable {
+            let handler = self
+                .commands
+                .iter()
+                .find(|c| c.name == command)
+                .and_then(|c| c.handler.as_ref());
+            groups.insert(
+                group,
+                GroupDoc {
+                    name: group,
+                    role: Role::Command,
+                    route: Route::Relay,
+                    events: Vec::new(),
+                    handlers: handler.map(|h| vec![h.name]).unwrap_or_default(),
+                    publishes: handler.map(|h| h.publishes.clone()).unwrap_or_default(),
+                    sends: handler.map(|h| h.sends.clone()).unwrap_or_default(),
+                },
+            );
+        }
+        for group in groups.values_mut() {
+            sort_dedup(&mut group.events);
+            sort_dedup(&mut group.handlers);
+            sort_dedup(&mut group.publishes);
+            sort_dedup(&mut group.sends);
+        }
+
+        // Who publishes each event.
+        let mut publishers: BTreeMap<EventRef, Vec<Publisher>> = BTreeMap::new();
+        for command in &self.commands {
+            if let Some(handler) = &command.handler {
+                for event in &handler.publishes {
+                    publishers
+                        .entry(*event)
+                        .or_default()
+                        .push(Publisher::CommandHandler(handler.name));
+                }
+            }
+        }
+        for group in groups.values().filter(|g| g.role != Role::Command) {
+            for event in &group.publishes {
+                publishers
+                    .entry(*event)
+                    .or_default()
+                    .push(Publisher::Group(group.name));
+            }
+        }
+        for (handler, events) in &self.inline {
+            for published in *events {
+                publishers
+                    .entry(published.event)
+                    .or_default()
+                    .push(Publisher::InlineSubscriber(handler));
+            }
+        }
+        for aggregate in &aggregates {
+            for event in &aggregate.events {
+                publishers
+                    .entry(*event)
+                    .or_default()
+                    .push(Publisher::Aggregate(aggregate.kind));
+            }
+        }
+        for event in &mut self.events {
+            if let Some(found) = publishers.get_mut(&event.reference()) {
+                event.publishers.append(found);
+            }
+            event.publishers.sort();
+            event.publishers.dedup();
+            event
+                .subscribers
+                .sort_by(|a, b| (a.group, a.handler).cmp(&(b.group, b.handler)));
+        }
+        self.events.sort_by_key(|e| (e.name, e.version));
+
+        let mut aggregates = aggregates;
+        aggregates.sort_by_key(|a| a.kind);
+        Catalog {
+            source: source.to_owned(),
+            commands: self.commands,
+            queries: self.queries,
+            events: self.events,
+            groups: groups.into_values().collect(),
+            aggregates,
+        }
+    }
+}
+
+fn sort_dedup<T: Ord>(items: &mut Vec<T>) {
+    items.sort();
+    items.dedup();
+}
+
+/// Writes `text` as a Markdown table cell: pipes escaped, line breaks as spaces.
+pub(crate) fn cell(out: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '|' => out.push_str("\\|"),
+            '\n' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+}
+
+/// A comma-separated list of code spans, or a dash.
+pub(crate) fn code_list<I, T>(items: I) -> String
+where
+    I: IntoIterator<Item = T>,
+    T: fmt::Display,
+{
+    let mut out = String::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "`{item}`");
+    }
+    if out.is_empty() {
+        out.push('–');
+    }
+    out
+}
+
+/// Finds a payload type's JSON schema when it derives `schemars::JsonSchema`, by autoref
+/// specialisation: the derives call `(&SchemaProbe::<Self>::new()).schema()`. Not public API.
+#[doc(hidden)]
+pub struct SchemaProbe<T>(PhantomData<fn() -> T>);
+
+impl<T> SchemaProbe<T> {
+    /// A probe for `T`.
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        SchemaProbe(PhantomData)
+    }
+}
+
+impl<T> fmt::Debug for SchemaProbe<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SchemaProbe")
+    }
+}
+
+/// The probe for a type that derives `schemars::JsonSchema`. Not public API.
+#[doc(hidden)]
+pub trait ViaJsonSchema {
+    /// The type's JSON schema.
+    fn schema(&self) -> Option<Value>;
+}
+
+impl<T: schemars::JsonSchema> ViaJsonSchema for SchemaProbe<T> {
+    fn schema(&self) -> Option<Value> {
+        Some(sorted(schemars::schema_for!(T).to_value()))
+    }
+}
+
+/// The probe for any other type: no schema. Not public API.
+#[doc(hidden)]
+pub trait WithoutSchema {
+    /// No schema.
+    fn schema(&self) -> Option<Value>;
+}
+
+impl<T> WithoutSchema for &SchemaProbe<T> {
+    fn schema(&self) -> Option<Value> {
+        None
+    }
+}
+
+/// A type name without the standard library's module paths: `Vec<String>` for
+/// `alloc::vec::Vec<alloc::string::String>`.
+pub(crate) fn short_type(name: &str) -> String {
+    const STD: [&str; 9] = [
+        "alloc::string::",
+        "alloc::vec::",
+        "alloc::boxed::",
+        "alloc::collections::btree::map::",
+        "core::option::",
+        "core::result::",
+        "core::convert::",
+        "std::collections::hash::map::",
+        "chrono::datetime::",
+    ];
+    let mut short = name.to_owned();
+    for prefix in STD {
+        short = short.replace(prefix, "");
+    }
+    short
+}
+
+/// `value` with the keys of every object in sorted order, whatever `serde_json`'s features.
+pub(crate) fn sorted(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+        other => other,
+    }
+}

@@ -1,0 +1,221 @@
+//! The catalog as an AsyncAPI 3.0 document.
+//!
+//! One channel per event name, one message per contract version, a `send` operation per event
+//! that has publishers and a `receive` operation per group that subscribes to it. Payload
+//! schemas are JSON Schema draft 2020-12 (what `schemars` writes); their shared definitions
+//! move to `components.schemas` so that every `$ref` resolves inside the document.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::{Catalog, EventDoc, Role};
+
+/// The schema format of the payloads.
+const SCHEMA_FORMAT: &str = "application/schema+json;version=draft-2020-12";
+
+/// The AsyncAPI document could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("could not write the AsyncAPI document as YAML: {0}")]
+pub struct AsyncApiError(#[source] serde_saphyr::ser::Error);
+
+/// An AsyncAPI 3.0 document. Its fields are public so that an app can fill in what the
+/// registrations cannot know (its version, servers) before writing it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Document {
+    /// The AsyncAPI version: `3.0.0`.
+    pub asyncapi: &'static str,
+    /// Title, version and description.
+    pub info: Info,
+    /// The content type of payloads that do not say otherwise.
+    pub default_content_type: &'static str,
+    /// One channel per event name.
+    pub channels: BTreeMap<String, Value>,
+    /// Who sends and who receives on each channel.
+    pub operations: BTreeMap<String, Value>,
+    /// Messages and shared schemas.
+    pub components: Components,
+}
+
+/// The document's `info`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Info {
+    /// The app's source.
+    pub title: String,
+    /// The API's version (`1.0.0` unless set).
+    pub version: String,
+    /// What the document is.
+    pub description: String,
+}
+
+/// The document's `components`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Components {
+    /// One message per event contract, keyed `<name>.v<version>`.
+    pub messages: BTreeMap<String, Value>,
+    /// Schemas the payloads share.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub schemas: BTreeMap<String, Value>,
+}
+
+pub(super) fn document(catalog: &Catalog) -> Document {
+    let mut doc = Document {
+        asyncapi: "3.0.0",
+        info: Info {
+            title: catalog.source.clone(),
+            version: "1.0.0".to_owned(),
+            description: format!(
+                "The events of `{}`, generated from its registrations.",
+                catalog.source
+            ),
+        },
+        default_content_type: "application/json",
+        channels: BTreeMap::new(),
+        operations: BTreeMap::new(),
+        components: Components {
+            messages: BTreeMap::new(),
+            schemas: BTreeMap::new(),
+        },
+    };
+    for event in catalog.contracts() {
+        let key = message_key(event);
+        let payload = event.schema.clone().map(|schema| {
+            json!({
+                "schemaFormat": SCHEMA_FORMAT,
+                "schema": hoist(schema, &mut doc.components.schemas, &key),
+            })
+        });
+        let mut message = json!({
+            "name": event.name,
+            "title": format!("{} v{}", event.name, event.version),
+            "contentType": event.content_type,
+            "x-inseam-version": event.version,
+            "x-inseam-rust-type": event.rust_type,
+        });
+        if let (Some(payload), Some(object)) = (payload, message.as_object_mut()) {
+            object.insert("payload".to_owned(), payload);
+        }
+        doc.components.messages.insert(key.clone(), message);
+
+        let channel = doc
+            .channels
+            .entry(event.name.to_owned())
+            .or_insert_with(|| json!({ "address": event.name, "messages": {} }));
+        if let Some(messages) = channel.get_mut("messages").and_then(Value::as_object_mut) {
+            messages.insert(
+                key.clone(),
+                json!({ "$ref": format!("#/components/messages/{key}") }),
+            );
+        }
+        let channel_ref = json!({ "$ref": format!("#/channels/{}", event.name) });
+        let message_ref = json!([{ "$ref": format!("#/channels/{}/messages/{key}", event.name) }]);
+
+        if !event.publishers.is_empty() {
+            let by: Vec<String> = event.publishers.iter().map(ToString::to_string).collect();
+            doc.operations.insert(
+                format!("send.{key}"),
+                json!({
+                    "action": "send",
+                    "channel": channel_ref,
+                    "summary": format!("Published by {}.", by.join(", ")),
+                    "messages": message_ref,
+                }),
+            );
+        }
+        for subscriber in &event.subscribers {
+            let Some(group) = subscriber.group else {
+                continue;
+            };
+            let role = match subscriber.role {
+                Role::Subscriber => String::new(),
+                role => format!(" ({})", role.as_str()),
+            };
+            let route = catalog
+                .group(group)
+                .map_or("", |g| g.route.as_str())
+                .to_owned();
+            doc.operations.insert(
+                format!("receive.{group}.{key}"),
+                json!({
+                    "action": "receive",
+                    "channel": channel_ref,
+                    "summary": format!("Received by group `{group}`{role}."),
+                    "messages": message_ref,
+                    "x-inseam-group": group,
+                    "x-inseam-route": route,
+                }),
+            );
+        }
+    }
+    doc
+}
+
+pub(super) fn yaml(catalog: &Catalog) -> Result<String, AsyncApiError> {
+    serde_saphyr::to_string(&document(catalog)).map_err(AsyncApiError)
+}
+
+fn message_key(event: &EventDoc) -> String {
+    format!("{}.v{}", event.name, event.version)
+}
+
+/// Moves `schema`'s `$defs` into `shared` and points its references there. A definition whose
+/// name is taken by a different one is kept under `<message>.<name>`.
+fn hoist(mut schema: Value, shared: &mut BTreeMap<String, Value>, message: &str) -> Value {
+    let defs = schema
+        .as_object_mut()
+        .and_then(|object| {
+            object.remove("$schema");
+            object.remove("$defs")
+        })
+        .and_then(|defs| match defs {
+            Value::Object(defs) => Some(defs),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let mut renames: BTreeMap<String, String> = BTreeMap::new();
+    for (name, def) in &defs {
+        let key = match shared.get(name) {
+            Some(existing) if existing != def => format!("{message}.{name}"),
+            _ => name.clone(),
+        };
+        renames.insert(name.clone(), key);
+    }
+    for (name, def) in defs {
+        let key = renames.get(&name).cloned().unwrap_or(name);
+        let def = rewrite(def, &renames);
+        shared.entry(key).or_insert(def);
+    }
+    rewrite(schema, &renames)
+}
+
+/// `value` with every `#/$defs/<name>` reference pointing into `components.schemas`.
+fn rewrite(value: Value, renames: &BTreeMap<String, String>) -> Value {
+    match value {
+        Value::Object(object) => Value::Object(
+            object
+                .into_iter()
+                .map(|(key, value)| {
+                    let value = match (key.as_str(), value) {
+                        ("$ref", Value::String(target)) => {
+                            Value::String(match target.strip_prefix("#/$defs/") {
+                                Some(name) => format!(
+                                    "#/components/schemas/{}",
+                                    renames.get(name).map_or(name, String::as_str)
+                                ),
+                                None => target,
+                            })
+                        }
+                        (_, value) => rewrite(value, renames),
+                    };
+                    (key, value)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(|v| rewrite(v, renames)).collect())
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,199 @@
+//! The catalog an app builds from its registrations: every message with who handles,
+//! publishes, subscribes and sends it, and the same as Markdown, Mermaid and AsyncAPI.
+
+use inseam::catalog::{Publisher, Role, Route, SubscriberDoc};
+use inseam::prelude::*;
+use schemars::JsonSchema;
+
+/// Lends a book.
+#[derive(Debug, Serialize, Deserialize, JsonSchema, Command)]
+#[command(name = "library.lend", output = u32, error = std::io::Error)]
+pub struct Lend {
+    /// The book.
+    pub book: String,
+}
+
+/// Reminds a reader to bring a book back.
+#[derive(Debug, Serialize, Deserialize, Command)]
+#[command(name = "library.remind")]
+pub struct Remind {
+    /// The book.
+    pub book: String,
+}
+
+/// How many loans there are.
+#[derive(Debug, Query)]
+#[query(name = "library.loans", output = u32)]
+pub struct Loans;
+
+/// A book was lent.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, Event)]
+#[event(name = "library.book_lent", key = book)]
+pub struct BookLent {
+    /// The book.
+    pub book: String,
+    /// For how many days.
+    pub days: u32,
+}
+
+/// A loan was counted (no schema: the type does not derive `JsonSchema`).
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(name = "stats.loan_counted")]
+pub struct LoanCounted {
+    /// The running total.
+    pub total: u32,
+}
+
+#[command_handler(publishes(BookLent))]
+async fn lend(cmd: Lend, ctx: &mut CommandContext<'_>) -> Result<u32, std::io::Error> {
+    ctx.publish(BookLent {
+        book: cmd.book,
+        days: 14,
+    });
+    Ok(1)
+}
+
+#[command_handler]
+async fn remind(_cmd: Remind) -> Result<(), std::convert::Infallible> {
+    Ok(())
+}
+
+#[query_handler]
+async fn loans(_query: Loans) -> Result<u32, std::convert::Infallible> {
+    Ok(0)
+}
+
+#[event_handler(inline, publishes(LoanCounted))]
+async fn count_loans(_event: &BookLent, ctx: &mut EventContext<'_>) {
+    ctx.publish(LoanCounted { total: 1 });
+}
+
+#[event_handler(group = "library.reminders", sends(Remind))]
+async fn schedule_reminder(_event: &BookLent) {}
+
+async fn library() -> App {
+    App::builder()
+        .source("library")
+        .handler::<lend>()
+        .handler::<remind>()
+        .handler::<loans>()
+        .handler::<count_loans>()
+        .handler::<schedule_reminder>()
+        .durable_command::<Remind>()
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_catalog_lists_what_the_registrations_say() {
+    let app = library().await;
+    let catalog = app.catalog();
+    assert_eq!(catalog.source, "library");
+
+    let names: Vec<&str> = catalog.commands.iter().map(|c| c.name).collect();
+    assert_eq!(names, ["library.lend", "library.remind"]);
+    let lend = catalog.command("library.lend").unwrap();
+    assert_eq!(lend.handler.as_ref().unwrap().name, "catalog::lend");
+    assert_eq!(lend.output, "u32");
+    assert!(!lend.durable);
+    assert!(lend.schema.is_some(), "Lend derives JsonSchema");
+    let remind = catalog.command("library.remind").unwrap();
+    assert!(remind.durable);
+    assert_eq!(remind.schema, None, "Remind does not derive JsonSchema");
+
+    assert_eq!(catalog.queries.len(), 1);
+    assert_eq!(catalog.queries[0].handler, Some("catalog::loans"));
+
+    // LoanCounted has no subscriber: it is known because `count_loans` declares it.
+    let events: Vec<String> = catalog
+        .events
+        .iter()
+        .map(|e| e.reference().to_string())
+        .collect();
+    assert_eq!(events, ["library.book_lent v1", "stats.loan_counted v1"]);
+    let lent = catalog.event("library.book_lent").unwrap();
+    assert_eq!(
+        lent.publishers,
+        [Publisher::CommandHandler("catalog::lend")]
+    );
+    assert_eq!(
+        lent.subscribers,
+        [
+            SubscriberDoc {
+                handler: "catalog::count_loans",
+                role: Role::Subscriber,
+                group: None,
+            },
+            SubscriberDoc {
+                handler: "catalog::schedule_reminder",
+                role: Role::Subscriber,
+                group: Some("library.reminders"),
+            },
+        ]
+    );
+    let schema = lent.schema.as_ref().unwrap();
+    assert_eq!(schema["properties"]["days"]["type"], "integer");
+    let counted = catalog.event("stats.loan_counted").unwrap();
+    assert_eq!(
+        counted.publishers,
+        [Publisher::InlineSubscriber("catalog::count_loans")]
+    );
+    assert_eq!(counted.schema, None);
+
+    let groups: Vec<(&str, Role)> = catalog.groups.iter().map(|g| (g.name, g.role)).collect();
+    assert_eq!(
+        groups,
+        [
+            ("command:library.remind", Role::Command),
+            ("library.reminders", Role::Subscriber)
+        ]
+    );
+    let reminders = catalog.group("library.reminders").unwrap();
+    assert_eq!(reminders.sends, ["library.remind"]);
+    assert_eq!(reminders.route, Route::Relay);
+    assert_eq!(catalog.modules(), ["library", "stats"]);
+}
+
+#[tokio::test]
+async fn the_catalog_renders_as_markdown_mermaid_and_asyncapi() {
+    let app = library().await;
+    let catalog = app.catalog();
+    insta::assert_snapshot!("library.md", catalog.markdown());
+    insta::assert_snapshot!("library.mmd", catalog.mermaid());
+    insta::assert_snapshot!("library.asyncapi.yaml", catalog.asyncapi_yaml().unwrap());
+}
+
+/// A payload's shared definitions move to `components.schemas`, so that every reference in
+/// the AsyncAPI document resolves inside it.
+#[tokio::test]
+async fn asyncapi_references_resolve_inside_the_document() {
+    #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+    struct Line {
+        sku: String,
+    }
+    #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, Event)]
+    #[event(name = "orders.placed")]
+    struct Placed {
+        lines: Vec<Line>,
+    }
+    #[event_handler(group = "billing")]
+    async fn bill(_event: &Placed) {}
+
+    let app = App::builder().handler::<bill>().build().await.unwrap();
+    let doc = serde_json::to_value(app.catalog().asyncapi()).unwrap();
+    let payload = &doc["components"]["messages"]["orders.placed.v1"]["payload"];
+    assert_eq!(
+        payload["schemaFormat"],
+        "application/schema+json;version=draft-2020-12"
+    );
+    assert_eq!(
+        payload["schema"]["properties"]["lines"]["items"]["$ref"],
+        "#/components/schemas/Line"
+    );
+    assert_eq!(
+        doc["components"]["schemas"]["Line"]["properties"]["sku"]["type"],
+        "string"
+    );
+    assert!(payload["schema"].get("$defs").is_none());
+}
