@@ -1,5 +1,6 @@
 //! Operating the store: lag, retention and dead letters.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -232,13 +233,72 @@ impl SqlStore {
     }
 }
 
-/// One message of a flow, as stored in the outbox.
+/// One message of a flow, as stored in the outbox, with where it went.
 #[derive(Debug, Clone)]
 pub struct FlowEntry {
     /// When it was written (committed with its unit of work).
     pub recorded_at: DateTime<Utc>,
     /// The message.
     pub envelope: inseam_core::RawEnvelope,
+    /// Its delivery to each group it was routed to, by group name.
+    pub deliveries: Vec<FlowDelivery>,
+}
+
+/// A message's delivery to one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowDelivery {
+    /// The group.
+    pub group: String,
+    /// Where it stands.
+    pub state: DeliveryState,
+}
+
+/// Where a message's delivery to a group stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// The group handled it (its inbox holds it).
+    Handled,
+    /// Not handled yet: waiting, or to be retried after `attempts` failures.
+    Pending {
+        /// Failed attempts so far.
+        attempts: u32,
+        /// The last failure.
+        last_error: Option<String>,
+    },
+    /// Given up on: it is in the dead letters.
+    DeadLettered {
+        /// Attempts made.
+        attempts: u32,
+        /// Why.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for FlowDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = &self.group;
+        match &self.state {
+            DeliveryState::Handled => write!(f, "{group}: handled"),
+            DeliveryState::Pending {
+                attempts: 0,
+                last_error: _,
+            } => write!(f, "{group}: pending"),
+            DeliveryState::Pending {
+                attempts,
+                last_error,
+            } => write!(
+                f,
+                "{group}: failed {attempts} time(s), to retry: {}",
+                last_error.as_deref().unwrap_or("?")
+            ),
+            DeliveryState::DeadLettered { attempts, error } => {
+                write!(
+                    f,
+                    "{group}: dead letter after {attempts} attempt(s): {error}"
+                )
+            }
+        }
+    }
 }
 
 impl FlowEntry {
@@ -273,7 +333,8 @@ impl SqlStore {
             .fetch_all(&self.shared.pool)
             .await
             .context("read a flow")?;
-        rows.iter()
+        let mut entries = rows
+            .iter()
             .map(|row| {
                 let bytes: Vec<u8> = row.try_get(0)?;
                 let envelope = inseam_core::RawEnvelope::from_json(&bytes)
@@ -281,9 +342,48 @@ impl SqlStore {
                 Ok(FlowEntry {
                     recorded_at: from_micros(row.try_get(1)?),
                     envelope,
+                    deliveries: Vec::new(),
                 })
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .context("read a flow")
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .context("read a flow")?;
+        let rows = sqlx::query(AssertSqlSafe(self.shared.sql.flow_deliveries.clone()))
+            .bind(correlation_id.to_string())
+            .fetch_all(&self.shared.pool)
+            .await
+            .context("read a flow's deliveries")?;
+        let mut by_message: HashMap<String, Vec<FlowDelivery>> = HashMap::new();
+        for row in &rows {
+            let message_id: String = row.try_get(0).context("read a flow's deliveries")?;
+            let group: String = row.try_get(1).context("read a flow's deliveries")?;
+            let state: String = row.try_get(2).context("read a flow's deliveries")?;
+            let attempts: i64 = row.try_get(3).context("read a flow's deliveries")?;
+            let error: Option<String> = row.try_get(4).context("read a flow's deliveries")?;
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            let state = match state.as_str() {
+                "handled" => DeliveryState::Handled,
+                "dead" => DeliveryState::DeadLettered {
+                    attempts,
+                    error: error.unwrap_or_default(),
+                },
+                _ => DeliveryState::Pending {
+                    attempts,
+                    last_error: error,
+                },
+            };
+            by_message
+                .entry(message_id)
+                .or_default()
+                .push(FlowDelivery { group, state });
+        }
+        for entry in &mut entries {
+            if let Some(mut deliveries) =
+                by_message.remove(&entry.envelope.metadata.message_id.to_string())
+            {
+                deliveries.sort_by(|a, b| a.group.cmp(&b.group));
+                entry.deliveries = deliveries;
+            }
+        }
+        Ok(entries)
     }
 }

@@ -25,7 +25,7 @@ mod relay;
 mod sql;
 mod store;
 
-pub use admin::{DeadLetter, FlowEntry, GroupLag, Lag, Pruned};
+pub use admin::{DeadLetter, DeliveryState, FlowDelivery, FlowEntry, GroupLag, Lag, Pruned};
 pub use error::{Error, Result};
 pub use projection::{
     EventInfo, Model, OnError, Paused, Projection, ProjectionStep, Projections, RebuildProgress,

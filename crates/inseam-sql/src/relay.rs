@@ -141,8 +141,12 @@ impl Failure {
         let mut chain = error.to_string();
         let mut source = error.source();
         while let Some(cause) = source {
-            chain.push_str(": ");
-            chain.push_str(&cause.to_string());
+            // Errors that print their source already (as sqlx's do) are not repeated.
+            let text = cause.to_string();
+            if !chain.ends_with(&text) {
+                chain.push_str(": ");
+                chain.push_str(&text);
+            }
             source = cause.source();
         }
         Failure {

@@ -269,6 +269,7 @@ pub(crate) struct Statements {
     pub(crate) save_snapshot: Arc<str>,
     pub(crate) load_process: Arc<str>,
     pub(crate) flow: Arc<str>,
+    pub(crate) flow_deliveries: Arc<str>,
     pub(crate) pause: Arc<str>,
     pub(crate) resume: Arc<str>,
     pub(crate) paused: Arc<str>,
@@ -480,6 +481,19 @@ impl Statements {
             flow: s(format!(
                 "SELECT envelope, created_at FROM {p}outbox WHERE correlation_id = $1
                  ORDER BY created_at, message_id"
+            )),
+            flow_deliveries: s(format!(
+                "SELECT i.message_id, i.grp, 'handled', CAST(0 AS BIGINT), CAST(NULL AS TEXT)
+                   FROM {p}inbox i JOIN {p}outbox o ON o.message_id = i.message_id
+                  WHERE o.correlation_id = $1
+                 UNION ALL
+                 SELECT d.message_id, d.grp, 'pending', d.attempts, d.last_error
+                   FROM {p}deliveries d JOIN {p}outbox o ON o.message_id = d.message_id
+                  WHERE o.correlation_id = $1
+                 UNION ALL
+                 SELECT l.message_id, l.grp, 'dead', l.attempts, l.error
+                   FROM {p}dead_letters l JOIN {p}outbox o ON o.message_id = l.message_id
+                  WHERE o.correlation_id = $1"
             )),
             load_process: s(format!(
                 "SELECT state, done FROM {p}processes WHERE kind = $1 AND id = $2"

@@ -155,18 +155,20 @@ impl TestApp {
         }
     }
 
-    /// The flow with `correlation` as text: one line per stored message, in order.
+    /// The flow with `correlation` as text: one line per stored message, in order, each
+    /// followed by one indented line per group it was routed to, saying whether that group
+    /// handled it, is to retry it (with the failure) or dead-lettered it.
     pub async fn lines(&self, correlation: uuid::Uuid) -> Vec<String> {
         let Ok(entries) = self.store.flow(correlation).await else {
             return vec!["<the flow could not be read>".to_owned()];
         };
-        entries
-            .into_iter()
-            .map(|entry| {
-                let kind = entry.kind(&self.app);
-                format!("{kind} {} {}", entry.envelope.name, entry.data())
-            })
-            .collect()
+        let mut lines = Vec::new();
+        for entry in entries {
+            let kind = entry.kind(&self.app);
+            lines.push(format!("{kind} {} {}", entry.envelope.name, entry.data()));
+            lines.extend(entry.deliveries.iter().map(|d| format!("  -> {d}")));
+        }
+        lines
     }
 }
 

@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
+use inseam::sql::sqlx::{self, AssertSqlSafe};
 use inseam_test::TestApp;
 use shop::World;
+use shop::notifications::SentTo;
 use shop::orders::{
     ConfirmOrder, Order, OrderConfirmed, OrderLine, OrderPlaced, PAYMENT_TIMEOUT, PlaceOrder,
     PricedLine,
@@ -108,4 +110,75 @@ async fn bad_orders_are_refused_with_what_is_wrong() {
         .assert_error("unknown product `caviar`");
     let nothing = test.advance(Duration::from_secs(3600)).await.unwrap();
     assert_eq!(nothing, 0, "nothing was written, nothing is delivered");
+}
+
+/// A subscriber that keeps failing is retried with backoff while the rest of the flow goes on,
+/// then dead-lettered; once the cause is fixed, retrying the dead letter delivers it, once.
+#[tokio::test]
+async fn a_failing_notification_is_retried_dead_lettered_and_retried_by_hand() {
+    let test = shop(World::default()).await;
+    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+    let pool = test.store.pool().clone();
+    sqlx::query(AssertSqlSafe(rename(
+        "notifications_sent",
+        "notifications_away",
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let flow = test.when(order("o-1", "ann", "tea", 1)).await;
+    flow.assert_ok();
+    for _ in 0..10 {
+        test.advance(Duration::from_secs(600)).await.unwrap();
+    }
+    insta::assert_snapshot!(
+        "notification_dead_lettered",
+        test.lines(flow.correlation).await.join("\n")
+    );
+
+    let dead = test.store.dead_letters(0, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (
+            dead[0].group.as_str(),
+            dead[0].name.as_str(),
+            dead[0].attempts
+        ),
+        ("notifications", "orders.order_confirmed", 10)
+    );
+    sqlx::query(AssertSqlSafe(rename(
+        "notifications_away",
+        "notifications_sent",
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    test.store.retry_dead_letter(dead[0].id).await.unwrap();
+    test.settle().await.unwrap();
+
+    let sent = test
+        .app
+        .query(SentTo {
+            customer: "ann".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent, ["Your order o-1 is on its way."]);
+    assert!(test.store.dead_letters(0, 10).await.unwrap().is_empty());
+    let confirmed = test
+        .lines(flow.correlation)
+        .await
+        .into_iter()
+        .skip_while(|line| !line.starts_with("event orders.order_confirmed"))
+        .take(4)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        confirmed[1..],
+        [
+            "  -> notifications: handled",
+            "  -> orders.fulfilment: handled",
+            "  -> orders.summaries: handled",
+        ]
+    );
 }
