@@ -41,6 +41,8 @@ use crate::store::{ProcessState, StoreError};
 /// impl Saga for OrderSaga {
 ///     const NAME: &'static str = "order_saga";
 ///     type Event = OrderFlow; // #[derive(EventSet)] enum of the events it reacts to
+///     // What it sends, for the catalog.
+///     const SENDS: &'static [&'static str] = &[ReserveStock::NAME, ReleaseStock::NAME];
 ///
 ///     fn starts(event: &OrderFlow) -> bool { matches!(event, OrderFlow::Placed(_)) }
 ///

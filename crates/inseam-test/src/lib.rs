@@ -1,7 +1,9 @@
 //! Testing inseam apps the way they run: a real store (a temporary SQLite file, or a database
 //! you give), a manual clock and sequential ids so that every run is the same, the relay run to
-//! quiescence in the test's own task (no sleeps), given/when/then scenarios, and the flow a
-//! command caused as stable text for `insta`.
+//! quiescence in the test's own task (no sleeps), given/when/then scenarios, the flow a
+//! command caused as stable text for `insta` (every message, and where it went: handled,
+//! retried or dead-lettered, group by group), and event contracts checked against the app's
+//! catalog (`assert_contracts`).
 //!
 //! ```ignore
 //! let test = TestApp::new(|builder, store| shop::configure(builder, store, &World::default())).await?;
@@ -221,13 +223,14 @@ where
         assert_eq!(events, names, "the flow's events");
     }
 
-    /// The flow as text, for a snapshot: the outcome, then one line per message.
+    /// The flow as text, for a snapshot: the command sent and its outcome, then one line per
+    /// stored message, each followed by where it went.
     pub fn text(&self) -> String {
         let outcome = match &self.outcome {
             Ok(output) => format!("ok: {output:?}"),
             Err(error) => format!("error: {error}"),
         };
-        let mut text = format!("{outcome}\n");
+        let mut text = format!("when {} -> {outcome}\n", C::NAME);
         for line in &self.lines {
             text.push_str(line);
             text.push('\n');
