@@ -11,15 +11,21 @@
 //! meet the same machine within seconds of each other. The report gives every round's
 //! commands/s, the median, and the ratios per round.
 //!
+//! A fifth side is no framework at all: one `INSERT` of the event row per command, in its own
+//! implicit transaction, through bare sqlx on a pool, with no read. It is the floor of any
+//! design that commits each command on its own: what one durable commit costs on this server.
+//!
 //! `INSEAM_BENCH_SYNCHRONOUS_COMMIT=off` sets that on the benchmark's PostgreSQL databases (not
 //! the server), to see the cost of each side without waiting for the WAL flush at commit.
 
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use inseam::prelude::*;
-use inseam::sql::sqlx::postgres::PgConnection;
+use inseam::sql::sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use inseam::sql::sqlx::{self, AssertSqlSafe, Connection as _, Executor as _};
 use inseam_cqrs_compare::on_cqrs_es::{self, CartCommand};
 use inseam_cqrs_compare::on_inseam::{self, AddItem, Cart};
@@ -37,7 +43,17 @@ fn setting(name: &str, default: usize) -> usize {
 enum Target {
     Inseam(App),
     CqrsEs(Box<PostgresCqrs<on_cqrs_es::Cart>>),
+    /// One bare `INSERT` per command; the next version of each cart is counted here.
+    Floor(PgPool, Mutex<HashMap<String, i64>>),
 }
+
+/// The floor side's table: an event row with the same unique stream position as the others.
+const FLOOR_SCHEMA: &str = "CREATE TABLE floor_events (
+    stream TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    payload JSONB NOT NULL,
+    PRIMARY KEY (stream, version)
+)";
 
 struct Side {
     name: &'static str,
@@ -56,6 +72,24 @@ impl Side {
                     qty: 1,
                     unit_price: 250,
                 })
+                .await
+                .unwrap_or_else(|e| panic!("{}: add to {cart}: {e}", self.name));
+            }
+            Target::Floor(pool, versions) => {
+                let version = {
+                    let mut versions = versions.lock().unwrap_or_else(|p| p.into_inner());
+                    let next = versions.entry(cart.to_owned()).or_insert(0);
+                    *next += 1;
+                    *next
+                };
+                let payload = format!(r#"{{"sku":"{sku}","qty":1,"unit_price":250}}"#);
+                sqlx::query(
+                    "INSERT INTO floor_events (stream, version, payload) VALUES ($1, $2, $3::jsonb)",
+                )
+                .bind(cart)
+                .bind(version)
+                .bind(payload)
+                .execute(pool)
                 .await
                 .unwrap_or_else(|e| panic!("{}: add to {cart}: {e}", self.name));
             }
@@ -118,6 +152,7 @@ async fn run() {
         format!("{base}_inseam"),
         format!("{base}_inseam_group"),
         format!("{base}_cqrs"),
+        format!("{base}_floor"),
     ];
     for db in &databases {
         admin
@@ -162,6 +197,17 @@ async fn run() {
         .await
         .expect("create the events table");
 
+    let floor_url = url(&databases[3]);
+    let floor_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&floor_url)
+        .await
+        .expect("connect to the floor database");
+    floor_pool
+        .execute(FLOOR_SCHEMA)
+        .await
+        .expect("create the floor table");
+
     // The relay is not started: nothing here measures delivery, and with the group subscribed
     // its delivery rows stay in the table.
     let mut sides = vec![
@@ -183,6 +229,11 @@ async fn run() {
         Side {
             name: "cqrs-es + postgres-es, PostgreSQL",
             target: Target::CqrsEs(Box::new(on_cqrs_es::framework(&cqrs_url).await)),
+            rounds: Vec::new(),
+        },
+        Side {
+            name: "floor: one bare INSERT, PostgreSQL",
+            target: Target::Floor(floor_pool.clone(), Mutex::new(HashMap::new())),
             rounds: Vec::new(),
         },
     ];
@@ -222,7 +273,7 @@ async fn run() {
                 assert_eq!(cart.version(), commands as u64, "{}", side.name);
                 assert_eq!(cart.0.items["tea"], (expected_tea, 250), "{}", side.name);
             }
-            Target::CqrsEs(_) => {}
+            Target::CqrsEs(_) | Target::Floor(..) => {}
         }
     }
     let mut conns = Vec::new();
@@ -239,6 +290,11 @@ async fn run() {
         count(&mut cqrs_conn, "SELECT count(*) FROM events").await,
         events
     );
+    let floor_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM floor_events")
+        .fetch_one(&floor_pool)
+        .await
+        .expect("count the floor rows");
+    assert_eq!(floor_rows, events);
     let tea: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_id = 'r0-0' AND payload::text LIKE '%\"tea\"%'",
     )
@@ -263,7 +319,7 @@ async fn run() {
         println!("{:<40}{cells}{:>10.0}", side.name, side.median());
     }
     let cqrs = &sides[3];
-    for side in &sides[..3] {
+    for side in sides[..3].iter().chain(&sides[4..]) {
         let per_round: Vec<String> = side
             .rounds
             .iter()
@@ -281,6 +337,7 @@ async fn run() {
 
     drop(conns);
     drop(cqrs_conn);
+    floor_pool.close().await;
     drop(sides);
     for db in &databases {
         admin
