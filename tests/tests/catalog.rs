@@ -151,7 +151,8 @@ async fn the_catalog_lists_what_the_registrations_say() {
     );
     let reminders = catalog.group("library.reminders").unwrap();
     assert_eq!(reminders.sends, ["library.remind"]);
-    assert_eq!(reminders.route, Route::Relay);
+    // Without a store, a group's events go to background tasks: the catalog says so.
+    assert_eq!(reminders.route, Route::Task);
     assert_eq!(catalog.modules(), ["library", "stats"]);
 }
 
@@ -169,18 +170,32 @@ async fn the_catalog_renders_as_markdown_mermaid_and_asyncapi() {
 #[tokio::test]
 async fn asyncapi_references_resolve_inside_the_document() {
     #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+    struct Sku(String);
+    #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
     struct Line {
-        sku: String,
+        sku: Sku,
     }
     #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, Event)]
     #[event(name = "orders.placed")]
     struct Placed {
         lines: Vec<Line>,
     }
+    #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, Event)]
+    #[event(name = "orders.amended")]
+    struct Amended {
+        lines: Vec<Line>,
+    }
     #[event_handler(group = "billing")]
     async fn bill(_event: &Placed) {}
+    #[event_handler(group = "billing")]
+    async fn rebill(_event: &Amended) {}
 
-    let app = App::builder().handler::<bill>().build().await.unwrap();
+    let app = App::builder()
+        .handler::<bill>()
+        .handler::<rebill>()
+        .build()
+        .await
+        .unwrap();
     let doc = serde_json::to_value(app.catalog().asyncapi()).unwrap();
     let payload = &doc["components"]["messages"]["orders.placed.v1"]["payload"];
     assert_eq!(
@@ -191,9 +206,25 @@ async fn asyncapi_references_resolve_inside_the_document() {
         payload["schema"]["properties"]["lines"]["items"]["$ref"],
         "#/components/schemas/Line"
     );
-    assert_eq!(
-        doc["components"]["schemas"]["Line"]["properties"]["sku"]["type"],
-        "string"
-    );
+    assert_eq!(doc["components"]["schemas"]["Sku"]["type"], "string");
     assert!(payload["schema"].get("$defs").is_none());
+    // Both events share `Line` (which refers to `Sku`): each definition is kept once.
+    let shared: Vec<&String> = doc["components"]["schemas"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(shared, ["Line", "Sku"]);
+    assert_eq!(
+        doc["components"]["schemas"]["Line"]["properties"]["sku"]["$ref"],
+        "#/components/schemas/Sku"
+    );
+    let operations: Vec<&String> = doc["operations"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        operations,
+        [
+            "billing--receives--orders.amended.v1",
+            "billing--receives--orders.placed.v1"
+        ]
+    );
 }

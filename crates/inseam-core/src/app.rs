@@ -1039,7 +1039,12 @@ impl AppBuilder {
             .iter()
             .map(|(group, _)| (*group, group.strip_prefix("command:").unwrap_or(group)))
             .collect();
-        let catalog = gather.finish(&self.source, &durable, self.aggregates);
+        let catalog = gather.finish(
+            &self.source,
+            &durable,
+            self.aggregates,
+            self.store.is_some(),
+        );
         let app = App {
             inner: Arc::new(Core {
                 commands: Slots::new(built.commands),

@@ -58,8 +58,7 @@ pub struct CommandDoc {
     pub output: &'static str,
     /// What its handler returns on failure.
     pub error: &'static str,
-    /// Its handler; `None` for a declared command without one (which `build()` refuses, so
-    /// only in a catalog of a failed build).
+    /// Its handler (a built app has one for every command it knows).
     pub handler: Option<HandlerDoc>,
     /// Whether it can be dispatched durably (`AppBuilder::durable_command`).
     pub durable: bool,
@@ -241,6 +240,8 @@ impl Role {
 pub enum Route {
     /// The store's relay, in this process: outbox to inbox in one database.
     Relay,
+    /// A background task of this process, without a store: not durable.
+    Task,
 }
 
 impl Route {
@@ -248,6 +249,7 @@ impl Route {
     pub const fn as_str(self) -> &'static str {
         match self {
             Route::Relay => "in-process relay (outbox → inbox)",
+            Route::Task => "in-process task (no store: not durable)",
         }
     }
 }
@@ -377,8 +379,10 @@ impl Gather {
         mut self,
         source: &str,
         durable: &[(&'static str, &'static str)],
-        aggregates: Vec<AggregateDoc>,
+        mut aggregates: Vec<AggregateDoc>,
+        stored: bool,
     ) -> Catalog {
+        let route = if stored { Route::Relay } else { Route::Task };
         for command in &mut self.commands {
             command.durable = durable.iter().any(|(_, name)| *name == command.name);
         }
@@ -390,12 +394,15 @@ impl Gather {
             let group = groups.entry(member.group).or_insert_with(|| GroupDoc {
                 name: member.group,
                 role: member.role,
-                route: Route::Relay,
+                route,
                 events: Vec::new(),
                 handlers: Vec::new(),
                 publishes: Vec::new(),
                 sends: Vec::new(),
             });
+            // One role per group whatever the order members come in (a group mixing roles is
+            // a wiring oddity; the catalog shows the first kind in `Role`'s order).
+            group.role = group.role.min(member.role);
             group.events.push(member.event);
             group.handlers.push(member.handler);
             group
@@ -414,7 +421,7 @@ impl Gather {
                 GroupDoc {
                     name: group,
                     role: Role::Command,
-                    route: Route::Relay,
+                    route,
                     events: Vec::new(),
                     handlers: handler.map(|h| vec![h.name]).unwrap_or_default(),
                     publishes: handler.map(|h| h.publishes.clone()).unwrap_or_default(),
@@ -477,8 +484,8 @@ impl Gather {
         }
         self.events.sort_by_key(|e| (e.name, e.version));
 
-        let mut aggregates = aggregates;
         aggregates.sort_by_key(|a| a.kind);
+        aggregates.dedup_by_key(|a| a.kind);
         Catalog {
             source: source.to_owned(),
             commands: self.commands,
@@ -591,8 +598,9 @@ pub(crate) fn short_type(name: &str) -> String {
     short
 }
 
-/// `value` with the keys of every object in sorted order, whatever `serde_json`'s features.
-pub(crate) fn sorted(value: Value) -> Value {
+/// `value` with the keys of every object in sorted order, whatever `serde_json`'s features
+/// (with `preserve_order`, maps keep insertion order): stable text for snapshots and files.
+pub fn sorted(value: Value) -> Value {
     match value {
         Value::Object(map) => {
             let mut entries: Vec<(String, Value)> = map.into_iter().collect();

@@ -341,7 +341,9 @@ impl RawEnvelope {
     }
 }
 
-fn is_json(content_type: &str) -> bool {
+/// Whether a payload of `content_type` is JSON (`application/json`, with parameters or not, or
+/// any `+json` type), so that the wire envelope embeds it as `data`.
+pub fn is_json(content_type: &str) -> bool {
     let base = content_type.split(';').next().unwrap_or("").trim();
     base == "application/json" || base.ends_with("+json")
 }

@@ -187,6 +187,11 @@ impl SqlStore {
             .ok_or(Error::DeadLetterNotFound { id })?;
         let letter = DeadLetter::from_row(&row).context("read a dead letter")?;
         let now = micros(self.shared.now());
+        // The flow the message belongs to, when its envelope can be read (a malformed one
+        // is retried all the same, and fails again with the same error).
+        let correlation = inseam_core::RawEnvelope::from_json(&letter.envelope)
+            .ok()
+            .map(|envelope| envelope.metadata.correlation_id.to_string());
         sqlx::query(AssertSqlSafe(shared.sql.restore_outbox.clone()))
             .bind(letter.message_id.clone())
             .bind(letter.name.clone())
@@ -194,6 +199,7 @@ impl SqlStore {
             .bind(letter.key.clone())
             .bind(letter.envelope.clone())
             .bind(now)
+            .bind(correlation)
             .execute(&mut *tx)
             .await
             .context("restore an outbox row")?;

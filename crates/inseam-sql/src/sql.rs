@@ -432,8 +432,8 @@ impl Statements {
             )),
             delete_dead_letter: s(format!("DELETE FROM {p}dead_letters WHERE id = $1")),
             restore_outbox: s(format!(
-                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, correlation_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
             )),
             lag: s(format!(
                 "SELECT grp, COUNT(*), MIN(enqueued_at) FROM {p}deliveries GROUP BY grp ORDER BY grp"

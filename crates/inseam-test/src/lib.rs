@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use inseam::catalog::EventDoc;
+use inseam::catalog::{EventDoc, sorted};
 use inseam::sql::SqlStore;
 use inseam::{
     Aggregate, AggregateError, App, AppBuilder, Catalog, Command, DispatchError, Headers,
@@ -243,7 +243,7 @@ where
 /// and its wire form (the CloudEvents envelope it travels in, with placeholders for the values
 /// of one message), as stored under `contracts/<name>.v<version>.json`.
 pub fn contract<E: inseam::Event + schemars::JsonSchema>() -> serde_json::Value {
-    let schema = serde_json::to_value(schemars::schema_for!(E)).unwrap_or_default();
+    let schema = sorted(serde_json::to_value(schemars::schema_for!(E)).unwrap_or_default());
     contract_value(
         E::NAME,
         E::VERSION,
@@ -283,7 +283,7 @@ fn contract_value(
 /// `<key>` and `<payload>` for what differs between messages.
 fn wire_form(name: &str, version: u32, content_type: &str) -> serde_json::Value {
     let nil = uuid::Uuid::nil();
-    let json = content_type == <inseam::Json as inseam::Codec>::CONTENT_TYPE;
+    let json = inseam::envelope::is_json(content_type);
     let envelope = RawEnvelope {
         metadata: Metadata {
             message_id: nil,
@@ -303,11 +303,16 @@ fn wire_form(name: &str, version: u32, content_type: &str) -> serde_json::Value 
             b"<payload>".to_vec()
         },
     };
-    envelope
+    // The placeholder payload is valid in both forms, so rendering cannot fail; if it ever
+    // did, the contract says so rather than recording nothing.
+    match envelope
         .to_json()
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(wire) => wire,
+        Err(error) => serde_json::Value::String(format!("<the wire form failed: {error}>")),
+    }
 }
 
 /// Checks event `E`'s contract against the one recorded in `dir` for its name and version.
@@ -359,6 +364,10 @@ fn check_contract(
     let path = dir.join(format!("{name}.v{version}.json"));
     let rendered = serde_json::to_string_pretty(current).unwrap_or_default() + "\n";
     match std::fs::read_to_string(&path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(format!(
+            "cannot read the recorded contract {}: {error}",
+            path.display()
+        )),
         Ok(recorded) if recorded == rendered => Ok(()),
         Ok(recorded) => Err(format!(
             "event `{name}` version {version} changed its contract without a version bump.\n\
@@ -374,7 +383,7 @@ fn check_contract(
                 .map_err(|error| {
                     format!("could not record the contract {}: {error}", path.display())
                 })?;
-            if std::env::var_os("INSEAM_ACCEPT_NEW_CONTRACTS").is_none() {
+            if std::env::var("INSEAM_ACCEPT_NEW_CONTRACTS").as_deref() != Ok("1") {
                 return Err(format!(
                     "new contract recorded in {}: review it and commit it (or set INSEAM_ACCEPT_NEW_CONTRACTS=1)",
                     path.display()

@@ -21,7 +21,7 @@ const SCHEMA_FORMAT: &str = "application/schema+json;version=draft-2020-12";
 pub struct AsyncApiError(#[source] serde_saphyr::ser::Error);
 
 /// An AsyncAPI 3.0 document. Its fields are public so that an app can fill in what the
-/// registrations cannot know (its version, servers) before writing it.
+/// registrations cannot know (its version, its description) before writing it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Document {
@@ -115,7 +115,7 @@ pub(super) fn document(catalog: &Catalog) -> Document {
         if !event.publishers.is_empty() {
             let by: Vec<String> = event.publishers.iter().map(ToString::to_string).collect();
             doc.operations.insert(
-                format!("send.{key}"),
+                format!("publish--{key}"),
                 json!({
                     "action": "send",
                     "channel": channel_ref,
@@ -137,7 +137,7 @@ pub(super) fn document(catalog: &Catalog) -> Document {
                 .map_or("", |g| g.route.as_str())
                 .to_owned();
             doc.operations.insert(
-                format!("receive.{group}.{key}"),
+                format!("{}--receives--{key}", operation_part(group)),
                 json!({
                     "action": "receive",
                     "channel": channel_ref,
@@ -154,6 +154,19 @@ pub(super) fn document(catalog: &Catalog) -> Document {
 
 pub(super) fn yaml(catalog: &Catalog) -> Result<String, AsyncApiError> {
     serde_saphyr::to_string(&document(catalog)).map_err(AsyncApiError)
+}
+
+/// `name` with every character an AsyncAPI key does not allow (`[A-Za-z0-9.\-_]`) as `_`.
+fn operation_part(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn message_key(event: &EventDoc) -> String {
@@ -174,13 +187,25 @@ fn hoist(mut schema: Value, shared: &mut BTreeMap<String, Value>, message: &str)
             _ => None,
         })
         .unwrap_or_default();
-    let mut renames: BTreeMap<String, String> = BTreeMap::new();
-    for (name, def) in &defs {
-        let key = match shared.get(name) {
-            Some(existing) if existing != def => format!("{message}.{name}"),
-            _ => name.clone(),
-        };
-        renames.insert(name.clone(), key);
+    // A definition is compared in its stored form (its own references rewritten); a name
+    // taken by a different definition moves this message's one under `<message>.<name>`, which
+    // can change other definitions' references, hence the second round.
+    let mut renames: BTreeMap<String, String> = defs
+        .keys()
+        .map(|name| (name.clone(), name.clone()))
+        .collect();
+    for _ in 0..2 {
+        let mut next = BTreeMap::new();
+        for (name, def) in &defs {
+            let key = match shared.get(name) {
+                Some(existing) if *existing != rewrite(def.clone(), &renames) => {
+                    format!("{message}.{name}")
+                }
+                _ => name.clone(),
+            };
+            next.insert(name.clone(), key);
+        }
+        renames = next;
     }
     for (name, def) in defs {
         let key = renames.get(&name).cloned().unwrap_or(name);

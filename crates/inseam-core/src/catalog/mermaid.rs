@@ -34,18 +34,22 @@ pub(super) fn render(catalog: &Catalog) -> String {
             .or_default()
             .push(format!(
                 "{}{{{{\"{}\"}}}}",
-                id("e", event.name),
+                event_id(&event.reference()),
                 event.reference()
             ));
         for subscriber in &event.subscribers {
             match subscriber.group {
                 Some(group) => {
-                    edges.push(format!("{} --> {}", id("e", event.name), id("g", group)));
+                    edges.push(format!(
+                        "{} --> {}",
+                        event_id(&event.reference()),
+                        id("g", group)
+                    ));
                 }
                 None => {
                     let node = id("i", subscriber.handler);
                     outside.push(format!("{node}([\"{}\"])", subscriber.handler));
-                    edges.push(format!("{} --> {node}", id("e", event.name)));
+                    edges.push(format!("{} --> {node}", event_id(&event.reference())));
                 }
             }
         }
@@ -69,7 +73,11 @@ pub(super) fn render(catalog: &Catalog) -> String {
     for event in &catalog.events {
         for publisher in &event.publishers {
             if let super::Publisher::InlineSubscriber(handler) = publisher {
-                edges.push(format!("{} --> {}", id("i", handler), id("e", event.name)));
+                edges.push(format!(
+                    "{} --> {}",
+                    id("i", handler),
+                    event_id(&event.reference())
+                ));
             }
         }
     }
@@ -98,21 +106,30 @@ pub(super) fn render(catalog: &Catalog) -> String {
 /// The edges from `from` to what it publishes (solid) and sends (dotted).
 fn emits(edges: &mut Vec<String>, from: &str, publishes: &[EventRef], sends: &[&str]) {
     for event in publishes {
-        edges.push(format!("{from} --> {}", id("e", event.name)));
+        edges.push(format!("{from} --> {}", event_id(event)));
     }
     for sent in sends {
         edges.push(format!("{from} -.-> {}", id("c", sent)));
     }
 }
 
-/// A Mermaid node id: a kind prefix and the name with every other character as `_`.
+/// The node id of one version of an event.
+fn event_id(event: &EventRef) -> String {
+    format!("{}_v{}", id("e", event.name), event.version)
+}
+
+/// A Mermaid node id: a kind prefix and the name, `_` written `__` and every other character
+/// that is not a letter or a digit `_`, so that different names never share an id.
 fn id(kind: &str, name: &str) -> String {
     let mut id = String::with_capacity(kind.len() + 1 + name.len());
     id.push_str(kind);
     id.push('_');
-    id.extend(
-        name.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
-    );
+    for c in name.chars() {
+        match c {
+            '_' => id.push_str("__"),
+            c if c.is_ascii_alphanumeric() => id.push(c),
+            _ => id.push('_'),
+        }
+    }
     id
 }
