@@ -154,6 +154,14 @@ async fn the_catalog_lists_what_the_registrations_say() {
     // Without a store, a group's events go to background tasks: the catalog says so.
     assert_eq!(reminders.route, Route::Task);
     assert_eq!(catalog.modules(), ["library", "stats"]);
+
+    // A durable command travels like an event: it has a channel; one sent in process does not.
+    let doc = serde_json::to_value(catalog.asyncapi()).unwrap();
+    assert_eq!(
+        doc["channels"]["command.library.remind"]["address"],
+        "library.remind"
+    );
+    assert!(doc["channels"].get("command.library.lend").is_none());
 }
 
 #[tokio::test]

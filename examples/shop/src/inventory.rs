@@ -16,7 +16,7 @@ pub struct SetStock {
 }
 
 /// One line of a reservation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Units {
     /// The product.
     pub sku: String,
@@ -25,7 +25,7 @@ pub struct Units {
 }
 
 /// Reserves every line of an order, or none.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Command)]
 #[command(name = "inventory.reserve_stock", error = InventoryError)]
 pub struct ReserveStock {
     /// The order.
@@ -35,7 +35,7 @@ pub struct ReserveStock {
 }
 
 /// Releases an order's reservation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Command)]
 #[command(name = "inventory.release_stock", error = InventoryError)]
 pub struct ReleaseStock {
     /// The order.

@@ -54,7 +54,7 @@ pub struct PlaceOrder {
 }
 
 /// Confirms an order (the saga, once it is shipped).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Command)]
 #[command(name = "orders.confirm_order", error = OrderError)]
 pub struct ConfirmOrder {
     /// The order.
@@ -62,7 +62,7 @@ pub struct ConfirmOrder {
 }
 
 /// Rejects an order (the saga, once a step failed and was compensated).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Command)]
 #[command(name = "orders.reject_order", error = OrderError)]
 pub struct RejectOrder {
     /// The order.

@@ -56,7 +56,7 @@ impl Gateway {
 }
 
 /// Charges an order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Command)]
 #[command(name = "payments.charge", error = PaymentError)]
 pub struct ChargePayment {
     /// The order.
@@ -68,7 +68,7 @@ pub struct ChargePayment {
 }
 
 /// Refunds an order's charge.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Command)]
 #[command(name = "payments.refund", error = PaymentError)]
 pub struct RefundPayment {
     /// The order.

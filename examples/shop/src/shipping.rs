@@ -31,7 +31,7 @@ impl Carrier {
 }
 
 /// Ships an order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Command)]
 #[command(name = "shipping.create_shipment", error = ShippingError)]
 pub struct CreateShipment {
     /// The order.

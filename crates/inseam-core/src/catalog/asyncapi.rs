@@ -1,7 +1,11 @@
 //! The catalog as an AsyncAPI 3.0 document.
 //!
 //! One channel per event name, one message per contract version, a `send` operation per event
-//! that has publishers and a `receive` operation per group that subscribes to it. Payload
+//! that has publishers and a `receive` operation per group that subscribes to it. Durable
+//! commands travel the same way (outbox, relay, their handler's group), so each has a channel
+//! `command.<name>` too, with a `receive` operation for its handler and a `send` operation for
+//! those that declare they send it. Commands sent in process, and queries, are calls, not
+//! messages on a channel: they are in the Markdown catalog only. Payload
 //! schemas are JSON Schema draft 2020-12 (what `schemars` writes); their shared definitions
 //! move to `components.schemas` so that every `$ref` resolves inside the document.
 
@@ -10,7 +14,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Catalog, EventDoc, Role};
+use super::{Catalog, CommandDoc, EventDoc, Role};
 
 /// The schema format of the payloads.
 const SCHEMA_FORMAT: &str = "application/schema+json;version=draft-2020-12";
@@ -67,7 +71,7 @@ pub(super) fn document(catalog: &Catalog) -> Document {
             title: catalog.source.clone(),
             version: "1.0.0".to_owned(),
             description: format!(
-                "The events of `{}`, generated from its registrations.",
+                "The events and durable commands of `{}`, generated from its registrations.",
                 catalog.source
             ),
         },
@@ -149,7 +153,84 @@ pub(super) fn document(catalog: &Catalog) -> Document {
             );
         }
     }
+    for command in catalog.commands.iter().filter(|c| c.durable) {
+        durable_command(&mut doc, catalog, command);
+    }
     doc
+}
+
+/// The channel, message and operations of a durable command.
+fn durable_command(doc: &mut Document, catalog: &Catalog, command: &CommandDoc) {
+    let key = format!("command.{}", command.name);
+    let mut message = json!({
+        "name": command.name,
+        "title": format!("{} (command)", command.name),
+        "contentType": "application/json",
+        "x-inseam-rust-type": command.rust_type,
+    });
+    if let (Some(schema), Some(object)) = (command.schema.clone(), message.as_object_mut()) {
+        let schema = hoist(schema, &mut doc.components.schemas, &key);
+        object.insert(
+            "payload".to_owned(),
+            json!({ "schemaFormat": SCHEMA_FORMAT, "schema": schema }),
+        );
+    }
+    doc.components.messages.insert(key.clone(), message);
+    doc.channels.insert(
+        key.clone(),
+        json!({
+            "address": command.name,
+            "messages": { key.clone(): { "$ref": format!("#/components/messages/{key}") } },
+        }),
+    );
+    let channel_ref = json!({ "$ref": format!("#/channels/{key}") });
+    let message_ref = json!([{ "$ref": format!("#/channels/{key}/messages/{key}") }]);
+
+    let mut senders: Vec<String> = catalog
+        .groups
+        .iter()
+        .filter(|g| g.role != Role::Command && g.sends.contains(&command.name))
+        .map(|g| match g.role {
+            Role::Subscriber => format!("group `{}`", g.name),
+            role => format!("{} `{}`", role.as_str(), g.name),
+        })
+        .collect();
+    senders.extend(
+        catalog
+            .commands
+            .iter()
+            .filter_map(|c| c.handler.as_ref())
+            .filter(|h| h.sends.contains(&command.name))
+            .map(|h| format!("command handler `{}`", h.name)),
+    );
+    if !senders.is_empty() {
+        doc.operations.insert(
+            format!("send--{key}"),
+            json!({
+                "action": "send",
+                "channel": channel_ref,
+                "summary": format!("Sent durably by {}.", senders.join(", ")),
+                "messages": message_ref,
+            }),
+        );
+    }
+    let group = catalog
+        .groups
+        .iter()
+        .find(|g| g.role == Role::Command && g.name.strip_prefix("command:") == Some(command.name));
+    if let (Some(handler), Some(group)) = (&command.handler, group) {
+        doc.operations.insert(
+            format!("{}--receives--{key}", operation_part(group.name)),
+            json!({
+                "action": "receive",
+                "channel": channel_ref,
+                "summary": format!("Handled by `{}`.", handler.name),
+                "messages": message_ref,
+                "x-inseam-group": group.name,
+                "x-inseam-route": group.route.as_str(),
+            }),
+        );
+    }
 }
 
 pub(super) fn yaml(catalog: &Catalog) -> Result<String, AsyncApiError> {

@@ -49,6 +49,20 @@ fn commands(out: &mut String, catalog: &Catalog) {
         );
     }
     out.push('\n');
+    for command in &catalog.commands {
+        if let Some(schema) = &command.schema {
+            let summary = format!("`{}` payload schema", command.name);
+            schema_block(out, &summary, schema);
+        }
+    }
+}
+
+fn schema_block(out: &mut String, summary: &str, schema: &serde_json::Value) {
+    let pretty = serde_json::to_string_pretty(schema).unwrap_or_default();
+    let _ = write!(
+        out,
+        "<details><summary>{summary}</summary>\n\n```json\n{pretty}\n```\n\n</details>\n\n"
+    );
 }
 
 fn queries(out: &mut String, catalog: &Catalog) {
@@ -117,13 +131,7 @@ fn event_section(out: &mut String, event: &EventDoc) {
     row(out, &["Subscribers", &subscribers(event)]);
     out.push('\n');
     match &event.schema {
-        Some(schema) => {
-            let pretty = serde_json::to_string_pretty(schema).unwrap_or_default();
-            let _ = write!(
-                out,
-                "<details><summary>Payload schema</summary>\n\n```json\n{pretty}\n```\n\n</details>\n\n"
-            );
-        }
+        Some(schema) => schema_block(out, "Payload schema", schema),
         None => out.push_str(
             "No payload schema: derive `schemars::JsonSchema` on the event to document it.\n\n",
         ),
