@@ -789,9 +789,7 @@ pub struct AppBuilder {
     upcasters: Upcasters,
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdGenerator>,
-    /// Events of declared aggregates, `(name, version)`.
-    aggregate_events: Vec<(&'static str, u32)>,
-    /// Declared aggregates, for the catalog.
+    /// Declared aggregates with their events: for the upcaster check and the catalog.
     aggregates: Vec<AggregateDoc>,
 }
 
@@ -808,7 +806,6 @@ impl Default for AppBuilder {
             upcasters: Upcasters::default(),
             clock: Arc::new(SystemClock),
             ids: Arc::new(V7Ids),
-            aggregate_events: Vec::new(),
             aggregates: Vec::new(),
         }
     }
@@ -964,16 +961,14 @@ impl AppBuilder {
         let mut declare = Declare(Vec::new());
         A::Event::visit(&mut declare);
         self.registrations.extend(declare.0);
-        let events = A::Event::events();
         self.aggregates.push(AggregateDoc {
             kind: A::TYPE,
             rust_type: std::any::type_name::<A>(),
-            events: events
-                .iter()
-                .map(|&(name, version)| EventRef { name, version })
+            events: A::Event::events()
+                .into_iter()
+                .map(|(name, version)| EventRef { name, version })
                 .collect(),
         });
-        self.aggregate_events.extend(events);
         self
     }
 
@@ -1004,7 +999,11 @@ impl AppBuilder {
         let runtime = Handle::try_current();
         let gather = wiring.gather();
         let built = wiring.build(&self.resources, &self.layers);
-        let mut events: Vec<(&'static str, u32)> = self.aggregate_events.clone();
+        let mut events: Vec<(&'static str, u32)> = self
+            .aggregates
+            .iter()
+            .flat_map(|a| a.events.iter().map(|e| (e.name, e.version)))
+            .collect();
         if let Ok(built) = &built {
             events.extend(
                 built
