@@ -89,7 +89,7 @@ async fn deposit(cmd: Deposit, ctx: &mut CommandContext<'_>) -> Result<i64, Bank
         .bind(cmd.seq)
         .bind(cmd.account)
         .bind(cmd.amount)
-        .execute(ctx.tx()?)
+        .execute(ctx.tx().await?)
         .await?;
     if cmd.amount <= 0 {
         return Err(BankError::NotPositive(cmd.amount));
@@ -107,7 +107,7 @@ async fn record(
         .bind(ev.message_id().to_string())
         .bind(ev.seq)
         .bind(ev.account.clone())
-        .execute(ctx.tx()?)
+        .execute(ctx.tx().await?)
         .await?;
     Ok(())
 }

@@ -619,7 +619,7 @@ mod bank_no_store {
         _: Touch,
         ctx: &mut CommandContext<'_>,
     ) -> Result<(), inseam::sql::sqlx::Error> {
-        ctx.tx()?;
+        ctx.tx().await?;
         Ok(())
     }
 }

@@ -341,13 +341,160 @@ async fn as_of_an_instant(backend: Backend) {
     assert!(!before.exists());
 }
 
+/// Why the inline check refused an item.
+#[derive(Debug, thiserror::Error)]
+#[error("sku `{0}` is refused")]
+struct Refused(String);
+
+/// Refuses the sku `refused`, failing the command after its cart was saved.
+#[event_handler(inline)]
+async fn refuse(ev: &Envelope<ItemAdded>) -> Result<(), Refused> {
+    if ev.sku == "refused" {
+        return Err(Refused(ev.sku.clone()));
+    }
+    Ok(())
+}
+
+/// An aggregate cache: loads of a saved cart read nothing from the store, which shows when
+/// another app (another instance) appends behind its back: the cached app's next command
+/// appends at the version it cached and gets the typed conflict, the stream is forgotten, and
+/// the next attempt loads the store and applies on fresh state, with no gap. A command that
+/// saved its cart and then failed leaves the cache as it was.
+async fn cached_aggregates(backend: Backend) {
+    let db = TestDb::new(backend, "es_cache").await;
+    let store = store(&db).await;
+    let cached = cart::builder(store.clone(), Gate::default())
+        .cache_aggregate::<Cart>(100)
+        .handler::<refuse>()
+        .build()
+        .await
+        .unwrap();
+    let other = cart::builder(store.clone(), Gate::default())
+        .build()
+        .await
+        .unwrap();
+
+    assert_eq!(cached.send(add("c", 2)).await.unwrap(), 2);
+    assert_eq!(cached.send(add("c", 1)).await.unwrap(), 3);
+    // Another instance appends version 4; the cached app still holds version 3.
+    assert_eq!(other.send(add("c", 1)).await.unwrap(), 4);
+    match cached.send(add("c", 1)).await {
+        Err(DispatchError::Conflict(conflict)) => assert_eq!(
+            conflict,
+            Conflict {
+                stream: "cart-c".into(),
+                version: 4
+            }
+        ),
+        other => panic!("expected a conflict from the cached version, got {other:?}"),
+    }
+    // Forgotten: this load reads the store, sees version 4 and appends 5.
+    assert_eq!(cached.send(add("c", 1)).await.unwrap(), 5);
+    assert_eq!(stream_versions(&store, "cart-c").await, [1, 2, 3, 4, 5]);
+
+    // Saved, then failed by the inline check: nothing committed, and nothing cached.
+    let refused = AddItems {
+        cart: "c".into(),
+        sku: "refused".into(),
+        count: 1,
+    };
+    assert!(matches!(
+        cached.send(refused).await,
+        Err(DispatchError::Subscriber { .. })
+    ));
+    assert_eq!(cached.send(add("c", 1)).await.unwrap(), 6);
+    assert_eq!(stream_versions(&store, "cart-c").await, [1, 2, 3, 4, 5, 6]);
+    let cart = cached.load::<Cart>("c").await.unwrap();
+    assert_eq!((cart.version(), cart.items["tea"].0), (6, 6));
+    assert!(!cart.items.contains_key("refused"));
+
+    // With `RetryOnConflict`, a stale cache costs one retry and no error.
+    let retried = cart::builder(store.clone(), Gate::default())
+        .cache_aggregate::<Cart>(100)
+        .layer(RetryOnConflict::new(2).command::<AddItems>())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(retried.send(add("r", 1)).await.unwrap(), 1);
+    assert_eq!(other.send(add("r", 1)).await.unwrap(), 2);
+    assert_eq!(retried.send(add("r", 1)).await.unwrap(), 3);
+    assert_eq!(stream_versions(&store, "cart-r").await, [1, 2, 3]);
+}
+
 inseam_tests::on_every_backend!(
     appends_loads_and_publishes,
     concurrent_writers,
     snapshots_bound_the_replay,
     upcasting_stored_payloads,
     as_of_an_instant,
+    cached_aggregates,
 );
+
+/// PostgreSQL commits the outbox rows of commands that never asked for a transaction in
+/// statements shared by whoever commits at the same time. 64 commands committing together:
+/// 60 to carts of their own, 4 racing for version 1 of one cart. Each of the 60 applies once,
+/// exactly one racer wins and three get the typed conflict, whatever batch they shared; and
+/// fewer statements than commands were needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_shares_statements_and_isolates_conflicts() {
+    let db = TestDb::new(Backend::Postgres, "es_group_commit").await;
+    let store = store(&db).await;
+    const OWN: usize = 60;
+    const RACERS: usize = 4;
+    let app = cart::builder(store.clone(), Gate::new(OWN + RACERS))
+        .build()
+        .await
+        .unwrap();
+    let before = store.commit_stats();
+    let tasks: Vec<_> = (0..OWN + RACERS)
+        .map(|i| {
+            let app = app.clone();
+            let cart = if i < OWN {
+                format!("own-{i}")
+            } else {
+                "raced".to_owned()
+            };
+            tokio::spawn(async move { (i, app.send(add(&cart, 1)).await) })
+        })
+        .collect();
+    let (mut won, mut conflicts) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (i, Ok(version)) if i < OWN => assert_eq!(version, 1),
+            (_, Ok(version)) => {
+                assert_eq!(version, 1);
+                won += 1;
+            }
+            (i, Err(DispatchError::Conflict(conflict))) if i >= OWN => {
+                assert_eq!(
+                    conflict,
+                    Conflict {
+                        stream: "cart-raced".into(),
+                        version: 1
+                    }
+                );
+                conflicts += 1;
+            }
+            (i, Err(other)) => panic!("command {i}: {other}"),
+        }
+    }
+    assert_eq!((won, conflicts), (1, RACERS - 1));
+    for i in 0..OWN {
+        assert_eq!(stream_versions(&store, &format!("cart-own-{i}")).await, [1]);
+    }
+    assert_eq!(stream_versions(&store, "cart-raced").await, [1]);
+    let rows: i64 = sqlx::query("SELECT count(*) FROM inseam_outbox")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, (OWN + 1) as i64);
+    let stats = store.commit_stats();
+    let units = stats.units - before.units;
+    let statements = stats.statements - before.statements;
+    assert_eq!(units, (OWN + 1) as u64, "{stats:?}");
+    assert!(statements < units, "no statement was shared: {stats:?}");
+}
 
 /// An event at version 2 without the upcaster from 1, and an upcaster from a version that is
 /// not older than the event's: both reported by `build()`, with everything else wrong.

@@ -108,12 +108,16 @@ impl Side {
         }
     }
 
-    /// One pass: an `AddItem` to each cart of `ids`, in order; returns the time it took.
-    async fn pass(&self, ids: &[String], sku: &str) -> Duration {
+    /// One pass: an `AddItem` to each cart of `ids`, by `clients` concurrent clients that each
+    /// take every `clients`-th cart in order; returns the time it took.
+    async fn pass(&self, ids: &[String], sku: &str, clients: usize) -> Duration {
         let start = Instant::now();
-        for id in ids {
-            self.add_item(id, sku).await;
-        }
+        let client = |first: usize| async move {
+            for id in ids.iter().skip(first).step_by(clients) {
+                self.add_item(id, sku).await;
+            }
+        };
+        futures::future::join_all((0..clients).map(client)).await;
         start.elapsed()
     }
 
@@ -140,6 +144,7 @@ async fn run() {
     let carts = setting("INSEAM_BENCH_CARTS", 1_000);
     let commands = setting("INSEAM_BENCH_COMMANDS", 10);
     let rounds = setting("INSEAM_BENCH_ROUNDS", 5).max(1);
+    let clients = setting("INSEAM_BENCH_CLIENTS", 1).max(1);
     let synchronous_commit = std::env::var("INSEAM_BENCH_SYNCHRONOUS_COMMIT").ok();
     let server = std::env::var("INSEAM_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
@@ -153,6 +158,7 @@ async fn run() {
         format!("{base}_inseam_group"),
         format!("{base}_cqrs"),
         format!("{base}_floor"),
+        format!("{base}_inseam_cached"),
     ];
     for db in &databases {
         admin
@@ -179,12 +185,18 @@ async fn run() {
     let sqlite_dir = tempfile::tempdir().expect("a temporary directory");
     let sqlite_url = format!("sqlite://{}", sqlite_dir.path().join("inseam.db").display());
 
-    let inseam_app = |url: String, subscribed: bool| async move {
+    #[derive(Clone, Copy)]
+    enum Variant {
+        Plain,
+        Subscribed,
+        Cached,
+    }
+    let inseam_app = |url: String, variant: Variant| async move {
         let store = SqlStore::connect(&url).await.expect("connect the store");
-        let builder = if subscribed {
-            on_inseam::app_with_subscriber(store)
-        } else {
-            on_inseam::app(store)
+        let builder = match variant {
+            Variant::Plain => on_inseam::app(store),
+            Variant::Subscribed => on_inseam::app_with_subscriber(store),
+            Variant::Cached => on_inseam::app_cached(store, carts + WARM_UP_CARTS),
         };
         builder.build().await.expect("build the app")
     };
@@ -199,7 +211,7 @@ async fn run() {
 
     let floor_url = url(&databases[3]);
     let floor_pool = PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(10)
         .connect(&floor_url)
         .await
         .expect("connect to the floor database");
@@ -213,17 +225,22 @@ async fn run() {
     let mut sides = vec![
         Side {
             name: "inseam, PostgreSQL",
-            target: Target::Inseam(inseam_app(url(&databases[0]), false).await),
+            target: Target::Inseam(inseam_app(url(&databases[0]), Variant::Plain).await),
             rounds: Vec::new(),
         },
         Side {
             name: "inseam, PostgreSQL, 1 group subscribed",
-            target: Target::Inseam(inseam_app(url(&databases[1]), true).await),
+            target: Target::Inseam(inseam_app(url(&databases[1]), Variant::Subscribed).await),
             rounds: Vec::new(),
         },
         Side {
             name: "inseam, SQLite",
-            target: Target::Inseam(inseam_app(sqlite_url, false).await),
+            target: Target::Inseam(inseam_app(sqlite_url, Variant::Plain).await),
+            rounds: Vec::new(),
+        },
+        Side {
+            name: "inseam, PostgreSQL, aggregate cache",
+            target: Target::Inseam(inseam_app(url(&databases[4]), Variant::Cached).await),
             rounds: Vec::new(),
         },
         Side {
@@ -245,7 +262,7 @@ async fn run() {
     let warm_up = carts_named("warm-", WARM_UP_CARTS);
     for k in 0..commands {
         for side in &sides {
-            side.pass(&warm_up, skus[k % skus.len()]).await;
+            side.pass(&warm_up, skus[k % skus.len()], clients).await;
         }
     }
     for round in 0..rounds {
@@ -254,7 +271,7 @@ async fn run() {
         for k in 0..commands {
             for i in 0..sides.len() {
                 let at = (i + k + round) % sides.len();
-                elapsed[at] += sides[at].pass(&ids, skus[k % skus.len()]).await;
+                elapsed[at] += sides[at].pass(&ids, skus[k % skus.len()], clients).await;
             }
         }
         for (side, took) in sides.iter_mut().zip(elapsed) {
@@ -277,7 +294,7 @@ async fn run() {
         }
     }
     let mut conns = Vec::new();
-    for db in &databases[..2] {
+    for db in [&databases[0], &databases[1], &databases[4]] {
         conns.push(PgConnection::connect(&url(db)).await.expect("connect"));
     }
     const STREAM_ROWS: &str = "SELECT count(*) FROM inseam_outbox WHERE stream IS NOT NULL";
@@ -286,6 +303,13 @@ async fn run() {
     assert_eq!(count(&mut conns[0], DELIVERY_ROWS).await, 0);
     assert_eq!(count(&mut conns[1], STREAM_ROWS).await, events);
     assert_eq!(count(&mut conns[1], DELIVERY_ROWS).await, events);
+    assert_eq!(count(&mut conns[2], STREAM_ROWS).await, events);
+    // Every stream is gapless: its versions are exactly 1..=commands.
+    const GAPLESS: &str = "SELECT count(*) FROM (SELECT stream FROM inseam_outbox WHERE stream IS NOT NULL \
+         GROUP BY stream HAVING min(stream_version) <> 1 OR max(stream_version) <> count(*)) AS gaps";
+    for conn in &mut conns {
+        assert_eq!(count(conn, GAPLESS).await, 0);
+    }
     assert_eq!(
         count(&mut cqrs_conn, "SELECT count(*) FROM events").await,
         events
@@ -303,9 +327,14 @@ async fn run() {
     .expect("count a cart's events");
     assert_eq!(tea, i64::from(expected_tea));
 
+    let sent_by = if clients == 1 {
+        "one at a time".to_owned()
+    } else {
+        format!("by {clients} concurrent clients, each one command at a time")
+    };
     println!(
-        "event-sourced AddItem commands, sequential: {rounds} round(s) of {carts} carts x {commands} \
-         commands (after a warm-up of {WARM_UP_CARTS} carts x {commands}), commands/s"
+        "event-sourced AddItem commands, sent {sent_by}: {rounds} round(s) of {carts} carts x \
+         {commands} commands (after a warm-up of {WARM_UP_CARTS} carts x {commands}), commands/s"
     );
     if let Some(value) = &synchronous_commit {
         println!("PostgreSQL databases with synchronous_commit = {value}");
@@ -318,8 +347,11 @@ async fn run() {
         let cells: String = side.rounds.iter().map(|r| format!("{r:>10.0}")).collect();
         println!("{:<40}{cells}{:>10.0}", side.name, side.median());
     }
-    let cqrs = &sides[3];
-    for side in sides[..3].iter().chain(&sides[4..]) {
+    let cqrs = sides
+        .iter()
+        .find(|side| matches!(side.target, Target::CqrsEs(_)))
+        .expect("the cqrs-es side");
+    for side in sides.iter().filter(|side| !std::ptr::eq(*side, cqrs)) {
         let per_round: Vec<String> = side
             .rounds
             .iter()

@@ -121,6 +121,12 @@ pub mod on_inseam {
             .aggregate::<Cart>()
     }
 
+    /// The cart app keeping the last committed state of up to `capacity` carts in memory
+    /// (`cache_aggregate`): a command on a cart this app saved reads nothing.
+    pub fn app_cached(store: SqlStore, capacity: usize) -> AppBuilder {
+        app(store).cache_aggregate::<Cart>(capacity)
+    }
+
     /// The cart app with one durable group subscribed to `ItemAdded`.
     pub fn app_with_subscriber(store: SqlStore) -> AppBuilder {
         app(store).handler::<project>()

@@ -8,7 +8,9 @@
 //! writer at the same stream version fails with [`Conflict`](crate::Conflict) and nothing of its
 //! command is committed; the `RetryOnConflict` layer runs such commands again on fresh state.
 
+use std::num::NonZeroUsize;
 use std::ops::Deref;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -233,15 +235,40 @@ pub fn stream_of<A: Aggregate>(id: &str) -> String {
     format!("{}-{id}", A::TYPE)
 }
 
-/// Loads `A` with `id` in `uow`: the latest usable snapshot, then the events after it; with
+/// Where [`load`] may find a state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The aggregate's cache, if it has one and holds the stream; else the store.
+    CacheOrStore,
+    /// The store.
+    Store,
+}
+
+/// Loads `A` with `id` in `uow`: the cached state, if `from` allows and there is one; else the
+/// latest usable snapshot, then the events after it; with
 /// `as_of`, the state as it was at that instant (events only).
 pub(crate) async fn load<A: Aggregate>(
     app: &App,
     uow: &mut dyn UnitOfWork,
     id: &str,
     as_of: Option<DateTime<Utc>>,
+    from: Source,
 ) -> Result<Loaded<A>, AggregateError> {
     let stream = stream_of::<A>(id);
+    if from == Source::CacheOrStore
+        && as_of.is_none()
+        && let Some(cache) = app.state_cache::<A>()
+        && let Some((version, state)) = cache.get(&stream)
+    {
+        return Ok(Loaded {
+            id: id.to_owned(),
+            stream,
+            state,
+            version,
+            emitted: Vec::new(),
+            replayed: 0,
+        });
+    }
     let mut state = A::default();
     let mut version = 0;
     if A::SNAPSHOT_EVERY > 0
@@ -298,6 +325,7 @@ pub(crate) async fn save<A: Aggregate>(
     parent: Metadata,
     uow: &mut dyn UnitOfWork,
     outgoing: &mut Vec<PendingEvent>,
+    cached: &mut Vec<CacheUpdate>,
     aggregate: Loaded<A>,
 ) -> Result<u64, AggregateError> {
     let Loaded {
@@ -342,5 +370,123 @@ pub(crate) async fn save<A: Aggregate>(
             }
         }
     }
+    if version > base
+        && let Some(cache) = app.state_cache::<A>()
+    {
+        cached.push(CacheUpdate(Some(Box::new(PendingState {
+            cache,
+            stream,
+            version,
+            state,
+        }))));
+    }
     Ok(version)
+}
+
+/// The last committed state of each of the most recently used streams of one aggregate type,
+/// kept in memory by `AppBuilder::cache_aggregate` so that loading it reads nothing.
+pub(crate) struct StateCache<A> {
+    states: Mutex<lru::LruCache<String, (u64, A)>>,
+}
+
+impl<A: Aggregate + Clone> StateCache<A> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        StateCache {
+            states: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    fn states(&self) -> MutexGuard<'_, lru::LruCache<String, (u64, A)>> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A [`StateCache`] to code generic over any aggregate (cloning needs `A: Clone`, which only
+/// aggregates with a cache must be).
+pub(crate) trait CachedStates<A>: Send + Sync {
+    /// The cached state of `stream` and its version.
+    fn get(&self, stream: &str) -> Option<(u64, A)>;
+    /// Keeps `state` as `stream` at `version`, unless a later version is kept already.
+    fn put(&self, stream: String, version: u64, state: A);
+    /// Forgets `stream`.
+    fn evict(&self, stream: &str);
+}
+
+impl<A: Aggregate + Clone> CachedStates<A> for StateCache<A> {
+    fn get(&self, stream: &str) -> Option<(u64, A)> {
+        self.states().get(stream).cloned()
+    }
+
+    fn put(&self, stream: String, version: u64, state: A) {
+        let mut states = self.states();
+        match states.get_mut(&stream) {
+            Some(kept) if kept.0 >= version => {}
+            Some(kept) => *kept = (version, state),
+            None => {
+                states.put(stream, (version, state));
+            }
+        }
+    }
+
+    fn evict(&self, stream: &str) {
+        self.states().pop(stream);
+    }
+}
+
+/// The state an aggregate is saved with, for its cache: kept when the unit of work commits
+/// ([`CacheUpdate::committed`]); dropped otherwise, which forgets the stream, since whether
+/// and what another writer committed is then unknown.
+pub(crate) struct CacheUpdate(Option<Box<dyn Pending>>);
+
+impl std::fmt::Debug for CacheUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheUpdate").finish_non_exhaustive()
+    }
+}
+
+trait Pending: Send {
+    fn keep(self: Box<Self>);
+    fn forget(&self);
+}
+
+struct PendingState<A> {
+    cache: Arc<dyn CachedStates<A>>,
+    stream: String,
+    version: u64,
+    state: A,
+}
+
+impl<A: Aggregate> Pending for PendingState<A> {
+    fn keep(self: Box<Self>) {
+        let PendingState {
+            cache,
+            stream,
+            version,
+            state,
+        } = *self;
+        cache.put(stream, version, state);
+    }
+
+    fn forget(&self) {
+        self.cache.evict(&self.stream);
+    }
+}
+
+impl CacheUpdate {
+    /// The unit of work committed: keep the state.
+    pub(crate) fn committed(mut self) {
+        if let Some(pending) = self.0.take() {
+            pending.keep();
+        }
+    }
+}
+
+impl Drop for CacheUpdate {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            pending.forget();
+        }
+    }
 }

@@ -19,7 +19,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use uuid::Uuid;
 
-use crate::aggregate::{Aggregate, AggregateError, Loaded};
+use crate::aggregate::{Aggregate, AggregateError, CacheUpdate, Loaded, Source};
 use crate::catalog::{AggregateDoc, Catalog, EventRef};
 use crate::clock::{Clock, IdGenerator, SystemClock, V7Ids};
 use crate::context::{
@@ -164,6 +164,8 @@ pub(crate) struct Core {
     tasks: TaskTracker,
     pub(crate) stats: Counters,
     catalog: Catalog,
+    /// `Arc<dyn CachedStates<A>>` per aggregate type with a cache.
+    state_caches: TypeMap<Box<dyn Any + Send + Sync>>,
 }
 
 impl Core {
@@ -453,6 +455,17 @@ impl App {
         self.inner.upcasters.upcast(raw)
     }
 
+    /// The state cache of aggregate `A`, if it has one.
+    pub(crate) fn state_cache<A: Aggregate>(
+        &self,
+    ) -> Option<Arc<dyn crate::aggregate::CachedStates<A>>> {
+        self.inner
+            .state_caches
+            .get(&TypeId::of::<A>())?
+            .downcast_ref::<Arc<dyn crate::aggregate::CachedStates<A>>>()
+            .cloned()
+    }
+
     /// Loads aggregate `A` with `id` as it is now, outside any command (for queries).
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, AggregateError> {
         self.read_aggregate(id, None).await
@@ -480,18 +493,25 @@ impl App {
             return Err(DispatchError::Handler(AggregateError::NoStore));
         };
         let mut uow = store.begin().await?;
+        let mut cached = Vec::new();
         let outcome = async {
-            let mut loaded = crate::aggregate::load::<A>(self, &mut *uow, id, None)
+            let mut loaded = crate::aggregate::load::<A>(self, &mut *uow, id, None, Source::Store)
                 .await
                 .map_err(DispatchError::Handler)?;
             for event in events {
                 loaded.emit(event);
             }
             let mut outgoing = Vec::new();
-            let version =
-                crate::aggregate::save(self, meta.metadata(self), &mut *uow, &mut outgoing, loaded)
-                    .await
-                    .map_err(DispatchError::Handler)?;
+            let version = crate::aggregate::save(
+                self,
+                meta.metadata(self),
+                &mut *uow,
+                &mut outgoing,
+                &mut cached,
+                loaded,
+            )
+            .await
+            .map_err(DispatchError::Handler)?;
             complete(self, outgoing, Some(&mut *uow))
                 .await
                 .map_err(crate::dispatch::widen)?;
@@ -502,6 +522,7 @@ impl App {
             Ok(version) => {
                 uow.commit().await?;
                 store.committed();
+                cached.into_iter().for_each(CacheUpdate::committed);
                 Ok(version)
             }
             Err(error) => {
@@ -545,7 +566,7 @@ impl App {
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Loaded<A>, AggregateError> {
         let mut uow = self.begin_read().await?;
-        let loaded = crate::aggregate::load(self, &mut *uow, id, as_of).await;
+        let loaded = crate::aggregate::load(self, &mut *uow, id, as_of, Source::Store).await;
         end_read(uow).await;
         loaded
     }
@@ -791,6 +812,7 @@ pub struct AppBuilder {
     ids: Arc<dyn IdGenerator>,
     /// Declared aggregates with their events: for the upcaster check and the catalog.
     aggregates: Vec<AggregateDoc>,
+    state_caches: TypeMap<Box<dyn Any + Send + Sync>>,
 }
 
 impl Default for AppBuilder {
@@ -807,6 +829,7 @@ impl Default for AppBuilder {
             clock: Arc::new(SystemClock),
             ids: Arc::new(V7Ids),
             aggregates: Vec::new(),
+            state_caches: TypeMap::default(),
         }
     }
 }
@@ -972,6 +995,35 @@ impl AppBuilder {
         self
     }
 
+    /// Declares aggregate `A` (like [`aggregate`](Self::aggregate)) and keeps the last
+    /// committed state of up to `capacity` of its streams in memory, so that `ctx.load` of a
+    /// recently saved aggregate reads nothing from the store.
+    ///
+    /// Saving is checked as always: the append is at the version the state was cached at, and
+    /// if another writer appended meanwhile, the command fails with `DispatchError::Conflict`,
+    /// the stream is forgotten and a retry (`RetryOnConflict`) loads it from the store. So a
+    /// cached state can be stale only when something other than this app's commands appends to
+    /// the stream (another instance, a durable command run by the relay of another process):
+    /// then a command that *rejects* on that state does so without a conflict. Cache an
+    /// aggregate when this process is its only writer, or when such a rejection is acceptable.
+    /// `App::load` and `load_as_of` always read the store.
+    pub fn cache_aggregate<A>(mut self, capacity: usize) -> Self
+    where
+        A: crate::aggregate::Aggregate + Clone,
+    {
+        let cache: Arc<dyn crate::aggregate::CachedStates<A>> =
+            Arc::new(crate::aggregate::StateCache::<A>::new(capacity));
+        self.state_caches.insert(TypeId::of::<A>(), Box::new(cache));
+        if !self
+            .aggregates
+            .iter()
+            .any(|a| a.rust_type == type_name::<A>())
+        {
+            self = self.aggregate::<A>();
+        }
+        self
+    }
+
     /// Wraps every dispatch of one message type `M` (a command, a query or an event).
     pub fn layer_for<M: 'static, L, S>(mut self, layer: L) -> Self
     where
@@ -1062,6 +1114,7 @@ impl AppBuilder {
                 tasks: TaskTracker::new(),
                 stats: Counters::default(),
                 catalog,
+                state_caches: self.state_caches,
             }),
         };
         if let Some(store) = &app.inner.store {

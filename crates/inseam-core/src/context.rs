@@ -296,6 +296,8 @@ pub struct CommandContext<'a> {
     pub(crate) uow: Option<&'a mut dyn UnitOfWork>,
     /// Whether durable commands were written to the unit of work.
     pub(crate) dispatched: bool,
+    /// The states of the cached aggregates this command saved, kept once it commits.
+    pub(crate) cached: Vec<crate::aggregate::CacheUpdate>,
 }
 
 impl std::fmt::Debug for CommandContext<'_> {
@@ -316,6 +318,7 @@ impl<'a> CommandContext<'a> {
             outgoing: Vec::new(),
             uow: None,
             dispatched: false,
+            cached: Vec::new(),
         }
     }
 
@@ -339,7 +342,7 @@ impl<'a> CommandContext<'a> {
     pub async fn load<A: Aggregate>(&mut self, id: &str) -> Result<Loaded<A>, AggregateError> {
         let app = self.app;
         let uow = self.unit_of_work().ok_or(AggregateError::NoStore)?;
-        crate::aggregate::load(app, uow, id, None).await
+        crate::aggregate::load(app, uow, id, None, crate::aggregate::Source::CacheOrStore).await
     }
 
     /// Appends the events `aggregate` emitted to its stream, in this command's unit of work,
@@ -355,7 +358,15 @@ impl<'a> CommandContext<'a> {
         let Some(uow) = self.uow.as_deref_mut() else {
             return Err(AggregateError::NoStore);
         };
-        crate::aggregate::save(app, parent, uow, &mut self.outgoing, aggregate).await
+        crate::aggregate::save(
+            app,
+            parent,
+            uow,
+            &mut self.outgoing,
+            &mut self.cached,
+            aggregate,
+        )
+        .await
     }
 
     /// Dispatches a durable command caused by this one: written to the outbox in this unit
@@ -496,7 +507,7 @@ impl EventContext<'_> {
     pub async fn load<A: Aggregate>(&mut self, id: &str) -> Result<Loaded<A>, AggregateError> {
         let app = self.app;
         let uow = self.unit_of_work().ok_or(AggregateError::NoStore)?;
-        crate::aggregate::load(app, uow, id, None).await
+        crate::aggregate::load(app, uow, id, None, crate::aggregate::Source::CacheOrStore).await
     }
 
     /// Appends what `aggregate` emitted to its stream in this subscriber's unit of work (see
@@ -510,7 +521,10 @@ impl EventContext<'_> {
         let Some(uow) = self.uow.as_deref_mut() else {
             return Err(AggregateError::NoStore);
         };
-        crate::aggregate::save(app, parent, uow, self.outgoing, aggregate).await
+        // When the delivery commits is not known here: the saved stream is forgotten by the
+        // cache (when the update drops), and loaded from the store next time.
+        let mut forget = Vec::new();
+        crate::aggregate::save(app, parent, uow, self.outgoing, &mut forget, aggregate).await
     }
 
     /// Dispatches a durable command caused by this event, in this subscriber's unit of work:

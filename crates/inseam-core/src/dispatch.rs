@@ -435,6 +435,7 @@ pub(crate) async fn run_command_in_store<C: Command>(
     let CommandContext {
         outgoing,
         dispatched,
+        cached,
         ..
     } = ctx;
     let output = match outcome {
@@ -455,6 +456,9 @@ pub(crate) async fn run_command_in_store<C: Command>(
     if wrote {
         store.committed();
     }
+    cached
+        .into_iter()
+        .for_each(crate::aggregate::CacheUpdate::committed);
     Ok(output)
 }
 

@@ -181,8 +181,10 @@ pub trait UnitOfWork: Send + 'static {
         state: ProcessState,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Commits.
-    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>>;
+    /// Commits. A store may hold appended rows back until here (to write them in one
+    /// statement, or together with other units' rows), so a stream [`Conflict`] can surface
+    /// here rather than from [`append`](Self::append); either way nothing was committed.
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), AppendError>>;
 
     /// Rolls back.
     fn rollback(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>>;

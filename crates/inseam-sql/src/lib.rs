@@ -2,8 +2,10 @@
 //! and dead letters, on SQLite (the embedded default) and PostgreSQL.
 //!
 //! With a [`SqlStore`], every command runs in a database transaction that its handler can
-//! write through ([`Transactional::tx`]); the events it publishes are written to the outbox in
-//! that same transaction and are delivered, after commit, to every subscribed group by the
+//! write through ([`Transactional::tx`]; on PostgreSQL the transaction begins there, and a
+//! command that never asks for it commits its outbox rows in one statement, see
+//! [`DeferredUnitOfWork`]); the events it publishes are written to the outbox in that same
+//! transaction and are delivered, after commit, to every subscribed group by the
 //! relay that [`App::start`](inseam_core::App::start) runs. Each group handles a message in a
 //! transaction that also records it in the group's inbox, so its effects apply once even when
 //! the message is delivered again.
@@ -19,6 +21,7 @@
 //!   SQLite). A failing event holds back only its own key until it is retried or dead-lettered.
 
 mod admin;
+mod deferred;
 mod error;
 mod projection;
 mod relay;
@@ -26,6 +29,7 @@ mod sql;
 mod store;
 
 pub use admin::{DeadLetter, DeliveryState, FlowDelivery, FlowEntry, GroupLag, Lag, Pruned};
+pub use deferred::{CommitStats, DeferredUnitOfWork};
 pub use error::{Error, Result};
 pub use projection::{
     EventInfo, Model, OnError, Paused, Projection, ProjectionStep, Projections, RebuildProgress,

@@ -166,7 +166,9 @@ impl<P: Projection, E: Event> EventHandler for ProjectionStep<P, E> {
                 key: event.key.as_deref(),
                 occurred_at: event.occurred_at,
             };
-            let applied = projection.apply(&decoded, &info, ctx.tx()?, model).await;
+            let applied = projection
+                .apply(&decoded, &info, ctx.tx().await?, model)
+                .await;
             let Err(error) = applied else {
                 return Ok(());
             };

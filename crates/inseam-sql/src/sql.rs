@@ -229,12 +229,15 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
 /// The statements of a store, with its prefix applied.
 #[derive(Debug)]
 pub(crate) struct Statements {
+    /// The table prefix, for statements built per call (`write_outbox_rows`).
+    pub(crate) prefix: Arc<str>,
     pub(crate) migrations_table: Arc<str>,
     pub(crate) applied: Arc<str>,
     pub(crate) record_migration: Arc<str>,
     pub(crate) lock_migrations: Option<Arc<str>>,
     pub(crate) insert_outbox: Arc<str>,
-    /// PostgreSQL: the outbox row, its deliveries and the relays' wake-up in one statement.
+    /// PostgreSQL: the outbox row, its deliveries and the relays' wake-up in one statement
+    /// (parameters in the order of `OutboxRow::bind`, then the channel).
     pub(crate) write_outbox: Option<Arc<str>>,
     pub(crate) insert_deliveries: Arc<str>,
     pub(crate) notify: Option<Arc<str>>,
@@ -325,6 +328,7 @@ impl Statements {
             )
         };
         Statements {
+            prefix: s(p.to_owned()),
             migrations_table: s(format!(
                 "CREATE TABLE IF NOT EXISTS {p}migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)"
             )),
@@ -347,11 +351,11 @@ impl Statements {
                 Backend::Postgres => Some(s(format!(
                     "WITH o AS (
                         INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id)
-                        VALUES ($1, $2, $3, $4, $5, $6, $10, $11, $12) RETURNING message_id, msg_key)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING message_id, msg_key)
                      INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
-                     SELECT items.x, o.message_id, o.msg_key, $7, $6
-                     FROM o CROSS JOIN (SELECT pg_notify($9, '')) AS n CROSS JOIN {groups}",
-                    groups = each("$8")
+                     SELECT items.x, o.message_id, o.msg_key, $10, $6
+                     FROM o CROSS JOIN (SELECT pg_notify($12, '')) AS n CROSS JOIN {groups}",
+                    groups = each("$11")
                 ))),
             },
             insert_deliveries: s(format!(
@@ -506,7 +510,44 @@ impl Statements {
             )),
         }
     }
+
+    /// PostgreSQL: `rows` outbox rows, their deliveries and the relays' wake-up in one
+    /// statement, committed on its own. Each row binds [`ROW_PARAMS`] parameters, in the
+    /// order of `OutboxRow::bind`; the channel comes last. Rows and deliveries are inserted in
+    /// the order given, so ids keep the order of each key's messages.
+    pub(crate) fn write_outbox_rows(&self, rows: usize) -> String {
+        use std::fmt::Write as _;
+        let p = &self.prefix;
+        let mut values = String::with_capacity(rows * 64);
+        for row in 0..rows {
+            let first = row * ROW_PARAMS;
+            let sep = if row == 0 { "" } else { ", " };
+            let _ = write!(values, "{sep}({row}");
+            for param in 1..=ROW_PARAMS {
+                let _ = write!(values, ", ${}", first + param);
+            }
+            values.push(')');
+        }
+        let channel = rows * ROW_PARAMS + 1;
+        format!(
+            "WITH v (ord, message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, deliver_at, groups) AS (
+                VALUES {values}),
+             o AS (
+                INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id)
+                SELECT message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id
+                FROM v ORDER BY ord),
+             d AS (
+                INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
+                SELECT g.x, v.message_id, v.msg_key, v.deliver_at, v.created_at
+                FROM v CROSS JOIN LATERAL jsonb_array_elements_text(CAST(v.groups AS jsonb)) WITH ORDINALITY AS g(x, n)
+                ORDER BY v.ord, g.n)
+             SELECT pg_notify(${channel}, '')"
+        )
+    }
 }
+
+/// The parameters each row of [`Statements::write_outbox_rows`] binds.
+pub(crate) const ROW_PARAMS: usize = 11;
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,7 @@ use sqlx::{
 };
 use tokio::sync::watch;
 
+use crate::deferred::DeferredUnitOfWork;
 use crate::error::{Context as _, Error, Result};
 use crate::sql::{Backend, Statements, migrations, validate_prefix};
 
@@ -120,6 +121,8 @@ pub(crate) struct Shared {
     pub(crate) clock: std::sync::RwLock<Arc<dyn Clock>>,
     /// SQLite: the in-process turn to write.
     pub(crate) writer: Arc<tokio::sync::Mutex<()>>,
+    /// PostgreSQL: the outbox rows of units of work committing together.
+    pub(crate) group: crate::deferred::GroupCommit,
 }
 
 /// In-process turn to write to SQLite: held for the whole write transaction.
@@ -253,6 +256,7 @@ impl SqlStore {
                 stats: crate::relay::Counters::default(),
                 clock: std::sync::RwLock::new(Arc::new(SystemClock)),
                 writer: Arc::new(tokio::sync::Mutex::new(())),
+                group: crate::deferred::GroupCommit::default(),
             }),
         };
         store.migrate(&prefix).await?;
@@ -262,6 +266,12 @@ impl SqlStore {
     /// The database behind this store.
     pub fn backend(&self) -> Backend {
         self.shared.backend
+    }
+
+    /// What the group commit did since the store connected (PostgreSQL; always zero on
+    /// SQLite, where every command commits its own transaction).
+    pub fn commit_stats(&self) -> crate::CommitStats {
+        self.shared.group.stats()
     }
 
     /// The connection pool, for the app's own queries outside a command.
@@ -320,14 +330,19 @@ impl SqlStore {
     }
 
     pub(crate) async fn begin_unit(&self) -> Result<SqlUnitOfWork> {
-        let (tx, turn) = self.shared.begin().await.context("begin a transaction")?;
-        Ok(SqlUnitOfWork {
-            tx,
-            shared: self.shared.clone(),
-            notified: false,
-            _turn: turn,
-        })
+        begin_unit(&self.shared).await
     }
+}
+
+/// Begins a unit of work with its transaction.
+pub(crate) async fn begin_unit(shared: &Arc<Shared>) -> Result<SqlUnitOfWork> {
+    let (tx, turn) = shared.begin().await.context("begin a transaction")?;
+    Ok(SqlUnitOfWork {
+        tx,
+        shared: shared.clone(),
+        notified: false,
+        _turn: turn,
+    })
 }
 
 /// A unit of work on the SQL store: one database transaction.
@@ -373,63 +388,35 @@ impl SqlUnitOfWork {
         let sql = &self.shared.sql;
         let now = micros(self.shared.now());
         for message in messages {
-            let envelope = &message.envelope;
-            let bytes = envelope.to_json().map_err(|source| Error::Database {
-                operation: "encode an envelope for the outbox",
-                source: sqlx::Error::Encode(Box::new(source)),
-            })?;
-            let message_id = envelope.metadata.message_id.to_string();
-            let groups =
-                serde_json::to_string(&message.groups).map_err(|source| Error::Database {
-                    operation: "encode the groups of an outbox row",
-                    source: sqlx::Error::Encode(Box::new(source)),
-                })?;
-            let deliver_at = message.deliver_at.map_or(now, micros);
-            let stream = message.stream.as_ref().map(|s| s.stream.clone());
-            let correlation = envelope.metadata.correlation_id.to_string();
-            let stream_version = message
-                .stream
-                .as_ref()
-                .map(|s| i64::try_from(s.version).unwrap_or(i64::MAX));
+            let row = OutboxRow::encode(&message, now)?;
             if let Some(write) = &sql.write_outbox {
-                sqlx::query(AssertSqlSafe(write.clone()))
-                    .bind(message_id)
-                    .bind(envelope.name.clone())
-                    .bind(i64::from(envelope.version))
-                    .bind(envelope.key.clone())
-                    .bind(bytes)
-                    .bind(now)
-                    .bind(deliver_at)
-                    .bind(groups)
+                row.bind(sqlx::query(AssertSqlSafe(write.clone())))
                     .bind(sql.channel.to_string())
-                    .bind(stream.clone())
-                    .bind(stream_version)
-                    .bind(correlation.clone())
                     .execute(&mut *self.tx)
                     .await
-                    .map_err(|e| conflict_or(e, &message))?;
+                    .map_err(|e| conflict_or(e, [&message]))?;
                 self.notified = true;
                 continue;
             }
             sqlx::query(AssertSqlSafe(sql.insert_outbox.clone()))
-                .bind(message_id.clone())
-                .bind(envelope.name.clone())
-                .bind(i64::from(envelope.version))
-                .bind(envelope.key.clone())
-                .bind(bytes)
-                .bind(now)
-                .bind(stream)
-                .bind(stream_version)
-                .bind(correlation)
+                .bind(row.message_id.clone())
+                .bind(row.name)
+                .bind(row.version)
+                .bind(row.key.clone())
+                .bind(row.envelope)
+                .bind(row.created_at)
+                .bind(row.stream)
+                .bind(row.stream_version)
+                .bind(row.correlation)
                 .execute(&mut *self.tx)
                 .await
-                .map_err(|e| conflict_or(e, &message))?;
+                .map_err(|e| conflict_or(e, [&message]))?;
             sqlx::query(AssertSqlSafe(sql.insert_deliveries.clone()))
-                .bind(groups)
-                .bind(message_id)
-                .bind(envelope.key.clone())
-                .bind(deliver_at)
-                .bind(now)
+                .bind(row.groups)
+                .bind(row.message_id)
+                .bind(row.key)
+                .bind(row.deliver_at)
+                .bind(row.created_at)
                 .execute(&mut *self.tx)
                 .await
                 .context("write the outbox deliveries")?;
@@ -449,15 +436,86 @@ impl SqlUnitOfWork {
     }
 }
 
-/// A unique violation on a stream position is a concurrency conflict; anything else is a
-/// database error.
-fn conflict_or(error: sqlx::Error, message: &OutboxMessage) -> Error {
-    if let (Some(position), Some(db)) = (&message.stream, error.as_database_error())
+/// One outbox row as the statements bind it.
+pub(crate) struct OutboxRow {
+    message_id: String,
+    name: String,
+    version: i64,
+    key: Option<String>,
+    envelope: Vec<u8>,
+    created_at: i64,
+    stream: Option<String>,
+    stream_version: Option<i64>,
+    correlation: String,
+    deliver_at: i64,
+    /// The groups to deliver to, as a JSON array.
+    groups: String,
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
+
+impl OutboxRow {
+    /// `message` as written at `now` (microseconds).
+    pub(crate) fn encode(message: &OutboxMessage, now: i64) -> Result<Self> {
+        let envelope = &message.envelope;
+        let bytes = envelope.to_json().map_err(|source| Error::Database {
+            operation: "encode an envelope for the outbox",
+            source: sqlx::Error::Encode(Box::new(source)),
+        })?;
+        let groups = serde_json::to_string(&message.groups).map_err(|source| Error::Database {
+            operation: "encode the groups of an outbox row",
+            source: sqlx::Error::Encode(Box::new(source)),
+        })?;
+        Ok(OutboxRow {
+            message_id: envelope.metadata.message_id.to_string(),
+            name: envelope.name.clone(),
+            version: i64::from(envelope.version),
+            key: envelope.key.clone(),
+            envelope: bytes,
+            created_at: now,
+            stream: message.stream.as_ref().map(|s| s.stream.clone()),
+            stream_version: message
+                .stream
+                .as_ref()
+                .map(|s| i64::try_from(s.version).unwrap_or(i64::MAX)),
+            correlation: envelope.metadata.correlation_id.to_string(),
+            deliver_at: message.deliver_at.map_or(now, micros),
+            groups,
+        })
+    }
+
+    /// Binds the row's [`ROW_PARAMS`](crate::sql::ROW_PARAMS) parameters in the order of
+    /// PostgreSQL's outbox statements.
+    pub(crate) fn bind(self, query: AnyQuery<'_>) -> AnyQuery<'_> {
+        query
+            .bind(self.message_id)
+            .bind(self.name)
+            .bind(self.version)
+            .bind(self.key)
+            .bind(self.envelope)
+            .bind(self.created_at)
+            .bind(self.stream)
+            .bind(self.stream_version)
+            .bind(self.correlation)
+            .bind(self.deliver_at)
+            .bind(self.groups)
+    }
+}
+
+/// A unique violation on a stream position is a concurrency conflict, named by the first
+/// stream position of `messages` (a unit of work appends its aggregates' events in version
+/// order, so that is the position another writer took); anything else is a database error.
+pub(crate) fn conflict_or<'m>(
+    error: sqlx::Error,
+    messages: impl IntoIterator<Item = &'m OutboxMessage>,
+) -> Error {
+    if let Some(db) = error.as_database_error()
         && db.is_unique_violation()
         && (db
             .constraint()
             .is_some_and(|c| c.ends_with("outbox_stream"))
             || db.message().contains(".stream"))
+        && let Some(position) = messages.into_iter().find_map(|m| m.stream.as_ref())
     {
         return Error::Conflict(inseam_core::Conflict {
             stream: position.stream.clone(),
@@ -493,58 +551,20 @@ impl UnitOfWork for SqlUnitOfWork {
         after: u64,
         as_of: Option<DateTime<Utc>>,
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
-        Box::pin(async move {
-            let rows = sqlx::query(AssertSqlSafe(self.shared.sql.read_stream.clone()))
-                .bind(stream.to_owned())
-                .bind(i64::try_from(after).unwrap_or(i64::MAX))
-                .bind(as_of.map_or(i64::MAX, micros))
-                .fetch_all(&mut *self.tx)
-                .await
-                .map_err(|e| StoreError::new("read a stream", e))?;
-            rows.iter()
-                .map(|row| {
-                    let version: i64 = row.try_get(0)?;
-                    let bytes: Vec<u8> = row.try_get(1)?;
-                    let recorded: i64 = row.try_get(2)?;
-                    let envelope = RawEnvelope::from_json(&bytes)
-                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-                    Ok(StoredEvent {
-                        version: u64::try_from(version).unwrap_or_default(),
-                        envelope,
-                        recorded_at: from_micros(recorded),
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(|e| StoreError::new("read a stream", e))
-        })
+        Box::pin(read_stream(
+            &self.shared,
+            &mut self.tx,
+            stream,
+            after,
+            as_of,
+        ))
     }
 
     fn load_snapshot<'a>(
         &'a mut self,
         stream: &'a str,
     ) -> BoxFuture<'a, Result<Option<Snapshot>, StoreError>> {
-        Box::pin(async move {
-            let row = sqlx::query(AssertSqlSafe(self.shared.sql.load_snapshot.clone()))
-                .bind(stream.to_owned())
-                .fetch_optional(&mut *self.tx)
-                .await
-                .map_err(|e| StoreError::new("load a snapshot", e))?;
-            let Some(row) = row else {
-                return Ok(None);
-            };
-            let read = || -> Result<Snapshot, sqlx::Error> {
-                let version: i64 = row.try_get(0)?;
-                let schema: i64 = row.try_get(1)?;
-                Ok(Snapshot {
-                    version: u64::try_from(version).unwrap_or_default(),
-                    schema: u32::try_from(schema).unwrap_or_default(),
-                    state: row.try_get(2)?,
-                })
-            };
-            read()
-                .map(Some)
-                .map_err(|e| StoreError::new("load a snapshot", e))
-        })
+        Box::pin(load_snapshot(&self.shared, &mut self.tx, stream))
     }
 
     fn save_snapshot<'a>(
@@ -614,19 +634,17 @@ impl UnitOfWork for SqlUnitOfWork {
         })
     }
 
-    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), AppendError>> {
         Box::pin(async move {
-            self.tx
-                .commit()
+            self.commit_unit()
                 .await
-                .map_err(|e| StoreError::new("commit", e))
+                .map_err(|e| AppendError::Store(StoreError::new("commit", e)))
         })
     }
 
     fn rollback(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
-            self.tx
-                .rollback()
+            self.rollback_unit()
                 .await
                 .map_err(|e| StoreError::new("roll back", e))
         })
@@ -637,9 +655,77 @@ impl UnitOfWork for SqlUnitOfWork {
     }
 }
 
+/// The events of `stream` after version `after` (recorded at or before `as_of`), read on
+/// `conn`: in a unit of work's transaction or, before it begins one, on its own.
+pub(crate) async fn read_stream(
+    shared: &Shared,
+    conn: &mut AnyConnection,
+    stream: &str,
+    after: u64,
+    as_of: Option<DateTime<Utc>>,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let rows = sqlx::query(AssertSqlSafe(shared.sql.read_stream.clone()))
+        .bind(stream.to_owned())
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(as_of.map_or(i64::MAX, micros))
+        .fetch_all(conn)
+        .await
+        .map_err(|e| StoreError::new("read a stream", e))?;
+    rows.iter()
+        .map(|row| {
+            let version: i64 = row.try_get(0)?;
+            let bytes: Vec<u8> = row.try_get(1)?;
+            let recorded: i64 = row.try_get(2)?;
+            let envelope =
+                RawEnvelope::from_json(&bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            Ok(StoredEvent {
+                version: u64::try_from(version).unwrap_or_default(),
+                envelope,
+                recorded_at: from_micros(recorded),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(|e| StoreError::new("read a stream", e))
+}
+
+/// The latest snapshot of `stream`, read on `conn` (see [`read_stream`]).
+pub(crate) async fn load_snapshot(
+    shared: &Shared,
+    conn: &mut AnyConnection,
+    stream: &str,
+) -> Result<Option<Snapshot>, StoreError> {
+    let row = sqlx::query(AssertSqlSafe(shared.sql.load_snapshot.clone()))
+        .bind(stream.to_owned())
+        .fetch_optional(conn)
+        .await
+        .map_err(|e| StoreError::new("load a snapshot", e))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let read = || -> Result<Snapshot, sqlx::Error> {
+        let version: i64 = row.try_get(0)?;
+        let schema: i64 = row.try_get(1)?;
+        Ok(Snapshot {
+            version: u64::try_from(version).unwrap_or_default(),
+            schema: u32::try_from(schema).unwrap_or_default(),
+            state: row.try_get(2)?,
+        })
+    };
+    read()
+        .map(Some)
+        .map_err(|e| StoreError::new("load a snapshot", e))
+}
+
 impl Store for SqlStore {
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn UnitOfWork>, StoreError>> {
         Box::pin(async move {
+            // PostgreSQL: nothing is sent until the unit of work needs a transaction (see
+            // `DeferredUnitOfWork`). SQLite takes its write lock up front (`Shared::begin`).
+            if self.shared.backend == Backend::Postgres {
+                return Ok(
+                    Box::new(DeferredUnitOfWork::new(self.shared.clone())) as Box<dyn UnitOfWork>
+                );
+            }
             let unit = self
                 .begin_unit()
                 .await
@@ -661,21 +747,22 @@ impl Store for SqlStore {
     }
 }
 
-/// The transaction of the command or delivery a handler runs in: `ctx.tx()`.
+/// The transaction of the command or delivery a handler runs in: `ctx.tx().await?`.
 ///
 /// ```ignore
 /// #[command_handler]
 /// async fn open_account(cmd: OpenAccount, ctx: &mut CommandContext<'_>) -> Result<(), BankError> {
-///     sqlx::query("INSERT INTO accounts (id) VALUES ($1)").bind(cmd.id).execute(ctx.tx()?).await?;
+///     sqlx::query("INSERT INTO accounts (id) VALUES ($1)").bind(cmd.id).execute(ctx.tx().await?).await?;
 ///     ctx.publish(AccountOpened { id: cmd.id });
 ///     Ok(())
 /// }
 /// ```
 pub trait Transactional {
     /// The connection of the unit of work's transaction: what the handler writes through it
-    /// commits together with the outbox rows, or not at all. Fails when the app has no
-    /// [`SqlStore`].
-    fn tx(&mut self) -> Result<&mut AnyConnection, sqlx::Error>;
+    /// commits together with the outbox rows, or not at all. On PostgreSQL a command's
+    /// transaction begins here, the first time it is asked for (see [`DeferredUnitOfWork`]).
+    /// Fails when the app has no [`SqlStore`], or when the transaction cannot begin.
+    fn tx(&mut self) -> impl Future<Output = Result<&mut AnyConnection, sqlx::Error>> + Send;
 }
 
 fn no_transaction() -> sqlx::Error {
@@ -684,20 +771,45 @@ fn no_transaction() -> sqlx::Error {
     )
 }
 
-fn connection_of(uow: Option<&mut dyn UnitOfWork>) -> Result<&mut AnyConnection, sqlx::Error> {
-    uow.and_then(|uow| uow.as_any_mut().downcast_mut::<SqlUnitOfWork>())
-        .map(SqlUnitOfWork::connection)
+/// The store's unit of work behind a context.
+enum Unit<'u> {
+    Begun(&'u mut SqlUnitOfWork),
+    Deferred(&'u mut DeferredUnitOfWork),
+}
+
+fn unit_of(uow: Option<&mut dyn UnitOfWork>) -> Result<Unit<'_>, sqlx::Error> {
+    let any = uow.ok_or_else(no_transaction)?.as_any_mut();
+    if any.is::<SqlUnitOfWork>() {
+        return any
+            .downcast_mut::<SqlUnitOfWork>()
+            .map(Unit::Begun)
+            .ok_or_else(no_transaction);
+    }
+    any.downcast_mut::<DeferredUnitOfWork>()
+        .map(Unit::Deferred)
         .ok_or_else(no_transaction)
 }
 
+async fn connection_of(
+    uow: Option<&mut dyn UnitOfWork>,
+) -> Result<&mut AnyConnection, sqlx::Error> {
+    match unit_of(uow)? {
+        Unit::Begun(unit) => Ok(unit.connection()),
+        Unit::Deferred(unit) => unit.connection().await.map_err(|error| match error {
+            Error::Database { source, .. } => source,
+            other => sqlx::Error::Protocol(other.to_string()),
+        }),
+    }
+}
+
 impl Transactional for CommandContext<'_> {
-    fn tx(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+    fn tx(&mut self) -> impl Future<Output = Result<&mut AnyConnection, sqlx::Error>> + Send {
         connection_of(self.unit_of_work())
     }
 }
 
 impl Transactional for EventContext<'_> {
-    fn tx(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+    fn tx(&mut self) -> impl Future<Output = Result<&mut AnyConnection, sqlx::Error>> + Send {
         connection_of(self.unit_of_work())
     }
 }

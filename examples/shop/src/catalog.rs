@@ -49,7 +49,7 @@ async fn add_product(cmd: AddProduct, ctx: &mut CommandContext<'_>) -> Result<()
     .bind(cmd.product.sku)
     .bind(cmd.product.name)
     .bind(price)
-    .execute(ctx.tx()?)
+    .execute(ctx.tx().await?)
     .await?;
     Ok(())
 }

@@ -88,7 +88,7 @@ async fn set_stock(cmd: SetStock, ctx: &mut CommandContext<'_>) -> Result<(), In
     )
     .bind(cmd.sku)
     .bind(i64::from(cmd.available))
-    .execute(ctx.tx()?)
+    .execute(ctx.tx().await?)
     .await?;
     Ok(())
 }
@@ -101,7 +101,7 @@ async fn reserve_stock(
     for line in &cmd.lines {
         let available: i64 = sqlx::query("SELECT available FROM inventory_stock WHERE sku = $1")
             .bind(line.sku.clone())
-            .fetch_optional(ctx.tx()?)
+            .fetch_optional(ctx.tx().await?)
             .await?
             .map(|row| row.try_get(0))
             .transpose()?
@@ -120,7 +120,7 @@ async fn reserve_stock(
         sqlx::query("UPDATE inventory_stock SET available = available - $1 WHERE sku = $2")
             .bind(i64::from(line.quantity))
             .bind(line.sku.clone())
-            .execute(ctx.tx()?)
+            .execute(ctx.tx().await?)
             .await?;
         sqlx::query(
             "INSERT INTO inventory_reservations (order_id, sku, quantity) VALUES ($1, $2, $3)",
@@ -128,7 +128,7 @@ async fn reserve_stock(
         .bind(cmd.order_id.clone())
         .bind(line.sku.clone())
         .bind(i64::from(line.quantity))
-        .execute(ctx.tx()?)
+        .execute(ctx.tx().await?)
         .await?;
     }
     ctx.publish(StockReserved {
@@ -145,19 +145,19 @@ async fn release_stock(
     let reserved =
         sqlx::query("SELECT sku, quantity FROM inventory_reservations WHERE order_id = $1")
             .bind(cmd.order_id.clone())
-            .fetch_all(ctx.tx()?)
+            .fetch_all(ctx.tx().await?)
             .await?;
     for row in reserved {
         let (sku, quantity): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
         sqlx::query("UPDATE inventory_stock SET available = available + $1 WHERE sku = $2")
             .bind(quantity)
             .bind(sku)
-            .execute(ctx.tx()?)
+            .execute(ctx.tx().await?)
             .await?;
     }
     sqlx::query("DELETE FROM inventory_reservations WHERE order_id = $1")
         .bind(cmd.order_id.clone())
-        .execute(ctx.tx()?)
+        .execute(ctx.tx().await?)
         .await?;
     ctx.publish(StockReleased {
         order_id: cmd.order_id,

@@ -25,7 +25,7 @@ async fn send(
     .bind(customer.to_owned())
     .bind(message)
     .bind(ctx.metadata().message_id.to_string())
-    .execute(ctx.tx()?)
+    .execute(ctx.tx().await?)
     .await?;
     Ok(())
 }

@@ -126,7 +126,7 @@ async fn charge(
     .bind(cmd.order_id.clone())
     .bind(i64::try_from(cmd.amount_cents).unwrap_or(i64::MAX))
     .bind(status)
-    .execute(ctx.tx()?)
+    .execute(ctx.tx().await?)
     .await?;
     let order_id = cmd.order_id;
     if status == "charged" {
@@ -144,7 +144,7 @@ async fn charge(
 async fn refund(cmd: RefundPayment, ctx: &mut CommandContext<'_>) -> Result<(), PaymentError> {
     sqlx::query("UPDATE payments_charges SET status = 'refunded' WHERE order_id = $1")
         .bind(cmd.order_id.clone())
-        .execute(ctx.tx()?)
+        .execute(ctx.tx().await?)
         .await?;
     ctx.publish(PaymentRefunded {
         order_id: cmd.order_id,

@@ -81,7 +81,7 @@ async fn create_shipment(
     sqlx::query("INSERT INTO shipping_shipments (order_id, tracking) VALUES ($1, $2)")
         .bind(order_id.clone())
         .bind(tracking.clone())
-        .execute(ctx.tx()?)
+        .execute(ctx.tx().await?)
         .await?;
     ctx.publish(ShipmentCreated { order_id, tracking });
     Ok(())

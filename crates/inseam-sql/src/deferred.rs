@@ -1,0 +1,390 @@
+//! A command's unit of work on PostgreSQL, which begins a transaction only when it needs one,
+//! and the group commit that writes the outbox rows of those that never did.
+//!
+//! Most event-sourced commands read a stream, decide, and append: nothing in that needs an
+//! explicit transaction. The stream is read with a plain query (under PostgreSQL's default
+//! isolation a read inside a transaction sees no more than one outside it), and the appended
+//! rows are written at commit by a single statement, which PostgreSQL commits on its own:
+//! atomic for all the rows of the unit of work, and checked by the unique stream position like
+//! any append. Units of work that commit at the same time share that statement, and so one WAL
+//! flush, instead of paying one each (group commit). A unit of work whose handler asks for the
+//! transaction (`ctx.tx()`), or that stores a snapshot or a saga's state, begins one at that
+//! point and from then on behaves exactly like [`SqlUnitOfWork`].
+
+use std::any::Any as StdAny;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use inseam_core::store::{
+    AppendError, OutboxMessage, ProcessState, Snapshot, StoreError, StoredEvent, UnitOfWork,
+};
+use sqlx::{AnyConnection, AssertSqlSafe};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::store::{OutboxRow, Shared, SqlUnitOfWork, begin_unit, conflict_or, micros};
+
+/// Most outbox rows one group-commit statement writes (PostgreSQL allows 65,535 parameters).
+const MAX_ROWS: usize = 1_000;
+
+/// A unit of work on PostgreSQL that begins its transaction when first needed; see the module
+/// documentation. [`Transactional::tx`](crate::Transactional::tx) begins it.
+pub struct DeferredUnitOfWork {
+    shared: Arc<Shared>,
+    /// The transaction, once begun.
+    unit: Option<SqlUnitOfWork>,
+    /// Rows appended before a transaction began: written at commit, or into the transaction
+    /// when one begins.
+    pending: Vec<OutboxMessage>,
+    /// Set when moving `pending` into a new transaction failed: the unit of work cannot commit.
+    broken: bool,
+}
+
+impl fmt::Debug for DeferredUnitOfWork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeferredUnitOfWork")
+            .field("in_transaction", &self.unit.is_some())
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeferredUnitOfWork {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        DeferredUnitOfWork {
+            shared,
+            unit: None,
+            pending: Vec::new(),
+            broken: false,
+        }
+    }
+
+    /// The transaction's connection, for the handler's own SQL; begins the transaction (and
+    /// moves the rows appended so far into it) if it has not begun.
+    pub async fn connection(&mut self) -> Result<&mut AnyConnection> {
+        Ok(self.transaction().await?.connection())
+    }
+
+    async fn transaction(&mut self) -> Result<&mut SqlUnitOfWork> {
+        if self.unit.is_none() {
+            let mut unit = begin_unit(&self.shared).await?;
+            if !self.pending.is_empty() {
+                let pending = std::mem::take(&mut self.pending);
+                if let Err(error) = unit.write(pending).await {
+                    self.broken = true;
+                    return Err(error);
+                }
+            }
+            self.unit = Some(unit);
+        }
+        self.unit.as_mut().ok_or(Error::Database {
+            operation: "begin a transaction",
+            source: sqlx::Error::PoolClosed,
+        })
+    }
+
+    async fn transaction_for(
+        &mut self,
+        operation: &'static str,
+    ) -> Result<&mut SqlUnitOfWork, StoreError> {
+        self.transaction()
+            .await
+            .map_err(|error| StoreError::new(operation, error))
+    }
+}
+
+impl UnitOfWork for DeferredUnitOfWork {
+    fn append<'a>(
+        &'a mut self,
+        messages: Vec<OutboxMessage>,
+    ) -> BoxFuture<'a, Result<(), AppendError>> {
+        Box::pin(async move {
+            match &mut self.unit {
+                Some(unit) => unit.append(messages).await,
+                None => {
+                    self.pending.extend(messages);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn read_stream<'a>(
+        &'a mut self,
+        stream: &'a str,
+        after: u64,
+        as_of: Option<DateTime<Utc>>,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(async move {
+            if let Some(unit) = &mut self.unit {
+                return unit.read_stream(stream, after, as_of).await;
+            }
+            let mut conn = self
+                .shared
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| StoreError::new("read a stream", e))?;
+            crate::store::read_stream(&self.shared, &mut conn, stream, after, as_of).await
+        })
+    }
+
+    fn load_snapshot<'a>(
+        &'a mut self,
+        stream: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Snapshot>, StoreError>> {
+        Box::pin(async move {
+            if let Some(unit) = &mut self.unit {
+                return unit.load_snapshot(stream).await;
+            }
+            let mut conn = self
+                .shared
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| StoreError::new("load a snapshot", e))?;
+            crate::store::load_snapshot(&self.shared, &mut conn, stream).await
+        })
+    }
+
+    fn save_snapshot<'a>(
+        &'a mut self,
+        stream: &'a str,
+        snapshot: Snapshot,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let unit = self.transaction_for("save a snapshot").await?;
+            unit.save_snapshot(stream, snapshot).await
+        })
+    }
+
+    fn load_process<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ProcessState>, StoreError>> {
+        Box::pin(async move {
+            let unit = self.transaction_for("load a process").await?;
+            unit.load_process(kind, id).await
+        })
+    }
+
+    fn save_process<'a>(
+        &'a mut self,
+        kind: &'a str,
+        id: &'a str,
+        state: ProcessState,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let unit = self.transaction_for("save a process").await?;
+            unit.save_process(kind, id, state).await
+        })
+    }
+
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), AppendError>> {
+        Box::pin(async move {
+            let DeferredUnitOfWork {
+                shared,
+                unit,
+                pending,
+                broken,
+            } = *self;
+            if broken {
+                return Err(AppendError::Store(StoreError::new(
+                    "commit",
+                    "writing this unit of work's outbox rows into its transaction failed; nothing was committed",
+                )));
+            }
+            if let Some(unit) = unit {
+                return Box::new(unit).commit().await;
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            group_commit(&shared, pending)
+                .await
+                .map_err(|error| match error {
+                    Error::Conflict(conflict) => AppendError::Conflict(conflict),
+                    other => AppendError::Store(StoreError::new("write the outbox", other)),
+                })
+        })
+    }
+
+    fn rollback(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self.unit {
+                Some(unit) => Box::new(unit).rollback().await,
+                // Nothing was written.
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn StdAny {
+        self
+    }
+}
+
+/// The units of work waiting for the group commit.
+#[derive(Debug, Default)]
+pub(crate) struct GroupCommit {
+    queue: Mutex<Vec<Waiting>>,
+    /// Held by the caller that writes the next batch.
+    turn: tokio::sync::Mutex<()>,
+    statements: AtomicU64,
+    units: AtomicU64,
+    split: AtomicU64,
+}
+
+/// What the group commit of a PostgreSQL store did since it connected: how many commands'
+/// outbox rows were committed without an explicit transaction, in how many statements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Statements that committed outbox rows of one or more units of work.
+    pub statements: u64,
+    /// Units of work (commands, `App::schedule`, ...) committed by those statements.
+    pub units: u64,
+    /// Shared statements that failed (a stream conflict, most often) and whose units of work
+    /// were then written one by one.
+    pub split: u64,
+}
+
+impl GroupCommit {
+    pub(crate) fn stats(&self) -> CommitStats {
+        CommitStats {
+            statements: self.statements.load(Ordering::Relaxed),
+            units: self.units.load(Ordering::Relaxed),
+            split: self.split.load(Ordering::Relaxed),
+        }
+    }
+
+    fn committed(&self, units: usize) {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        self.units.fetch_add(units as u64, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct Waiting {
+    messages: Vec<OutboxMessage>,
+    done: oneshot::Sender<Result<()>>,
+}
+
+impl GroupCommit {
+    fn queue(&self) -> MutexGuard<'_, Vec<Waiting>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the next batch: whole units of work, at most [`MAX_ROWS`] rows unless a single
+    /// unit has more.
+    fn next_batch(&self) -> Vec<Waiting> {
+        let mut queue = self.queue();
+        let mut rows = 0;
+        let mut take = 0;
+        for waiting in queue.iter() {
+            if take > 0 && rows + waiting.messages.len() > MAX_ROWS {
+                break;
+            }
+            rows += waiting.messages.len();
+            take += 1;
+        }
+        queue.drain(..take).collect()
+    }
+}
+
+/// Writes `messages` with those of every unit of work committing at the same time, in one
+/// statement, and returns this unit's outcome.
+///
+/// Whoever gets the turn writes everything queued, while those arriving meanwhile queue up for
+/// the next statement, so batches grow with the load and a lone writer waits for nobody. The
+/// statement runs in a task of its own, so that a caller that goes away (a timeout) never
+/// leaves the others without an outcome.
+async fn group_commit(shared: &Arc<Shared>, messages: Vec<OutboxMessage>) -> Result<()> {
+    let group = &shared.group;
+    let (done, mut outcome) = oneshot::channel();
+    group.queue().push(Waiting { messages, done });
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut outcome => {
+                return result.unwrap_or(Err(Error::Database {
+                    operation: "write the outbox",
+                    source: sqlx::Error::WorkerCrashed,
+                }));
+            }
+            turn = group.turn.lock() => {
+                let batch = group.next_batch();
+                if !batch.is_empty() {
+                    // A panic in the task drops the senders: their units get `WorkerCrashed`.
+                    let _ = tokio::spawn(write_batch(shared.clone(), batch)).await;
+                }
+                drop(turn);
+            }
+        }
+    }
+}
+
+/// Writes `batch` in one statement. If that fails, nothing of it was written: the batch is
+/// halved and each half written the same way, so that a conflict fails only the unit of work
+/// that caused it while the others still share statements.
+fn write_batch(shared: Arc<Shared>, batch: Vec<Waiting>) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let all: Vec<&OutboxMessage> = batch.iter().flat_map(|w| &w.messages).collect();
+        let outcome = write_rows(&shared, &all).await;
+        drop(all);
+        if batch.len() == 1 {
+            if outcome.is_ok() {
+                shared.group.committed(1);
+            }
+            if let Some(waiting) = batch.into_iter().next() {
+                let _ = waiting.done.send(outcome);
+            }
+            return;
+        }
+        match outcome {
+            Ok(()) => {
+                shared.group.committed(batch.len());
+                for waiting in batch {
+                    let _ = waiting.done.send(Ok(()));
+                }
+            }
+            Err(error) => {
+                shared.group.split.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    target: "inseam::store",
+                    units = batch.len(),
+                    error = &error as &dyn std::error::Error,
+                    "a group commit failed; writing its units of work in halves"
+                );
+                let mut first = batch;
+                let second = first.split_off(first.len() / 2);
+                write_batch(shared.clone(), first).await;
+                write_batch(shared, second).await;
+            }
+        }
+    })
+}
+
+/// Writes `messages` (with their deliveries and the relays' wake-up) in one statement that
+/// commits on its own.
+async fn write_rows(shared: &Shared, messages: &[&OutboxMessage]) -> Result<()> {
+    let now = micros(shared.now());
+    let rows = messages
+        .iter()
+        .map(|message| OutboxRow::encode(message, now))
+        .collect::<Result<Vec<_>>>()?;
+    let sql = shared.sql.write_outbox_rows(rows.len());
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for row in rows {
+        query = row.bind(query);
+    }
+    query
+        .bind(shared.sql.channel.to_string())
+        .execute(&shared.pool)
+        .await
+        .map_err(|e| conflict_or(e, messages.iter().copied()))?;
+    Ok(())
+}
