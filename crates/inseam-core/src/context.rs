@@ -296,8 +296,10 @@ pub struct CommandContext<'a> {
     pub(crate) uow: Option<&'a mut dyn UnitOfWork>,
     /// Whether durable commands were written to the unit of work.
     pub(crate) dispatched: bool,
-    /// The states of the cached aggregates this command saved, kept once it commits.
-    pub(crate) cached: Vec<crate::aggregate::CacheUpdate>,
+    /// Where the states of the cached aggregates this command saves wait for its commit: lent
+    /// by the dispatch that commits it. Without it (a durable command run by the relay), a
+    /// saved stream is forgotten by its cache instead.
+    pub(crate) cached: Option<&'a mut Vec<crate::aggregate::CacheUpdate>>,
 }
 
 impl std::fmt::Debug for CommandContext<'_> {
@@ -318,7 +320,7 @@ impl<'a> CommandContext<'a> {
             outgoing: Vec::new(),
             uow: None,
             dispatched: false,
-            cached: Vec::new(),
+            cached: None,
         }
     }
 
@@ -358,15 +360,9 @@ impl<'a> CommandContext<'a> {
         let Some(uow) = self.uow.as_deref_mut() else {
             return Err(AggregateError::NoStore);
         };
-        crate::aggregate::save(
-            app,
-            parent,
-            uow,
-            &mut self.outgoing,
-            &mut self.cached,
-            aggregate,
-        )
-        .await
+        let mut forget = Vec::new();
+        let cached = self.cached.as_deref_mut().unwrap_or(&mut forget);
+        crate::aggregate::save(app, parent, uow, &mut self.outgoing, cached, aggregate).await
     }
 
     /// Dispatches a durable command caused by this one: written to the outbox in this unit

@@ -429,13 +429,14 @@ pub(crate) async fn run_command_in_store<C: Command>(
     meta: MessageMeta,
 ) -> Result<C::Output, DispatchError<C::Error>> {
     let mut uow = store.begin().await?;
+    let mut cached = Vec::new();
     let mut ctx = CommandContext::new(app, &meta);
     ctx.uow = Some(&mut *uow);
+    ctx.cached = Some(&mut cached);
     let outcome = slot.handler.call(command, &mut ctx).await;
     let CommandContext {
         outgoing,
         dispatched,
-        cached,
         ..
     } = ctx;
     let output = match outcome {
