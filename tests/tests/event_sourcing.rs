@@ -8,7 +8,7 @@ use std::time::Duration;
 use inseam::prelude::*;
 use inseam::sql::sqlx::{self, Row as _};
 use inseam::sql::{RelayOptions, SqlStoreOptions};
-use inseam::{Conflict, RetryOnConflict};
+use inseam::{Conflict, MessageMeta, RetryOnConflict};
 use inseam_tests::cart::{self, AddItems, Cart, CartEvent, CheckOut, Gate, ItemAdded};
 use inseam_tests::{Backend, TestDb, eventually};
 use proptest::prelude::*;
@@ -339,6 +339,72 @@ async fn as_of_an_instant(backend: Backend) {
         .await
         .unwrap();
     assert!(!before.exists());
+}
+
+/// A command whose caller goes away while its rows wait for the group commit (a timeout, a
+/// dropped request) is withdrawn: its rows never commit with a later statement. A command whose
+/// rows a statement already took commits with it, as a commit in flight does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_abandoned_in_the_group_commit_queue_never_commits() {
+    let db = TestDb::new(Backend::Postgres, "es_group_abandoned").await;
+    let store = store(&db).await;
+    let app = cart::builder(store.clone(), Gate::default())
+        .build()
+        .await
+        .unwrap();
+    // Holds back every insert into the outbox (reads go on).
+    let mut lock = store.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE inseam_outbox IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let in_flight = {
+        let app = app.clone();
+        tokio::spawn(async move { app.send(add("in-flight", 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(300), app.send(add("abandoned", 1))).await;
+    assert!(abandoned.is_err(), "the command should still be waiting");
+    lock.rollback().await.unwrap();
+    assert_eq!(in_flight.await.unwrap().unwrap(), 1);
+    assert_eq!(app.send(add("after", 1)).await.unwrap(), 1);
+    assert_eq!(stream_versions(&store, "cart-in-flight").await, [1]);
+    assert_eq!(stream_versions(&store, "cart-after").await, [1]);
+    assert_eq!(
+        stream_versions(&store, "cart-abandoned").await,
+        Vec::<i64>::new()
+    );
+}
+
+/// A unit of work with more outbox rows than one statement takes commits them in a
+/// transaction of its own.
+#[tokio::test]
+async fn a_unit_larger_than_a_group_statement_commits_alone() {
+    let db = TestDb::new(Backend::Postgres, "es_group_large").await;
+    let store = store(&db).await;
+    let app = cart::builder(store.clone(), Gate::default())
+        .build()
+        .await
+        .unwrap();
+    let events = (0..1_500)
+        .map(|_| {
+            CartEvent::Added(ItemAdded {
+                sku: "tea".into(),
+                qty: 1,
+                unit_price: 250,
+            })
+        })
+        .collect();
+    let version = app
+        .append::<Cart>("large", events, MessageMeta::new())
+        .await
+        .unwrap();
+    assert_eq!(version, 1_500);
+    assert_eq!(
+        stream_versions(&store, "cart-large").await,
+        (1..=1_500).collect::<Vec<i64>>()
+    );
 }
 
 /// Why the inline check refused an item.

@@ -374,6 +374,7 @@ pub(crate) async fn save<A: Aggregate>(
         && let Some(cache) = app.state_cache::<A>()
     {
         cached.push(CacheUpdate(Some(Box::new(PendingState {
+            generation: cache.generation(),
             cache,
             stream,
             version,
@@ -386,20 +387,31 @@ pub(crate) async fn save<A: Aggregate>(
 /// The last committed state of each of the most recently used streams of one aggregate type,
 /// kept in memory by `AppBuilder::cache_aggregate` so that loading it reads nothing.
 pub(crate) struct StateCache<A> {
-    states: Mutex<lru::LruCache<String, (u64, A)>>,
+    inner: Mutex<Cached<A>>,
+}
+
+struct Cached<A> {
+    states: lru::LruCache<String, (u64, A)>,
+    /// Bumped whenever a stream leaves the cache (forgotten, or pushed out by capacity). A state
+    /// committed while it changed is not inserted afresh: a later version may have been
+    /// committed, cached and pushed out meanwhile.
+    generation: u64,
 }
 
 impl<A: Aggregate + Clone> StateCache<A> {
     pub(crate) fn new(capacity: usize) -> Self {
         StateCache {
-            states: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
-            )),
+            inner: Mutex::new(Cached {
+                states: lru::LruCache::new(
+                    NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
+                ),
+                generation: 0,
+            }),
         }
     }
 
-    fn states(&self) -> MutexGuard<'_, lru::LruCache<String, (u64, A)>> {
-        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    fn inner(&self) -> MutexGuard<'_, Cached<A>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -408,30 +420,44 @@ impl<A: Aggregate + Clone> StateCache<A> {
 pub(crate) trait CachedStates<A>: Send + Sync {
     /// The cached state of `stream` and its version.
     fn get(&self, stream: &str) -> Option<(u64, A)>;
-    /// Keeps `state` as `stream` at `version`, unless a later version is kept already.
-    fn put(&self, stream: String, version: u64, state: A);
+    /// The current generation, to give to `put` with a state about to be committed.
+    fn generation(&self) -> u64;
+    /// Keeps `state` as `stream` at `version`, unless a later version is kept already, or the
+    /// stream is not kept and a stream left the cache since `generation`.
+    fn put(&self, stream: String, version: u64, state: A, generation: u64);
     /// Forgets `stream`.
     fn evict(&self, stream: &str);
 }
 
 impl<A: Aggregate + Clone> CachedStates<A> for StateCache<A> {
     fn get(&self, stream: &str) -> Option<(u64, A)> {
-        self.states().get(stream).cloned()
+        self.inner().states.get(stream).cloned()
     }
 
-    fn put(&self, stream: String, version: u64, state: A) {
-        let mut states = self.states();
-        match states.get_mut(&stream) {
+    fn generation(&self) -> u64 {
+        self.inner().generation
+    }
+
+    fn put(&self, stream: String, version: u64, state: A, generation: u64) {
+        let mut inner = self.inner();
+        let unchanged = inner.generation == generation;
+        match inner.states.get_mut(&stream) {
             Some(kept) if kept.0 >= version => {}
             Some(kept) => *kept = (version, state),
+            None if !unchanged => {}
             None => {
-                states.put(stream, (version, state));
+                if inner.states.push(stream, (version, state)).is_some() {
+                    inner.generation += 1;
+                }
             }
         }
     }
 
     fn evict(&self, stream: &str) {
-        self.states().pop(stream);
+        let mut inner = self.inner();
+        if inner.states.pop(stream).is_some() {
+            inner.generation += 1;
+        }
     }
 }
 
@@ -456,6 +482,7 @@ struct PendingState<A> {
     stream: String,
     version: u64,
     state: A,
+    generation: u64,
 }
 
 impl<A: Aggregate> Pending for PendingState<A> {
@@ -465,8 +492,9 @@ impl<A: Aggregate> Pending for PendingState<A> {
             stream,
             version,
             state,
+            generation,
         } = *self;
-        cache.put(stream, version, state);
+        cache.put(stream, version, state, generation);
     }
 
     fn forget(&self) {
@@ -488,5 +516,79 @@ impl Drop for CacheUpdate {
         if let Some(pending) = self.0.take() {
             pending.forget();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::message::Event;
+
+    #[derive(Debug, Clone, serde::Serialize, Deserialize)]
+    struct Added(u32);
+
+    impl Event for Added {
+        const NAME: &'static str = "test.added";
+        const VERSION: u32 = 1;
+        type Codec = crate::codec::Json;
+    }
+
+    #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, Deserialize)]
+    struct Counter(u32);
+
+    impl Aggregate for Counter {
+        const TYPE: &'static str = "counter";
+        type Event = Added;
+
+        fn apply(&mut self, event: &Added) {
+            self.0 += event.0;
+        }
+    }
+
+    fn kept(cache: &StateCache<Counter>, stream: &str) -> Option<(u64, u32)> {
+        cache.get(stream).map(|(version, state)| (version, state.0))
+    }
+
+    #[test]
+    fn a_later_version_is_never_replaced_by_an_earlier_one() {
+        let cache = StateCache::<Counter>::new(10);
+        let generation = cache.generation();
+        cache.put("counter-a".into(), 2, Counter(20), generation);
+        cache.put("counter-a".into(), 1, Counter(10), generation);
+        assert_eq!(kept(&cache, "counter-a"), Some((2, 20)));
+        cache.put("counter-a".into(), 3, Counter(30), generation);
+        assert_eq!(kept(&cache, "counter-a"), Some((3, 30)));
+    }
+
+    #[test]
+    fn a_state_committed_while_a_stream_left_is_not_inserted_afresh() {
+        let cache = StateCache::<Counter>::new(10);
+        let before = cache.generation();
+        cache.put("counter-a".into(), 7, Counter(7), before);
+        // A later version was cached, then forgotten, while an earlier commit was in flight.
+        let in_flight = cache.generation();
+        cache.evict("counter-a");
+        cache.put("counter-a".into(), 6, Counter(6), in_flight);
+        assert_eq!(kept(&cache, "counter-a"), None);
+        // Forgetting a stream that is not kept changes nothing.
+        let now = cache.generation();
+        cache.evict("counter-b");
+        cache.put("counter-a".into(), 8, Counter(8), now);
+        assert_eq!(kept(&cache, "counter-a"), Some((8, 8)));
+    }
+
+    #[test]
+    fn a_stream_pushed_out_by_capacity_counts_as_leaving() {
+        let cache = StateCache::<Counter>::new(1);
+        let start = cache.generation();
+        cache.put("counter-a".into(), 1, Counter(1), start);
+        let in_flight = cache.generation();
+        cache.put("counter-b".into(), 1, Counter(1), in_flight);
+        assert_eq!(kept(&cache, "counter-a"), None, "capacity 1");
+        cache.put("counter-a".into(), 1, Counter(1), in_flight);
+        assert_eq!(kept(&cache, "counter-a"), None);
+        assert_eq!(kept(&cache, "counter-b"), Some((1, 1)));
     }
 }

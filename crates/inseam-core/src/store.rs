@@ -120,7 +120,8 @@ pub struct Snapshot {
 
 /// A durable store: begins units of work and runs the relay that delivers committed outbox rows.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
-    /// Begins a unit of work (a database transaction).
+    /// Begins a unit of work: a database transaction, which the store may begin only when the
+    /// unit first needs it (`inseam-sql` does on PostgreSQL).
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn UnitOfWork>, StoreError>>;
 
     /// Told after a unit of work that wrote outbox rows committed, to wake the relay at once.

@@ -27,7 +27,8 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::store::{OutboxRow, Shared, SqlUnitOfWork, begin_unit, conflict_or, micros};
 
-/// Most outbox rows one group-commit statement writes (PostgreSQL allows 65,535 parameters).
+/// Most outbox rows one group-commit statement writes (PostgreSQL allows 65,535 parameters, 11
+/// per row); a unit of work with more is committed in a transaction of its own.
 const MAX_ROWS: usize = 1_000;
 
 /// A unit of work on PostgreSQL that begins its transaction when first needed; see the module
@@ -69,21 +70,21 @@ impl DeferredUnitOfWork {
     }
 
     async fn transaction(&mut self) -> Result<&mut SqlUnitOfWork> {
-        if self.unit.is_none() {
-            let mut unit = begin_unit(&self.shared).await?;
-            if !self.pending.is_empty() {
-                let pending = std::mem::take(&mut self.pending);
-                if let Err(error) = unit.write(pending).await {
-                    self.broken = true;
-                    return Err(error);
+        let unit = match self.unit.take() {
+            Some(unit) => unit,
+            None => {
+                let mut unit = begin_unit(&self.shared).await?;
+                if !self.pending.is_empty() {
+                    let pending = std::mem::take(&mut self.pending);
+                    if let Err(error) = unit.write(pending).await {
+                        self.broken = true;
+                        return Err(error);
+                    }
                 }
+                unit
             }
-            self.unit = Some(unit);
-        }
-        self.unit.as_mut().ok_or(Error::Database {
-            operation: "begin a transaction",
-            source: sqlx::Error::PoolClosed,
-        })
+        };
+        Ok(self.unit.insert(unit))
     }
 
     async fn transaction_for(
@@ -204,12 +205,16 @@ impl UnitOfWork for DeferredUnitOfWork {
             if pending.is_empty() {
                 return Ok(());
             }
-            group_commit(&shared, pending)
-                .await
-                .map_err(|error| match error {
-                    Error::Conflict(conflict) => AppendError::Conflict(conflict),
-                    other => AppendError::Store(StoreError::new("write the outbox", other)),
-                })
+            let committed = if pending.len() > MAX_ROWS {
+                // More rows than one statement may bind: a transaction of its own.
+                commit_alone(&shared, pending).await
+            } else {
+                group_commit(&shared, pending).await
+            };
+            committed.map_err(|error| match error {
+                Error::Conflict(conflict) => AppendError::Conflict(conflict),
+                other => AppendError::Store(StoreError::new("write the outbox", other)),
+            })
         })
     }
 
@@ -231,12 +236,18 @@ impl UnitOfWork for DeferredUnitOfWork {
 /// The units of work waiting for the group commit.
 #[derive(Debug, Default)]
 pub(crate) struct GroupCommit {
-    queue: Mutex<Vec<Waiting>>,
+    queue: Mutex<Queue>,
     /// Held by the caller that writes the next batch.
     turn: tokio::sync::Mutex<()>,
     statements: AtomicU64,
     units: AtomicU64,
     split: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    next_id: u64,
 }
 
 /// What the group commit of a PostgreSQL store did since it connected: how many commands'
@@ -247,8 +258,8 @@ pub struct CommitStats {
     pub statements: u64,
     /// Units of work (commands, `App::schedule`, ...) committed by those statements.
     pub units: u64,
-    /// Shared statements that failed (a stream conflict, most often) and whose units of work
-    /// were then written one by one.
+    /// Shared statements that the database refused (a stream conflict, most often) and whose
+    /// units of work were then written in smaller groups.
     pub split: u64,
 }
 
@@ -265,33 +276,64 @@ impl GroupCommit {
         self.statements.fetch_add(1, Ordering::Relaxed);
         self.units.fetch_add(units as u64, Ordering::Relaxed);
     }
-}
 
-#[derive(Debug)]
-struct Waiting {
-    messages: Vec<OutboxMessage>,
-    done: oneshot::Sender<Result<()>>,
-}
-
-impl GroupCommit {
-    fn queue(&self) -> MutexGuard<'_, Vec<Waiting>> {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the next batch: whole units of work, at most [`MAX_ROWS`] rows unless a single
-    /// unit has more.
+    /// Queues `messages`; returns the entry's id.
+    fn push(&self, messages: Vec<OutboxMessage>, done: oneshot::Sender<Result<()>>) -> u64 {
+        let mut queue = self.queue();
+        let id = queue.next_id;
+        queue.next_id += 1;
+        queue.waiting.push(Waiting { id, messages, done });
+        id
+    }
+
+    /// Takes the next batch: whole units of work, at most [`MAX_ROWS`] rows. Entries whose
+    /// caller has gone are dropped: their command was never acknowledged, and must not commit
+    /// later with someone else's statement.
     fn next_batch(&self) -> Vec<Waiting> {
         let mut queue = self.queue();
+        queue.waiting.retain(|waiting| !waiting.done.is_closed());
         let mut rows = 0;
         let mut take = 0;
-        for waiting in queue.iter() {
+        for waiting in &queue.waiting {
             if take > 0 && rows + waiting.messages.len() > MAX_ROWS {
                 break;
             }
             rows += waiting.messages.len();
             take += 1;
         }
-        queue.drain(..take).collect()
+        queue.waiting.drain(..take).collect()
+    }
+
+    /// Removes entry `id` if it is still queued.
+    fn withdraw(&self, id: u64) {
+        self.queue().waiting.retain(|waiting| waiting.id != id);
+    }
+}
+
+#[derive(Debug)]
+struct Waiting {
+    id: u64,
+    messages: Vec<OutboxMessage>,
+    done: oneshot::Sender<Result<()>>,
+}
+
+/// Withdraws a queued entry when the caller that queued it goes away (a timeout, a dropped
+/// request) before a statement took it.
+struct Withdraw<'g> {
+    group: &'g GroupCommit,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.group.withdraw(self.id);
+        }
     }
 }
 
@@ -300,16 +342,24 @@ impl GroupCommit {
 ///
 /// Whoever gets the turn writes everything queued, while those arriving meanwhile queue up for
 /// the next statement, so batches grow with the load and a lone writer waits for nobody. The
-/// statement runs in a task of its own, so that a caller that goes away (a timeout) never
-/// leaves the others without an outcome.
+/// statement runs in a task of its own, so that a caller that goes away never leaves the others
+/// without an outcome. A caller that goes away while its rows are queued withdraws them; once
+/// a statement took them, whether they commit is that statement's outcome, as with a commit in
+/// flight. A statement that waits (on a lock, for a connection) holds up the units queued
+/// behind it until it ends.
 async fn group_commit(shared: &Arc<Shared>, messages: Vec<OutboxMessage>) -> Result<()> {
     let group = &shared.group;
     let (done, mut outcome) = oneshot::channel();
-    group.queue().push(Waiting { messages, done });
+    let mut queued = Withdraw {
+        group,
+        id: group.push(messages, done),
+        armed: true,
+    };
     loop {
         tokio::select! {
             biased;
             result = &mut outcome => {
+                queued.armed = false;
                 return result.unwrap_or(Err(Error::Database {
                     operation: "write the outbox",
                     source: sqlx::Error::WorkerCrashed,
@@ -327,23 +377,26 @@ async fn group_commit(shared: &Arc<Shared>, messages: Vec<OutboxMessage>) -> Res
     }
 }
 
-/// Writes `batch` in one statement. If that fails, nothing of it was written: the batch is
-/// halved and each half written the same way, so that a conflict fails only the unit of work
-/// that caused it while the others still share statements.
+/// Writes the rows of a unit of work too large for one statement in a transaction of its own.
+async fn commit_alone(shared: &Arc<Shared>, messages: Vec<OutboxMessage>) -> Result<()> {
+    let mut unit = begin_unit(shared).await?;
+    unit.write(messages).await?;
+    unit.commit_unit().await.map_err(|source| Error::Database {
+        operation: "commit the outbox rows",
+        source,
+    })
+}
+
+/// Writes `batch` in one statement. If the database refuses it (a stream conflict, most
+/// often), nothing of it was written: the batch is halved and each half written the same way,
+/// so that a conflict fails only the unit of work that caused it while the others still share
+/// statements. Any other failure (the connection) leaves unknown whether the statement
+/// committed, and is every unit's outcome: nothing is written again.
 fn write_batch(shared: Arc<Shared>, batch: Vec<Waiting>) -> BoxFuture<'static, ()> {
     Box::pin(async move {
         let all: Vec<&OutboxMessage> = batch.iter().flat_map(|w| &w.messages).collect();
         let outcome = write_rows(&shared, &all).await;
         drop(all);
-        if batch.len() == 1 {
-            if outcome.is_ok() {
-                shared.group.committed(1);
-            }
-            if let Some(waiting) = batch.into_iter().next() {
-                let _ = waiting.done.send(outcome);
-            }
-            return;
-        }
         match outcome {
             Ok(()) => {
                 shared.group.committed(batch.len());
@@ -351,21 +404,44 @@ fn write_batch(shared: Arc<Shared>, batch: Vec<Waiting>) -> BoxFuture<'static, (
                     let _ = waiting.done.send(Ok(()));
                 }
             }
-            Err(error) => {
+            Err(error) if batch.len() == 1 => {
+                if let Some(waiting) = batch.into_iter().next() {
+                    let _ = waiting.done.send(Err(error));
+                }
+            }
+            Err(error) if refused(&error) => {
                 shared.group.split.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     target: "inseam::store",
                     units = batch.len(),
                     error = &error as &dyn std::error::Error,
-                    "a group commit failed; writing its units of work in halves"
+                    "a group commit was refused; writing its units of work in halves"
                 );
                 let mut first = batch;
                 let second = first.split_off(first.len() / 2);
                 write_batch(shared.clone(), first).await;
                 write_batch(shared, second).await;
             }
+            Err(error) => {
+                let reason = crate::error::chain(&error);
+                for waiting in batch {
+                    let _ = waiting.done.send(Err(Error::CommitUnknown {
+                        reason: reason.clone(),
+                    }));
+                }
+            }
         }
     })
+}
+
+/// Whether the database refused the statement (so nothing of it was written), as opposed to
+/// the statement's fate being unknown.
+fn refused(error: &Error) -> bool {
+    match error {
+        Error::Conflict(_) => true,
+        Error::Database { source, .. } => source.as_database_error().is_some(),
+        _ => false,
+    }
 }
 
 /// Writes `messages` (with their deliveries and the relays' wake-up) in one statement that

@@ -38,6 +38,14 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// The statement that was committing this unit of work's outbox rows, together with other
+    /// units', failed without an answer from the database (the connection failed): whether it
+    /// committed is unknown. Check before retrying (`SqlStore::flow`, the stream).
+    #[error("committing the outbox rows failed, and whether they committed is unknown: {reason}")]
+    CommitUnknown {
+        /// The failure, with its causes.
+        reason: String,
+    },
     /// Another writer appended to the stream first (optimistic concurrency).
     #[error(transparent)]
     Conflict(#[from] inseam_core::Conflict),
@@ -62,6 +70,22 @@ pub enum Error {
         /// The id asked for.
         id: i64,
     },
+}
+
+/// `error` and its causes, one line: `a: b: c`. Errors that print their source already (as
+/// sqlx's do) are not repeated.
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !chain.ends_with(&text) {
+            chain.push_str(": ");
+            chain.push_str(&text);
+        }
+        source = cause.source();
+    }
+    chain
 }
 
 /// A result of the SQL store.

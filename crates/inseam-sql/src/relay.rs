@@ -138,17 +138,7 @@ struct Failure {
 
 impl Failure {
     fn of(error: &(dyn std::error::Error + 'static), permanent: bool) -> Self {
-        let mut chain = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            // Errors that print their source already (as sqlx's do) are not repeated.
-            let text = cause.to_string();
-            if !chain.ends_with(&text) {
-                chain.push_str(": ");
-                chain.push_str(&text);
-            }
-            source = cause.source();
-        }
+        let chain = crate::error::chain(error);
         Failure {
             permanent,
             halt: false,

@@ -502,9 +502,11 @@ impl OutboxRow {
     }
 }
 
-/// A unique violation on a stream position is a concurrency conflict, named by the first
-/// stream position of `messages` (a unit of work appends its aggregates' events in version
-/// order, so that is the position another writer took); anything else is a database error.
+/// A unique violation on a stream position is a concurrency conflict; anything else is a
+/// database error. The conflict names the position the database reports (PostgreSQL's detail
+/// `Key (stream, stream_version)=(cart-7, 3) already exists.`) when it is one of `messages`'
+/// positions, else their first (a unit of work appends each aggregate's events in version
+/// order, so the first is the one another writer took).
 pub(crate) fn conflict_or<'m>(
     error: sqlx::Error,
     messages: impl IntoIterator<Item = &'m OutboxMessage>,
@@ -515,17 +517,47 @@ pub(crate) fn conflict_or<'m>(
             .constraint()
             .is_some_and(|c| c.ends_with("outbox_stream"))
             || db.message().contains(".stream"))
-        && let Some(position) = messages.into_iter().find_map(|m| m.stream.as_ref())
     {
-        return Error::Conflict(inseam_core::Conflict {
-            stream: position.stream.clone(),
-            version: position.version,
-        });
+        let positions: Vec<_> = messages
+            .into_iter()
+            .filter_map(|m| m.stream.as_ref())
+            .collect();
+        let position = reported_position(db)
+            .and_then(|(stream, version)| {
+                positions
+                    .iter()
+                    .find(|p| p.stream == stream && p.version == version)
+            })
+            .or(positions.first());
+        if let Some(position) = position {
+            return Error::Conflict(inseam_core::Conflict {
+                stream: position.stream.clone(),
+                version: position.version,
+            });
+        }
     }
     Error::Database {
         operation: "write the outbox",
         source: error,
     }
+}
+
+/// The stream position a unique violation reports, where the driver gives it.
+fn reported_position(db: &dyn sqlx::error::DatabaseError) -> Option<(String, u64)> {
+    #[cfg(feature = "postgres")]
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return pg.detail().and_then(parse_key_detail);
+    }
+    let _ = db;
+    None
+}
+
+/// `Key (stream, stream_version)=(cart-7, 3) already exists.` → `("cart-7", 3)`.
+fn parse_key_detail(detail: &str) -> Option<(String, u64)> {
+    let values = detail.split_once(")=(")?.1;
+    let values = values.rsplit_once(") already exists")?.0;
+    let (stream, version) = values.rsplit_once(", ")?;
+    Some((stream.to_owned(), version.parse().ok()?))
 }
 
 fn store_error(operation: &'static str) -> impl FnOnce(Error) -> StoreError {
@@ -821,4 +853,26 @@ pub(crate) fn micros(at: DateTime<Utc>) -> i64 {
 
 pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_key_detail;
+
+    #[test]
+    fn the_conflicting_position_is_read_from_the_key_detail() {
+        assert_eq!(
+            parse_key_detail("Key (stream, stream_version)=(cart-7, 3) already exists."),
+            Some(("cart-7".to_owned(), 3))
+        );
+        assert_eq!(
+            parse_key_detail("Key (stream, stream_version)=(order-a, b, 12) already exists."),
+            Some(("order-a, b".to_owned(), 12))
+        );
+        assert_eq!(
+            parse_key_detail("Key (message_id)=(x) already exists."),
+            None
+        );
+        assert_eq!(parse_key_detail("something else"), None);
+    }
 }
