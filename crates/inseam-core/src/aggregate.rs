@@ -374,7 +374,7 @@ pub(crate) async fn save<A: Aggregate>(
         && let Some(cache) = app.state_cache::<A>()
     {
         cached.push(CacheUpdate(Some(Box::new(PendingState {
-            generation: cache.generation(),
+            generation: cache.generation(&stream),
             cache,
             stream,
             version,
@@ -392,10 +392,26 @@ pub(crate) struct StateCache<A> {
 
 struct Cached<A> {
     states: lru::LruCache<String, (u64, A)>,
-    /// Bumped whenever a stream leaves the cache (forgotten, or pushed out by capacity). A state
-    /// committed while it changed is not inserted afresh: a later version may have been
-    /// committed, cached and pushed out meanwhile.
-    generation: u64,
+    /// Per bucket of streams, bumped whenever one of them leaves the cache (forgotten, or
+    /// pushed out by capacity). A state committed while its bucket changed is not inserted
+    /// afresh: a later version may have been committed, cached and pushed out meanwhile.
+    generations: Box<[u64; GENERATION_BUCKETS]>,
+    buckets: std::hash::RandomState,
+}
+
+/// Buckets of [`Cached::generations`]: enough that streams leaving rarely hold back others.
+const GENERATION_BUCKETS: usize = 1024;
+
+impl<A> Cached<A> {
+    fn generation(&mut self, stream: &str) -> &mut u64 {
+        use std::hash::BuildHasher as _;
+        let bucket = self.buckets.hash_one(stream) as usize % GENERATION_BUCKETS;
+        &mut self.generations[bucket]
+    }
+
+    fn left(&mut self, stream: &str) {
+        *self.generation(stream) += 1;
+    }
 }
 
 impl<A: Aggregate + Clone> StateCache<A> {
@@ -405,7 +421,8 @@ impl<A: Aggregate + Clone> StateCache<A> {
                 states: lru::LruCache::new(
                     NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
                 ),
-                generation: 0,
+                generations: Box::new([0; GENERATION_BUCKETS]),
+                buckets: std::hash::RandomState::new(),
             }),
         }
     }
@@ -420,10 +437,10 @@ impl<A: Aggregate + Clone> StateCache<A> {
 pub(crate) trait CachedStates<A>: Send + Sync {
     /// The cached state of `stream` and its version.
     fn get(&self, stream: &str) -> Option<(u64, A)>;
-    /// The current generation, to give to `put` with a state about to be committed.
-    fn generation(&self) -> u64;
+    /// The current generation of `stream`, to give to `put` with a state about to be committed.
+    fn generation(&self, stream: &str) -> u64;
     /// Keeps `state` as `stream` at `version`, unless a later version is kept already, or the
-    /// stream is not kept and a stream left the cache since `generation`.
+    /// stream is not kept and a stream of its bucket left the cache since `generation`.
     fn put(&self, stream: String, version: u64, state: A, generation: u64);
     /// Forgets `stream`.
     fn evict(&self, stream: &str);
@@ -434,20 +451,20 @@ impl<A: Aggregate + Clone> CachedStates<A> for StateCache<A> {
         self.inner().states.get(stream).cloned()
     }
 
-    fn generation(&self) -> u64 {
-        self.inner().generation
+    fn generation(&self, stream: &str) -> u64 {
+        *self.inner().generation(stream)
     }
 
     fn put(&self, stream: String, version: u64, state: A, generation: u64) {
         let mut inner = self.inner();
-        let unchanged = inner.generation == generation;
+        let unchanged = *inner.generation(&stream) == generation;
         match inner.states.get_mut(&stream) {
             Some(kept) if kept.0 >= version => {}
             Some(kept) => *kept = (version, state),
             None if !unchanged => {}
             None => {
-                if inner.states.push(stream, (version, state)).is_some() {
-                    inner.generation += 1;
+                if let Some((pushed_out, _)) = inner.states.push(stream, (version, state)) {
+                    inner.left(&pushed_out);
                 }
             }
         }
@@ -456,7 +473,7 @@ impl<A: Aggregate + Clone> CachedStates<A> for StateCache<A> {
     fn evict(&self, stream: &str) {
         let mut inner = self.inner();
         if inner.states.pop(stream).is_some() {
-            inner.generation += 1;
+            inner.left(stream);
         }
     }
 }
@@ -554,7 +571,7 @@ mod tests {
     #[test]
     fn a_later_version_is_never_replaced_by_an_earlier_one() {
         let cache = StateCache::<Counter>::new(10);
-        let generation = cache.generation();
+        let generation = cache.generation("counter-a");
         cache.put("counter-a".into(), 2, Counter(20), generation);
         cache.put("counter-a".into(), 1, Counter(10), generation);
         assert_eq!(kept(&cache, "counter-a"), Some((2, 20)));
@@ -563,18 +580,18 @@ mod tests {
     }
 
     #[test]
-    fn a_state_committed_while_a_stream_left_is_not_inserted_afresh() {
+    fn a_state_committed_while_its_stream_left_is_not_inserted_afresh() {
         let cache = StateCache::<Counter>::new(10);
-        let before = cache.generation();
+        let before = cache.generation("counter-a");
         cache.put("counter-a".into(), 7, Counter(7), before);
         // A later version was cached, then forgotten, while an earlier commit was in flight.
-        let in_flight = cache.generation();
+        let in_flight = cache.generation("counter-a");
         cache.evict("counter-a");
         cache.put("counter-a".into(), 6, Counter(6), in_flight);
         assert_eq!(kept(&cache, "counter-a"), None);
         // Forgetting a stream that is not kept changes nothing.
-        let now = cache.generation();
-        cache.evict("counter-b");
+        let now = cache.generation("counter-a");
+        cache.evict("counter-a");
         cache.put("counter-a".into(), 8, Counter(8), now);
         assert_eq!(kept(&cache, "counter-a"), Some((8, 8)));
     }
@@ -582,13 +599,36 @@ mod tests {
     #[test]
     fn a_stream_pushed_out_by_capacity_counts_as_leaving() {
         let cache = StateCache::<Counter>::new(1);
-        let start = cache.generation();
+        let start = cache.generation("counter-a");
         cache.put("counter-a".into(), 1, Counter(1), start);
-        let in_flight = cache.generation();
-        cache.put("counter-b".into(), 1, Counter(1), in_flight);
+        let in_flight = cache.generation("counter-a");
+        let other = cache.generation("counter-b");
+        cache.put("counter-b".into(), 1, Counter(1), other);
         assert_eq!(kept(&cache, "counter-a"), None, "capacity 1");
         cache.put("counter-a".into(), 1, Counter(1), in_flight);
         assert_eq!(kept(&cache, "counter-a"), None);
         assert_eq!(kept(&cache, "counter-b"), Some((1, 1)));
+    }
+
+    #[test]
+    fn streams_leaving_rarely_hold_back_others() {
+        let cache = StateCache::<Counter>::new(10_000);
+        let generations: Vec<u64> = (0..100)
+            .map(|i| cache.generation(&format!("counter-{i}")))
+            .collect();
+        for i in 100..108 {
+            let stream = format!("counter-{i}");
+            cache.put(stream.clone(), 1, Counter(1), cache.generation(&stream));
+            cache.evict(&stream);
+        }
+        let kept_streams = (0..100)
+            .filter(|i| {
+                let stream = format!("counter-{i}");
+                cache.put(stream.clone(), 1, Counter(1), generations[*i]);
+                kept(&cache, &stream).is_some()
+            })
+            .count();
+        // 8 streams left: at most 8 of 1,024 buckets changed.
+        assert!(kept_streams >= 80, "{kept_streams} of 100 kept");
     }
 }
