@@ -439,6 +439,8 @@ async fn cached_aggregates(backend: Backend) {
         .build()
         .await
         .unwrap();
+    // Declared by the builder and again by the cache: one aggregate.
+    assert_eq!(cached.catalog().aggregates.len(), 1);
 
     assert_eq!(cached.send(add("c", 2)).await.unwrap(), 2);
     assert_eq!(cached.send(add("c", 1)).await.unwrap(), 3);

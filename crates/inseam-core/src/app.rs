@@ -972,9 +972,16 @@ impl AppBuilder {
     }
 
     /// Declares an event-sourced aggregate, so that `build()` checks its events' upcasters
-    /// even when nothing subscribes to them.
+    /// even when nothing subscribes to them. Declaring it again changes nothing.
     pub fn aggregate<A: crate::aggregate::Aggregate>(mut self) -> Self {
         use crate::aggregate::EventSet as _;
+        if self
+            .aggregates
+            .iter()
+            .any(|a| a.rust_type == type_name::<A>())
+        {
+            return self;
+        }
         struct Declare(Vec<Registration>);
         impl crate::saga::EventVisitor for Declare {
             fn visit<E: Event>(&mut self) {
@@ -1014,14 +1021,7 @@ impl AppBuilder {
         let cache: Arc<dyn crate::aggregate::CachedStates<A>> =
             Arc::new(crate::aggregate::StateCache::<A>::new(capacity));
         self.state_caches.insert(TypeId::of::<A>(), Box::new(cache));
-        if !self
-            .aggregates
-            .iter()
-            .any(|a| a.rust_type == type_name::<A>())
-        {
-            self = self.aggregate::<A>();
-        }
-        self
+        self.aggregate::<A>()
     }
 
     /// Wraps every dispatch of one message type `M` (a command, a query or an event).

@@ -568,6 +568,8 @@ pub(crate) fn register(builder: inseam::AppBuilder) -> inseam::AppBuilder {
         .handler::<get_order>()
         .handler::<customer_orders>()
         .aggregate::<Order>()
+        // This app is the only writer of its orders: keep recently saved ones in memory.
+        .cache_aggregate::<Order>(10_000)
         .durable_command::<ConfirmOrder>()
         .durable_command::<RejectOrder>()
         .saga::<Fulfilment>()
