@@ -210,13 +210,13 @@ async fn a_failing_inline_subscriber_fails_the_command_and_nothing_is_delivered(
         })
         .await
         .expect_err("refused");
-    match &error {
-        DispatchError::Subscriber {
+    match error.failure() {
+        Some(DispatchFailure::Subscriber {
             handler,
             event,
             source,
             ..
-        } => {
+        }) => {
             assert_eq!(*handler, "bus::check_inline");
             assert_eq!(*event, "orders.order_placed");
             assert_eq!(
@@ -341,8 +341,9 @@ async fn a_command_without_handler_is_a_typed_error() {
             quantity: 1,
         })
         .await
+        .map_err(DispatchError::into_failure)
     {
-        Err(DispatchError::NoHandler { kind, message }) => {
+        Err(Ok(DispatchFailure::NoHandler { kind, message })) => {
             assert_eq!(kind, inseam::MessageKind::Command);
             assert_eq!(message, "bus::PlaceOrder");
         }
@@ -428,8 +429,12 @@ async fn inline_subscribers_publishing_in_a_cycle_are_stopped() {
         .build()
         .await
         .expect("wiring is valid");
-    match app.publish(Ping(0)).await {
-        Err(DispatchError::TooManyEvents { limit, event }) => {
+    match app
+        .publish(Ping(0))
+        .await
+        .map_err(DispatchError::into_failure)
+    {
+        Err(Ok(DispatchFailure::TooManyEvents { limit, event })) => {
             assert_eq!(limit, inseam::error::MAX_EVENTS_PER_UNIT);
             assert!(event == "tests.ping" || event == "tests.pong", "{event}");
         }
@@ -510,12 +515,18 @@ async fn each_app_finds_its_own_handlers_by_slot_index_or_type() {
         partial.send(Wrapped(8_u32)).await.map(drop),
     ] {
         assert!(
-            matches!(outcome, Err(DispatchError::NoHandler { .. })),
+            matches!(
+                outcome.as_ref().map_err(DispatchError::failure),
+                Err(Some(DispatchFailure::NoHandler { .. }))
+            ),
             "{outcome:?}"
         );
     }
     assert!(matches!(
-        partial.query(Shout("hey".into())).await,
-        Err(DispatchError::NoHandler { .. })
+        partial
+            .query(Shout("hey".into()))
+            .await
+            .map_err(DispatchError::into_failure),
+        Err(Ok(DispatchFailure::NoHandler { .. }))
     ));
 }

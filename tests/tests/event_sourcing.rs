@@ -136,8 +136,10 @@ async fn concurrent_writers(backend: Backend) {
                     assert_eq!(version, 1);
                     won += 1;
                 }
-                Err(DispatchError::Conflict(conflict)) => conflicts.push(conflict),
-                Err(other) => panic!("unexpected error: {other}"),
+                Err(error) => match error.conflict() {
+                    Some(conflict) => conflicts.push(conflict.clone()),
+                    None => panic!("unexpected error: {error}"),
+                },
             }
         }
         assert_eq!(won, 1);
@@ -446,8 +448,12 @@ async fn cached_aggregates(backend: Backend) {
     assert_eq!(cached.send(add("c", 1)).await.unwrap(), 3);
     // Another instance appends version 4; the cached app still holds version 3.
     assert_eq!(other.send(add("c", 1)).await.unwrap(), 4);
-    match cached.send(add("c", 1)).await {
-        Err(DispatchError::Conflict(conflict)) => assert_eq!(
+    match cached
+        .send(add("c", 1))
+        .await
+        .map_err(DispatchError::into_failure)
+    {
+        Err(Ok(DispatchFailure::Conflict(conflict))) => assert_eq!(
             conflict,
             Conflict {
                 stream: "cart-c".into(),
@@ -467,8 +473,11 @@ async fn cached_aggregates(backend: Backend) {
         count: 1,
     };
     assert!(matches!(
-        cached.send(refused).await,
-        Err(DispatchError::Subscriber { .. })
+        cached
+            .send(refused)
+            .await
+            .map_err(DispatchError::into_failure),
+        Err(Ok(DispatchFailure::Subscriber { .. }))
     ));
     assert_eq!(cached.send(add("c", 1)).await.unwrap(), 6);
     assert_eq!(stream_versions(&store, "cart-c").await, [1, 2, 3, 4, 5, 6]);
@@ -533,13 +542,13 @@ async fn group_commit_shares_statements_and_isolates_conflicts() {
                 assert_eq!(version, 1);
                 won += 1;
             }
-            (i, Err(DispatchError::Conflict(conflict))) if i >= OWN => {
+            (i, Err(error)) if i >= OWN && error.is_conflict() => {
                 assert_eq!(
-                    conflict,
-                    Conflict {
+                    error.conflict(),
+                    Some(&Conflict {
                         stream: "cart-raced".into(),
                         version: 1
-                    }
+                    })
                 );
                 conflicts += 1;
             }

@@ -171,12 +171,16 @@ async fn a_user_layer_sees_every_dispatch_and_can_refuse_one() {
     let guest = MessageMeta::new()
         .header("role", "guest")
         .expect("valid header");
-    match app.send_with(Greet { name: "ada".into() }, guest).await {
-        Err(DispatchError::Middleware {
+    match app
+        .send_with(Greet { name: "ada".into() }, guest)
+        .await
+        .map_err(DispatchError::into_failure)
+    {
+        Err(Ok(DispatchFailure::Middleware {
             kind,
             message,
             source,
-        }) => {
+        })) => {
             assert_eq!(kind, MessageKind::Command);
             assert_eq!(message, "greetings.greet");
             assert_eq!(source.to_string(), "guests may not send greetings.greet");
@@ -228,8 +232,12 @@ async fn towers_timeout_bounds_a_slow_handler() {
         .expect("wiring is valid");
 
     app.send(Nap { millis: 1 }).await.expect("a short nap fits");
-    match app.send(Nap { millis: 2_000 }).await {
-        Err(DispatchError::Middleware { source, .. }) => {
+    match app
+        .send(Nap { millis: 2_000 })
+        .await
+        .map_err(DispatchError::into_failure)
+    {
+        Err(Ok(DispatchFailure::Middleware { source, .. })) => {
             assert!(
                 source.is::<tower::timeout::error::Elapsed>(),
                 "expected Elapsed, got {source}"
@@ -415,13 +423,17 @@ async fn an_inline_subscriber_failure_keeps_its_variant_through_layers() {
             .expect("greeted"),
         "hello, ada"
     );
-    match app.send(Greet { name: "bob".into() }).await {
-        Err(DispatchError::Subscriber {
+    match app
+        .send(Greet { name: "bob".into() })
+        .await
+        .map_err(DispatchError::into_failure)
+    {
+        Err(Ok(DispatchFailure::Subscriber {
             handler,
             event,
             source,
             ..
-        }) => {
+        })) => {
             assert_eq!(handler, "middleware::refuse_bob");
             assert_eq!(event, "greetings.greeted");
             assert_eq!(source.to_string(), "bob is not welcome");

@@ -27,10 +27,10 @@ use crate::context::{
 };
 use crate::dispatch::{
     CommandSlot, DurableCommand, DurableRoute, EventRoute, QuerySlot, classify, complete,
-    publish_in_store, run_command_in_store, widen,
+    publish_in_store, run_command_in_store,
 };
 use crate::envelope::{Envelope, RawEnvelope};
-use crate::error::{BuildError, DispatchError, WiringProblem};
+use crate::error::{BuildError, DispatchError, DispatchFailure, WiringProblem};
 use crate::extract::Resources;
 use crate::handler::{BoxError, Handler};
 use crate::message::{Command, Event, MessageKind, Query, SlotIndex};
@@ -245,10 +245,11 @@ impl App {
         meta: M,
     ) -> Result<C::Output, DispatchError<C::Error>> {
         let Some(slot) = self.inner.command_slot::<C>() else {
-            return Err(DispatchError::NoHandler {
+            return Err(DispatchFailure::NoHandler {
                 kind: MessageKind::Command,
                 message: type_name::<C>(),
-            });
+            }
+            .into());
         };
         if LAYERED && let Some(service) = &slot.service {
             return Box::pin(self.send_layered(service, slot, command, meta.into_owned())).await;
@@ -270,10 +271,11 @@ impl App {
             poll_fn(|cx| match future.as_mut().as_pin_mut() {
                 Some(future) => future.poll(cx).map_err(DispatchError::Handler),
                 // `start` always sets the future.
-                None => Poll::Ready(Err(DispatchError::NoHandler {
+                None => Poll::Ready(Err(DispatchFailure::NoHandler {
                     kind: MessageKind::Command,
                     message: type_name::<C>(),
-                })),
+                }
+                .into())),
             })
             .await?
         };
@@ -282,7 +284,7 @@ impl App {
             // allocates anyway.
             Box::pin(complete(self, ctx.outgoing, None))
                 .await
-                .map_err(widen)?;
+                .map_err(DispatchError::widen)?;
         }
         Ok(output)
     }
@@ -330,10 +332,11 @@ impl App {
         meta: M,
     ) -> Result<Q::Output, DispatchError<Q::Error>> {
         let Some(slot) = self.inner.query_slot::<Q>() else {
-            return Err(DispatchError::NoHandler {
+            return Err(DispatchFailure::NoHandler {
                 kind: MessageKind::Query,
                 message: type_name::<Q>(),
-            });
+            }
+            .into());
         };
         if LAYERED && let Some(service) = &slot.service {
             return Box::pin(self.query_layered(service, slot, query, meta.into_owned())).await;
@@ -347,10 +350,11 @@ impl App {
         poll_fn(|cx| match future.as_mut().as_pin_mut() {
             Some(future) => future.poll(cx).map_err(DispatchError::Handler),
             // `start` always sets the future.
-            None => Poll::Ready(Err(DispatchError::NoHandler {
+            None => Poll::Ready(Err(DispatchFailure::NoHandler {
                 kind: MessageKind::Query,
                 message: type_name::<Q>(),
-            })),
+            }
+            .into())),
         })
         .await
     }
@@ -429,10 +433,11 @@ impl App {
         C: Command + serde::Serialize + serde::de::DeserializeOwned,
     {
         let Some(store) = &self.inner.store else {
-            return Err(DispatchError::NotDurable {
+            return Err(DispatchFailure::NotDurable {
                 command: type_name::<C>(),
                 reason: NO_STORE,
-            });
+            }
+            .into());
         };
         let message = durable_message(self, MessageMeta::new(), Some(at), &command)?;
         let message_id = message.envelope.metadata.message_id;
@@ -514,7 +519,7 @@ impl App {
             .map_err(DispatchError::Handler)?;
             complete(self, outgoing, Some(&mut *uow))
                 .await
-                .map_err(crate::dispatch::widen)?;
+                .map_err(DispatchError::widen)?;
             Ok::<u64, DispatchError<AggregateError>>(version)
         }
         .await;
@@ -751,16 +756,14 @@ impl App {
         response: Result<DispatchResponse, BoxError>,
     ) -> Result<O, DispatchError<E>> {
         match response {
-            Ok(DispatchResponse(output)) => {
-                output
-                    .downcast::<O>()
-                    .map(|o| *o)
-                    .map_err(|_| DispatchError::Middleware {
-                        kind,
-                        message: name,
-                        source: format!("a layer replaced the response of {kind} `{name}`").into(),
-                    })
-            }
+            Ok(DispatchResponse(output)) => output.downcast::<O>().map(|o| *o).map_err(|_| {
+                DispatchFailure::Middleware {
+                    kind,
+                    message: name,
+                    source: format!("a layer replaced the response of {kind} `{name}`").into(),
+                }
+                .into()
+            }),
             Err(error) => Err(classify(kind, name, error)),
         }
     }
@@ -1186,12 +1189,12 @@ where
 {
     let group = durable_group_name::<C>();
     if !app.inner.durable.contains_key(group) {
-        return Err(DispatchError::NotDurable {
+        return Err(DispatchFailure::NotDurable {
             command: type_name::<C>(),
             reason: "it was not declared durable: add `.durable_command::<..>()` to the app builder",
-        });
+        }.into());
     }
-    let payload = serde_json::to_vec(command).map_err(|e| DispatchError::Encode {
+    let payload = serde_json::to_vec(command).map_err(|e| DispatchFailure::Encode {
         event: C::NAME,
         source: crate::codec::CodecError {
             content_type: "application/json",
@@ -1228,12 +1231,12 @@ pub(crate) fn durable_named_message(
 ) -> Result<OutboxMessage, DispatchError<Infallible>> {
     let group = format!("command:{name}");
     let Some((&group, _)) = app.inner.durable.get_key_value(group.as_str()) else {
-        return Err(DispatchError::NotDurable {
+        return Err(DispatchFailure::NotDurable {
             command: "a planned compensation",
             reason: "no command of that name was declared durable: add `.durable_command::<..>()` to the app builder",
-        });
+        }.into());
     };
-    let payload = serde_json::to_vec(payload).map_err(|e| DispatchError::Encode {
+    let payload = serde_json::to_vec(payload).map_err(|e| DispatchFailure::Encode {
         event: group,
         source: crate::codec::CodecError {
             content_type: "application/json",

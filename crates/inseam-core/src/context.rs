@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::aggregate::{Aggregate, AggregateError, Loaded};
 use crate::app::{App, NO_STORE, durable_message};
 use crate::envelope::{Envelope, HeaderError, Headers, Metadata};
-use crate::error::DispatchError;
+use crate::error::{DispatchError, DispatchFailure};
 use crate::extract::Parts;
 use crate::handler::Delivery;
 use crate::message::{Command, Event};
@@ -220,10 +220,11 @@ where
     C: Command + serde::Serialize,
 {
     let Some(uow) = uow else {
-        return Err(DispatchError::NotDurable {
+        return Err(DispatchFailure::NotDurable {
             command: std::any::type_name::<C>(),
             reason: NO_STORE,
-        });
+        }
+        .into());
     };
     let message = durable_message(app, MessageMeta::caused_by(parent), at, command)?;
     let id = message.envelope.metadata.message_id;
@@ -240,17 +241,19 @@ pub(crate) async fn deliver_later<E: Event>(
 ) -> Result<Uuid, DispatchError<Infallible>> {
     let parent = ctx.meta.metadata(ctx.app);
     let pending = pending(ctx.app, event, parent);
-    let envelope =
-        crate::dispatch::encode_pending::<E>(&pending).map_err(|source| DispatchError::Encode {
+    let envelope = crate::dispatch::encode_pending::<E>(&pending).map_err(|source| {
+        DispatchFailure::Encode {
             event: E::NAME,
             source,
-        })?;
+        }
+    })?;
     let id = pending.message_id;
     let Some(uow) = ctx.unit_of_work() else {
-        return Err(DispatchError::NotDurable {
+        return Err(DispatchFailure::NotDurable {
             command: E::NAME,
             reason: NO_STORE,
-        });
+        }
+        .into());
     };
     uow.append(vec![crate::store::OutboxMessage {
         envelope,
@@ -274,10 +277,11 @@ pub(crate) async fn dispatch_named(
         crate::app::durable_named_message(ctx.app, MessageMeta::caused_by(parent), name, payload)?;
     let id = message.envelope.metadata.message_id;
     let Some(uow) = ctx.unit_of_work() else {
-        return Err(DispatchError::NotDurable {
+        return Err(DispatchFailure::NotDurable {
             command: "a planned compensation",
             reason: NO_STORE,
-        });
+        }
+        .into());
     };
     uow.append(vec![message]).await?;
     Ok(id)

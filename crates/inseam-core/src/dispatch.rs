@@ -19,7 +19,7 @@ use crate::context::{
     CommandContext, DispatchMeta, EventContext, MessageMeta, PendingEvent, QueryContext,
 };
 use crate::envelope::{Envelope, RawEnvelope};
-use crate::error::{DeliveryError, DispatchError, MAX_EVENTS_PER_UNIT};
+use crate::error::{DeliveryError, DispatchError, DispatchFailure, MAX_EVENTS_PER_UNIT};
 use crate::handler::{
     BoxError, CommandHandler, CommandResult, Delivery, EventHandler, HandlerFuture, QueryHandler,
     QueryResult,
@@ -285,7 +285,7 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     .handler
                     .call(envelope, &mut ctx)
                     .await
-                    .map_err(|source| DispatchError::Subscriber {
+                    .map_err(|source| DispatchFailure::Subscriber {
                         handler: subscriber.name,
                         event: E::NAME,
                         message_id: envelope.metadata.message_id,
@@ -451,7 +451,7 @@ pub(crate) async fn run_command_in_store<C: Command>(
         && let Err(error) = complete(app, outgoing, Some(&mut *uow)).await
     {
         rollback(uow).await;
-        return Err(widen(error));
+        return Err(error.widen());
     }
     uow.commit().await?;
     if wrote {
@@ -500,10 +500,11 @@ pub(crate) async fn complete(
     let mut next = 0;
     while next < outgoing.len() {
         if outgoing.len() > MAX_EVENTS_PER_UNIT {
-            return Err(DispatchError::TooManyEvents {
+            return Err(DispatchFailure::TooManyEvents {
                 limit: MAX_EVENTS_PER_UNIT,
                 event: outgoing[outgoing.len() - 1].name,
-            });
+            }
+            .into());
         }
         let event = outgoing[next].clone();
         next += 1;
@@ -526,7 +527,7 @@ pub(crate) async fn complete(
                 (None, Some(route)) if !groups.is_empty() => route.encoder(),
                 (None, _) => continue,
             };
-            let envelope = encode(event).map_err(|source| DispatchError::Encode {
+            let envelope = encode(event).map_err(|source| DispatchFailure::Encode {
                 event: event.name,
                 source,
             })?;
@@ -658,43 +659,6 @@ fn panic_reason(panic: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-/// A non-handler failure as it travels through middleware (as the service error).
-pub(crate) fn widen<E>(error: DispatchError<Infallible>) -> DispatchError<E> {
-    match error {
-        DispatchError::Handler(never) => match never {},
-        DispatchError::NoHandler { kind, message } => DispatchError::NoHandler { kind, message },
-        DispatchError::Subscriber {
-            handler,
-            event,
-            message_id,
-            source,
-        } => DispatchError::Subscriber {
-            handler,
-            event,
-            message_id,
-            source,
-        },
-        DispatchError::TooManyEvents { limit, event } => {
-            DispatchError::TooManyEvents { limit, event }
-        }
-        DispatchError::Store(error) => DispatchError::Store(error),
-        DispatchError::Conflict(conflict) => DispatchError::Conflict(conflict),
-        DispatchError::Encode { event, source } => DispatchError::Encode { event, source },
-        DispatchError::NotDurable { command, reason } => {
-            DispatchError::NotDurable { command, reason }
-        }
-        DispatchError::Middleware {
-            kind,
-            message,
-            source,
-        } => DispatchError::Middleware {
-            kind,
-            message,
-            source,
-        },
-    }
-}
-
 /// Turns the error a layered service returned back into a typed dispatch error: the handler's
 /// own error comes back typed, a framework failure keeps its variant, anything else came from
 /// a layer.
@@ -705,15 +669,16 @@ pub(crate) fn classify<E: std::error::Error + Send + Sync + 'static>(
 ) -> DispatchError<E> {
     match error.downcast::<E>() {
         Ok(own) => DispatchError::Handler(*own),
-        Err(error) => match error.downcast::<DispatchError<E>>() {
-            Ok(framework) => *framework,
+        Err(error) => match error.downcast::<DispatchFailure>() {
+            Ok(failure) => DispatchError::Failed(failure),
             Err(error) => match error.downcast::<crate::store::Conflict>() {
-                Ok(conflict) => DispatchError::Conflict(*conflict),
-                Err(source) => DispatchError::Middleware {
+                Ok(conflict) => DispatchFailure::Conflict(*conflict).into(),
+                Err(source) => DispatchFailure::Middleware {
                     kind,
                     message,
                     source,
-                },
+                }
+                .into(),
             },
         },
     }
@@ -723,12 +688,14 @@ fn into_service_error<E: std::error::Error + Send + Sync + 'static>(
     error: DispatchError<E>,
 ) -> BoxError {
     // The handler's own error travels unwrapped so that layers see it as it is; the framework's
-    // failures travel as the dispatch error itself. `classify` undoes both.
+    // failures travel as the failure itself. `classify` undoes both.
     match error {
         DispatchError::Handler(own) => Box::new(own),
-        // As itself, so that a layer (`RetryOnConflict`) recognises it whatever the command.
-        DispatchError::Conflict(conflict) => Box::new(conflict),
-        framework => Box::new(framework),
+        DispatchError::Failed(failure) => match *failure {
+            // As itself, so that a layer (`RetryOnConflict`) recognises it whatever the command.
+            DispatchFailure::Conflict(conflict) => Box::new(conflict),
+            failure => Box::new(failure),
+        },
     }
 }
 

@@ -1,5 +1,6 @@
 //! Errors: what `send`, `query` and `publish` return, and what `build()` reports.
 
+use std::convert::Infallible;
 use std::fmt;
 
 use crate::handler::{BoxError, Delivery};
@@ -8,13 +9,35 @@ use crate::message::MessageKind;
 /// The most events one unit of work (a command with its inline subscribers) may publish.
 pub const MAX_EVENTS_PER_UNIT: usize = 10_000;
 
-/// Why a dispatch failed. The handler's own error arrives typed in [`DispatchError::Handler`].
+/// Why a dispatch failed: the handler's own error, typed, or a failure of the dispatch itself.
+///
+/// The dispatch's failures are boxed, so that the result of `send` stays as small as the
+/// handler's own result and error: `Result<u64, DispatchError<Infallible>>` is 16 bytes, and
+/// the path that succeeds does not pay for the size of errors it never returns.
+///
+/// ```ignore
+/// match app.send(Lend { isbn }).await {
+///     Ok(loan) => ..,
+///     Err(DispatchError::Handler(LendError::NoCopyAvailable(isbn))) => .., // typed
+///     Err(error) if error.is_conflict() => ..,                            // retry
+///     Err(error) => return Err(error.into()),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DispatchError<E> {
     /// The handler returned its declared error.
     #[error(transparent)]
     Handler(E),
+    /// The dispatch failed: see [`DispatchFailure`] for what can.
+    #[error(transparent)]
+    Failed(Box<DispatchFailure>),
+}
+
+/// A failure of a dispatch that is not the handler's own error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchFailure {
     /// No handler is registered for the message type.
     #[error(
         "no handler for {kind} `{message}`: register one with #[{kind}_handler] and `discover()`, or explicitly with `.handler::<..>()`"
@@ -66,7 +89,7 @@ pub enum DispatchError<E> {
     /// Another writer appended to a stream this command appended to: nothing was committed.
     /// Retry with fresh state (the `RetryOnConflict` layer does).
     #[error(transparent)]
-    Conflict(crate::store::Conflict),
+    Conflict(#[from] crate::store::Conflict),
     /// An event could not be encoded for the outbox.
     #[error("event `{event}` could not be encoded for the outbox")]
     Encode {
@@ -89,26 +112,62 @@ pub enum DispatchError<E> {
     },
 }
 
-impl<E> From<crate::store::AppendError> for DispatchError<E> {
+impl From<crate::store::AppendError> for DispatchFailure {
     fn from(error: crate::store::AppendError) -> Self {
         match error {
-            crate::store::AppendError::Conflict(conflict) => DispatchError::Conflict(conflict),
-            crate::store::AppendError::Store(store) => DispatchError::Store(store),
+            crate::store::AppendError::Conflict(conflict) => DispatchFailure::Conflict(conflict),
+            crate::store::AppendError::Store(store) => DispatchFailure::Store(store),
         }
+    }
+}
+
+impl<E> From<DispatchFailure> for DispatchError<E> {
+    #[cold]
+    fn from(failure: DispatchFailure) -> Self {
+        DispatchError::Failed(Box::new(failure))
+    }
+}
+
+impl<E> From<crate::store::AppendError> for DispatchError<E> {
+    #[cold]
+    fn from(error: crate::store::AppendError) -> Self {
+        DispatchFailure::from(error).into()
+    }
+}
+
+impl<E> From<crate::store::StoreError> for DispatchError<E> {
+    #[cold]
+    fn from(error: crate::store::StoreError) -> Self {
+        DispatchFailure::Store(error).into()
+    }
+}
+
+impl<E> From<crate::store::Conflict> for DispatchError<E> {
+    #[cold]
+    fn from(conflict: crate::store::Conflict) -> Self {
+        DispatchFailure::Conflict(conflict).into()
     }
 }
 
 impl<E> DispatchError<E> {
     /// Whether another writer changed a stream first: retrying with fresh state may succeed.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, DispatchError::Conflict(_))
+        self.conflict().is_some()
+    }
+
+    /// The conflict, if another writer changed a stream first.
+    pub fn conflict(&self) -> Option<&crate::store::Conflict> {
+        match self.failure() {
+            Some(DispatchFailure::Conflict(conflict)) => Some(conflict),
+            _ => None,
+        }
     }
 
     /// The handler's own error, if that is what failed.
     pub fn handler_error(&self) -> Option<&E> {
         match self {
             DispatchError::Handler(e) => Some(e),
-            _ => None,
+            DispatchError::Failed(_) => None,
         }
     }
 
@@ -116,7 +175,36 @@ impl<E> DispatchError<E> {
     pub fn into_handler_error(self) -> Option<E> {
         match self {
             DispatchError::Handler(e) => Some(e),
-            _ => None,
+            DispatchError::Failed(_) => None,
+        }
+    }
+
+    /// The dispatch's failure, if it was not the handler's own error.
+    pub fn failure(&self) -> Option<&DispatchFailure> {
+        match self {
+            DispatchError::Handler(_) => None,
+            DispatchError::Failed(failure) => Some(failure),
+        }
+    }
+
+    /// The dispatch's failure, or the error itself when it is the handler's own: handy for
+    /// matching, as in `match app.send(cmd).await.map_err(DispatchError::into_failure)` with
+    /// arms `Err(Ok(DispatchFailure::Conflict(conflict)))` and `Err(Err(handler_error))`.
+    pub fn into_failure(self) -> Result<DispatchFailure, Self> {
+        match self {
+            DispatchError::Failed(failure) => Ok(*failure),
+            handler => Err(handler),
+        }
+    }
+}
+
+impl DispatchError<Infallible> {
+    /// The same failure, for a caller whose handler error is `E` (nothing here is a handler's
+    /// error).
+    pub fn widen<E>(self) -> DispatchError<E> {
+        match self {
+            DispatchError::Handler(never) => match never {},
+            DispatchError::Failed(failure) => DispatchError::Failed(failure),
         }
     }
 }
@@ -333,4 +421,63 @@ pub struct DeliveryError {
     /// What went wrong.
     #[source]
     pub source: BoxError,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::mem::size_of;
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("the handler refused")]
+    struct Refused;
+
+    // The failures are boxed so that a successful `send` moves as little as the handler's own
+    // result: a regression here (a variant stored inline) shows up in the dispatch benchmark.
+    #[test]
+    fn a_dispatch_result_is_as_small_as_the_handlers_own() {
+        assert_eq!(size_of::<DispatchError<Infallible>>(), size_of::<usize>());
+        assert_eq!(size_of::<Result<u64, DispatchError<Infallible>>>(), 16);
+        assert_eq!(size_of::<Result<(), DispatchError<Refused>>>(), 16);
+    }
+
+    #[test]
+    fn the_failure_comes_back_whole_and_the_handlers_error_stays_typed() {
+        let conflict = crate::store::Conflict {
+            stream: "cart-1".into(),
+            version: 3,
+        };
+        let error: DispatchError<Refused> = conflict.clone().into();
+        assert!(error.is_conflict());
+        assert_eq!(error.conflict(), Some(&conflict));
+        assert_eq!(error.to_string(), conflict.to_string());
+        assert!(matches!(
+            error.into_failure(),
+            Ok(DispatchFailure::Conflict(c)) if c == conflict
+        ));
+
+        let own = DispatchError::Handler(Refused);
+        assert!(!own.is_conflict() && own.failure().is_none());
+        assert_eq!(own.to_string(), "the handler refused");
+        assert!(matches!(
+            own.into_failure(),
+            Err(DispatchError::Handler(Refused))
+        ));
+
+        let widened: DispatchError<Refused> =
+            DispatchError::<Infallible>::from(DispatchFailure::TooManyEvents {
+                limit: 3,
+                event: "tests.looped",
+            })
+            .widen();
+        assert!(matches!(
+            widened.failure(),
+            Some(DispatchFailure::TooManyEvents {
+                limit: 3,
+                event: "tests.looped"
+            })
+        ));
+    }
 }

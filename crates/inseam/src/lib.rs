@@ -43,10 +43,11 @@ pub use inseam_core::{
 };
 pub use inseam_core::{
     App, AppBuilder, BoxError, BuildError, Catalog, Codec, CodecError, Command, CommandContext,
-    CommandHandler, Delivery, DeliveryError, DispatchError, DispatchRequest, DispatchResponse,
-    DispatchService, Envelope, Event, EventContext, EventHandler, Extract, Handler, HeaderError,
-    HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata, Query, QueryContext,
-    QueryHandler, RawEnvelope, Registration, State, Stats, TraceLayer, WireError, WiringProblem,
+    CommandHandler, Delivery, DeliveryError, DispatchError, DispatchFailure, DispatchRequest,
+    DispatchResponse, DispatchService, Envelope, Event, EventContext, EventHandler, Extract,
+    Handler, HeaderError, HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata, Query,
+    QueryContext, QueryHandler, RawEnvelope, Registration, State, Stats, TraceLayer, WireError,
+    WiringProblem,
 };
 pub use inseam_core::{
     aggregate, catalog, clock, codec, envelope, error, extract, handler, message, middleware,
@@ -65,8 +66,9 @@ pub use inseam_sql::{SqlStore, Transactional};
 pub mod prelude {
     pub use inseam_core::saga::{Compensations, Saga, SagaContext};
     pub use inseam_core::{
-        Aggregate, AggregateError, App, Command, CommandContext, DispatchError, Envelope, Event,
-        EventContext, EventSet, Loaded, Metadata, Query, QueryContext, RetryOnConflict, State,
+        Aggregate, AggregateError, App, Command, CommandContext, DispatchError, DispatchFailure,
+        Envelope, Event, EventContext, EventSet, Loaded, Metadata, Query, QueryContext,
+        RetryOnConflict, State,
     };
     pub use inseam_macros::{
         Command, Event, EventSet, Query, command_handler, event_handler, query_handler,
