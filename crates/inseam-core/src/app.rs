@@ -1192,7 +1192,8 @@ where
         return Err(DispatchFailure::NotDurable {
             command: type_name::<C>(),
             reason: "it was not declared durable: add `.durable_command::<..>()` to the app builder",
-        }.into());
+        }
+        .into());
     }
     let payload = serde_json::to_vec(command).map_err(|e| DispatchFailure::Encode {
         event: C::NAME,
@@ -1234,7 +1235,8 @@ pub(crate) fn durable_named_message(
         return Err(DispatchFailure::NotDurable {
             command: "a planned compensation",
             reason: "no command of that name was declared durable: add `.durable_command::<..>()` to the app builder",
-        }.into());
+        }
+        .into());
     };
     let payload = serde_json::to_vec(payload).map_err(|e| DispatchFailure::Encode {
         event: group,
