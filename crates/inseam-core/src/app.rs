@@ -1010,7 +1010,7 @@ impl AppBuilder {
     /// recently saved aggregate reads nothing from the store.
     ///
     /// Saving is checked as always: the append is at the version the state was cached at, and
-    /// if another writer appended meanwhile, the command fails with `DispatchError::Conflict`,
+    /// if another writer appended meanwhile, the command fails with `DispatchFailure::Conflict`,
     /// the stream is forgotten and a retry (`RetryOnConflict`) loads it from the store. So a
     /// cached state can be stale only when something other than this app's commands appends to
     /// the stream (another instance, a durable command run by the relay of another process):

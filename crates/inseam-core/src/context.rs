@@ -354,7 +354,7 @@ impl<'a> CommandContext<'a> {
     /// Appends the events `aggregate` emitted to its stream, in this command's unit of work,
     /// after the version it was loaded at. They are published like any event of this command
     /// (inline subscribers, outbox). If another writer appended first, the command fails with
-    /// `DispatchError::Conflict` and nothing is committed. Returns the new stream version.
+    /// `DispatchFailure::Conflict` and nothing is committed. Returns the new stream version.
     pub async fn save<A: Aggregate>(
         &mut self,
         aggregate: Loaded<A>,
