@@ -694,7 +694,7 @@ fn into_service_error<E: std::error::Error + Send + Sync + 'static>(
         DispatchError::Failed(failure) => match *failure {
             // As itself, so that a layer (`RetryOnConflict`) recognises it whatever the command.
             DispatchFailure::Conflict(conflict) => Box::new(conflict),
-            failure => Box::new(failure),
+            _ => failure,
         },
     }
 }
