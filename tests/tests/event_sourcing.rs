@@ -496,6 +496,26 @@ async fn cached_aggregates(backend: Backend) {
     assert_eq!(other.send(add("r", 1)).await.unwrap(), 2);
     assert_eq!(retried.send(add("r", 1)).await.unwrap(), 3);
     assert_eq!(stream_versions(&store, "cart-r").await, [1, 2, 3]);
+
+    // Through a layer that does not retry, the conflict reaches the caller as itself.
+    let layered = cart::builder(store.clone(), Gate::default())
+        .cache_aggregate::<Cart>(100)
+        .layer(inseam::TraceLayer::new())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(layered.send(add("l", 1)).await.unwrap(), 1);
+    assert_eq!(other.send(add("l", 1)).await.unwrap(), 2);
+    let error = layered.send(add("l", 1)).await.unwrap_err();
+    assert_eq!(
+        error.conflict(),
+        Some(&Conflict {
+            stream: "cart-l".into(),
+            version: 2
+        }),
+        "{error:?}"
+    );
+    assert_eq!(stream_versions(&store, "cart-l").await, [1, 2]);
 }
 
 inseam_tests::on_every_backend!(

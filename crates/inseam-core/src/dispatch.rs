@@ -846,3 +846,76 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Conflict;
+
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    #[error("the handler refused")]
+    struct Refused;
+
+    /// What a caller gets back once an error went through the layers as the service error.
+    fn round_trip(error: DispatchError<Refused>) -> DispatchError<Refused> {
+        classify(
+            MessageKind::Command,
+            "tests.refusable",
+            into_service_error(error),
+        )
+    }
+
+    #[test]
+    fn errors_cross_the_layers_as_they_were() {
+        assert!(matches!(
+            round_trip(DispatchError::Handler(Refused)),
+            DispatchError::Handler(Refused)
+        ));
+
+        let conflict = Conflict {
+            stream: "cart-1".into(),
+            version: 2,
+        };
+        assert_eq!(
+            round_trip(conflict.clone().into()).conflict(),
+            Some(&conflict)
+        );
+
+        let failure = Box::new(DispatchFailure::TooManyEvents {
+            limit: 3,
+            event: "tests.looped",
+        });
+        let sent: *const DispatchFailure = &*failure;
+        match round_trip(DispatchError::Failed(failure)) {
+            DispatchError::Failed(back) => {
+                assert!(std::ptr::eq(sent, &*back), "the failure was re-allocated");
+                assert!(matches!(
+                    *back,
+                    DispatchFailure::TooManyEvents {
+                        limit: 3,
+                        event: "tests.looped"
+                    }
+                ));
+            }
+            other => panic!("expected the failure back, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_error_of_a_layer_is_a_middleware_failure_naming_the_message() {
+        let error =
+            classify::<Refused>(MessageKind::Command, "tests.refusable", "not today".into());
+        match error.into_failure() {
+            Ok(DispatchFailure::Middleware {
+                kind,
+                message,
+                source,
+            }) => {
+                assert_eq!(kind, MessageKind::Command);
+                assert_eq!(message, "tests.refusable");
+                assert_eq!(source.to_string(), "not today");
+            }
+            other => panic!("expected a middleware failure, got {other:?}"),
+        }
+    }
+}

@@ -187,9 +187,11 @@ impl<E> DispatchError<E> {
         }
     }
 
-    /// The dispatch's failure, or the error itself when it is the handler's own: handy for
-    /// matching, as in `match app.send(cmd).await.map_err(DispatchError::into_failure)` with
-    /// arms `Err(Ok(DispatchFailure::Conflict(conflict)))` and `Err(Err(handler_error))`.
+    /// The dispatch's failure, or the error itself (`Err(DispatchError::Handler(e))`) when it
+    /// is the handler's own. Handy for matching: after
+    /// `app.send(cmd).await.map_err(DispatchError::into_failure)`, the arms read
+    /// `Err(Ok(DispatchFailure::Conflict(conflict)))` and
+    /// `Err(Err(DispatchError::Handler(e)))`.
     pub fn into_failure(self) -> Result<DispatchFailure, Self> {
         match self {
             DispatchError::Failed(failure) => Ok(*failure),
@@ -437,8 +439,9 @@ mod tests {
     // The failures are boxed so that a successful `send` moves as little as the handler's own
     // result: a regression here (a variant stored inline) shows up in the dispatch benchmark.
     #[test]
-    fn a_dispatch_result_is_as_small_as_the_handlers_own() {
+    fn a_dispatch_result_fits_in_two_words() {
         assert_eq!(size_of::<DispatchError<Infallible>>(), size_of::<usize>());
+        assert_eq!(size_of::<DispatchError<Refused>>(), size_of::<usize>());
         assert_eq!(size_of::<Result<u64, DispatchError<Infallible>>>(), 16);
         assert_eq!(size_of::<Result<(), DispatchError<Refused>>>(), 16);
     }

@@ -6,6 +6,11 @@
 //! travels through the layers as the service error, so a layer can observe it; `send` hands it
 //! back to the caller typed.
 //!
+//! The framework's own failures travel as the [`DispatchFailure`](crate::DispatchFailure)
+//! itself, and a conflict as the [`Conflict`](crate::Conflict), so that a layer such as
+//! [`RetryOnConflict`] recognises it whatever the message. Any other error a layer returns
+//! reaches the caller as `DispatchFailure::Middleware`, with that error as its source.
+//!
 //! Without layers, dispatch calls the handler directly, with no boxing.
 
 use std::any::{Any, TypeId};
