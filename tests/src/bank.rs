@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use inseam::prelude::*;
-use inseam::sql::sqlx::{self, AnyPool};
+use inseam::sql::SqlPool;
+use inseam::sql::sqlx;
 use inseam::sql::{Backend, SqlStore};
 use inseam::{AppBuilder, BuildError};
 
@@ -186,7 +187,7 @@ pub async fn app(store: SqlStore, faults: Faults) -> Result<App, BuildError> {
 }
 
 /// The committed deposits' numbers, sorted.
-pub async fn deposits(pool: &AnyPool) -> Vec<i64> {
+pub async fn deposits(pool: &SqlPool) -> Vec<i64> {
     use sqlx::Row as _;
     sqlx::query("SELECT seq FROM bank_deposits ORDER BY seq")
         .fetch_all(pool)
@@ -196,7 +197,7 @@ pub async fn deposits(pool: &AnyPool) -> Vec<i64> {
 }
 
 /// What `group` handled, `(seq, account)` in the order it handled them.
-pub async fn effects(pool: &AnyPool, group: &str) -> Vec<(i64, String)> {
+pub async fn effects(pool: &SqlPool, group: &str) -> Vec<(i64, String)> {
     use sqlx::Row as _;
     sqlx::query("SELECT seq, account FROM bank_effects WHERE grp = $1 ORDER BY id")
         .bind(group.to_owned())

@@ -110,14 +110,14 @@ async fn appends_loads_and_publishes(backend: Backend) {
 
 /// Concurrent writers of one stream: on PostgreSQL, eight commands forced to load the same
 /// version: exactly one appends, seven get the typed conflict; then, with `RetryOnConflict`,
-/// all eight apply and the stream has no gap and no duplicate. SQLite serializes writers, so
-/// all apply there without conflicts.
+/// all eight apply and the stream has no gap and no duplicate. On SQLite too: a command takes
+/// the write lock only to commit, so all eight load before any of them writes.
 async fn concurrent_writers(backend: Backend) {
     let db = TestDb::new(backend, "es_concurrency").await;
     let store = store(&db).await;
     const WRITERS: usize = 8;
 
-    if backend == Backend::Postgres {
+    {
         let app = cart::builder(store.clone(), Gate::new(WRITERS))
             .build()
             .await
@@ -156,12 +156,7 @@ async fn concurrent_writers(backend: Backend) {
         assert_eq!(stream_versions(&store, "cart-race").await, [1]);
     }
 
-    let gate = match backend {
-        Backend::Postgres => Gate::new(WRITERS),
-        // One writer at a time: a gate would wait for writers that cannot begin.
-        Backend::Sqlite => Gate::default(),
-    };
-    let app = cart::builder(store.clone(), gate)
+    let app = cart::builder(store.clone(), Gate::new(WRITERS))
         .layer(RetryOnConflict::new(WRITERS as u32 + 2).command::<AddItems>())
         .build()
         .await
@@ -357,7 +352,7 @@ async fn a_command_abandoned_in_the_group_commit_queue_never_commits() {
     // Holds back every insert into the outbox (reads go on).
     let mut lock = store.pool().begin().await.unwrap();
     sqlx::query("LOCK TABLE inseam_outbox IN SHARE MODE")
-        .execute(&mut *lock)
+        .execute(&mut lock)
         .await
         .unwrap();
     let in_flight = {

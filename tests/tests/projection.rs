@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use inseam::BoxError;
 use inseam::prelude::*;
-use inseam::sql::sqlx::{self, AnyConnection, AssertSqlSafe, Row as _};
+use inseam::sql::SqlTx;
+use inseam::sql::sqlx::{self, AssertSqlSafe, Row as _};
 use inseam::sql::{
     EventInfo, Model, OnError, Projection, RebuildProgress, RelayOptions, SqlStoreOptions,
 };
@@ -34,7 +35,7 @@ impl Projection for CartTotals {
         &["cart_totals"]
     }
 
-    async fn create(&self, tx: &mut AnyConnection, model: Model) -> Result<(), sqlx::Error> {
+    async fn create(&self, tx: &mut SqlTx, model: Model) -> Result<(), sqlx::Error> {
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {} (cart TEXT PRIMARY KEY, items BIGINT NOT NULL, total BIGINT NOT NULL, checked_out BIGINT NOT NULL)",
             model.table("cart_totals")
@@ -46,7 +47,7 @@ impl Projection for CartTotals {
         &self,
         event: &TotalsEvent,
         info: &EventInfo<'_>,
-        tx: &mut AnyConnection,
+        tx: &mut SqlTx,
         model: Model,
     ) -> Result<(), BoxError> {
         let cart = info.key.ok_or("a cart event without its cart")?.to_owned();
@@ -66,7 +67,7 @@ impl Projection for CartTotals {
                  checked_out = MAX({table}.checked_out, excluded.checked_out)"
         );
         // PostgreSQL spells MAX of two values GREATEST.
-        let sql = if tx.backend_name() == "PostgreSQL" {
+        let sql = if tx.backend() == inseam::sql::Backend::Postgres {
             sql.replace("MAX(", "GREATEST(")
         } else {
             sql
@@ -230,7 +231,7 @@ impl<const STOP: bool> Projection for Picky<STOP> {
         &[]
     }
 
-    async fn create(&self, _: &mut AnyConnection, _: Model) -> Result<(), sqlx::Error> {
+    async fn create(&self, _: &mut SqlTx, _: Model) -> Result<(), sqlx::Error> {
         Ok(())
     }
 
@@ -238,7 +239,7 @@ impl<const STOP: bool> Projection for Picky<STOP> {
         &self,
         event: &ItemAdded,
         _: &EventInfo<'_>,
-        tx: &mut AnyConnection,
+        tx: &mut SqlTx,
         _: Model,
     ) -> Result<(), BoxError> {
         if event.sku == "poison" {

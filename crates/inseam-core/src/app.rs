@@ -255,6 +255,12 @@ impl App {
             return Box::pin(self.send_layered(service, slot, command, meta.into_owned())).await;
         }
         if let Some(store) = &self.inner.store {
+            if crate::dispatch::in_unit() {
+                return Err(DispatchFailure::OutsideUnit {
+                    message: type_name::<C>(),
+                }
+                .into());
+            }
             return Box::pin(run_command_in_store(
                 self,
                 &**store,
@@ -407,6 +413,9 @@ impl App {
             stream: None,
         };
         match &self.inner.store {
+            Some(_) if crate::dispatch::in_unit() => {
+                Err(DispatchFailure::OutsideUnit { message: E::NAME }.into())
+            }
             Some(store) => publish_in_store(self, &**store, vec![pending]).await,
             None => complete(self, vec![pending], None).await,
         }

@@ -408,6 +408,28 @@ impl<'a> CommandContext<'a> {
         Ok(id)
     }
 
+    /// Sends a command caused by this one, as part of this command's unit of work: with a
+    /// store, its writes, events and durable commands commit together with this command's, or
+    /// not at all (it runs under a savepoint, so that its own failure undoes only its own
+    /// writes, and this handler may go on). Without a store it is an ordinary `send` in the
+    /// same flow. Tower layers do not wrap a command sent this way.
+    pub async fn send<C: Command>(
+        &mut self,
+        command: C,
+    ) -> Result<C::Output, DispatchError<C::Error>> {
+        let meta = MessageMeta::caused_by(self.meta.metadata(self.app));
+        let Some(uow) = self.uow.as_deref_mut() else {
+            return self.app.send_with(command, meta).await;
+        };
+        let cached = self.cached.as_deref_mut();
+        let (output, wrote) = Box::pin(crate::dispatch::run_nested(
+            self.app, uow, cached, command, meta,
+        ))
+        .await?;
+        self.dispatched |= wrote;
+        Ok(output)
+    }
+
     /// This command's ids.
     pub fn metadata(&self) -> Metadata {
         self.meta.metadata(self.app)
@@ -552,11 +574,26 @@ impl EventContext<'_> {
         dispatch_durable(self.app, parent, self.unit_of_work(), Some(at), &command).await
     }
 
-    /// Sends a command in the same flow (same correlation id, caused by this event), as its own
-    /// unit of work.
-    pub async fn send<C: Command>(&self, command: C) -> Result<C::Output, DispatchError<C::Error>> {
+    /// Sends a command in the same flow (same correlation id, caused by this event), as part
+    /// of this subscriber's unit of work: the publishing command's for an inline subscriber,
+    /// the delivery's for a group subscriber (so it commits with the inbox row: once per
+    /// delivered event). It runs under a savepoint (see [`CommandContext::send`]). Without a
+    /// store it is an ordinary `send` in the same flow.
+    pub async fn send<C: Command>(
+        &mut self,
+        command: C,
+    ) -> Result<C::Output, DispatchError<C::Error>> {
         let meta = MessageMeta::caused_by(self.meta.metadata(self.app));
-        self.app.send_with(command, meta).await
+        let Some(uow) = self.uow.as_deref_mut() else {
+            return self.app.send_with(command, meta).await;
+        };
+        // When the delivery commits is not known here: the nested command's cached
+        // aggregates are forgotten (see `save`).
+        let (output, _) = Box::pin(crate::dispatch::run_nested(
+            self.app, uow, None, command, meta,
+        ))
+        .await?;
+        Ok(output)
     }
 
     /// The handled event's ids.

@@ -28,6 +28,21 @@ use crate::message::{Command, Event, MessageKind, Query};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};
 use crate::store::{DeliveryFailure, OutboxMessage, Store, UnitOfWork};
 
+tokio::task_local! {
+    /// Set while a handler runs in a unit of work of the store.
+    static IN_UNIT: ();
+}
+
+/// Whether the current task runs a handler inside a unit of work of the store.
+pub(crate) fn in_unit() -> bool {
+    IN_UNIT.try_with(|()| ()).is_ok()
+}
+
+/// Runs `future` (a handler in a unit of work of the store) with [`in_unit`] set.
+pub(crate) async fn within_unit<F: Future>(future: F) -> F::Output {
+    IN_UNIT.scope((), future).await
+}
+
 /// A handler together with what its arguments need.
 pub(crate) struct Prepared<P>(pub(crate) P);
 
@@ -356,9 +371,10 @@ impl<E: Event> EventRoute for EventSlot<E> {
                     replay,
                     uow: Some(&mut *uow),
                 };
-                let outcome = AssertUnwindSafe(subscriber.handler.call(&envelope, &mut ctx))
-                    .catch_unwind()
-                    .await;
+                let outcome =
+                    AssertUnwindSafe(within_unit(subscriber.handler.call(&envelope, &mut ctx)))
+                        .catch_unwind()
+                        .await;
                 match outcome {
                     Ok(Ok(())) => {}
                     Ok(Err(source)) if source.is::<crate::handler::Halt>() => {
@@ -388,7 +404,7 @@ impl<E: Event> EventRoute for EventSlot<E> {
                 }
                 // A replay rebuilds a read model: what it publishes is not published again.
                 if !outgoing.is_empty() && !replay {
-                    complete(app, outgoing, Some(&mut *uow))
+                    within_unit(complete(app, outgoing, Some(&mut *uow)))
                         .await
                         .map_err(|source| DeliveryFailure::Completion {
                             handler: subscriber.name,
@@ -433,22 +449,32 @@ pub(crate) async fn run_command_in_store<C: Command>(
     let mut ctx = CommandContext::new(app, &meta);
     ctx.uow = Some(&mut *uow);
     ctx.cached = Some(&mut cached);
-    let outcome = slot.handler.call(command, &mut ctx).await;
+    let outcome = AssertUnwindSafe(within_unit(slot.handler.call(command, &mut ctx)))
+        .catch_unwind()
+        .await;
     let CommandContext {
         outgoing,
         dispatched,
         ..
     } = ctx;
     let output = match outcome {
-        Ok(output) => output,
-        Err(error) => {
+        Ok(Ok(output)) => output,
+        Ok(Err(error)) => {
             rollback(uow).await;
             return Err(DispatchError::Handler(error));
+        }
+        Err(panic) => {
+            rollback(uow).await;
+            return Err(DispatchFailure::Panicked {
+                handler: slot.handler_name,
+                reason: panic_reason(&*panic),
+            }
+            .into());
         }
     };
     let wrote = !outgoing.is_empty() || dispatched;
     if !outgoing.is_empty()
-        && let Err(error) = complete(app, outgoing, Some(&mut *uow)).await
+        && let Err(error) = within_unit(complete(app, outgoing, Some(&mut *uow))).await
     {
         rollback(uow).await;
         return Err(error.widen());
@@ -470,12 +496,84 @@ pub(crate) async fn publish_in_store(
     outgoing: Vec<PendingEvent>,
 ) -> Result<(), DispatchError<Infallible>> {
     let mut uow = store.begin().await?;
-    if let Err(error) = complete(app, outgoing, Some(&mut *uow)).await {
+    if let Err(error) = within_unit(complete(app, outgoing, Some(&mut *uow))).await {
         rollback(uow).await;
         return Err(error);
     }
     uow.commit().await?;
     store.committed();
+    Ok(())
+}
+
+/// Runs `command` from inside a handler, in that handler's unit of work `uow`: under a
+/// savepoint, so that a failing command undoes its own writes only, and with its events
+/// completed (inline subscribers, outbox rows) in the same unit of work. Nothing of it commits
+/// unless the unit of work does. Returns whether it wrote to the outbox.
+///
+/// Tower layers do not wrap it: a layered request is `'static`, and cannot carry the unit of
+/// work it borrows.
+pub(crate) async fn run_nested<C: Command>(
+    app: &App,
+    uow: &mut dyn UnitOfWork,
+    cached: Option<&mut Vec<crate::aggregate::CacheUpdate>>,
+    command: C,
+    meta: MessageMeta,
+) -> Result<(C::Output, bool), DispatchError<C::Error>> {
+    let Some(slot) = app.inner.command_slot::<C>() else {
+        return Err(DispatchFailure::NoHandler {
+            kind: MessageKind::Command,
+            message: std::any::type_name::<C>(),
+        }
+        .into());
+    };
+    uow.savepoint().await?;
+    let mut nested_cached = Vec::new();
+    let mut ctx = CommandContext::new(app, &meta);
+    ctx.uow = Some(&mut *uow);
+    ctx.cached = Some(&mut nested_cached);
+    let outcome = AssertUnwindSafe(slot.handler.call(command, &mut ctx))
+        .catch_unwind()
+        .await;
+    let CommandContext {
+        outgoing,
+        dispatched,
+        ..
+    } = ctx;
+    let output = match outcome {
+        Ok(Ok(output)) => output,
+        Ok(Err(error)) => {
+            undo_nested(uow).await?;
+            return Err(DispatchError::Handler(error));
+        }
+        Err(panic) => {
+            undo_nested(uow).await?;
+            return Err(DispatchFailure::Panicked {
+                handler: slot.handler_name,
+                reason: panic_reason(&*panic),
+            }
+            .into());
+        }
+    };
+    let wrote = !outgoing.is_empty() || dispatched;
+    if !outgoing.is_empty()
+        && let Err(error) = complete(app, outgoing, Some(&mut *uow)).await
+    {
+        undo_nested(uow).await?;
+        return Err(error.widen());
+    }
+    uow.release_savepoint().await?;
+    // The nested command's cached states wait for the outer commit; dropped (forgotten by
+    // their caches) when it failed.
+    if let Some(cached) = cached {
+        cached.extend(nested_cached);
+    }
+    Ok((output, wrote))
+}
+
+/// Undoes a failed nested command. If even that fails, the unit of work is in an unknown
+/// state and the failure is the caller's, so that the outer command cannot commit half of it.
+async fn undo_nested(uow: &mut dyn UnitOfWork) -> Result<(), DispatchFailure> {
+    uow.rollback_to_savepoint().await?;
     Ok(())
 }
 
@@ -814,7 +912,7 @@ where
             let meta = MessageMeta::received(raw.metadata, raw.headers.clone());
             let mut ctx = CommandContext::new(app, &meta);
             ctx.uow = Some(&mut *uow);
-            let outcome = AssertUnwindSafe(slot.handler.call(command, &mut ctx))
+            let outcome = AssertUnwindSafe(within_unit(slot.handler.call(command, &mut ctx)))
                 .catch_unwind()
                 .await;
             match outcome {
@@ -835,12 +933,12 @@ where
             let outgoing = std::mem::take(&mut ctx.outgoing);
             drop(ctx);
             if !outgoing.is_empty() {
-                complete(app, outgoing, Some(uow)).await.map_err(|source| {
-                    DeliveryFailure::Completion {
+                within_unit(complete(app, outgoing, Some(uow)))
+                    .await
+                    .map_err(|source| DeliveryFailure::Completion {
                         handler: slot.handler_name,
                         source,
-                    }
-                })?;
+                    })?;
             }
             Ok(())
         })

@@ -99,6 +99,25 @@ pub enum DispatchFailure {
         #[source]
         source: crate::codec::CodecError,
     },
+    /// The command's handler panicked. With a store its unit of work was rolled back and
+    /// nothing of it committed.
+    #[error("handler `{handler}` panicked: {reason}")]
+    Panicked {
+        /// The handler.
+        handler: &'static str,
+        /// The panic message.
+        reason: String,
+    },
+    /// A command was sent with `App::send` (or an event published with `App::publish`) from
+    /// inside a handler that runs in a unit of work of the store, where it would have
+    /// committed apart from that unit of work. Nothing of it ran.
+    #[error(
+        "`{message}` was sent through `App` from inside a handler's unit of work, where it would commit on its own: send it with `ctx.send(..)` to make it part of the handler's unit of work, or from a task of its own (`tokio::spawn`) to commit it separately"
+    )]
+    OutsideUnit {
+        /// The command's Rust type, or the event's name.
+        message: &'static str,
+    },
     /// A middleware layer failed the dispatch (a timeout, a rejection, ...).
     #[error("middleware failed {kind} `{message}`")]
     Middleware {

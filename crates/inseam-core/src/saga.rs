@@ -131,6 +131,15 @@ impl SagaContext<'_, '_> {
         self.ctx.app()
     }
 
+    /// Sends a command in the flow, as part of this step's unit of work: it commits with the
+    /// saga's new state, or not at all (see [`EventContext::send`]).
+    pub async fn send<C: Command>(
+        &mut self,
+        command: C,
+    ) -> Result<C::Output, DispatchError<C::Error>> {
+        self.ctx.send(command).await
+    }
+
     /// Dispatches a durable command in the flow, committed with the saga's state.
     pub async fn dispatch<C>(&mut self, command: C) -> Result<Uuid, DispatchError<Infallible>>
     where

@@ -38,6 +38,8 @@ impl StoreError {
     }
 }
 
+const NO_SAVEPOINTS: &str = "this store cannot nest units of work, so a command sent from inside a handler cannot join the handler's unit of work";
+
 /// One message for the outbox: its encoded envelope and the groups it is bound for.
 #[derive(Debug, Clone)]
 pub struct OutboxMessage {
@@ -181,6 +183,25 @@ pub trait UnitOfWork: Send + 'static {
         id: &'a str,
         state: ProcessState,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Marks the point a nested command starts at (a command sent from inside a handler with
+    /// `ctx.send`): what follows can be undone alone with
+    /// [`rollback_to_savepoint`](Self::rollback_to_savepoint), or kept with
+    /// [`release_savepoint`](Self::release_savepoint). Savepoints nest. The default refuses,
+    /// for stores that cannot nest units of work.
+    fn savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Err(StoreError::new("set a savepoint", NO_SAVEPOINTS)) })
+    }
+
+    /// Keeps what was done since the latest savepoint, as part of this unit of work.
+    fn release_savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Err(StoreError::new("release a savepoint", NO_SAVEPOINTS)) })
+    }
+
+    /// Undoes what was done since the latest savepoint, and removes it.
+    fn rollback_to_savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Err(StoreError::new("roll back to a savepoint", NO_SAVEPOINTS)) })
+    }
 
     /// Commits. A store may hold appended rows back until here (to write them in one
     /// statement, or together with other units' rows), so a stream [`Conflict`] can surface

@@ -178,10 +178,10 @@ impl SqlStore {
     /// The inbox still guards against a second delivery.
     pub async fn retry_dead_letter(&self, id: i64) -> Result<()> {
         let shared = &self.shared;
-        let (mut tx, _turn) = shared.begin().await.context("begin a dead letter retry")?;
+        let (mut tx, _turn) = shared.begin().await?;
         let row = sqlx::query(AssertSqlSafe(shared.sql.get_dead_letter.clone()))
             .bind(id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut tx)
             .await
             .context("read a dead letter")?
             .ok_or(Error::DeadLetterNotFound { id })?;
@@ -200,7 +200,7 @@ impl SqlStore {
             .bind(letter.envelope.clone())
             .bind(now)
             .bind(correlation)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await
             .context("restore an outbox row")?;
         let groups = serde_json::to_string(&[&letter.group]).unwrap_or_default();
@@ -210,12 +210,12 @@ impl SqlStore {
             .bind(letter.key.clone())
             .bind(now)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await
             .context("requeue a dead letter")?;
         sqlx::query(AssertSqlSafe(shared.sql.delete_dead_letter.clone()))
             .bind(id)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await
             .context("delete a retried dead letter")?;
         tx.commit().await.context("commit a dead letter retry")?;

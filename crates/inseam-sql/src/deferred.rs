@@ -1,5 +1,12 @@
-//! A command's unit of work on PostgreSQL, which begins a transaction only when it needs one,
-//! and the group commit that writes the outbox rows of those that never did.
+//! A command's unit of work, which begins a transaction only when it needs one, and (on
+//! PostgreSQL) the group commit that writes the outbox rows of those that never did.
+//!
+//! On SQLite the transaction is what holds the database's single write lock, so deferring it
+//! is what lets a command that is merely slow between loading and saving leave the others
+//! alone: reads run without the lock, and a unit that never asked for its transaction takes
+//! the lock only for the short transaction that writes its rows at commit. Two commands that
+//! loaded the same stream then meet in a stream [`Conflict`](inseam_core::Conflict), as on
+//! PostgreSQL.
 //!
 //! Most event-sourced commands read a stream, decide, and append: nothing in that needs an
 //! explicit transaction. The stream is read with a plain query (under PostgreSQL's default
@@ -21,17 +28,20 @@ use futures_util::future::BoxFuture;
 use inseam_core::store::{
     AppendError, OutboxMessage, ProcessState, Snapshot, StoreError, StoredEvent, UnitOfWork,
 };
-use sqlx::{AnyConnection, AssertSqlSafe};
+use sqlx::AssertSqlSafe;
+
+use crate::conn::SqlTx;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::sql::Backend;
 use crate::store::{OutboxRow, Shared, SqlUnitOfWork, begin_unit, conflict_or, micros};
 
 /// Most outbox rows one group-commit statement writes (PostgreSQL allows 65,535 parameters, 11
 /// per row); a unit of work with more is committed in a transaction of its own.
 const MAX_ROWS: usize = 1_000;
 
-/// A unit of work on PostgreSQL that begins its transaction when first needed; see the module
+/// A unit of work that begins its transaction when first needed; see the module
 /// documentation. [`Transactional::tx`](crate::Transactional::tx) begins it.
 pub struct DeferredUnitOfWork {
     shared: Arc<Shared>,
@@ -65,7 +75,7 @@ impl DeferredUnitOfWork {
 
     /// The transaction's connection, for the handler's own SQL; begins the transaction (and
     /// moves the rows appended so far into it) if it has not begun.
-    pub async fn connection(&mut self) -> Result<&mut AnyConnection> {
+    pub async fn connection(&mut self) -> Result<&mut SqlTx> {
         Ok(self.transaction().await?.connection())
     }
 
@@ -93,7 +103,7 @@ impl DeferredUnitOfWork {
     ) -> Result<&mut SqlUnitOfWork, StoreError> {
         self.transaction()
             .await
-            .map_err(|error| StoreError::new(operation, error))
+            .map_err(|error| error.into_store(operation))
     }
 }
 
@@ -205,16 +215,44 @@ impl UnitOfWork for DeferredUnitOfWork {
             if pending.is_empty() {
                 return Ok(());
             }
-            let committed = if pending.len() > MAX_ROWS {
-                // More rows than one statement may bind: a transaction of its own.
+            // SQLite: one writer, no round trips, and a commit that does not wait for a flush:
+            // a short transaction of its own, holding the write lock only while it writes.
+            // PostgreSQL: one statement, shared with the units committing at the same time,
+            // unless the unit has more rows than one statement may bind.
+            let committed = if shared.backend == Backend::Sqlite || pending.len() > MAX_ROWS {
                 commit_alone(&shared, pending).await
             } else {
                 group_commit(&shared, pending).await
             };
             committed.map_err(|error| match error {
                 Error::Conflict(conflict) => AppendError::Conflict(conflict),
-                other => AppendError::Store(StoreError::new("write the outbox", other)),
+                other => AppendError::Store(other.into_store("write the outbox")),
             })
+        })
+    }
+
+    fn savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // A nested command begins the transaction: a savepoint needs one, and the rows held
+        // so far then sit before it, where undoing the nested command leaves them.
+        Box::pin(async move {
+            let unit = self
+                .transaction_for("begin a transaction for a nested command")
+                .await?;
+            unit.savepoint().await
+        })
+    }
+
+    fn release_savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let unit = self.transaction_for("release a savepoint").await?;
+            unit.release_savepoint().await
+        })
+    }
+
+    fn rollback_to_savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let unit = self.transaction_for("roll back a nested command").await?;
+            unit.rollback_to_savepoint().await
         })
     }
 

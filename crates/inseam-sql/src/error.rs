@@ -46,6 +46,16 @@ pub enum Error {
         /// The failure, with its causes.
         reason: String,
     },
+    /// SQLite: another unit of work of this app held the database's write lock for the whole
+    /// wait. SQLite has one writer; a unit of work holds the lock from its first write
+    /// (`ctx.tx()`, a saga's state, a snapshot) or, without one, during its commit.
+    #[error(
+        "waited {waited:?} for SQLite's write lock, which another unit of work of this app held all that time (a handler that holds `ctx.tx()` while it waits on something slow?)"
+    )]
+    LockTimeout {
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
     /// Another writer appended to the stream first (optimistic concurrency).
     #[error(transparent)]
     Conflict(#[from] inseam_core::Conflict),
@@ -70,6 +80,27 @@ pub enum Error {
         /// The id asked for.
         id: i64,
     },
+}
+
+impl Error {
+    /// As a `StoreError` of `operation`; a lock timeout names itself as the operation, so that
+    /// the top-level message says what happened.
+    pub(crate) fn into_store(self, operation: &'static str) -> inseam_core::StoreError {
+        let operation = match self {
+            Error::LockTimeout { .. } => "take SQLite's write lock in time",
+            _ => operation,
+        };
+        inseam_core::StoreError::new(operation, self)
+    }
+
+    /// As a `sqlx::Error`, for the handler-facing API whose error is sqlx's: a driver error as
+    /// it is, anything else as a protocol error carrying the whole chain.
+    pub(crate) fn into_sqlx(self) -> sqlx::Error {
+        match self {
+            Error::Database { source, .. } => source,
+            other => sqlx::Error::Protocol(chain(&other)),
+        }
+    }
 }
 
 /// `error` and its causes, one line: `a: b: c`. Errors that print their source already (as

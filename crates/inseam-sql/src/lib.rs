@@ -21,6 +21,7 @@
 //!   SQLite). A failing event holds back only its own key until it is retried or dead-lettered.
 
 mod admin;
+mod conn;
 mod deferred;
 mod error;
 mod projection;
@@ -29,6 +30,7 @@ mod sql;
 mod store;
 
 pub use admin::{DeadLetter, DeliveryState, FlowDelivery, FlowEntry, GroupLag, Lag, Pruned};
+pub use conn::{SqlPool, SqlTx};
 pub use deferred::{CommitStats, DeferredUnitOfWork};
 pub use error::{Error, Result};
 pub use projection::{
@@ -39,5 +41,5 @@ pub use relay::RelayStats;
 pub use sql::Backend;
 pub use store::{RelayOptions, SqlStore, SqlStoreOptions, SqlUnitOfWork, Transactional};
 
-/// The database types handlers use with [`Transactional::tx`].
-pub use sqlx::{self, Any, AnyConnection, AnyPool};
+/// The sqlx inseam is built on (0.9): use the same version in your crate for `sqlx::query!`.
+pub use sqlx;

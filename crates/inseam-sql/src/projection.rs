@@ -20,7 +20,9 @@ use inseam_core::{
     App, AppBuilder, BoxError, Delivery, Envelope, Event, EventContext, EventSet, Halt, Metadata,
     RawEnvelope, Reject,
 };
-use sqlx::{AnyConnection, AssertSqlSafe, Row as _};
+use sqlx::{AssertSqlSafe, Row as _};
+
+use crate::conn::SqlTx;
 
 use crate::error::{Context as _, Error, Result};
 use crate::store::{SqlStore, Transactional as _, from_micros, micros};
@@ -86,11 +88,11 @@ pub enum OnError {
 ///     const NAME: &'static str = "order_summaries";
 ///     type Event = OrderEvent;
 ///     fn tables(&self) -> &'static [&'static str] { &["order_summary"] }
-///     async fn create(&self, tx: &mut AnyConnection, model: Model) -> Result<(), sqlx::Error> {
+///     async fn create(&self, tx: &mut SqlTx, model: Model) -> Result<(), sqlx::Error> {
 ///         let sql = format!("CREATE TABLE IF NOT EXISTS {} (..)", model.table("order_summary"));
 ///         sqlx::query(AssertSqlSafe(sql)).execute(tx).await.map(drop)
 ///     }
-///     async fn apply(&self, event: &OrderEvent, info: &EventInfo<'_>, tx: &mut AnyConnection, model: Model) -> Result<(), BoxError> { .. }
+///     async fn apply(&self, event: &OrderEvent, info: &EventInfo<'_>, tx: &mut SqlTx, model: Model) -> Result<(), BoxError> { .. }
 /// }
 /// ```
 pub trait Projection: Send + Sync + 'static {
@@ -110,7 +112,7 @@ pub trait Projection: Send + Sync + 'static {
     /// Creates its tables in `model` if they do not exist (names from `model.table(..)`).
     fn create(
         &self,
-        tx: &mut AnyConnection,
+        tx: &mut SqlTx,
         model: Model,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
@@ -119,7 +121,7 @@ pub trait Projection: Send + Sync + 'static {
         &self,
         event: &Self::Event,
         info: &EventInfo<'_>,
-        tx: &mut AnyConnection,
+        tx: &mut SqlTx,
         model: Model,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
 }
@@ -314,7 +316,7 @@ impl SqlStore {
         self.pause(group, "rebuilding").await?;
         let started = Instant::now();
         let outcome = async {
-            let (mut tx, turn) = shared.begin().await.context("begin a rebuild")?;
+            let (mut tx, turn) = shared.begin().await?;
             for table in projection.tables() {
                 if P::SWAP || model.is_next() {
                     drop_table(&mut tx, &model.table(table)).await?;
@@ -328,12 +330,12 @@ impl SqlStore {
                 .context("create the rebuilt tables")?;
             sqlx::query(AssertSqlSafe(shared.sql.clear_inbox.clone()))
                 .bind(shadow.clone())
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await
                 .context("clear the rebuild's inbox")?;
             let total: i64 = sqlx::query(AssertSqlSafe(shared.sql.count_replay.clone()))
                 .bind(names.clone())
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut tx)
                 .await
                 .and_then(|row| row.try_get(0))
                 .context("count the events to replay")?;
@@ -350,7 +352,7 @@ impl SqlStore {
                     .bind(after.1.clone())
                     .bind(after.2)
                     .bind(REPLAY_BATCH)
-                    .fetch_all(&mut *unit.tx)
+                    .fetch_all(&mut unit.tx)
                     .await
                     .context("read events to replay")?;
                 if rows.is_empty() {
@@ -381,7 +383,7 @@ impl SqlStore {
                     .bind(shadow.clone())
                     .bind(ids)
                     .bind(micros(shared.now()))
-                    .execute(&mut *unit.tx)
+                    .execute(&mut unit.tx)
                     .await
                     .context("record replayed events")?;
                 unit.commit_unit().await.context("commit a replayed batch")?;
@@ -404,7 +406,7 @@ impl SqlStore {
                 progress(&report);
             }
             // Swap: the rebuilt tables, the inbox of what they hold, and the group resumes.
-            let (mut tx, turn) = shared.begin().await.context("begin the swap")?;
+            let (mut tx, turn) = shared.begin().await?;
             if P::SWAP {
                 for table in projection.tables() {
                     drop_table(&mut tx, table).await?;
@@ -414,25 +416,25 @@ impl SqlStore {
                         quoted(table)?
                     );
                     sqlx::query(AssertSqlSafe(rename))
-                        .execute(&mut *tx)
+                        .execute(&mut tx)
                         .await
                         .context("swap a rebuilt table in")?;
                 }
             }
             sqlx::query(AssertSqlSafe(shared.sql.clear_inbox.clone()))
                 .bind(group)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await
                 .context("reset the group's inbox")?;
             sqlx::query(AssertSqlSafe(shared.sql.rename_inbox.clone()))
                 .bind(group)
                 .bind(shadow.clone())
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await
                 .context("move the replayed events to the group's inbox")?;
             sqlx::query(AssertSqlSafe(shared.sql.resume.clone()))
                 .bind(group)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await
                 .context("resume the group")?;
             tx.commit().await.context("commit the swap")?;
@@ -477,10 +479,10 @@ fn quoted(name: &str) -> Result<String> {
     }
 }
 
-async fn drop_table(tx: &mut AnyConnection, name: &str) -> Result<()> {
+async fn drop_table(tx: &mut SqlTx, name: &str) -> Result<()> {
     let sql = format!("DROP TABLE IF EXISTS {}", quoted(name)?);
     sqlx::query(AssertSqlSafe(sql))
-        .execute(&mut *tx)
+        .execute(tx)
         .await
         .context("drop a table")?;
     Ok(())

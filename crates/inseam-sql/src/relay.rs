@@ -209,7 +209,7 @@ async fn claim(
         // On a fresh table without statistics PostgreSQL would read every row of the group
         // and sort them; walking the (grp, id) index stops after `limit` rows.
         sqlx::query(AssertSqlSafe(plan))
-            .execute(&mut *unit.tx)
+            .execute(&mut unit.tx)
             .await
             .context("plan the claim")?;
     }
@@ -218,7 +218,7 @@ async fn claim(
         .bind(group.to_owned())
         .bind(now)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&mut *unit.tx)
+        .fetch_all(&mut unit.tx)
         .await
         .context("claim deliveries")?;
     rows.iter()
@@ -246,13 +246,13 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
         let claimed = serde_json::to_string(&claimed).unwrap_or_default();
         sqlx::query(AssertSqlSafe(shared.sql.delete_deliveries.clone()))
             .bind(claimed)
-            .execute(&mut *unit.tx)
+            .execute(&mut unit.tx)
             .await
             .context("delete claimed rows")?;
     }
     if let Some(unplan) = shared.sql.unplan_claim.clone() {
         sqlx::raw_sql(AssertSqlSafe(unplan))
-            .execute(&mut *unit.tx)
+            .execute(&mut unit.tx)
             .await
             .context("restore the planner settings")?;
     }
@@ -284,7 +284,7 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
             .bind(group.to_owned())
             .bind(ids)
             .bind(now)
-            .execute(&mut *unit.tx)
+            .execute(&mut unit.tx)
             .await;
         if let Err(error) = &inserted {
             tracing::debug!(target: "inseam::relay", group, error = error as &dyn std::error::Error, "batch inbox insert failed; going one by one");
@@ -358,7 +358,7 @@ async fn key_heads(
         .bind(max_id)
         .bind(serde_json::to_string(&keys).unwrap_or_default())
         .bind(now)
-        .fetch_all(&mut *unit.tx)
+        .fetch_all(&mut unit.tx)
         .await
         .context("check the order of keys")?;
     // The first id of each key this batch must not go past.
@@ -396,7 +396,7 @@ async fn insert_inbox(
         .bind(group.to_owned())
         .bind(ids)
         .bind(now)
-        .execute(&mut *unit.tx)
+        .execute(&mut unit.tx)
         .await
         .context("write the inbox")?;
     Ok(done.rows_affected())
@@ -424,7 +424,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
     let seen: i64 = sqlx::query(AssertSqlSafe(shared.sql.in_inbox.clone()))
         .bind(group.to_owned())
         .bind(row.message_id.clone())
-        .fetch_one(&mut *unit.tx)
+        .fetch_one(&mut unit.tx)
         .await
         .and_then(|r| r.try_get(0))
         .context("check the inbox")?;
@@ -436,7 +436,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         return Ok(One::Duplicate);
     }
     sqlx::query(SAVEPOINT)
-        .execute(&mut *unit.tx)
+        .execute(&mut unit.tx)
         .await
         .context("set a savepoint")?;
     let failure = match RawEnvelope::from_json(&row.envelope) {
@@ -459,7 +459,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
     };
     // Undo the handler's effects but keep the claim, then record the failure.
     if sqlx::query(ROLLBACK_TO)
-        .execute(&mut *unit.tx)
+        .execute(&mut unit.tx)
         .await
         .is_err()
     {
@@ -478,7 +478,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
             .bind(group)
             .bind(format!("stopped on an error: {}", failure.chain))
             .bind(now)
-            .execute(&mut *unit.tx)
+            .execute(&mut unit.tx)
             .await
             .context("stop a group")?;
         tracing::error!(target: "inseam::relay", group, error = %failure.chain, "group stopped; resume it with `store.resume(..)` once fixed");
@@ -500,7 +500,7 @@ async fn claim_one(
         .bind(group.to_owned())
         .bind(now)
         .bind(id)
-        .fetch_optional(&mut *unit.tx)
+        .fetch_optional(&mut unit.tx)
         .await
         .context("claim a delivery")
 }
@@ -508,7 +508,7 @@ async fn claim_one(
 async fn delete_delivery(unit: &mut SqlUnitOfWork, id: i64) -> Result<()> {
     sqlx::query(AssertSqlSafe(unit.shared.sql.delete_delivery.clone()))
         .bind(id)
-        .execute(&mut *unit.tx)
+        .execute(&mut unit.tx)
         .await
         .context("delete a delivered row")?;
     Ok(())
@@ -538,7 +538,7 @@ async fn record_failure(
             .bind(attempts)
             .bind(row.first_failed_at.unwrap_or(now))
             .bind(now)
-            .execute(&mut *unit.tx)
+            .execute(&mut unit.tx)
             .await
             .context("write a dead letter")?;
         delete_delivery(unit, row.id).await?;
@@ -564,7 +564,7 @@ async fn record_failure(
         .bind(at)
         .bind(failure.chain.clone())
         .bind(now)
-        .execute(&mut *unit.tx)
+        .execute(&mut unit.tx)
         .await
         .context("schedule a retry")?;
     shared.stats.retried.fetch_add(1, Ordering::Relaxed);

@@ -13,13 +13,10 @@ use inseam_core::store::{
     StoredEvent, UnitOfWork,
 };
 use inseam_core::{App, Clock, CommandContext, EventContext, SystemClock};
-use sqlx::any::AnyPoolOptions;
-use sqlx::{
-    Any, AnyConnection, AnyPool, AssertSqlSafe, Connection as _, Executor as _, Row as _,
-    Transaction,
-};
+use sqlx::{Any, AssertSqlSafe, Executor, Row as _};
 use tokio::sync::watch;
 
+use crate::conn::{SqlPool, SqlTx};
 use crate::deferred::DeferredUnitOfWork;
 use crate::error::{Context as _, Error, Result};
 use crate::sql::{Backend, Statements, migrations, validate_prefix};
@@ -109,10 +106,11 @@ impl SqlStoreOptions {
 }
 
 pub(crate) struct Shared {
-    pub(crate) pool: AnyPool,
+    pub(crate) pool: SqlPool,
     pub(crate) backend: Backend,
     pub(crate) sql: Statements,
     pub(crate) options: RelayOptions,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) url: String,
     /// Bumped after each local commit that wrote outbox rows; relay workers watch it.
     pub(crate) wake: watch::Sender<u64>,
@@ -136,24 +134,27 @@ impl Shared {
     /// that waiting for the single write lock never holds a pool connection that a handler in
     /// the writing transaction may need for a read; the turn is released with the returned
     /// guard.
-    pub(crate) async fn begin(
-        &self,
-    ) -> Result<(Transaction<'static, Any>, WriteTurn), sqlx::Error> {
+    pub(crate) async fn begin(&self) -> Result<(SqlTx, WriteTurn)> {
         match self.backend {
             Backend::Sqlite => {
                 let turn = tokio::time::timeout(SQLITE_BUSY, self.writer.clone().lock_owned())
                     .await
-                    .map_err(|_| {
-                        sqlx::Error::Protocol(format!(
-                            "waited {SQLITE_BUSY:?} for SQLite's write lock: is a handler sending a command from inside another command's transaction?"
-                        ))
+                    .map_err(|_| Error::LockTimeout {
+                        waited: SQLITE_BUSY,
                     })?;
                 // Take SQLite's write lock up front: a transaction that reads before it
                 // writes would otherwise fail when another process committed in between.
-                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                let tx = self
+                    .pool
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .context("begin a transaction")?;
                 Ok((tx, Some(turn)))
             }
-            Backend::Postgres => Ok((self.pool.begin().await?, None)),
+            Backend::Postgres => Ok((
+                self.pool.begin().await.context("begin a transaction")?,
+                None,
+            )),
         }
     }
 
@@ -168,6 +169,37 @@ impl Shared {
     pub(crate) fn wake(&self) {
         self.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
+}
+
+/// SQLite: a file in WAL mode (created if missing), through the native driver.
+#[cfg(feature = "sqlite")]
+async fn connect_sqlite(url: &str, max: Option<u32>) -> Result<SqlPool, sqlx::Error> {
+    use sqlx::sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    };
+    use std::str::FromStr as _;
+    // WAL: readers never block the writer. NORMAL: a commit survives the process being
+    // killed; only an OS crash may lose the last commits, never part of one.
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(SQLITE_BUSY);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(max.unwrap_or(4))
+        .connect_with(options)
+        .await?;
+    Ok(SqlPool::sqlite_pool(pool))
+}
+
+/// PostgreSQL, through the native driver.
+#[cfg(feature = "postgres")]
+async fn connect_postgres(url: &str, max: Option<u32>) -> Result<SqlPool, sqlx::Error> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max.unwrap_or(10))
+        .connect(url)
+        .await?;
+    Ok(SqlPool::postgres(pool))
 }
 
 /// A durable store on SQLite or PostgreSQL, selected by the database URL.
@@ -209,37 +241,17 @@ impl SqlStore {
     pub async fn connect_with(url: &str, options: SqlStoreOptions) -> Result<Self> {
         validate_prefix(&options.prefix)?;
         let backend = Backend::from_url(url)?;
-        sqlx::any::install_default_drivers();
-        let url = match backend {
-            Backend::Sqlite if !url.contains("mode=") => {
-                let sep = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{sep}mode=rwc")
-            }
-            _ => url.to_owned(),
-        };
+        let max = options.max_connections;
         let pool = match backend {
-            Backend::Sqlite => {
-                AnyPoolOptions::new()
-                    .max_connections(options.max_connections.unwrap_or(4))
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            // WAL: readers never block the writer. NORMAL: a commit survives
-                            // the process being killed; only an OS crash may lose the last
-                            // commits, never part of one.
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
-                            conn.execute("PRAGMA busy_timeout = 10000").await?;
-                            Ok(())
-                        })
-                    })
-                    .connect(&url)
-                    .await
-            }
-            Backend::Postgres => {
-                AnyPoolOptions::new()
-                    .max_connections(options.max_connections.unwrap_or(10))
-                    .connect(&url)
-                    .await
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite => connect_sqlite(url, max).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => connect_postgres(url, max).await,
+            #[allow(unreachable_patterns)]
+            other => {
+                return Err(Error::UnsupportedUrl {
+                    scheme: format!("{other:?}").to_lowercase(),
+                });
             }
         }
         .context("connect to the database")?;
@@ -251,7 +263,7 @@ impl SqlStore {
                 backend,
                 sql: Statements::new(backend, &options.prefix),
                 options: options.relay,
-                url,
+                url: url.to_owned(),
                 wake,
                 stats: crate::relay::Counters::default(),
                 clock: std::sync::RwLock::new(Arc::new(SystemClock)),
@@ -274,32 +286,29 @@ impl SqlStore {
         self.shared.group.stats()
     }
 
-    /// The connection pool, for the app's own queries outside a command.
-    pub fn pool(&self) -> &AnyPool {
+    /// The connection pool, for the app's own queries outside a command: the backend's native
+    /// pool ([`SqlPool::pg`], [`SqlPool::sqlite`]), or `&SqlPool` itself as an executor of
+    /// sqlx's `Any` database for SQL that runs on both.
+    pub fn pool(&self) -> &SqlPool {
         &self.shared.pool
     }
 
     async fn migrate(&self, prefix: &str) -> Result<()> {
         let shared = &self.shared;
-        let mut conn = shared
-            .pool
-            .acquire()
-            .await
-            .context("acquire a connection for migrations")?;
         sqlx::query(AssertSqlSafe(shared.sql.migrations_table.clone()))
-            .execute(&mut *conn)
+            .execute(&shared.pool)
             .await
             .context("create the migrations table")?;
         for migration in migrations(shared.backend, prefix) {
-            let mut tx = conn.begin().await.context("begin a migration")?;
+            let mut tx = shared.pool.begin().await.context("begin a migration")?;
             if let Some(lock) = &shared.sql.lock_migrations {
                 sqlx::query(AssertSqlSafe(lock.clone()))
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await
                     .context("lock the migrations")?;
             }
             let applied: Vec<i64> = sqlx::query(AssertSqlSafe(shared.sql.applied.clone()))
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut tx)
                 .await
                 .context("read the applied migrations")?
                 .iter()
@@ -313,14 +322,14 @@ impl SqlStore {
             let failed = |source| Error::Migration { version, source };
             for statement in migration.statements {
                 sqlx::query(AssertSqlSafe(statement))
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await
                     .map_err(failed)?;
             }
             sqlx::query(AssertSqlSafe(shared.sql.record_migration.clone()))
                 .bind(version)
                 .bind(micros(self.shared.now()))
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await
                 .map_err(failed)?;
             tx.commit().await.map_err(failed)?;
@@ -336,20 +345,23 @@ impl SqlStore {
 
 /// Begins a unit of work with its transaction.
 pub(crate) async fn begin_unit(shared: &Arc<Shared>) -> Result<SqlUnitOfWork> {
-    let (tx, turn) = shared.begin().await.context("begin a transaction")?;
+    let (tx, turn) = shared.begin().await?;
     Ok(SqlUnitOfWork {
         tx,
         shared: shared.clone(),
         notified: false,
+        savepoints: 0,
         _turn: turn,
     })
 }
 
 /// A unit of work on the SQL store: one database transaction.
 pub struct SqlUnitOfWork {
-    pub(crate) tx: Transaction<'static, Any>,
+    pub(crate) tx: SqlTx,
     pub(crate) shared: Arc<Shared>,
     notified: bool,
+    /// Savepoints of nested commands open in the transaction.
+    savepoints: u32,
     /// Declared after `tx`: released once the transaction is over.
     _turn: WriteTurn,
 }
@@ -379,8 +391,8 @@ impl SqlUnitOfWork {
         tx.rollback().await
     }
 
-    /// The transaction's connection, for the handler's own SQL.
-    pub fn connection(&mut self) -> &mut AnyConnection {
+    /// The transaction, for the handler's own SQL.
+    pub fn connection(&mut self) -> &mut SqlTx {
         &mut self.tx
     }
 
@@ -392,7 +404,7 @@ impl SqlUnitOfWork {
             if let Some(write) = &sql.write_outbox {
                 row.bind(sqlx::query(AssertSqlSafe(write.clone())))
                     .bind(sql.channel.to_string())
-                    .execute(&mut *self.tx)
+                    .execute(&mut self.tx)
                     .await
                     .map_err(|e| conflict_or(e, [&message]))?;
                 self.notified = true;
@@ -408,7 +420,7 @@ impl SqlUnitOfWork {
                 .bind(row.stream)
                 .bind(row.stream_version)
                 .bind(row.correlation)
-                .execute(&mut *self.tx)
+                .execute(&mut self.tx)
                 .await
                 .map_err(|e| conflict_or(e, [&message]))?;
             sqlx::query(AssertSqlSafe(sql.insert_deliveries.clone()))
@@ -417,7 +429,7 @@ impl SqlUnitOfWork {
                 .bind(row.key)
                 .bind(row.deliver_at)
                 .bind(row.created_at)
-                .execute(&mut *self.tx)
+                .execute(&mut self.tx)
                 .await
                 .context("write the outbox deliveries")?;
         }
@@ -426,7 +438,7 @@ impl SqlUnitOfWork {
                 // Delivered by PostgreSQL on commit, to the relays of every instance.
                 sqlx::query(AssertSqlSafe(notify.clone()))
                     .bind(sql.channel.to_string())
-                    .execute(&mut *self.tx)
+                    .execute(&mut self.tx)
                     .await
                     .context("notify the relays")?;
             }
@@ -553,15 +565,12 @@ fn reported_position(db: &dyn sqlx::error::DatabaseError) -> Option<(String, u64
 }
 
 /// `Key (stream, stream_version)=(cart-7, 3) already exists.` → `("cart-7", 3)`.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 fn parse_key_detail(detail: &str) -> Option<(String, u64)> {
     let values = detail.split_once(")=(")?.1;
     let values = values.rsplit_once(") already exists")?.0;
     let (stream, version) = values.rsplit_once(", ")?;
     Some((stream.to_owned(), version.parse().ok()?))
-}
-
-fn store_error(operation: &'static str) -> impl FnOnce(Error) -> StoreError {
-    move |error| StoreError::new(operation, error)
 }
 
 impl UnitOfWork for SqlUnitOfWork {
@@ -611,7 +620,7 @@ impl UnitOfWork for SqlUnitOfWork {
                 .bind(i64::from(snapshot.schema))
                 .bind(snapshot.state)
                 .bind(micros(self.shared.now()))
-                .execute(&mut *self.tx)
+                .execute(&mut self.tx)
                 .await
                 .map_err(|e| StoreError::new("save a snapshot", e))?;
             Ok(())
@@ -627,7 +636,7 @@ impl UnitOfWork for SqlUnitOfWork {
             let row = sqlx::query(AssertSqlSafe(self.shared.sql.load_process.clone()))
                 .bind(kind.to_owned())
                 .bind(id.to_owned())
-                .fetch_optional(&mut *self.tx)
+                .fetch_optional(&mut self.tx)
                 .await
                 .map_err(|e| StoreError::new("load a process", e))?;
             let Some(row) = row else {
@@ -659,9 +668,56 @@ impl UnitOfWork for SqlUnitOfWork {
                 .bind(state.state)
                 .bind(i64::from(state.done))
                 .bind(micros(self.shared.now()))
-                .execute(&mut *self.tx)
+                .execute(&mut self.tx)
                 .await
                 .map_err(|e| StoreError::new("save a process", e))?;
+            Ok(())
+        })
+    }
+
+    fn savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let name = self.savepoints + 1;
+            sqlx::query(AssertSqlSafe(format!("SAVEPOINT inseam_nested_{name}")))
+                .execute(&mut self.tx)
+                .await
+                .map_err(|e| StoreError::new("set a savepoint for a nested command", e))?;
+            self.savepoints = name;
+            Ok(())
+        })
+    }
+
+    fn release_savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let name = self.savepoints;
+            sqlx::query(AssertSqlSafe(format!(
+                "RELEASE SAVEPOINT inseam_nested_{name}"
+            )))
+            .execute(&mut self.tx)
+            .await
+            .map_err(|e| StoreError::new("release a nested command's savepoint", e))?;
+            self.savepoints = name.saturating_sub(1);
+            Ok(())
+        })
+    }
+
+    fn rollback_to_savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let name = self.savepoints;
+            sqlx::query(AssertSqlSafe(format!(
+                "ROLLBACK TO SAVEPOINT inseam_nested_{name}"
+            )))
+            .execute(&mut self.tx)
+            .await
+            .map_err(|e| StoreError::new("roll back a nested command", e))?;
+            // Rolling back to a savepoint keeps it: release it too.
+            sqlx::query(AssertSqlSafe(format!(
+                "RELEASE SAVEPOINT inseam_nested_{name}"
+            )))
+            .execute(&mut self.tx)
+            .await
+            .map_err(|e| StoreError::new("roll back a nested command", e))?;
+            self.savepoints = name.saturating_sub(1);
             Ok(())
         })
     }
@@ -689,9 +745,9 @@ impl UnitOfWork for SqlUnitOfWork {
 
 /// The events of `stream` after version `after` (recorded at or before `as_of`), read on
 /// `conn`: in a unit of work's transaction or, before it begins one, on its own.
-pub(crate) async fn read_stream(
+pub(crate) async fn read_stream<'c>(
     shared: &Shared,
-    conn: &mut AnyConnection,
+    conn: impl Executor<'c, Database = Any>,
     stream: &str,
     after: u64,
     as_of: Option<DateTime<Utc>>,
@@ -721,9 +777,9 @@ pub(crate) async fn read_stream(
 }
 
 /// The latest snapshot of `stream`, read on `conn` (see [`read_stream`]).
-pub(crate) async fn load_snapshot(
+pub(crate) async fn load_snapshot<'c>(
     shared: &Shared,
-    conn: &mut AnyConnection,
+    conn: impl Executor<'c, Database = Any>,
     stream: &str,
 ) -> Result<Option<Snapshot>, StoreError> {
     let row = sqlx::query(AssertSqlSafe(shared.sql.load_snapshot.clone()))
@@ -750,20 +806,10 @@ pub(crate) async fn load_snapshot(
 
 impl Store for SqlStore {
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn UnitOfWork>, StoreError>> {
-        Box::pin(async move {
-            // PostgreSQL: nothing is sent until the unit of work needs a transaction (see
-            // `DeferredUnitOfWork`). SQLite takes its write lock up front (`Shared::begin`).
-            if self.shared.backend == Backend::Postgres {
-                return Ok(
-                    Box::new(DeferredUnitOfWork::new(self.shared.clone())) as Box<dyn UnitOfWork>
-                );
-            }
-            let unit = self
-                .begin_unit()
-                .await
-                .map_err(store_error("begin a transaction"))?;
-            Ok(Box::new(unit) as Box<dyn UnitOfWork>)
-        })
+        // Nothing is sent until the unit of work needs a transaction (see
+        // `DeferredUnitOfWork`); on SQLite, that is when it takes the write lock.
+        let unit = DeferredUnitOfWork::new(self.shared.clone());
+        Box::pin(async move { Ok(Box::new(unit) as Box<dyn UnitOfWork>) })
     }
 
     fn committed(&self) {
@@ -779,22 +825,42 @@ impl Store for SqlStore {
     }
 }
 
-/// The transaction of the command or delivery a handler runs in: `ctx.tx().await?`.
+/// The transaction of the command or delivery a handler runs in: `ctx.tx().await?`, or the
+/// backend's native connection inside it: `ctx.pg().await?`, `ctx.sqlite().await?`.
 ///
 /// ```ignore
 /// #[command_handler]
 /// async fn open_account(cmd: OpenAccount, ctx: &mut CommandContext<'_>) -> Result<(), BankError> {
-///     sqlx::query("INSERT INTO accounts (id) VALUES ($1)").bind(cmd.id).execute(ctx.tx().await?).await?;
+///     // PostgreSQL's own types, checked at build by sqlx:
+///     sqlx::query!("INSERT INTO accounts (id, opened_at) VALUES ($1, $2)", cmd.id, Utc::now())
+///         .execute(ctx.pg().await?)
+///         .await?;
+///     // or SQL that runs on either backend:
+///     sqlx::query("INSERT INTO audit (line) VALUES ($1)").bind("opened").execute(ctx.tx().await?).await?;
 ///     ctx.publish(AccountOpened { id: cmd.id });
 ///     Ok(())
 /// }
 /// ```
 pub trait Transactional {
-    /// The connection of the unit of work's transaction: what the handler writes through it
-    /// commits together with the outbox rows, or not at all. On PostgreSQL a command's
-    /// transaction begins here, the first time it is asked for (see [`DeferredUnitOfWork`]).
-    /// Fails when the app has no [`SqlStore`], or when the transaction cannot begin.
-    fn tx(&mut self) -> impl Future<Output = Result<&mut AnyConnection, sqlx::Error>> + Send;
+    /// The unit of work's transaction: what the handler writes through it commits together
+    /// with the outbox rows, or not at all. On PostgreSQL a command's transaction begins here,
+    /// the first time it is asked for (see [`DeferredUnitOfWork`]); on SQLite this is when the
+    /// command takes the database's write lock. Fails when the app has no [`SqlStore`], or when
+    /// the transaction cannot begin.
+    fn tx(&mut self) -> impl Future<Output = Result<&mut SqlTx, sqlx::Error>> + Send;
+
+    /// The native PostgreSQL connection inside [`tx`](Self::tx), for `sqlx::query!`, `Uuid`,
+    /// `chrono`, `Json<T>`, arrays. Fails, saying so, on SQLite.
+    #[cfg(feature = "postgres")]
+    fn pg(
+        &mut self,
+    ) -> impl Future<Output = Result<&mut sqlx::postgres::PgConnection, sqlx::Error>> + Send;
+
+    /// The native SQLite connection inside [`tx`](Self::tx). Fails, saying so, on PostgreSQL.
+    #[cfg(feature = "sqlite")]
+    fn sqlite(
+        &mut self,
+    ) -> impl Future<Output = Result<&mut sqlx::sqlite::SqliteConnection, sqlx::Error>> + Send;
 }
 
 fn no_transaction() -> sqlx::Error {
@@ -822,29 +888,43 @@ fn unit_of(uow: Option<&mut dyn UnitOfWork>) -> Result<Unit<'_>, sqlx::Error> {
         .ok_or_else(no_transaction)
 }
 
-async fn connection_of(
-    uow: Option<&mut dyn UnitOfWork>,
-) -> Result<&mut AnyConnection, sqlx::Error> {
+async fn connection_of(uow: Option<&mut dyn UnitOfWork>) -> Result<&mut SqlTx, sqlx::Error> {
     match unit_of(uow)? {
         Unit::Begun(unit) => Ok(unit.connection()),
-        Unit::Deferred(unit) => unit.connection().await.map_err(|error| match error {
-            Error::Database { source, .. } => source,
-            other => sqlx::Error::Protocol(other.to_string()),
-        }),
+        Unit::Deferred(unit) => unit.connection().await.map_err(Error::into_sqlx),
     }
 }
 
-impl Transactional for CommandContext<'_> {
-    fn tx(&mut self) -> impl Future<Output = Result<&mut AnyConnection, sqlx::Error>> + Send {
-        connection_of(self.unit_of_work())
-    }
+macro_rules! transactional {
+    ($ctx:ty) => {
+        impl Transactional for $ctx {
+            fn tx(&mut self) -> impl Future<Output = Result<&mut SqlTx, sqlx::Error>> + Send {
+                connection_of(self.unit_of_work())
+            }
+
+            #[cfg(feature = "postgres")]
+            fn pg(
+                &mut self,
+            ) -> impl Future<Output = Result<&mut sqlx::postgres::PgConnection, sqlx::Error>> + Send
+            {
+                let uow = self.unit_of_work();
+                async move { connection_of(uow).await?.pg() }
+            }
+
+            #[cfg(feature = "sqlite")]
+            fn sqlite(
+                &mut self,
+            ) -> impl Future<Output = Result<&mut sqlx::sqlite::SqliteConnection, sqlx::Error>> + Send
+            {
+                let uow = self.unit_of_work();
+                async move { connection_of(uow).await?.sqlite() }
+            }
+        }
+    };
 }
 
-impl Transactional for EventContext<'_> {
-    fn tx(&mut self) -> impl Future<Output = Result<&mut AnyConnection, sqlx::Error>> + Send {
-        connection_of(self.unit_of_work())
-    }
-}
+transactional!(CommandContext<'_>);
+transactional!(EventContext<'_>);
 
 /// Microseconds since the Unix epoch: how the store keeps instants, alike on both backends.
 pub(crate) fn micros(at: DateTime<Utc>) -> i64 {

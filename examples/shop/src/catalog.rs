@@ -2,7 +2,8 @@
 //! nobody else touches `catalog_products`.
 
 use inseam::prelude::*;
-use inseam::sql::sqlx::{self, AnyPool, Row as _};
+use inseam::sql::SqlPool;
+use inseam::sql::sqlx::{self, Row as _};
 
 /// A product for sale.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,7 +58,7 @@ async fn add_product(cmd: AddProduct, ctx: &mut CommandContext<'_>) -> Result<()
 #[query_handler]
 async fn get_products(
     query: GetProducts,
-    State(pool): State<AnyPool>,
+    State(pool): State<SqlPool>,
 ) -> Result<Vec<Product>, CatalogError> {
     let mut products = Vec::with_capacity(query.skus.len());
     // One lookup per SKU: an order has few lines, and the SQL stays portable.

@@ -2,7 +2,8 @@
 //! orchestrates them.
 
 use inseam::prelude::*;
-use inseam::sql::sqlx::{self, AnyPool, Row as _};
+use inseam::sql::SqlPool;
+use inseam::sql::sqlx::{self, Row as _};
 
 use crate::orders::{OrderConfirmed, OrderRejected};
 
@@ -52,7 +53,7 @@ async fn order_rejected(
 }
 
 #[query_handler]
-async fn sent_to(query: SentTo, State(pool): State<AnyPool>) -> Result<Vec<String>, sqlx::Error> {
+async fn sent_to(query: SentTo, State(pool): State<SqlPool>) -> Result<Vec<String>, sqlx::Error> {
     let rows =
         sqlx::query("SELECT message FROM notifications_sent WHERE customer = $1 ORDER BY id")
             .bind(query.customer)

@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use inseam::prelude::*;
-use inseam::sql::sqlx::{self, AnyConnection, AnyPool, AssertSqlSafe, Row as _};
+use inseam::sql::sqlx::{self, AssertSqlSafe, Row as _};
 use inseam::sql::{EventInfo, Model, Projection};
+use inseam::sql::{SqlPool, SqlTx};
 use inseam::{BoxError, Compensations, SagaContext};
 use schemars::JsonSchema;
 
@@ -465,7 +466,7 @@ impl Projection for Summaries {
         &["orders_summaries"]
     }
 
-    async fn create(&self, tx: &mut AnyConnection, model: Model) -> Result<(), sqlx::Error> {
+    async fn create(&self, tx: &mut SqlTx, model: Model) -> Result<(), sqlx::Error> {
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {} (order_id TEXT PRIMARY KEY, customer TEXT NOT NULL,
              status TEXT NOT NULL, total_cents BIGINT NOT NULL, reason TEXT, seq BIGINT NOT NULL)",
@@ -478,7 +479,7 @@ impl Projection for Summaries {
         &self,
         event: &OrderEvent,
         info: &EventInfo<'_>,
-        tx: &mut AnyConnection,
+        tx: &mut SqlTx,
         model: Model,
     ) -> Result<(), BoxError> {
         let table = model.table("orders_summaries");
@@ -531,7 +532,7 @@ fn summary(row: &sqlx::any::AnyRow) -> Result<OrderSummary, sqlx::Error> {
 #[query_handler]
 async fn get_order(
     query: GetOrder,
-    State(pool): State<AnyPool>,
+    State(pool): State<SqlPool>,
 ) -> Result<OrderSummary, OrderError> {
     let row = sqlx::query(
         "SELECT order_id, customer, status, total_cents, reason FROM orders_summaries WHERE order_id = $1",
@@ -546,7 +547,7 @@ async fn get_order(
 #[query_handler]
 async fn customer_orders(
     query: CustomerOrders,
-    State(pool): State<AnyPool>,
+    State(pool): State<SqlPool>,
 ) -> Result<Vec<OrderSummary>, OrderError> {
     let rows = sqlx::query(
         "SELECT order_id, customer, status, total_cents, reason FROM orders_summaries
