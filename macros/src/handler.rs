@@ -653,20 +653,15 @@ fn generate(
         }
     }
     // Spanned at the function's name, so that a future that is not `Send` is reported there.
-    // The output is named so that a wrong return type reads as the future resolving to the
-    // wrong type, not as a mismatch between two `HandlerFuture`s.
+    // The return type is a type argument, so that one that is not the message's result is
+    // reported there, naming the expected `Result`.
+    let returned = output.map_or_else(|| quote!(_), ToTokens::to_token_stream);
     let call = match kind {
         Kind::Command => quote_spanned! {name.span()=>
-            ::inseam::__private::handler_future::<
-                ::inseam::__private::CommandResult<Self::Command>,
-                _,
-            >(#name(#(#args),*))
+            ::inseam::__private::command_future::<#message, #returned, _>(#name(#(#args),*))
         },
         Kind::Query => quote_spanned! {name.span()=>
-            ::inseam::__private::handler_future::<
-                ::inseam::__private::QueryResult<Self::Query>,
-                _,
-            >(#name(#(#args),*))
+            ::inseam::__private::query_future::<#message, #returned, _>(#name(#(#args),*))
         },
         Kind::Event => {
             // The awaited call runs from the first to the last token of the return type, so
@@ -746,19 +741,6 @@ fn generate(
         ),
     };
 
-    // An event handler's result is checked where it is converted (`IntoHandlerResult`).
-    let check = match (kind, output) {
-        (Kind::Command, Some(output)) => Some(return_check(
-            quote!(::inseam::__private::ReturnsCommandResult<#message>),
-            output,
-        )),
-        (Kind::Query, Some(output)) => Some(return_check(
-            quote!(::inseam::__private::ReturnsQueryResult<#message>),
-            output,
-        )),
-        (Kind::Event, _) | (_, None) => None,
-    };
-
     quote! {
         #[doc(hidden)]
         #[allow(non_camel_case_types, missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -776,18 +758,5 @@ fn generate(
         ::inseam::__private::inventory::submit! {
             ::inseam::__private::Registration::#registration::<#name>()
         }
-
-        #check
-    }
-}
-
-/// A compile-time check that a command or query handler returns its message's result; rustc
-/// reports the unmet bound at the type argument, which is the user's return type.
-fn return_check(bound: TokenStream, output: &Type) -> TokenStream {
-    quote! {
-        const _: () = {
-            fn __check<T: #bound>() {}
-            let _ = __check::<#output>;
-        };
     }
 }
