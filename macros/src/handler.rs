@@ -5,6 +5,7 @@ use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::{
     FnArg, GenericArgument, Ident, ItemFn, LitStr, PathArguments, ReturnType, Signature, Type,
+    TypeReference,
 };
 
 use crate::attr::{self, Errors, Setting};
@@ -32,6 +33,24 @@ impl Kind {
             Kind::Command => "command",
             Kind::Query => "query",
             Kind::Event => "event",
+        }
+    }
+
+    /// "a command handler", "an event handler": the kind of handler, with its article.
+    fn a_handler(self) -> &'static str {
+        match self {
+            Kind::Command => "a command handler",
+            Kind::Query => "a query handler",
+            Kind::Event => "an event handler",
+        }
+    }
+
+    /// The context type of this kind of handler.
+    fn context_type(self) -> &'static str {
+        match self {
+            Kind::Command => "CommandContext",
+            Kind::Query => "QueryContext",
+            Kind::Event => "EventContext",
         }
     }
 
@@ -151,8 +170,8 @@ fn expand_fn(kind: Kind, args: TokenStream, function: &ItemFn) -> syn::Result<To
         errors.spanned(
             signature_head(sig),
             format_args!(
-                "the first parameter of a {} handler is the {}{by_value}, e.g. `{example}`",
-                kind.message(),
+                "the first parameter of {} is the {}{by_value}, e.g. `{example}`",
+                kind.a_handler(),
                 kind.message()
             ),
         );
@@ -175,32 +194,22 @@ fn expand_fn(kind: Kind, args: TokenStream, function: &ItemFn) -> syn::Result<To
                     errors.spanned(
                         reference,
                         format_args!(
-                            "a {} handler takes at most one reference parameter, its context `{}`; take other arguments by value",
-                            kind.message(),
+                            "{} takes at most one reference parameter, its context `{}`; take other arguments by value",
+                            kind.a_handler(),
                             kind.context()
                         ),
                     );
                     continue;
                 }
-                let wants_mut = kind != Kind::Query;
-                if reference.mutability.is_some() != wants_mut {
-                    errors.spanned(
-                        reference,
-                        format_args!(
-                            "the context of a {} handler is taken as `{}`",
-                            kind.message(),
-                            kind.context()
-                        ),
-                    );
-                }
+                check_context(kind, reference, &mut errors);
                 has_context = true;
                 params.push(Param::Context);
             }
             Type::ImplTrait(_) => errors.spanned(
                 ty,
                 format_args!(
-                    "a {} handler cannot be generic; name the argument's type",
-                    kind.message()
+                    "{} cannot be generic; name the argument's type",
+                    kind.a_handler()
                 ),
             ),
             _ => params.push(Param::Extractor(ty)),
@@ -265,19 +274,62 @@ fn check_signature(kind: Kind, sig: &Signature, errors: &mut Errors) {
         errors.spanned(
             &generics.params,
             format_args!(
-                "a {} handler cannot be generic: it is registered once, for one {} type; remove the generic parameters",
-                kind.message(),
+                "{} cannot be generic: it is registered once, for one {} type; remove the generic parameters",
+                kind.a_handler(),
                 kind.message()
             ),
         );
     } else if let Some(where_clause) = &generics.where_clause {
         errors.spanned(
             where_clause,
+            format_args!("{} cannot have a where clause; remove it", kind.a_handler()),
+        );
+    }
+}
+
+/// Checks the context parameter: the context of this kind of handler (recognised by the last
+/// path segment, as rustc would otherwise report the mismatch at the attribute, the wrong way
+/// round), taken by `&mut` or, for a query, by `&`.
+fn check_context(kind: Kind, reference: &TypeReference, errors: &mut Errors) {
+    if let Some(named) = context_kind(&reference.elem).filter(|named| *named != kind) {
+        errors.spanned(
+            reference,
             format_args!(
-                "a {} handler cannot have a where clause; remove it",
-                kind.message()
+                "{} takes its context as `{}`, not `{}`: `{}` is the context of {}",
+                kind.a_handler(),
+                kind.context(),
+                span::pretty(reference),
+                named.context_type(),
+                named.a_handler()
             ),
         );
+        return;
+    }
+    let wants_mut = kind != Kind::Query;
+    if reference.mutability.is_some() != wants_mut {
+        errors.spanned(
+            reference,
+            format_args!(
+                "the context of {} is taken as `{}`",
+                kind.a_handler(),
+                kind.context()
+            ),
+        );
+    }
+}
+
+/// The kind of handler whose context `ty` names, if it names one.
+fn context_kind(ty: &Type) -> Option<Kind> {
+    match ty {
+        Type::Group(group) => context_kind(&group.elem),
+        Type::Paren(paren) => context_kind(&paren.elem),
+        Type::Path(path) if path.qself.is_none() => {
+            let ident = &path.path.segments.last()?.ident;
+            [Kind::Command, Kind::Query, Kind::Event]
+                .into_iter()
+                .find(|kind| ident == kind.context_type())
+        }
+        _ => None,
     }
 }
 
@@ -601,20 +653,15 @@ fn generate(
         }
     }
     // Spanned at the function's name, so that a future that is not `Send` is reported there.
-    // The output is named so that a wrong return type reads as the future resolving to the
-    // wrong type, not as a mismatch between two `HandlerFuture`s.
+    // The return type is a type argument, so that one that is not the message's result is
+    // reported there, naming the expected `Result`.
+    let returned = output.map_or_else(|| quote!(_), ToTokens::to_token_stream);
     let call = match kind {
         Kind::Command => quote_spanned! {name.span()=>
-            ::inseam::__private::handler_future::<
-                ::inseam::__private::CommandResult<Self::Command>,
-                _,
-            >(#name(#(#args),*))
+            ::inseam::__private::command_future::<#message, #returned, _>(#name(#(#args),*))
         },
         Kind::Query => quote_spanned! {name.span()=>
-            ::inseam::__private::handler_future::<
-                ::inseam::__private::QueryResult<Self::Query>,
-                _,
-            >(#name(#(#args),*))
+            ::inseam::__private::query_future::<#message, #returned, _>(#name(#(#args),*))
         },
         Kind::Event => {
             // The awaited call runs from the first to the last token of the return type, so
@@ -694,19 +741,6 @@ fn generate(
         ),
     };
 
-    // An event handler's result is checked where it is converted (`IntoHandlerResult`).
-    let check = match (kind, output) {
-        (Kind::Command, Some(output)) => Some(return_check(
-            quote!(::inseam::__private::ReturnsCommandResult<#message>),
-            output,
-        )),
-        (Kind::Query, Some(output)) => Some(return_check(
-            quote!(::inseam::__private::ReturnsQueryResult<#message>),
-            output,
-        )),
-        (Kind::Event, _) | (_, None) => None,
-    };
-
     quote! {
         #[doc(hidden)]
         #[allow(non_camel_case_types, missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -724,18 +758,5 @@ fn generate(
         ::inseam::__private::inventory::submit! {
             ::inseam::__private::Registration::#registration::<#name>()
         }
-
-        #check
-    }
-}
-
-/// A compile-time check that a command or query handler returns its message's result; rustc
-/// reports the unmet bound at the type argument, which is the user's return type.
-fn return_check(bound: TokenStream, output: &Type) -> TokenStream {
-    quote! {
-        const _: () = {
-            fn __check<T: #bound>() {}
-            let _ = __check::<#output>;
-        };
     }
 }

@@ -184,20 +184,66 @@ impl<E: Into<BoxError>> IntoHandlerResult for Result<(), E> {
     }
 }
 
-/// Checks at compile time that a command handler returns what its command declares.
+/// Checks at compile time that a command handler returns what its command declares: `R` is
+/// the command's `Result<Output, Error>`, and only `R` itself implements the trait, so that a
+/// mismatch is reported as this trait unimplemented, naming both types, rather than as a
+/// projection mismatch.
 #[diagnostic::on_unimplemented(
-    message = "this handler returns `{Self}`, but command `{C}` declares a different output or error",
-    label = "does not match the command's `#[command(output = .., error = ..)]`",
-    note = "a command handler returns `Result<Output, Error>` with the `output` and `error` of its command"
+    message = "this handler returns `{Self}`, but a handler of command `{C}` must return `{R}`",
+    label = "expected `{R}`",
+    note = "a command handler returns `Result<Output, Error>` with the `output` and `error` of its command's `#[command(output = .., error = ..)]`"
 )]
-pub trait ReturnsCommandResult<C: Command> {}
-impl<C: Command> ReturnsCommandResult<C> for Result<C::Output, C::Error> {}
+pub trait ReturnsCommandResult<C: Command, R> {
+    /// The handler's future, as the command's.
+    fn cast_future(future: HandlerFuture<'_, Self>) -> HandlerFuture<'_, R>
+    where
+        Self: Sized;
+}
 
-/// Checks at compile time that a query handler returns what its query declares.
+impl<C: Command, R> ReturnsCommandResult<C, R> for R {
+    fn cast_future(future: HandlerFuture<'_, R>) -> HandlerFuture<'_, R> {
+        future
+    }
+}
+
+/// Checks at compile time that a query handler returns what its query declares: `R` is the
+/// query's `Result<Output, Error>` (see [`ReturnsCommandResult`]).
 #[diagnostic::on_unimplemented(
-    message = "this handler returns `{Self}`, but query `{Q}` declares a different output or error",
-    label = "does not match the query's `#[query(output = .., error = ..)]`",
-    note = "a query handler returns `Result<Output, Error>` with the `output` and `error` of its query"
+    message = "this handler returns `{Self}`, but a handler of query `{Q}` must return `{R}`",
+    label = "expected `{R}`",
+    note = "a query handler returns `Result<Output, Error>` with the `output` and `error` of its query's `#[query(output = .., error = ..)]`"
 )]
-pub trait ReturnsQueryResult<Q: Query> {}
-impl<Q: Query> ReturnsQueryResult<Q> for Result<Q::Output, Q::Error> {}
+pub trait ReturnsQueryResult<Q: Query, R> {
+    /// The handler's future, as the query's.
+    fn cast_future(future: HandlerFuture<'_, Self>) -> HandlerFuture<'_, R>
+    where
+        Self: Sized;
+}
+
+impl<Q: Query, R> ReturnsQueryResult<Q, R> for R {
+    fn cast_future(future: HandlerFuture<'_, R>) -> HandlerFuture<'_, R> {
+        future
+    }
+}
+
+/// Wraps the future of a handler of command `C` that returns `R`. The return type is a type
+/// argument, so that a handler returning something else than its command's result is reported
+/// once, at its return type, rather than inside [`handler_future`].
+pub fn command_future<'a, C, R, F>(future: F) -> HandlerFuture<'a, CommandResult<C>>
+where
+    C: Command,
+    R: ReturnsCommandResult<C, CommandResult<C>>,
+    F: Future<Output = R> + Send + 'a,
+{
+    R::cast_future(handler_future(future))
+}
+
+/// Wraps the future of a handler of query `Q` that returns `R` (see [`command_future`]).
+pub fn query_future<'a, Q, R, F>(future: F) -> HandlerFuture<'a, QueryResult<Q>>
+where
+    Q: Query,
+    R: ReturnsQueryResult<Q, QueryResult<Q>>,
+    F: Future<Output = R> + Send + 'a,
+{
+    R::cast_future(handler_future(future))
+}

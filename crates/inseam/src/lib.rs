@@ -85,8 +85,7 @@ pub mod __private {
     pub use inseam_core::extract::{Extract, Parts, PrepareCx};
     pub use inseam_core::handler::{
         BoxError, CommandHandler, CommandResult, Delivery, EventHandler, Handler, HandlerFuture,
-        IntoHandlerResult, QueryHandler, QueryResult, ReturnsCommandResult, ReturnsQueryResult,
-        handler_future,
+        IntoHandlerResult, QueryHandler, QueryResult, command_future, handler_future, query_future,
     };
     pub use inseam_core::message::SlotIndex;
     pub use inseam_core::registry::Registration;
