@@ -3,9 +3,26 @@
 //!
 //! Each group claims its rows in id order, in batches, and handles a whole batch in one
 //! transaction: the handlers' effects, one multi-row inbox insert and the deletion of the
-//! claimed rows commit together. When anything in a batch fails, the batch is rolled back and
-//! its rows are handled one by one, each in its own transaction, so that only the failing
-//! message is held back (with its key) and every other one is delivered.
+//! claimed rows commit together. When anything in a batch fails (a handler, the inbox insert,
+//! or the commit itself), the batch is rolled back and its rows are handled one by one, each in
+//! its own transaction, so that only the failing message is held back (with its key) and every
+//! other one is delivered.
+//!
+//! A delivery fails when its handler fails, and also when its transaction does after the
+//! handler returned `Ok`: the inbox insert or the delete is refused (a handler that swallowed a
+//! failed statement left PostgreSQL's transaction aborted), or the commit is (a deferred
+//! constraint, a serialization failure, the connection lost). Either way it is a failed attempt
+//! with its error: it backs off, and is dead-lettered after `max_attempts`. When the
+//! transaction that held the claim is gone, the attempt is recorded in a short transaction of
+//! its own that claims the row again (decision 0014).
+//!
+//! A row that failed once (`attempts > 0`) is delivered alone from then on, never inside a
+//! batch. Handler runs, for a message that always fails: two on its first attempt when it came
+//! in a batch (the batch, then alone; the second is the attempt recorded), one on each later
+//! attempt, so `max_attempts + 1` in all. Other messages run again only for a batch that
+//! failed, which happens once per message failing for the first time in it: when a handler
+//! failed, the messages before it in the batch run once more; when the inbox insert or the
+//! commit failed, all of the batch does. Retries of a failing message run no other handler.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,12 +155,19 @@ struct Failure {
 
 impl Failure {
     fn of(error: &(dyn std::error::Error + 'static), permanent: bool) -> Self {
-        let chain = crate::error::chain(error);
+        // PostgreSQL refuses NUL in text: an error that prints one must still be recorded.
+        let chain = crate::error::chain(error).replace('\0', "\u{fffd}");
         Failure {
             permanent,
             halt: false,
             chain,
         }
+    }
+
+    /// The handler returned `Ok`, then its transaction failed: the inbox insert, the delete
+    /// or the commit. Worth retrying, like a handler error.
+    fn after_handler(error: crate::error::Error) -> Self {
+        Failure::of(&AfterHandler(error), false)
     }
 
     fn delivery(failure: &DeliveryFailure) -> Self {
@@ -153,6 +177,11 @@ impl Failure {
         }
     }
 }
+
+/// A delivery whose handler returned `Ok` but whose transaction failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler returned Ok, but its delivery's transaction failed")]
+struct AfterHandler(#[source] crate::error::Error);
 
 async fn worker(store: SqlStore, app: App, group: &'static str, cancel: CancellationToken) {
     let options = &store.shared.options;
@@ -239,13 +268,19 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
     let now = micros(shared.now());
     let rows = claim(&mut unit, group, now, shared.options.batch_size).await?;
     let rows = key_heads(&mut unit, group, rows, now).await?;
-    if !rows.is_empty() {
+    let claimed = rows.len();
+    // A row that failed before goes alone (after this batch, which holds its claim until then):
+    // its retries run no other handler, and it fails no batch again. It is the first of its
+    // key here (the claim passes no failing row), so the batch and it never share a key.
+    let (batch, alone): (Vec<Claimed>, Vec<Claimed>) =
+        rows.into_iter().partition(|r| r.attempts == 0);
+    if !batch.is_empty() {
         // Deleted up front, still under the claim's plan settings: a failing batch rolls back,
         // and the rows are back.
-        let claimed: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        let claimed = serde_json::to_string(&claimed).unwrap_or_default();
+        let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
+        let ids = serde_json::to_string(&ids).unwrap_or_default();
         sqlx::query(AssertSqlSafe(shared.sql.delete_deliveries.clone()))
-            .bind(claimed)
+            .bind(ids)
             .execute(&mut unit.tx)
             .await
             .context("delete claimed rows")?;
@@ -256,62 +291,104 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
             .await
             .context("restore the planner settings")?;
     }
-    tracing::Span::current().record("claimed", rows.len());
-    if rows.is_empty() {
-        unit.commit_unit().await.context("end an empty claim")?;
-        return Ok(BatchOutcome {
-            claimed: 0,
-            retry_at: None,
-        });
-    }
-    let mut failed = false;
-    for row in &rows {
+    tracing::Span::current().record("claimed", claimed);
+    let rows = if batch.is_empty() {
+        unit.commit_unit().await.context("end a claim")?;
+        alone
+    } else if deliver_together(unit, app, group, &batch, now).await? {
+        alone
+    } else {
+        // The batch failed and was rolled back: its rows go one by one, in id order with the
+        // rows that go alone anyway.
+        let mut rows = batch;
+        rows.extend(alone);
+        rows.sort_unstable_by_key(|r| r.id);
+        rows
+    };
+    let retry_at = one_by_one(store, app, group, rows).await?;
+    Ok(BatchOutcome { claimed, retry_at })
+}
+
+/// Runs the handlers of `rows` in `unit`, writes their inbox rows and commits. Returns whether
+/// the batch committed; when anything failed (a handler, the inbox insert, the commit), its
+/// transaction is over and nothing of it was kept.
+async fn deliver_together(
+    mut unit: SqlUnitOfWork,
+    app: &App,
+    group: &'static str,
+    rows: &[Claimed],
+    now: i64,
+) -> Result<bool> {
+    let shared = unit.shared.clone();
+    for row in rows {
         let delivered = match RawEnvelope::from_json(&row.envelope) {
             Ok(raw) => app.deliver(group, &raw, &mut unit).await.is_ok(),
             Err(_) => false,
         };
         if !delivered {
-            failed = true;
-            break;
+            // Whoever failed is found one by one: a handler can also fail because one before
+            // it left the transaction aborted (PostgreSQL) and returned `Ok`.
+            rollback_failed_batch(unit, group).await;
+            return Ok(false);
         }
     }
-    if !failed {
-        let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
-        let ids = serde_json::to_string(&ids).unwrap_or_default();
-        // A plain insert: a message this group handled before fails it (and the transaction),
-        // and the batch goes one by one, where the inbox is checked before the handler runs.
-        let inserted = sqlx::query(AssertSqlSafe(shared.sql.insert_inbox_batch.clone()))
-            .bind(group.to_owned())
-            .bind(ids)
-            .bind(now)
-            .execute(&mut unit.tx)
-            .await;
-        if let Err(error) = &inserted {
-            tracing::debug!(target: "inseam::relay", group, error = error as &dyn std::error::Error, "batch inbox insert failed; going one by one");
+    let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+    let ids = serde_json::to_string(&ids).unwrap_or_default();
+    // A plain insert: a message this group handled before fails it (and the transaction), and
+    // the batch goes one by one, where the inbox is checked before the handler runs.
+    let inserted = sqlx::query(AssertSqlSafe(shared.sql.insert_inbox_batch.clone()))
+        .bind(group.to_owned())
+        .bind(ids)
+        .bind(now)
+        .execute(&mut unit.tx)
+        .await;
+    match inserted {
+        Ok(done) if done.rows_affected() == rows.len() as u64 => {}
+        Ok(_) => {
+            rollback_failed_batch(unit, group).await;
+            return Ok(false);
         }
-        if inserted.is_ok_and(|done| done.rows_affected() == rows.len() as u64) {
-            let wrote = unit.wrote_outbox();
-            unit.commit_unit()
-                .await
-                .context("commit a delivered batch")?;
-            if wrote {
-                shared.wake();
-            }
-            shared
-                .stats
-                .delivered
-                .fetch_add(rows.len() as u64, Ordering::Relaxed);
-            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-            return Ok(BatchOutcome {
-                claimed: rows.len(),
-                retry_at: None,
-            });
+        Err(error) => {
+            tracing::debug!(target: "inseam::relay", group, error = &error as &dyn std::error::Error, "batch inbox insert failed; going one by one");
+            rollback_failed_batch(unit, group).await;
+            return Ok(false);
         }
     }
-    unit.rollback_unit()
-        .await
-        .context("roll back a failed batch")?;
-    let claimed = rows.len();
+    let wrote = unit.wrote_outbox();
+    if let Err(error) = unit.commit_unit().await {
+        // A deferred constraint, a serialization failure, a lost connection: the batch is
+        // gone (or, when the connection was lost, possibly committed: then its rows are gone
+        // and the one-by-one pass finds nothing to do).
+        tracing::debug!(target: "inseam::relay", group, error = &error as &dyn std::error::Error, "batch commit failed; going one by one");
+        return Ok(false);
+    }
+    if wrote {
+        shared.wake();
+    }
+    shared
+        .stats
+        .delivered
+        .fetch_add(rows.len() as u64, Ordering::Relaxed);
+    shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
+}
+
+/// Rolls back a failed batch. A rollback that fails leaves nothing to keep either (the
+/// connection is gone, and with it the transaction): the rows go one by one all the same.
+async fn rollback_failed_batch(unit: SqlUnitOfWork, group: &'static str) {
+    if let Err(error) = unit.rollback_unit().await {
+        tracing::debug!(target: "inseam::relay", group, error = &error as &dyn std::error::Error, "rolling back a failed batch failed");
+    }
+}
+
+/// Delivers `rows` one by one, each in its own transaction, skipping the rows of a key once
+/// one of its rows failed. Returns the earliest retry scheduled.
+async fn one_by_one(
+    store: &SqlStore,
+    app: &App,
+    group: &'static str,
+    rows: Vec<Claimed>,
+) -> Result<Option<i64>> {
     let mut blocked: HashSet<String> = HashSet::new();
     let mut retry_at: Option<i64> = None;
     for row in rows {
@@ -329,7 +406,7 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
             }
         }
     }
-    Ok(BatchOutcome { claimed, retry_at })
+    Ok(retry_at)
 }
 
 /// Keeps, for every key of the batch, only the rows that come before any row of that key this
@@ -446,32 +523,72 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         },
         Err(error) => Some(Failure::of(&error, true)),
     };
-    let Some(failure) = failure else {
-        insert_inbox(&mut unit, group, &[&row.message_id], now).await?;
-        delete_delivery(&mut unit, row.id).await?;
-        let wrote = unit.wrote_outbox();
-        unit.commit_unit().await.context("commit a delivery")?;
-        if wrote {
-            shared.wake();
-        }
-        shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        return Ok(One::Delivered);
+    let failure = match failure {
+        Some(failure) => failure,
+        None => match finish(&mut unit, group, &row, now).await {
+            Ok(()) => {
+                let wrote = unit.wrote_outbox();
+                if let Err(error) = unit.commit_unit().await {
+                    // The transaction that held the claim is gone: record the attempt in one
+                    // of its own.
+                    let failure = Failure::after_handler(crate::error::Error::Database {
+                        operation: "commit a delivery",
+                        source: error,
+                    });
+                    return settle_anew(store, group, &row, &failure, now).await;
+                }
+                if wrote {
+                    shared.wake();
+                }
+                shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                return Ok(One::Delivered);
+            }
+            // Refused after the handler returned `Ok` (PostgreSQL refuses everything in a
+            // transaction a handler left aborted): a failure like the handler's own.
+            Err(error) => Failure::after_handler(error),
+        },
     };
-    // Undo the handler's effects but keep the claim, then record the failure.
+    // Undo the handler's effects (and its deferred checks) but keep the claim, then record
+    // the failure.
     if sqlx::query(ROLLBACK_TO)
         .execute(&mut unit.tx)
         .await
-        .is_err()
+        .is_ok()
     {
-        // The connection is in no state to go on (a handler left it mid-query): start over.
-        drop(unit);
-        unit = store.begin_unit().await?;
-        if claim_one(&mut unit, group, now, id).await?.is_none() {
-            unit.rollback_unit().await.context("release a claim")?;
-            return Ok(One::Gone);
+        match settle(unit, group, &row, &failure, now).await {
+            Ok(retry_at) => return Ok(One::Failed { retry_at }),
+            Err(error) => {
+                tracing::debug!(target: "inseam::relay", group, message_id = %row.message_id, error = &error as &dyn std::error::Error, "recording a failed delivery failed; recording it anew");
+            }
+        }
+    } else {
+        // The connection is in no state to go on (a handler left it mid-query, or it is
+        // lost): start over.
+        if let Err(error) = unit.rollback_unit().await {
+            tracing::debug!(target: "inseam::relay", group, error = &error as &dyn std::error::Error, "rolling back a failed delivery failed");
         }
     }
-    let retry_at = record_failure(&mut unit, group, &row, &failure, now).await?;
+    settle_anew(store, group, &row, &failure, now).await
+}
+
+/// What follows a handler that returned `Ok`: the inbox row, and the delivery row deleted.
+async fn finish(unit: &mut SqlUnitOfWork, group: &str, row: &Claimed, now: i64) -> Result<()> {
+    insert_inbox(unit, group, &[&row.message_id], now).await?;
+    delete_delivery(unit, row.id).await
+}
+
+/// Records `failure` of `row` in `unit`, which holds the row's claim: a retry or a dead letter,
+/// and the group stopped when the handler asked for it; then commits. Returns when the retry
+/// is due.
+async fn settle(
+    mut unit: SqlUnitOfWork,
+    group: &'static str,
+    row: &Claimed,
+    failure: &Failure,
+    now: i64,
+) -> Result<Option<i64>> {
+    let shared = unit.shared.clone();
+    let retry_at = record_failure(&mut unit, group, row, failure, now).await?;
     if failure.halt {
         // Stopped with the failure recorded, atomically: nothing past it is delivered.
         sqlx::query(AssertSqlSafe(shared.sql.pause.clone()))
@@ -481,13 +598,67 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
             .execute(&mut unit.tx)
             .await
             .context("stop a group")?;
-        tracing::error!(target: "inseam::relay", group, error = %failure.chain, "group stopped; resume it with `store.resume(..)` once fixed");
     }
     unit.commit_unit()
         .await
         .context("record a failed delivery")?;
-    Ok(One::Failed { retry_at })
+    match retry_at {
+        Some(_) => shared.stats.retried.fetch_add(1, Ordering::Relaxed),
+        None => shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed),
+    };
+    if failure.halt {
+        tracing::error!(target: "inseam::relay", group, error = %failure.chain, "group stopped; resume it with `store.resume(..)` once fixed");
+    }
+    Ok(retry_at)
 }
+
+/// Records `failure` of `row` once the transaction that held its claim is gone (its commit
+/// failed, or its connection): in a short transaction that claims the row again, if it is
+/// still there, due, first of its key and unchanged. When another relay delivered it, holds
+/// it, or recorded an attempt of its own meanwhile, this attempt is not counted (`Gone`).
+async fn settle_anew(
+    store: &SqlStore,
+    group: &'static str,
+    seen: &Claimed,
+    failure: &Failure,
+    now: i64,
+) -> Result<One> {
+    let shared = &store.shared;
+    let mut wait = Duration::from_millis(10);
+    loop {
+        let mut unit = store.begin_unit().await?;
+        if let Some(row) = claim_one(&mut unit, group, now, seen.id).await? {
+            let row = Claimed::from_row(&row).context("read a claimed delivery")?;
+            if row.attempts != seen.attempts {
+                unit.rollback_unit().await.context("release a claim")?;
+                return Ok(One::Gone);
+            }
+            let retry_at = settle(unit, group, &row, failure, now).await?;
+            return Ok(One::Failed { retry_at });
+        }
+        // Not claimable: delivered after all (a lost connection may have taken the answer of
+        // a commit that went through), held by another relay, or, on PostgreSQL, still locked
+        // by the failed transaction itself: a backend whose connection failed ends its
+        // transaction a moment after the client learns of it. Worth a few short waits.
+        let delivered: i64 = sqlx::query(AssertSqlSafe(shared.sql.in_inbox.clone()))
+            .bind(group.to_owned())
+            .bind(seen.message_id.clone())
+            .fetch_one(&mut unit.tx)
+            .await
+            .and_then(|r| r.try_get(0))
+            .context("check the inbox")?;
+        unit.rollback_unit().await.context("release a claim")?;
+        if delivered > 0 || shared.backend != crate::Backend::Postgres || wait > SETTLE_WAIT {
+            return Ok(One::Gone);
+        }
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
+}
+
+/// How long a failed attempt waits, at most, for the lock of its own failed transaction
+/// (doubling from 10 ms: 10 + 20 + .. + 320 = 630 ms in all).
+const SETTLE_WAIT: Duration = Duration::from_millis(320);
 
 /// Claims one row by id, if it is still there, due and first of its key.
 async fn claim_one(
@@ -514,7 +685,8 @@ async fn delete_delivery(unit: &mut SqlUnitOfWork, id: i64) -> Result<()> {
     Ok(())
 }
 
-/// Schedules a retry or moves the row to the dead letters. Returns when the retry is due.
+/// Schedules a retry or moves the row to the dead letters. Returns when the retry is due
+/// (`None`: dead-lettered).
 async fn record_failure(
     unit: &mut SqlUnitOfWork,
     group: &'static str,
@@ -542,7 +714,6 @@ async fn record_failure(
             .await
             .context("write a dead letter")?;
         delete_delivery(unit, row.id).await?;
-        shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             target: "inseam::relay",
             group,
@@ -567,7 +738,6 @@ async fn record_failure(
         .execute(&mut unit.tx)
         .await
         .context("schedule a retry")?;
-    shared.stats.retried.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         target: "inseam::relay",
         group,

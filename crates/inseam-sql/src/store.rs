@@ -24,14 +24,23 @@ use crate::sql::{Backend, Statements, migrations, validate_prefix};
 /// How the relay and the housekeeping behave. The defaults suit most apps.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
-    /// Most rows one group claims and handles in one transaction.
+    /// Most rows one group claims and handles in one transaction. A batch that fails is
+    /// handled again one by one; a row that failed once is delivered alone from then on.
     pub batch_size: usize,
     /// Relay workers per group; different keys proceed in parallel across workers
     /// (PostgreSQL; SQLite has one writer, so more workers only wait for each other).
     pub workers_per_group: usize,
     /// How often an idle relay looks for due rows without being woken.
     pub poll_interval: Duration,
-    /// Attempts before a failing message becomes a dead letter.
+    /// Attempts before a failing message becomes a dead letter. A delivery also fails when
+    /// its handler returned `Ok` but its transaction did not commit (a deferred constraint, a
+    /// serialization failure, a lost connection, or a statement the handler let fail).
+    ///
+    /// A message that keeps failing runs its handler `max_attempts + 1` times: twice on its
+    /// first attempt (in its batch, then alone), then once per retry, alone. The other
+    /// messages of the batch it first failed in run once more if they ran before it (all of
+    /// them when the failure came at the inbox insert or at commit); its retries run no other
+    /// handler.
     pub max_attempts: u32,
     /// The delay before the first retry; doubles with each attempt, with jitter.
     pub backoff_base: Duration,
