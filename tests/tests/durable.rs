@@ -195,7 +195,10 @@ async fn poison_message(backend: Backend) {
     );
     assert_eq!(
         missing.to_string(),
-        format!("no dead letter with id {}", letters[0].id)
+        format!(
+            "dead letter {} does not exist (already retried or discarded, or never written)",
+            letters[0].id
+        )
     );
 }
 

@@ -1,6 +1,7 @@
 //! The app: built once from registrations, then dispatches commands, queries and events.
 
 use std::any::{Any, TypeId, type_name};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
@@ -186,6 +187,12 @@ impl Core {
     pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.spawn_on(task, &self.runtime);
     }
+}
+
+/// Where a stored message goes: a durable command's route or an event's.
+enum Target<'a> {
+    Command(&'a dyn DurableRoute),
+    Event(&'a dyn EventRoute),
 }
 
 /// A built app: the bus that commands, queries and events go through. Cheap to clone.
@@ -655,6 +662,31 @@ impl App {
         events
     }
 
+    /// Checks that a stored message would reach the subscriber of `group` as its current type:
+    /// routed, upcast and decoded as [`deliver`](Self::deliver) does, without running the
+    /// handler or touching a store. What a tool that edits a stored payload (a dead letter's)
+    /// asks before accepting it.
+    ///
+    /// ```
+    /// # use inseam_core::{App, RawEnvelope};
+    /// # fn check(app: &App, raw: &RawEnvelope) {
+    /// match app.check_decodes("ledger", raw) {
+    ///     Ok(()) => { /* the ledger's subscriber can read it */ }
+    ///     Err(failure) => eprintln!("{failure}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn check_decodes(
+        &self,
+        group: &str,
+        envelope: &RawEnvelope,
+    ) -> Result<(), DeliveryFailure> {
+        match self.delivery_target(group, envelope)? {
+            (Target::Command(route), _) => route.check(self, envelope),
+            (Target::Event(route), envelope) => route.check_raw(group, &envelope),
+        }
+    }
+
     async fn deliver_as(
         &self,
         group: &str,
@@ -662,17 +694,31 @@ impl App {
         uow: &mut dyn UnitOfWork,
         replay: bool,
     ) -> Result<(), DeliveryFailure> {
-        if let Some(route) = self.inner.durable.get(group) {
-            return route.deliver(self, envelope, uow).await;
+        match self.delivery_target(group, envelope)? {
+            (Target::Command(route), _) => route.deliver(self, envelope, uow).await,
+            (Target::Event(route), envelope) => {
+                route.deliver_raw(self, group, &envelope, uow, replay).await
+            }
         }
-        let upcast;
+    }
+
+    /// Where a stored message for `group` goes, with the envelope as its route reads it: an
+    /// event's upcast to the version its route decodes, a command's as stored.
+    fn delivery_target<'a, 'e>(
+        &'a self,
+        group: &str,
+        envelope: &'e RawEnvelope,
+    ) -> Result<(Target<'a>, Cow<'e, RawEnvelope>), DeliveryFailure> {
+        if let Some(route) = self.inner.durable.get(group) {
+            return Ok((Target::Command(&**route), Cow::Borrowed(envelope)));
+        }
         let envelope = if self.inner.upcasters.has(&envelope.name, envelope.version) {
-            upcast = self
-                .upcast(envelope.clone())
-                .map_err(|source| DeliveryFailure::Upcast { source })?;
-            &upcast
+            Cow::Owned(
+                self.upcast(envelope.clone())
+                    .map_err(|source| DeliveryFailure::Upcast { source })?,
+            )
         } else {
-            envelope
+            Cow::Borrowed(envelope)
         };
         let route = self
             .inner
@@ -680,7 +726,7 @@ impl App {
             .get(&(envelope.name.as_str(), envelope.version))
             .and_then(|id| self.inner.route(*id));
         match route {
-            Some(route) => route.deliver_raw(self, group, envelope, uow, replay).await,
+            Some(route) => Ok((Target::Event(route), envelope)),
             None => Err(DeliveryFailure::Unroutable {
                 group: group.to_owned(),
                 name: envelope.name.clone(),

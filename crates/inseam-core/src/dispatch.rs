@@ -213,6 +213,28 @@ impl<E: Event> EventSlot<E> {
         }
         Box::new(slot)
     }
+
+    /// The envelope `group`'s subscribers receive from `raw`: what delivering and checking a
+    /// stored event share.
+    fn decode_for(&self, group: &str, raw: &RawEnvelope) -> Result<Envelope<E>, DeliveryFailure> {
+        if !self.background.iter().any(|s| in_group(s, group)) {
+            return Err(DeliveryFailure::Unroutable {
+                group: group.to_owned(),
+                name: raw.name.clone(),
+                version: raw.version,
+            });
+        }
+        raw.decode::<E>().map_err(|source| DeliveryFailure::Decode {
+            name: raw.name.clone(),
+            version: raw.version,
+            source,
+        })
+    }
+}
+
+/// Whether `subscriber` is one of `group`'s.
+fn in_group<E: Event>(subscriber: &Subscriber<E>, group: &str) -> bool {
+    matches!(subscriber.delivery, Delivery::Group(g) if g == group)
 }
 
 /// An event type's subscribers, behind a type-erased interface.
@@ -244,6 +266,9 @@ pub(crate) trait EventRoute: Send + Sync {
         uow: &'a mut dyn UnitOfWork,
         replay: bool,
     ) -> BoxFuture<'a, Result<(), DeliveryFailure>>;
+
+    /// Decodes a stored event as `deliver_raw` would for `group`, without running anything.
+    fn check_raw(&self, group: &str, raw: &RawEnvelope) -> Result<(), DeliveryFailure>;
 
     /// The event's name.
     fn event_name(&self) -> &'static str;
@@ -341,24 +366,9 @@ impl<E: Event> EventRoute for EventSlot<E> {
         replay: bool,
     ) -> BoxFuture<'a, Result<(), DeliveryFailure>> {
         Box::pin(async move {
-            let in_group =
-                |s: &Subscriber<E>| matches!(s.delivery, Delivery::Group(g) if g == group);
-            if !self.background.iter().any(|s| in_group(s)) {
-                return Err(DeliveryFailure::Unroutable {
-                    group: group.to_owned(),
-                    name: raw.name.clone(),
-                    version: raw.version,
-                });
-            }
-            let envelope = raw
-                .decode::<E>()
-                .map_err(|source| DeliveryFailure::Decode {
-                    name: raw.name.clone(),
-                    version: raw.version,
-                    source,
-                })?;
+            let envelope = self.decode_for(group, raw)?;
             for subscriber in &self.background {
-                if !in_group(subscriber) {
+                if !in_group(subscriber, group) {
                     continue;
                 }
                 let mut outgoing = Vec::new();
@@ -414,6 +424,10 @@ impl<E: Event> EventRoute for EventSlot<E> {
             }
             Ok(())
         })
+    }
+
+    fn check_raw(&self, group: &str, raw: &RawEnvelope) -> Result<(), DeliveryFailure> {
+        self.decode_for(group, raw).map(drop)
     }
 
     fn event_name(&self) -> &'static str {
@@ -869,9 +883,51 @@ pub(crate) trait DurableRoute: Send + Sync {
         raw: &'a RawEnvelope,
         uow: &'a mut dyn UnitOfWork,
     ) -> BoxFuture<'a, Result<(), DeliveryFailure>>;
+
+    /// Decodes a stored command as `deliver` would, without running its handler.
+    fn check(&self, app: &App, raw: &RawEnvelope) -> Result<(), DeliveryFailure>;
 }
 
 pub(crate) struct DurableCommand<C>(pub(crate) std::marker::PhantomData<fn() -> C>);
+
+impl<C> DurableCommand<C>
+where
+    C: Command + serde::de::DeserializeOwned,
+{
+    /// The command's slot and the command `raw` holds: what delivering and checking a stored
+    /// command share.
+    fn decode<'a>(
+        app: &'a App,
+        raw: &RawEnvelope,
+    ) -> Result<(&'a CommandSlot<C>, C), DeliveryFailure> {
+        let unroutable = || DeliveryFailure::Unroutable {
+            group: crate::app::durable_group_name::<C>().to_owned(),
+            name: raw.name.clone(),
+            version: raw.version,
+        };
+        if raw.name != C::NAME {
+            return Err(unroutable());
+        }
+        let Some(slot) = app.inner.command_slot::<C>() else {
+            return Err(unroutable());
+        };
+        let command =
+            serde_json::from_slice(&raw.payload).map_err(|source| DeliveryFailure::Decode {
+                name: raw.name.clone(),
+                version: raw.version,
+                source: crate::envelope::WireError::Payload {
+                    name: raw.name.clone(),
+                    version: raw.version,
+                    message_id: raw.metadata.message_id,
+                    source: CodecError {
+                        content_type: "application/json",
+                        source: Box::new(source),
+                    },
+                },
+            })?;
+        Ok((slot, command))
+    }
+}
 
 impl<C> DurableRoute for DurableCommand<C>
 where
@@ -884,31 +940,7 @@ where
         uow: &'a mut dyn UnitOfWork,
     ) -> BoxFuture<'a, Result<(), DeliveryFailure>> {
         Box::pin(async move {
-            let unroutable = || DeliveryFailure::Unroutable {
-                group: crate::app::durable_group_name::<C>().to_owned(),
-                name: raw.name.clone(),
-                version: raw.version,
-            };
-            if raw.name != C::NAME {
-                return Err(unroutable());
-            }
-            let Some(slot) = app.inner.command_slot::<C>() else {
-                return Err(unroutable());
-            };
-            let command: C =
-                serde_json::from_slice(&raw.payload).map_err(|source| DeliveryFailure::Decode {
-                    name: raw.name.clone(),
-                    version: raw.version,
-                    source: crate::envelope::WireError::Payload {
-                        name: raw.name.clone(),
-                        version: raw.version,
-                        message_id: raw.metadata.message_id,
-                        source: CodecError {
-                            content_type: "application/json",
-                            source: Box::new(source),
-                        },
-                    },
-                })?;
+            let (slot, command) = Self::decode(app, raw)?;
             let meta = MessageMeta::received(raw.metadata, raw.headers.clone());
             let mut ctx = CommandContext::new(app, &meta);
             ctx.uow = Some(&mut *uow);
@@ -942,6 +974,10 @@ where
             }
             Ok(())
         })
+    }
+
+    fn check(&self, app: &App, raw: &RawEnvelope) -> Result<(), DeliveryFailure> {
+        Self::decode(app, raw).map(drop)
     }
 }
 

@@ -175,23 +175,38 @@ impl SqlStore {
     }
 
     /// Puts a dead letter back in its group's queue, due now, with a fresh attempt count.
-    /// The inbox still guards against a second delivery.
+    ///
+    /// The message is delivered as the dead letter holds it (as [`repair_dead_letter`]
+    /// left it), not as the outbox row holds it: the new delivery carries its own copy of
+    /// the envelope, and the outbox row, which other groups and the event store share, stays
+    /// as it was written. It joins the end of its key's queue in the group. The group's inbox
+    /// still guards against a second delivery of the message.
+    ///
+    /// Deleting the dead letter decides: of two concurrent retries (or a retry and a
+    /// discard) of one id, exactly one succeeds and the other gets
+    /// [`Error::DeadLetterNotFound`].
+    ///
+    /// [`repair_dead_letter`]: SqlStore::repair_dead_letter
     pub async fn retry_dead_letter(&self, id: i64) -> Result<()> {
         let shared = &self.shared;
         let (mut tx, _turn) = shared.begin().await?;
-        let row = sqlx::query(AssertSqlSafe(shared.sql.get_dead_letter.clone()))
+        let taken = sqlx::query(AssertSqlSafe(shared.sql.take_dead_letter.clone()))
             .bind(id)
-            .fetch_optional(&mut tx)
+            .fetch_all(&mut tx)
             .await
-            .context("read a dead letter")?
-            .ok_or(Error::DeadLetterNotFound { id })?;
-        let letter = DeadLetter::from_row(&row).context("read a dead letter")?;
+            .context("take a dead letter")?;
+        let Some(row) = taken.first() else {
+            tx.rollback().await.context("end a dead letter retry")?;
+            return Err(Error::DeadLetterNotFound { id });
+        };
+        let letter = DeadLetter::from_row(row).context("read a dead letter")?;
         let now = micros(self.shared.now());
         // The flow the message belongs to, when its envelope can be read (a malformed one
         // is retried all the same, and fails again with the same error).
         let correlation = inseam_core::RawEnvelope::from_json(&letter.envelope)
             .ok()
             .map(|envelope| envelope.metadata.correlation_id.to_string());
+        // The delivery joins its outbox row, which the retention may have pruned meanwhile.
         sqlx::query(AssertSqlSafe(shared.sql.restore_outbox.clone()))
             .bind(letter.message_id.clone())
             .bind(letter.name.clone())
@@ -203,28 +218,24 @@ impl SqlStore {
             .execute(&mut tx)
             .await
             .context("restore an outbox row")?;
-        let groups = serde_json::to_string(&[&letter.group]).unwrap_or_default();
-        sqlx::query(AssertSqlSafe(shared.sql.insert_deliveries.clone()))
-            .bind(groups)
+        sqlx::query(AssertSqlSafe(shared.sql.requeue_delivery.clone()))
+            .bind(letter.group.clone())
             .bind(letter.message_id.clone())
             .bind(letter.key.clone())
             .bind(now)
             .bind(now)
+            .bind(letter.envelope)
             .execute(&mut tx)
             .await
             .context("requeue a dead letter")?;
-        sqlx::query(AssertSqlSafe(shared.sql.delete_dead_letter.clone()))
-            .bind(id)
-            .execute(&mut tx)
-            .await
-            .context("delete a retried dead letter")?;
         tx.commit().await.context("commit a dead letter retry")?;
         shared.wake();
         tracing::info!(target: "inseam::relay", id, group = %letter.group, message_id = %letter.message_id, "dead letter requeued");
         Ok(())
     }
 
-    /// Deletes a dead letter for good.
+    /// Deletes a dead letter for good. Fails with [`Error::DeadLetterNotFound`] when it is
+    /// gone already (retried or discarded, perhaps concurrently).
     pub async fn discard_dead_letter(&self, id: i64) -> Result<()> {
         let done = sqlx::query(AssertSqlSafe(self.shared.sql.delete_dead_letter.clone()))
             .bind(id)
@@ -236,6 +247,58 @@ impl SqlStore {
         }
         tracing::info!(target: "inseam::relay", id, "dead letter discarded");
         Ok(())
+    }
+
+    /// Replaces the payload of a dead letter, for a later [`retry_dead_letter`] to deliver.
+    ///
+    /// `payload` is encoded as the dead letter's envelope says (`content_type`; JSON for the
+    /// default codec) and in the envelope's version: the message's name, version, ids and
+    /// headers are kept. It is accepted only when `app` can deliver it to the dead letter's
+    /// group, upcast to the current version and decoded exactly as the relay would
+    /// ([`App::check_decodes`](inseam_core::App::check_decodes)); otherwise the dead letter
+    /// is left unchanged and [`Error::RepairRefused`] says why, naming the field the decoder
+    /// stumbled on. Returns the repaired dead letter. Of two concurrent repairs, the last
+    /// one wins.
+    ///
+    /// ```no_run
+    /// # async fn run(store: inseam_sql::SqlStore, app: inseam_core::App) -> Result<(), inseam_sql::Error> {
+    /// let payload = br#"{"account": "acct-7", "amount": 10, "seq": 41}"#;
+    /// store.repair_dead_letter(&app, 17, payload.to_vec()).await?;
+    /// store.retry_dead_letter(17).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`retry_dead_letter`]: SqlStore::retry_dead_letter
+    pub async fn repair_dead_letter(
+        &self,
+        app: &inseam_core::App,
+        id: i64,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<DeadLetter> {
+        let letter = self.dead_letter(id).await?;
+        let refused = |reason: String| Error::RepairRefused {
+            id,
+            group: letter.group.clone(),
+            reason,
+        };
+        let mut envelope = inseam_core::RawEnvelope::from_json(&letter.envelope)
+            .map_err(|error| refused(crate::error::chain(&error)))?;
+        envelope.payload = payload.into();
+        app.check_decodes(&letter.group, &envelope)
+            .map_err(|failure| refused(crate::error::chain(&failure)))?;
+        let bytes = envelope
+            .to_json()
+            .map_err(|error| refused(crate::error::chain(&error)))?;
+        let rows = sqlx::query(AssertSqlSafe(self.shared.sql.repair_dead_letter.clone()))
+            .bind(id)
+            .bind(bytes)
+            .fetch_all(&self.shared.pool)
+            .await
+            .context("repair a dead letter")?;
+        let row = rows.first().ok_or(Error::DeadLetterNotFound { id })?;
+        let repaired = DeadLetter::from_row(row).context("read a repaired dead letter")?;
+        tracing::info!(target: "inseam::relay", id, group = %repaired.group, message_id = %repaired.message_id, "dead letter repaired");
+        Ok(repaired)
     }
 }
 

@@ -74,11 +74,27 @@ pub enum Error {
         /// The name given.
         name: String,
     },
-    /// No dead letter has this id (it was retried or discarded already, or never existed).
-    #[error("no dead letter with id {id}")]
+    /// No dead letter has this id: it was retried or discarded already (perhaps at the same
+    /// moment, by another caller), or never existed. Dead letter ids are never given out
+    /// twice, so a stale id never reaches another message.
+    #[error("dead letter {id} does not exist (already retried or discarded, or never written)")]
     DeadLetterNotFound {
         /// The id asked for.
         id: i64,
+    },
+    /// A new payload for a dead letter was refused, because its group could not read it;
+    /// the dead letter is unchanged.
+    #[error(
+        "dead letter {id} was not repaired: group `{group}` cannot read the new payload: {reason}"
+    )]
+    RepairRefused {
+        /// The dead letter.
+        id: i64,
+        /// Its group.
+        group: String,
+        /// Why, with its causes (the decoder's own message names the field: ``missing field
+        /// `seq` ``, ``invalid type: string "x", expected i64``).
+        reason: String,
     },
 }
 

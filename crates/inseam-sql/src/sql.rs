@@ -223,6 +223,51 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
                 format!("CREATE INDEX {p}outbox_flow ON {p}outbox (correlation_id, created_at)"),
             ],
         },
+        // Dead letter ids are never given out again, so that a stale id (in a tool, a log, a
+        // retried HTTP request) finds nothing rather than another message. PostgreSQL's
+        // sequence never reuses a value; SQLite reuses the highest deleted rowid unless the
+        // table is AUTOINCREMENT, which takes a rebuild.
+        Migration {
+            version: 7,
+            statements: match backend {
+                Backend::Sqlite => vec![
+                    format!(
+                        "CREATE TABLE {p}dead_letters_v7 (
+                            id INTEGER PRIMARY KEY AUTOINCREMENT,
+                            grp TEXT NOT NULL,
+                            message_id TEXT NOT NULL,
+                            name TEXT NOT NULL,
+                            version BIGINT NOT NULL,
+                            msg_key TEXT,
+                            envelope BLOB NOT NULL,
+                            error TEXT NOT NULL,
+                            attempts BIGINT NOT NULL,
+                            first_failed_at BIGINT NOT NULL,
+                            last_failed_at BIGINT NOT NULL
+                        )"
+                    ),
+                    format!(
+                        "INSERT INTO {p}dead_letters_v7
+                         (id, grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at)
+                         SELECT id, grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at
+                         FROM {p}dead_letters"
+                    ),
+                    format!("DROP TABLE {p}dead_letters"),
+                    format!("ALTER TABLE {p}dead_letters_v7 RENAME TO {p}dead_letters"),
+                    format!("CREATE INDEX {p}dead_letters_group ON {p}dead_letters (grp, id)"),
+                ],
+                Backend::Postgres => Vec::new(),
+            },
+        },
+        // A delivery may carry its own envelope, which then wins over the outbox row's: a
+        // dead letter is retried with its own copy (repaired or not), and the outbox row, which
+        // other groups and the event store share, is left as it was written.
+        Migration {
+            version: 8,
+            statements: vec![format!(
+                "ALTER TABLE {p}deliveries ADD COLUMN envelope {bytes}"
+            )],
+        },
     ]
 }
 
@@ -263,7 +308,14 @@ pub(crate) struct Statements {
     pub(crate) list_dead_letters: Arc<str>,
     pub(crate) get_dead_letter: Arc<str>,
     pub(crate) delete_dead_letter: Arc<str>,
+    /// Deletes a dead letter and returns it: whoever gets the row back retries it, so two
+    /// concurrent retries (or a retry and a discard) cannot both act on it.
+    pub(crate) take_dead_letter: Arc<str>,
+    /// Replaces a dead letter's envelope and returns the row (none when it is gone).
+    pub(crate) repair_dead_letter: Arc<str>,
     pub(crate) restore_outbox: Arc<str>,
+    /// A retried dead letter's delivery, carrying the dead letter's envelope.
+    pub(crate) requeue_delivery: Arc<str>,
     pub(crate) lag: Arc<str>,
     pub(crate) dead_letter_depth: Arc<str>,
     pub(crate) prune_outbox: Arc<str>,
@@ -318,7 +370,8 @@ impl Statements {
                 " AND e.attempts > 0"
             };
             format!(
-                "SELECT d.id, d.message_id, d.msg_key, d.attempts, d.first_failed_at, o.name, o.version, o.envelope
+                "SELECT d.id, d.message_id, d.msg_key, d.attempts, d.first_failed_at, o.name, o.version,
+                        COALESCE(d.envelope, o.envelope)
                  FROM {p}deliveries d JOIN {p}outbox o ON o.message_id = d.message_id
                  WHERE d.grp = $1 AND d.deliver_at <= $2
                    AND NOT EXISTS (SELECT 1 FROM {p}paused z WHERE z.grp = $1)
@@ -435,6 +488,18 @@ impl Statements {
                  FROM {p}dead_letters WHERE id = $1"
             )),
             delete_dead_letter: s(format!("DELETE FROM {p}dead_letters WHERE id = $1")),
+            take_dead_letter: s(format!(
+                "DELETE FROM {p}dead_letters WHERE id = $1
+                 RETURNING id, grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at"
+            )),
+            repair_dead_letter: s(format!(
+                "UPDATE {p}dead_letters SET envelope = $2 WHERE id = $1
+                 RETURNING id, grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at"
+            )),
+            requeue_delivery: s(format!(
+                "INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at, envelope)
+                 VALUES ($1, $2, $3, $4, $5, $6)"
+            )),
             restore_outbox: s(format!(
                 "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, correlation_id)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"

@@ -1,12 +1,12 @@
 //! The shop's HTTP API (`cargo run -p shop -- serve`): place an order, read an order, list a
-//! customer's orders, list and retry dead letters. Bad input gets a 4xx with a JSON body
+//! customer's orders, list, repair and retry dead letters. Bad input gets a 4xx with a JSON body
 //! `{"error": "..."}` that says what was wrong, and nothing is written.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use inseam::sql::SqlStore;
 use inseam::{App, DispatchError};
@@ -28,6 +28,7 @@ pub fn router(app: App, store: SqlStore) -> Router {
         .route("/orders/{order_id}", get(get_order))
         .route("/customers/{customer}/orders", get(customer_orders))
         .route("/dead-letters", get(dead_letters))
+        .route("/dead-letters/{id}/payload", put(repair_dead_letter))
         .route("/dead-letters/{id}/retry", post(retry_dead_letter))
         .with_state(Shop { app, store })
 }
@@ -162,38 +163,61 @@ struct Letter {
     attempts: i64,
 }
 
+impl From<inseam::sql::DeadLetter> for Letter {
+    fn from(letter: inseam::sql::DeadLetter) -> Self {
+        Letter {
+            id: letter.id,
+            group: letter.group,
+            name: letter.name,
+            error: letter.error,
+            attempts: letter.attempts,
+        }
+    }
+}
+
 async fn dead_letters(State(shop): State<Shop>) -> Result<Json<Vec<Letter>>, ApiError> {
     let letters = shop
         .store
         .dead_letters(0, 100)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(
-        letters
-            .into_iter()
-            .map(|l| Letter {
-                id: l.id,
-                group: l.group,
-                name: l.name,
-                error: l.error,
-                attempts: l.attempts,
-            })
-            .collect(),
-    ))
+    Ok(Json(letters.into_iter().map(Letter::from).collect()))
+}
+
+fn dead_letter_error(error: inseam::sql::Error) -> ApiError {
+    let status = match &error {
+        inseam::sql::Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
+        inseam::sql::Error::RepairRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, error.to_string())
+}
+
+/// Replaces a dead letter's payload with the JSON body, if its group can read it; a retry
+/// then delivers it.
+async fn repair_dead_letter(
+    State(shop): State<Shop>,
+    Path(id): Path<i64>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<Json<Letter>, ApiError> {
+    let Json(payload) = body?;
+    let payload = serde_json::to_vec(&payload)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let letter = shop
+        .store
+        .repair_dead_letter(&shop.app, id, payload)
+        .await
+        .map_err(dead_letter_error)?;
+    Ok(Json(Letter::from(letter)))
 }
 
 async fn retry_dead_letter(
     State(shop): State<Shop>,
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    match shop.store.retry_dead_letter(id).await {
-        Ok(()) => Ok(StatusCode::ACCEPTED),
-        Err(error @ inseam::sql::Error::DeadLetterNotFound { .. }) => {
-            Err(ApiError(StatusCode::NOT_FOUND, error.to_string()))
-        }
-        Err(error) => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            error.to_string(),
-        )),
-    }
+    shop.store
+        .retry_dead_letter(id)
+        .await
+        .map_err(dead_letter_error)?;
+    Ok(StatusCode::ACCEPTED)
 }

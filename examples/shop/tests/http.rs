@@ -1,6 +1,7 @@
 //! The HTTP API end to end, through a real socket: orders placed and read back, and bad input
 //! (malformed JSON, an unknown product, a zero or negative quantity, an unknown order) answered
-//! with a 4xx that says what was wrong, with nothing written.
+//! with a 4xx that says what was wrong, with nothing written; a dead letter repaired (a payload
+//! that does not decode is refused with a 422 naming the field) and retried.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -47,6 +48,39 @@ async fn written(store: &inseam::sql::SqlStore) -> (i64, i64) {
         count("SELECT COUNT(*) FROM inseam_outbox WHERE stream IS NOT NULL").await,
         count("SELECT COUNT(*) FROM orders_summaries").await,
     )
+}
+
+/// Writes a dead letter of the notifications group: o-2's confirmation under a new message id,
+/// with `payload`. Returns its id.
+async fn dead_confirmation(store: &inseam::sql::SqlStore, payload: &str) -> i64 {
+    let stored: Vec<u8> =
+        sqlx::query("SELECT envelope FROM inseam_outbox WHERE name = 'orders.order_confirmed'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get(0);
+    let mut envelope = inseam::RawEnvelope::from_json(&stored).unwrap();
+    envelope.metadata.message_id = uuid::Uuid::now_v7();
+    envelope.payload = payload.as_bytes().to_vec();
+    sqlx::query(
+        "INSERT INTO inseam_dead_letters (grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at)
+         VALUES ('notifications', $1, 'orders.order_confirmed', 1, 'o-2', $2, 'does not decode', 1, 0, 0)",
+    )
+    .bind(envelope.metadata.message_id.to_string())
+    .bind(envelope.to_json().unwrap())
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store.dead_letters(0, 10).await.unwrap()[0].id
+}
+
+async fn sent_to(store: &inseam::sql::SqlStore, customer: &str) -> i64 {
+    sqlx::query("SELECT COUNT(*) FROM notifications_sent WHERE customer = $1")
+        .bind(customer.to_owned())
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0)
 }
 
 async fn api(backend: Backend) {
@@ -144,8 +178,75 @@ async fn api(backend: Backend) {
     let (status, json) = request(addr, "POST", "/dead-letters/42/retry", "").await;
     assert_eq!(
         (status, json["error"].as_str()),
-        (404, Some("no dead letter with id 42"))
+        (
+            404,
+            Some("dead letter 42 does not exist (already retried or discarded, or never written)")
+        )
     );
+
+    // A confirmation that reached the notifications without its customer: repaired through
+    // the API (bad repairs refused, saying why), then retried and delivered.
+    let id = dead_confirmation(&store, r#"{"order_id": "o-2"}"#).await;
+    let path = format!("/dead-letters/{id}/payload");
+    let (status, json) = request(addr, "GET", "/dead-letters", "").await;
+    assert_eq!((status, json[0]["id"].as_i64()), (200, Some(id)));
+    let refused = [
+        (r#"{"order_id": "o-2"}"#, 422, "missing field `customer`"),
+        (
+            r#"{"order_id": "o-2", "customer": 7}"#,
+            422,
+            "invalid type: integer `7`, expected a string",
+        ),
+        (
+            r#"{"order_id": "o-2", "#,
+            400,
+            "Failed to parse the request body as JSON",
+        ),
+    ];
+    for (body, status, why) in refused {
+        let (got, json) = request(addr, "PUT", &path, body).await;
+        let error = json["error"].as_str().unwrap_or_default();
+        assert_eq!(got, status, "{body}: {json}");
+        assert!(error.contains(why), "{body}: {error}");
+    }
+    let (status, json) = request(
+        addr,
+        "PUT",
+        "/dead-letters/4242/payload",
+        r#"{"order_id": "o-2", "customer": "bob"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (
+            404,
+            Some(
+                "dead letter 4242 does not exist (already retried or discarded, or never written)"
+            )
+        )
+    );
+    assert_eq!(sent_to(&store, "bob").await, 0, "nothing was delivered");
+    let (status, json) = request(
+        addr,
+        "PUT",
+        &path,
+        r#"{"order_id": "o-2", "customer": "bob"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, json["id"].as_i64(), json["group"].as_str()),
+        (200, Some(id), Some("notifications"))
+    );
+    let (status, _) = request(addr, "POST", &format!("/dead-letters/{id}/retry"), "").await;
+    assert_eq!(status, 202);
+    eventually(
+        Duration::from_secs(20),
+        "the repaired confirmation sent",
+        || async { (sent_to(&store, "bob").await == 1).then_some(()) },
+    )
+    .await;
+    let (status, json) = request(addr, "GET", "/dead-letters", "").await;
+    assert_eq!((status, json), (200, serde_json::json!([])));
     server.abort();
     relay.shutdown().await;
 }
