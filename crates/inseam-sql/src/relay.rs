@@ -550,11 +550,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
     };
     // Undo the handler's effects (and its deferred checks) but keep the claim, then record
     // the failure.
-    if sqlx::query(ROLLBACK_TO)
-        .execute(&mut unit.tx)
-        .await
-        .is_ok()
-    {
+    if sqlx::query(ROLLBACK_TO).execute(&mut unit.tx).await.is_ok() {
         match settle(unit, group, &row, &failure, now).await {
             Ok(retry_at) => return Ok(One::Failed { retry_at }),
             Err(error) => {
