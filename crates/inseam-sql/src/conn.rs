@@ -78,23 +78,23 @@ impl SqlPool {
         }
     }
 
-    /// The native PostgreSQL pool; `None` when the store runs on SQLite.
+    /// The native PostgreSQL pool. Fails, saying so, when the store runs on SQLite.
     #[cfg(feature = "postgres")]
-    pub fn pg(&self) -> Option<&PgPool> {
+    pub fn pg(&self) -> Result<&PgPool, sqlx::Error> {
         match &self.inner {
-            PoolInner::Postgres(pool) => Some(pool),
+            PoolInner::Postgres(pool) => Ok(pool),
             #[cfg(feature = "sqlite")]
-            PoolInner::Sqlite(_) => None,
+            PoolInner::Sqlite(_) => Err(wrong_backend("pg", Backend::Sqlite)),
         }
     }
 
-    /// The native SQLite pool; `None` when the store runs on PostgreSQL.
+    /// The native SQLite pool. Fails, saying so, when the store runs on PostgreSQL.
     #[cfg(feature = "sqlite")]
-    pub fn sqlite(&self) -> Option<&SqlitePool> {
+    pub fn sqlite(&self) -> Result<&SqlitePool, sqlx::Error> {
         match &self.inner {
-            PoolInner::Sqlite(pool) => Some(pool),
+            PoolInner::Sqlite(pool) => Ok(pool),
             #[cfg(feature = "postgres")]
-            PoolInner::Postgres(_) => None,
+            PoolInner::Postgres(_) => Err(wrong_backend("sqlite", Backend::Postgres)),
         }
     }
 
@@ -245,13 +245,9 @@ impl SqlTx {
 
 #[cfg(all(feature = "sqlite", feature = "postgres"))]
 fn wrong_backend(method: &str, backend: Backend) -> sqlx::Error {
-    let runs = match backend {
-        Backend::Postgres => "PostgreSQL",
-        Backend::Sqlite => "SQLite",
-    };
     sqlx::Error::Configuration(
         format!(
-            "`.{method}()` asked for the native connection of another database: this store runs on {runs}; use `.{}()`, or the transaction itself for SQL that runs on both",
+            "`.{method}()` asked for the native connection of another database: this store runs on {backend}; use `.{}()`, or the `Any` form (the transaction or pool itself) for SQL that runs on both",
             match backend {
                 Backend::Postgres => "pg",
                 Backend::Sqlite => "sqlite",

@@ -16,6 +16,15 @@ pub enum Backend {
     Postgres,
 }
 
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        })
+    }
+}
+
 impl Backend {
     pub(crate) fn from_url(url: &str) -> Result<Self, Error> {
         if cfg!(feature = "sqlite") && url.starts_with("sqlite:") {

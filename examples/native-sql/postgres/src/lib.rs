@@ -12,8 +12,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use inseam::BuildError;
 use inseam::prelude::*;
-use inseam::sql::{Backend, SqlPool};
-use sqlx::PgPool;
+use inseam::sql::SqlPool;
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -142,9 +141,6 @@ pub enum BillingError {
     /// An event names an invoice that is not in the database.
     #[error("invoice {0} is not in the database")]
     UnknownInvoice(Uuid),
-    /// The store is not on PostgreSQL.
-    #[error("the billing module's SQL is written for PostgreSQL, and the store runs on {0:?}")]
-    NotPostgres(Backend),
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -153,9 +149,9 @@ pub enum BillingError {
 /// Why the app could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    /// The store is not on PostgreSQL.
-    #[error("the billing module's SQL is written for PostgreSQL, and the store runs on {0:?}")]
-    NotPostgres(Backend),
+    /// The store is not on the database this module's SQL is written for.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
     /// The module's migrations failed.
     #[error("applying the billing module's migrations failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -167,10 +163,7 @@ pub enum SetupError {
 /// Applies the module's migrations to the store's database and builds the app around the
 /// store. Start the relay with `app.start()` for the `receivables` group to run.
 pub async fn app(store: &SqlStore) -> Result<App, SetupError> {
-    let pool = store
-        .pool()
-        .pg()
-        .ok_or(SetupError::NotPostgres(store.backend()))?;
+    let pool = store.pool().pg()?;
     sqlx::migrate!().run(pool).await?;
     Ok(App::builder()
         .store(store.clone())
@@ -263,7 +256,7 @@ async fn invoices(
            FROM invoices WHERE customer = $1 ORDER BY issued_at, id"#,
         query.customer,
     )
-    .fetch_all(native(&pool)?)
+    .fetch_all(pool.pg()?)
     .await?;
     Ok(invoices)
 }
@@ -279,12 +272,7 @@ async fn receivables(
          FROM receivables WHERE customer = $1 ORDER BY id",
         query.customer,
     )
-    .fetch_all(native(&pool)?)
+    .fetch_all(pool.pg()?)
     .await?;
     Ok(receivables)
-}
-
-/// The store's native pool.
-fn native(pool: &SqlPool) -> Result<&PgPool, BillingError> {
-    pool.pg().ok_or(BillingError::NotPostgres(pool.backend()))
 }

@@ -14,8 +14,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use inseam::BuildError;
 use inseam::prelude::*;
-use inseam::sql::{Backend, SqlPool};
-use sqlx::SqlitePool;
+use inseam::sql::SqlPool;
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -144,9 +143,6 @@ pub enum BillingError {
     /// An event names an invoice that is not in the database.
     #[error("invoice {0} is not in the database")]
     UnknownInvoice(Uuid),
-    /// The store is not on SQLite.
-    #[error("the billing module's SQL is written for SQLite, and the store runs on {0:?}")]
-    NotSqlite(Backend),
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -155,9 +151,9 @@ pub enum BillingError {
 /// Why the app could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    /// The store is not on SQLite.
-    #[error("the billing module's SQL is written for SQLite, and the store runs on {0:?}")]
-    NotSqlite(Backend),
+    /// The store is not on the database this module's SQL is written for.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
     /// The module's migrations failed.
     #[error("applying the billing module's migrations failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -169,10 +165,7 @@ pub enum SetupError {
 /// Applies the module's migrations to the store's database and builds the app around the
 /// store. Start the relay with `app.start()` for the `receivables` group to run.
 pub async fn app(store: &SqlStore) -> Result<App, SetupError> {
-    let pool = store
-        .pool()
-        .sqlite()
-        .ok_or(SetupError::NotSqlite(store.backend()))?;
+    let pool = store.pool().sqlite()?;
     sqlx::migrate!().run(pool).await?;
     Ok(App::builder()
         .store(store.clone())
@@ -269,7 +262,7 @@ async fn invoices(
            FROM invoices WHERE customer = $1 ORDER BY issued_at, id"#,
         query.customer,
     )
-    .fetch_all(native(&pool)?)
+    .fetch_all(pool.sqlite()?)
     .await?;
     Ok(invoices)
 }
@@ -286,12 +279,7 @@ async fn receivables(
            FROM receivables WHERE customer = $1 ORDER BY id"#,
         query.customer,
     )
-    .fetch_all(native(&pool)?)
+    .fetch_all(pool.sqlite()?)
     .await?;
     Ok(receivables)
-}
-
-/// The store's native pool.
-fn native(pool: &SqlPool) -> Result<&SqlitePool, BillingError> {
-    pool.sqlite().ok_or(BillingError::NotSqlite(pool.backend()))
 }
