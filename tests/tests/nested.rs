@@ -484,6 +484,56 @@ async fn a_slow_command_does_not_hold_up_the_others(backend: Backend) {
     assert_eq!(slow.await.unwrap().unwrap(), 1);
 }
 
+/// Holds SQLite's write lock (its transaction) for 12 s.
+#[derive(Debug, Command)]
+#[command(output = (), error = NoteError, name = "nested.hog")]
+struct Hog;
+
+#[command_handler]
+async fn hog(_: Hog, ctx: &mut CommandContext<'_>) -> Result<(), NoteError> {
+    note(ctx, "hog", "holding the lock").await?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    Ok(())
+}
+
+/// On SQLite, a command that needs the write lock while another holds it for longer than the
+/// wait fails, and its top-level message says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_lock_timeout_says_so_at_the_top() {
+    let db = TestDb::new(Backend::Sqlite, "nested_lock_timeout").await;
+    let store = store(&db).await;
+    let app = cart::builder(store.clone(), Gate::default())
+        .handler::<hog>()
+        .build()
+        .await
+        .unwrap();
+    let hog = {
+        let app = app.clone();
+        tokio::spawn(async move { app.send(Hog).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let error = app
+        .send(AddItems {
+            cart: "late".into(),
+            sku: "tea".into(),
+            count: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the store failed to take SQLite's write lock in time"
+    );
+    assert!(
+        inseam::error::Report(&error)
+            .to_string()
+            .contains("waited 10s for SQLite's write lock, which another unit of work of this app held all that time"),
+        "{}",
+        inseam::error::Report(&error)
+    );
+    hog.await.unwrap().unwrap();
+}
+
 inseam_tests::on_every_backend!(
     a_nested_send_is_atomic_with_its_parent,
     event_context_send_joins_the_unit_of_work,

@@ -6,6 +6,37 @@ use std::fmt;
 use crate::handler::{BoxError, Delivery};
 use crate::message::MessageKind;
 
+/// An error with its causes, on one line: `a: b: c`. An error's `Display` says what failed and
+/// its [`source`](std::error::Error::source) why, as the Rust convention goes; this prints both,
+/// for logs and messages:
+///
+/// ```
+/// # let error = std::io::Error::other("boom");
+/// eprintln!("{}", inseam_core::error::Report(&error));
+/// ```
+///
+/// A cause whose text the chain already ends with is not repeated (some drivers print their
+/// source in their own message).
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !last.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
 /// The most events one unit of work (a command with its inline subscribers) may publish.
 pub const MAX_EVENTS_PER_UNIT: usize = 10_000;
 
@@ -450,6 +481,29 @@ mod tests {
     use std::mem::size_of;
 
     use super::*;
+
+    #[test]
+    fn a_report_prints_the_causes_once() {
+        let failure = DispatchFailure::Subscriber {
+            handler: "shop::notify",
+            event: "shop.order_placed",
+            message_id: uuid::Uuid::nil(),
+            source: Box::new(crate::store::StoreError::new(
+                "begin a transaction",
+                std::io::Error::other("connection refused"),
+            )),
+        };
+        assert_eq!(
+            Report(&failure).to_string(),
+            "inline subscriber `shop::notify` failed on event `shop.order_placed` (message 00000000-0000-0000-0000-000000000000): the store failed to begin a transaction: connection refused"
+        );
+        // A cause that its error already prints is not repeated.
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Verbose(#[source] std::io::Error);
+        let verbose = Verbose(std::io::Error::other("inner"));
+        assert_eq!(Report(&verbose).to_string(), "outer: inner");
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("the handler refused")]

@@ -119,20 +119,9 @@ impl Error {
     }
 }
 
-/// `error` and its causes, one line: `a: b: c`. Errors that print their source already (as
-/// sqlx's do) are not repeated.
+/// `error` and its causes, one line: `a: b: c` (see [`Report`](inseam_core::error::Report)).
 pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut chain = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !chain.ends_with(&text) {
-            chain.push_str(": ");
-            chain.push_str(&text);
-        }
-        source = cause.source();
-    }
-    chain
+    inseam_core::error::Report(error).to_string()
 }
 
 /// A result of the SQL store.

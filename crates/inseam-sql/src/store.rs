@@ -325,6 +325,9 @@ impl SqlStore {
                 .collect::<Result<_, _>>()
                 .context("read the applied migrations")?;
             if applied.contains(&migration.version) {
+                // Ended here, not dropped: a dropped transaction goes back to the pool with its
+                // rollback still to run, and a SQLite connection in it keeps an old snapshot.
+                tx.rollback().await.context("end a migration check")?;
                 continue;
             }
             let version = migration.version;
