@@ -1,9 +1,9 @@
-//! Testing inseam apps the way they run: a real store (a temporary SQLite file, or a database
-//! you give), a manual clock and sequential ids so that every run is the same, the relay run to
-//! quiescence in the test's own task (no sleeps), given/when/then scenarios, the flow a
-//! command caused as stable text for `insta` (every message, and where it went: handled,
-//! retried or dead-lettered, group by group), and event contracts checked against the app's
-//! catalog (`assert_contracts`).
+//! Testing inseam apps the way they run: a real store (a temporary SQLite file, a fresh
+//! PostgreSQL database dropped when the test ends, or a database you give), a manual clock and
+//! sequential ids so that every run is the same, the relay run to quiescence in the test's own
+//! task (no sleeps), given/when/then scenarios, the flow a command caused as stable text for
+//! `insta` (every message, and where it went: handled, retried or dead-lettered, group by
+//! group), and event contracts checked against the app's catalog (`assert_contracts`).
 //!
 //! ```ignore
 //! let test = TestApp::new(|builder, store| shop::configure(builder, store, &World::default())).await?;
@@ -15,6 +15,13 @@
 //! flow.assert_ok();
 //! insta::assert_snapshot!(flow.text());
 //! ```
+//!
+//! The same test on PostgreSQL: `TestApp::postgres(..)` instead of `TestApp::new(..)`. It runs
+//! on a database of its own, created for the test on the server at `INSEAM_TEST_POSTGRES`
+//! (default `postgres://postgres@127.0.0.1:5432`) and dropped when the `TestApp` is dropped,
+//! also when the test fails (see [`TestDatabase`]).
+
+mod database;
 
 use std::time::Duration;
 
@@ -26,8 +33,14 @@ use inseam::{
     ManualClock, MessageMeta, Metadata, RawEnvelope, SequentialIds,
 };
 
-/// Why a test app could not be set up or driven.
-#[derive(Debug, thiserror::Error)]
+pub use database::{TestDatabase, postgres_server};
+
+/// Why a test app or database could not be set up or driven.
+///
+/// Its `Debug` form is its message and causes, so that a test's `.unwrap()` says what went
+/// wrong and what to do.
+#[derive(thiserror::Error)]
+#[non_exhaustive]
 pub enum TestError {
     /// The store failed.
     #[error(transparent)]
@@ -38,9 +51,47 @@ pub enum TestError {
     /// Setting up the temporary database failed.
     #[error("could not create a temporary database: {0}")]
     TempDir(#[from] std::io::Error),
+    /// The PostgreSQL server cannot be reached.
+    #[error(
+        "PostgreSQL is not reachable at {server}: {source}\n\
+         Start the local server with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+         or set {env} to the URL of one that trusts the test's user (default {default})",
+        env = database::POSTGRES_ENV,
+        default = database::DEFAULT_POSTGRES,
+    )]
+    PostgresUnreachable {
+        /// The URL tried (the server's `postgres` database).
+        server: String,
+        /// Why.
+        #[source]
+        source: inseam::sql::sqlx::Error,
+    },
+    /// Creating or dropping a test database failed.
+    #[error("could not {operation} the test database `{database}`")]
+    Database {
+        /// `create` or `drop`.
+        operation: &'static str,
+        /// The database.
+        database: String,
+        /// Why.
+        #[source]
+        source: inseam::sql::sqlx::Error,
+    },
     /// A "given" step failed.
     #[error("a given step failed: {0}")]
     Given(String),
+}
+
+impl std::fmt::Debug for TestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")?;
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            write!(f, "\n  caused by: {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
 /// The instant a test app's clock starts at: 2030-01-01T00:00:00Z.
@@ -59,7 +110,8 @@ pub struct TestApp {
     /// Its clock, standing at [`epoch`] until advanced.
     pub clock: ManualClock,
     flows: std::sync::atomic::AtomicU64,
-    _dir: Option<tempfile::TempDir>,
+    /// Last: dropped after the app and the store.
+    database: Option<TestDatabase>,
 }
 
 impl TestApp {
@@ -68,15 +120,37 @@ impl TestApp {
     pub async fn new(
         configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
     ) -> Result<Self, TestError> {
-        let dir = tempfile::tempdir()?;
-        let url = format!("sqlite://{}", dir.path().join("test.db").display());
-        let store = SqlStore::connect(&url).await?;
+        Self::on_database(TestDatabase::sqlite()?, configure).await
+    }
+
+    /// An app on a fresh PostgreSQL database, named after the running test and dropped with
+    /// the app (see [`TestDatabase::postgres`]), configured like [`new`](Self::new).
+    ///
+    /// ```no_run
+    /// # async fn run(configure: fn(inseam::AppBuilder, &inseam::SqlStore) -> inseam::AppBuilder) {
+    /// let test = inseam_test::TestApp::postgres(configure).await.unwrap();
+    /// // ... given, when, then ...
+    /// # }
+    /// ```
+    pub async fn postgres(
+        configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
+    ) -> Result<Self, TestError> {
+        let database = TestDatabase::postgres(&database::current_test_name()).await?;
+        Self::on_database(database, configure).await
+    }
+
+    /// An app on `database`, which the app then owns: the database goes when the app does.
+    pub async fn on_database(
+        database: TestDatabase,
+        configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
+    ) -> Result<Self, TestError> {
+        let store = SqlStore::connect(database.url()).await?;
         let mut test = Self::on(store, configure).await?;
-        test._dir = Some(dir);
+        test.database = Some(database);
         Ok(test)
     }
 
-    /// An app on `store` (for example a fresh PostgreSQL database).
+    /// An app on `store` (a database the test manages itself).
     pub async fn on(
         store: SqlStore,
         configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
@@ -92,8 +166,32 @@ impl TestApp {
             store,
             clock,
             flows: std::sync::atomic::AtomicU64::new(0),
-            _dir: None,
+            database: None,
         })
+    }
+
+    /// The database the app runs on, when it owns it ([`new`](Self::new),
+    /// [`postgres`](Self::postgres), [`on_database`](Self::on_database)).
+    pub fn database(&self) -> Option<&TestDatabase> {
+        self.database.as_ref()
+    }
+
+    /// Closes the store's connections and drops the app's database now, reporting a failure
+    /// (dropping the `TestApp` does the same, and can only log one).
+    pub async fn close(self) -> Result<(), TestError> {
+        let TestApp {
+            app,
+            store,
+            database,
+            ..
+        } = self;
+        drop(app);
+        store.pool().close().await;
+        drop(store);
+        match database {
+            Some(database) => database.close().await,
+            None => Ok(()),
+        }
     }
 
     /// Delivers everything due until nothing is left; returns how many deliveries ran.
