@@ -265,6 +265,7 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
         });
     }
     let mut failed = false;
+    let mut notes = Vec::new();
     for row in &rows {
         let delivered = match RawEnvelope::from_json(&row.envelope) {
             Ok(raw) => app.deliver(group, &raw, &mut unit).await.is_ok(),
@@ -273,6 +274,9 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
         if !delivered {
             failed = true;
             break;
+        }
+        if let Some(note) = unit.take_note() {
+            notes.push((row.message_id.as_str(), note));
         }
     }
     if !failed {
@@ -290,6 +294,9 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
             tracing::debug!(target: "inseam::relay", group, error = error as &dyn std::error::Error, "batch inbox insert failed; going one by one");
         }
         if inserted.is_ok_and(|done| done.rows_affected() == rows.len() as u64) {
+            for (message_id, note) in notes {
+                note_inbox(&mut unit, group, message_id, note).await?;
+            }
             let wrote = unit.wrote_outbox();
             unit.commit_unit()
                 .await
@@ -402,6 +409,23 @@ async fn insert_inbox(
     Ok(done.rows_affected())
 }
 
+/// Keeps, with a delivery's inbox row, why it was not needed.
+async fn note_inbox(
+    unit: &mut SqlUnitOfWork,
+    group: &str,
+    message_id: &str,
+    note: &str,
+) -> Result<()> {
+    sqlx::query(AssertSqlSafe(unit.shared.sql.note_inbox.clone()))
+        .bind(group.to_owned())
+        .bind(message_id.to_owned())
+        .bind(note.to_owned())
+        .execute(&mut unit.tx)
+        .await
+        .context("note why a delivery was not needed")?;
+    Ok(())
+}
+
 enum One {
     Delivered,
     Duplicate,
@@ -448,6 +472,9 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
     };
     let Some(failure) = failure else {
         insert_inbox(&mut unit, group, &[&row.message_id], now).await?;
+        if let Some(note) = unit.take_note() {
+            note_inbox(&mut unit, group, &row.message_id, note).await?;
+        }
         delete_delivery(&mut unit, row.id).await?;
         let wrote = unit.wrote_outbox();
         unit.commit_unit().await.context("commit a delivery")?;

@@ -2,8 +2,9 @@
 //! PostgreSQL database dropped when the test ends, or a database you give), a manual clock and
 //! sequential ids so that every run is the same, the relay run to quiescence in the test's own
 //! task (no sleeps), given/when/then scenarios, the flow a command caused as stable text for
-//! `insta` (every message, and where it went: handled, retried or dead-lettered, group by
-//! group), and event contracts checked against the app's catalog (`assert_contracts`).
+//! `insta` (every command, event and timer, and where it went: handled, retried,
+//! dead-lettered or not needed, group by group), and event contracts checked against the
+//! app's catalog (`assert_contracts`).
 //!
 //! ```ignore
 //! let test = TestApp::new(|builder, store| shop::configure(builder, store, &World::default())).await?;
@@ -101,6 +102,9 @@ pub fn epoch() -> DateTime<Utc> {
 
 /// An app on a real store, with a manual clock and sequential ids; the relay does not run in
 /// the background: [`settle`](Self::settle) delivers everything that is due.
+///
+/// The app keeps the events no group subscribes to (`keep_unsubscribed_events`), so that a
+/// flow shows every event a command caused.
 #[derive(Debug)]
 pub struct TestApp {
     /// The app.
@@ -159,7 +163,8 @@ impl TestApp {
         let builder = App::builder()
             .store(store.clone())
             .clock(clock.clone())
-            .ids(SequentialIds::default());
+            .ids(SequentialIds::default())
+            .keep_unsubscribed_events();
         let app = configure(builder, &store).build().await?;
         Ok(TestApp {
             app,
@@ -255,17 +260,23 @@ impl TestApp {
         }
     }
 
-    /// The flow with `correlation` as text: one line per stored message, in order, each
-    /// followed by one indented line per group it was routed to, saying whether that group
-    /// handled it, is to retry it (with the failure) or dead-lettered it.
+    /// The flow with `correlation` as text: one line per message (command, event, timer), in
+    /// order, each followed by one indented line per group it was routed to, saying whether
+    /// that group handled it, is to retry it (with the failure), dead-lettered it, or did not
+    /// need it (a saga's timeout after the saga completed); `(no group subscribes)` under an
+    /// event that no group receives.
     pub async fn lines(&self, correlation: uuid::Uuid) -> Vec<String> {
-        let Ok(entries) = self.store.flow(correlation).await else {
-            return vec!["<the flow could not be read>".to_owned()];
+        let entries = match self.store.flow(correlation).await {
+            Ok(entries) => entries,
+            Err(error) => return vec![format!("<the flow could not be read: {error}>")],
         };
         let mut lines = Vec::new();
         for entry in entries {
             let kind = entry.kind(&self.app);
             lines.push(format!("{kind} {} {}", entry.envelope.name, entry.data()));
+            if entry.deliveries.is_empty() {
+                lines.push("  (no group subscribes)".to_owned());
+            }
             lines.extend(entry.deliveries.iter().map(|d| format!("  -> {d}")));
         }
         lines
@@ -309,7 +320,8 @@ where
         }
     }
 
-    /// Then: these events, in this order, are the flow's events (names only).
+    /// Then: these events, in this order, are the flow's events (names only; every event the
+    /// command caused, whoever subscribes to it).
     #[track_caller]
     pub fn assert_events(&self, names: &[&str]) {
         let events: Vec<&str> = self
@@ -322,7 +334,7 @@ where
     }
 
     /// The flow as text, for a snapshot: the command sent and its outcome, then one line per
-    /// stored message, each followed by where it went.
+    /// message it caused, each followed by where it went (see [`TestApp::lines`]).
     pub fn text(&self) -> String {
         let outcome = match &self.outcome {
             Ok(output) => format!("ok: {output:?}"),
