@@ -2,6 +2,10 @@
 //! and publishes an event for two groups, against the same rows inserted with bare sqlx (the
 //! native driver) in the same transaction pattern, on SQLite and PostgreSQL, in one run.
 //!
+//! The `unsubscribed_event` group measures what `keep_unsubscribed_events` costs: a command
+//! whose handler inserts a row and publishes an event that no group subscribes to, by default
+//! (nothing is stored for the event) and with the option (an outbox row without deliveries).
+//!
 //! Run with `cargo bench -p inseam-benches --bench outbox` (PostgreSQL at
 //! `INSEAM_TEST_POSTGRES`, default the local server).
 
@@ -146,5 +150,76 @@ fn outbox(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, outbox);
+/// Records a note; nothing subscribes to what it publishes.
+#[derive(Debug, Command)]
+#[command(output = i64, error = sqlx::Error, name = "bench.note")]
+struct Note {
+    seq: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(name = "bench.noted", key = account)]
+struct Noted {
+    account: String,
+    seq: i64,
+}
+
+#[command_handler(publishes(Noted))]
+async fn note(cmd: Note, ctx: &mut CommandContext<'_>) -> Result<i64, sqlx::Error> {
+    let account = format!("acct-{}", cmd.seq % 8);
+    sqlx::query("INSERT INTO bank_deposits (seq, account, amount) VALUES ($1, $2, $3)")
+        .bind(cmd.seq)
+        .bind(account.clone())
+        .bind(1_i64)
+        .execute(ctx.tx().await?)
+        .await?;
+    ctx.publish(Noted {
+        account,
+        seq: cmd.seq,
+    });
+    Ok(cmd.seq)
+}
+
+fn unsubscribed_event(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("unsubscribed_event");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(30);
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let name = format!("{backend:?}").to_lowercase();
+        for keep in [false, true] {
+            let id = if keep { "kept" } else { "default" };
+            let db = rt.block_on(TestDb::new(backend, &format!("bench_unsubscribed_{id}")));
+            let store = rt.block_on(async {
+                let store = SqlStore::connect(&db.url).await.unwrap();
+                bank::create_schema(&store).await.unwrap();
+                store
+            });
+            let builder = App::builder().store(store).handler::<note>();
+            let builder = if keep {
+                builder.keep_unsubscribed_events()
+            } else {
+                builder
+            };
+            let app = rt.block_on(builder.build()).unwrap();
+            let seq = AtomicI64::new(1);
+            group.bench_function(BenchmarkId::new(id, &name), |b| {
+                b.to_async(&rt).iter(|| async {
+                    app.send(Note {
+                        seq: seq.fetch_add(1, Ordering::Relaxed),
+                    })
+                    .await
+                    .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, outbox, unsubscribed_event);
 criterion_main!(benches);

@@ -5,24 +5,20 @@ pub mod bank;
 pub mod cart;
 pub mod orders;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use inseam::sql::sqlx::{self, Connection as _, Executor as _};
+use inseam_test::TestDatabase;
 
 /// Where the PostgreSQL tests connect: `INSEAM_TEST_POSTGRES`, or the local server.
-pub fn postgres_server() -> String {
-    std::env::var("INSEAM_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
-}
+pub use inseam_test::postgres_server;
 
 /// A database the test owns: a fresh PostgreSQL database or a SQLite file in a temporary
-/// directory. Dropped with the value (PostgreSQL databases are dropped at the next run).
+/// directory, dropped with the value (`inseam_test::TestDatabase`), also when the test fails.
 #[derive(Debug)]
 pub struct TestDb {
     /// The URL to give the store.
     pub url: String,
-    _dir: Option<tempfile::TempDir>,
+    _db: TestDatabase,
 }
 
 /// The backends the durable tests run on.
@@ -49,48 +45,23 @@ impl TestDb {
 
     /// A SQLite file in a fresh temporary directory.
     pub fn sqlite() -> TestDb {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let path: PathBuf = dir.path().join("inseam.db");
-        TestDb {
-            url: format!("sqlite://{}", path.display()),
-            _dir: Some(dir),
-        }
+        TestDb::from(TestDatabase::sqlite().expect("a temporary directory"))
     }
 
     /// A fresh PostgreSQL database named after the test.
     pub async fn postgres(name: &str) -> TestDb {
-        let server = postgres_server();
-        sqlx::any::install_default_drivers();
-        let admin_url = format!("{server}/postgres");
-        let mut admin = match sqlx::AnyConnection::connect(&admin_url).await {
-            Ok(conn) => conn,
-            Err(error) => panic!(
-                "PostgreSQL is required for this test and is not reachable at {admin_url}: {error}\n\
-                 start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
-                 or point INSEAM_TEST_POSTGRES at a server (trust auth)"
-            ),
-        };
-        let db = format!(
-            "inseam_{}_{}",
-            name.to_ascii_lowercase()
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                .collect::<String>(),
-            std::process::id()
-        );
-        admin
-            .execute(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
-            )))
-            .await
-            .expect("drop an old test database");
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-            .await
-            .expect("create a test database");
+        match TestDatabase::postgres(name).await {
+            Ok(db) => TestDb::from(db),
+            Err(error) => panic!("PostgreSQL is required for this test: {error:?}"),
+        }
+    }
+}
+
+impl From<TestDatabase> for TestDb {
+    fn from(db: TestDatabase) -> Self {
         TestDb {
-            url: format!("{server}/{db}"),
-            _dir: None,
+            url: db.url().to_owned(),
+            _db: db,
         }
     }
 }

@@ -18,7 +18,6 @@ use serde::de::DeserializeOwned;
 
 use crate::app::App;
 use crate::context::{PendingEvent, StreamSlot, pending_keyed};
-use crate::dispatch::encode_pending;
 use crate::envelope::{Metadata, RawEnvelope, WireError};
 use crate::message::Event;
 use crate::store::{Snapshot, StoreError, StreamPosition, UnitOfWork};
@@ -120,10 +119,7 @@ impl Stage<'_> {
         // Keyed by the aggregate unless the event has a key of its own: a group receives one
         // aggregate's events in order.
         let mut pending = pending_keyed(self.app, event, self.parent, Some(self.id));
-        pending.stream = Some(StreamSlot {
-            position,
-            encode: encode_pending::<E>,
-        });
+        pending.stream = Some(StreamSlot { position });
         self.outgoing.push(pending);
     }
 }

@@ -160,6 +160,8 @@ pub(crate) struct Core {
     ids: Arc<dyn IdGenerator>,
     resources: Resources,
     pub(crate) store: Option<Arc<dyn Store>>,
+    /// Whether events no group subscribes to are written to the store's outbox too.
+    pub(crate) keep_unsubscribed: bool,
     source: Arc<str>,
     runtime: Handle,
     tasks: TaskTracker,
@@ -418,6 +420,7 @@ impl App {
             message_id: metadata.message_id,
             envelope: Arc::new(envelope),
             stream: None,
+            encode: crate::dispatch::encode_pending::<E>,
         };
         match &self.inner.store {
             Some(_) if crate::dispatch::in_unit() => {
@@ -864,6 +867,7 @@ pub struct AppBuilder {
     layers: Layers,
     source: String,
     store: Option<Arc<dyn Store>>,
+    keep_unsubscribed: bool,
     durable: Vec<(&'static str, Box<dyn DurableRoute>)>,
     upcasters: Upcasters,
     clock: Arc<dyn Clock>,
@@ -882,6 +886,7 @@ impl Default for AppBuilder {
             layers: Layers::default(),
             source: "inseam".to_owned(),
             store: None,
+            keep_unsubscribed: false,
             durable: Vec::new(),
             upcasters: Upcasters::default(),
             clock: Arc::new(SystemClock),
@@ -901,6 +906,7 @@ impl fmt::Debug for AppBuilder {
             .field("layers", &self.layers)
             .field("source", &self.source)
             .field("store", &self.store)
+            .field("keep_unsubscribed", &self.keep_unsubscribed)
             .finish()
     }
 }
@@ -965,6 +971,17 @@ impl AppBuilder {
     /// through its outbox, and `App::start` runs its relay.
     pub fn store(mut self, store: impl Store) -> Self {
         self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Writes the events that no group subscribes to into the store's outbox too, as rows with
+    /// no deliveries (kept for the outbox retention, like delivered ones), so that a flow read
+    /// from the store (`SqlStore::flow`) shows every event a command caused. Without it, such
+    /// an event reaches its inline subscribers and is not stored: nothing would read the row.
+    /// `inseam-test` turns it on; an app turns it on to see whole flows in production too, at
+    /// the price of one outbox row per such event. No effect without a store.
+    pub fn keep_unsubscribed_events(mut self) -> Self {
+        self.keep_unsubscribed = true;
         self
     }
 
@@ -1167,6 +1184,7 @@ impl AppBuilder {
                 ids: self.ids,
                 resources: self.resources,
                 store: self.store,
+                keep_unsubscribed: self.keep_unsubscribed,
                 source: Arc::from(self.source),
                 runtime,
                 tasks: TaskTracker::new(),

@@ -159,14 +159,15 @@ pub(crate) struct PendingEvent {
     pub(crate) envelope: Arc<dyn Any + Send + Sync>,
     /// Its place in an event-sourced stream.
     pub(crate) stream: Option<StreamSlot>,
+    /// Its wire form, for the outbox: an event may be stored although no route knows its type
+    /// (an event of a stream, or any event when the app keeps unsubscribed ones).
+    pub(crate) encode: fn(&PendingEvent) -> Result<crate::RawEnvelope, crate::CodecError>,
 }
 
-/// The place of a pending event in its stream, and how to encode it (an event of a stream is
-/// stored even when no route knows its type).
+/// The place of a pending event in its stream.
 #[derive(Clone)]
 pub(crate) struct StreamSlot {
     pub(crate) position: crate::store::StreamPosition,
-    pub(crate) encode: fn(&PendingEvent) -> Result<crate::RawEnvelope, crate::CodecError>,
 }
 
 impl std::fmt::Debug for PendingEvent {
@@ -205,6 +206,7 @@ pub(crate) fn pending_keyed<E: Event>(
         message_id: metadata.message_id,
         envelope: Arc::new(envelope),
         stream: None,
+        encode: crate::dispatch::encode_pending::<E>,
     }
 }
 

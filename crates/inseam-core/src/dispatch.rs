@@ -254,9 +254,6 @@ pub(crate) trait EventRoute: Send + Sync {
     /// The distinct groups subscribed.
     fn durable_groups(&self) -> &[&'static str];
 
-    /// The encoder of this route's event type, for the outbox.
-    fn encoder(&self) -> fn(&PendingEvent) -> Result<RawEnvelope, CodecError>;
-
     /// Delivers a stored event to one group's subscriber inside `uow`.
     fn deliver_raw<'a>(
         &'a self,
@@ -351,10 +348,6 @@ impl<E: Event> EventRoute for EventSlot<E> {
 
     fn durable_groups(&self) -> &[&'static str] {
         &self.groups
-    }
-
-    fn encoder(&self) -> fn(&PendingEvent) -> Result<RawEnvelope, CodecError> {
-        encode_pending::<E>
     }
 
     fn deliver_raw<'a>(
@@ -603,7 +596,8 @@ async fn rollback(uow: Box<dyn UnitOfWork>) {
 /// publish more), then every event is handed to its background subscribers.
 ///
 /// With a unit of work (the app has a store), the events with group subscribers are written to
-/// the outbox in it instead; the store's relay delivers them after commit.
+/// the outbox in it instead (with `keep_unsubscribed_events`, every event); the store's relay
+/// delivers them after commit.
 pub(crate) async fn complete(
     app: &App,
     mut outgoing: Vec<PendingEvent>,
@@ -629,17 +623,20 @@ pub(crate) async fn complete(
         }
     }
     if let Some(uow) = uow {
+        let keep_unsubscribed = app.inner.keep_unsubscribed;
         let mut messages = Vec::new();
         for event in &outgoing {
-            let route = app.inner.route(event.type_id);
-            let groups = route.map(|r| r.durable_groups()).unwrap_or_default();
-            // An event of a stream is stored whoever subscribes: it is the stream.
-            let encode = match (&event.stream, route) {
-                (Some(stream), _) => stream.encode,
-                (None, Some(route)) if !groups.is_empty() => route.encoder(),
-                (None, _) => continue,
-            };
-            let envelope = encode(event).map_err(|source| DispatchFailure::Encode {
+            let groups = app
+                .inner
+                .route(event.type_id)
+                .map(|r| r.durable_groups())
+                .unwrap_or_default();
+            // An event of a stream is stored whoever subscribes: it is the stream. Another
+            // one only when a group is to receive it, or when the app keeps every event.
+            if groups.is_empty() && event.stream.is_none() && !keep_unsubscribed {
+                continue;
+            }
+            let envelope = (event.encode)(event).map_err(|source| DispatchFailure::Encode {
                 event: event.name,
                 source,
             })?;

@@ -284,6 +284,9 @@ pub enum SagaError {
     Store(#[from] StoreError),
 }
 
+/// Why a timeout that fires after its saga completed was not needed, as flows show it.
+pub const TIMEOUT_AFTER_COMPLETION: &str = "the saga completed";
+
 enum Step<'a, E> {
     Event(&'a E),
     Timeout(&'a str),
@@ -302,7 +305,12 @@ async fn run<S: Saga>(
         .load_process(S::NAME, id)
         .await?;
     let (mut saga, existed) = match stored {
-        Some(stored) if stored.done => return Ok(()),
+        Some(stored) if stored.done => {
+            if let (Step::Timeout(_), Some(uow)) = (&step, ctx.unit_of_work()) {
+                uow.not_needed(TIMEOUT_AFTER_COMPLETION);
+            }
+            return Ok(());
+        }
         Some(stored) => {
             let saga =
                 serde_json::from_slice::<S>(&stored.state).map_err(|source| SagaError::State {

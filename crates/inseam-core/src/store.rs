@@ -45,7 +45,8 @@ const NO_SAVEPOINTS: &str = "this store cannot nest units of work, so a command 
 pub struct OutboxMessage {
     /// The envelope in its wire form.
     pub envelope: RawEnvelope,
-    /// Every group that receives it (at least one).
+    /// Every group that receives it; none for a message stored as a record only (an event of
+    /// a stream, or an event no group subscribes to in an app that keeps those).
     pub groups: Vec<&'static str>,
     /// Not delivered before this instant; `None` for right away.
     pub deliver_at: Option<DateTime<Utc>>,
@@ -201,6 +202,13 @@ pub trait UnitOfWork: Send + 'static {
     /// Undoes what was done since the latest savepoint, and removes it.
     fn rollback_to_savepoint(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async { Err(StoreError::new("roll back to a savepoint", NO_SAVEPOINTS)) })
+    }
+
+    /// Told that the delivery this unit of work runs turned out not to be needed (a saga's
+    /// timeout that fired after the saga completed), and why: a store keeps `reason` with the
+    /// delivery's inbox row, so that the message's flow says so. The default forgets it.
+    fn not_needed(&mut self, reason: &'static str) {
+        let _ = reason;
     }
 
     /// Commits. A store may hold appended rows back until here (to write them in one

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use inseam_core::Event as _;
+use inseam_core::saga::{SagaTimeout, TIMEOUT_AFTER_COMPLETION};
 use sqlx::{AssertSqlSafe, Row as _};
 use uuid::Uuid;
 
@@ -309,7 +311,8 @@ pub struct FlowEntry {
     pub recorded_at: DateTime<Utc>,
     /// The message.
     pub envelope: inseam_core::RawEnvelope,
-    /// Its delivery to each group it was routed to, by group name.
+    /// Its delivery to each group it was routed to, by group name; none when no group
+    /// subscribes to it.
     pub deliveries: Vec<FlowDelivery>,
 }
 
@@ -333,6 +336,12 @@ pub enum DeliveryState {
         attempts: u32,
         /// The last failure.
         last_error: Option<String>,
+    },
+    /// Not needed any more, and why: a saga's timeout once the saga completed (it was handled
+    /// by being ignored, or it is still waiting and will be).
+    NotNeeded {
+        /// Why (`the saga completed`).
+        reason: String,
     },
     /// Given up on: it is in the dead letters.
     DeadLettered {
@@ -360,6 +369,7 @@ impl std::fmt::Display for FlowDelivery {
                 "{group}: failed {attempts} time(s), to retry: {}",
                 last_error.as_deref().unwrap_or("?")
             ),
+            DeliveryState::NotNeeded { reason } => write!(f, "{group}: not needed ({reason})"),
             DeliveryState::DeadLettered { attempts, error } => {
                 write!(
                     f,
@@ -393,9 +403,12 @@ impl FlowEntry {
 }
 
 impl SqlStore {
-    /// Every message of the flow with `correlation_id` still in the outbox (events and durable
-    /// commands; delivered messages stay for the outbox retention, a stream's events for
-    /// good), oldest first.
+    /// Every message of the flow with `correlation_id` still in the outbox (events, durable
+    /// commands and saga timeouts; delivered messages stay for the outbox retention, a
+    /// stream's events for good), oldest first. An event no group subscribes to is stored, and
+    /// so shown, only when it is of a stream or the app keeps such events
+    /// (`AppBuilder::keep_unsubscribed_events`). A saga's timeout that fired or waits after
+    /// its saga completed is [`NotNeeded`](DeliveryState::NotNeeded).
     pub async fn flow(&self, correlation_id: Uuid) -> Result<Vec<FlowEntry>> {
         let rows = sqlx::query(AssertSqlSafe(self.shared.sql.flow.clone()))
             .bind(correlation_id.to_string())
@@ -430,7 +443,10 @@ impl SqlStore {
             let error: Option<String> = row.try_get(4).context("read a flow's deliveries")?;
             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
             let state = match state.as_str() {
-                "handled" => DeliveryState::Handled,
+                "handled" => match error {
+                    Some(reason) => DeliveryState::NotNeeded { reason },
+                    None => DeliveryState::Handled,
+                },
                 "dead" => DeliveryState::DeadLettered {
                     attempts,
                     error: error.unwrap_or_default(),
@@ -452,7 +468,42 @@ impl SqlStore {
                 deliveries.sort_by(|a, b| a.group.cmp(&b.group));
                 entry.deliveries = deliveries;
             }
+            self.waiting_timeout_not_needed(entry).await?;
         }
         Ok(entries)
+    }
+
+    /// A saga's timeout still waiting for its time while the saga already completed will be
+    /// ignored when it fires: it is shown as not needed now.
+    async fn waiting_timeout_not_needed(&self, entry: &mut FlowEntry) -> Result<()> {
+        if entry.envelope.name != SagaTimeout::NAME {
+            return Ok(());
+        }
+        let Ok(timeout) = serde_json::from_slice::<SagaTimeout>(&entry.envelope.payload) else {
+            return Ok(());
+        };
+        let Some(delivery) = entry
+            .deliveries
+            .iter_mut()
+            .find(|d| d.group == timeout.saga && matches!(d.state, DeliveryState::Pending { .. }))
+        else {
+            return Ok(());
+        };
+        let row = sqlx::query(AssertSqlSafe(self.shared.sql.load_process.clone()))
+            .bind(timeout.saga.clone())
+            .bind(timeout.id.clone())
+            .fetch_optional(&self.shared.pool)
+            .await
+            .context("read a saga's state")?;
+        let done: i64 = match row {
+            Some(row) => row.try_get(1).context("read a saga's state")?,
+            None => 0,
+        };
+        if done != 0 {
+            delivery.state = DeliveryState::NotNeeded {
+                reason: TIMEOUT_AFTER_COMPLETION.to_owned(),
+            };
+        }
+        Ok(())
     }
 }

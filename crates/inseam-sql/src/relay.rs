@@ -320,6 +320,7 @@ async fn deliver_together(
     now: i64,
 ) -> Result<bool> {
     let shared = unit.shared.clone();
+    let mut notes = Vec::new();
     for row in rows {
         let delivered = match RawEnvelope::from_json(&row.envelope) {
             Ok(raw) => app.deliver(group, &raw, &mut unit).await.is_ok(),
@@ -330,6 +331,9 @@ async fn deliver_together(
             // it left the transaction aborted (PostgreSQL) and returned `Ok`.
             rollback_failed_batch(unit, group).await;
             return Ok(false);
+        }
+        if let Some(note) = unit.take_note() {
+            notes.push((row.message_id.as_str(), note));
         }
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
@@ -343,7 +347,15 @@ async fn deliver_together(
         .execute(&mut unit.tx)
         .await;
     match inserted {
-        Ok(done) if done.rows_affected() == rows.len() as u64 => {}
+        Ok(done) if done.rows_affected() == rows.len() as u64 => {
+            for (message_id, note) in notes {
+                if let Err(error) = note_inbox(&mut unit, group, message_id, note).await {
+                    tracing::debug!(target: "inseam::relay", group, error = &error as &dyn std::error::Error, "noting a delivery failed; going one by one");
+                    rollback_failed_batch(unit, group).await;
+                    return Ok(false);
+                }
+            }
+        }
         Ok(_) => {
             rollback_failed_batch(unit, group).await;
             return Ok(false);
@@ -570,7 +582,27 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
 /// What follows a handler that returned `Ok`: the inbox row, and the delivery row deleted.
 async fn finish(unit: &mut SqlUnitOfWork, group: &str, row: &Claimed, now: i64) -> Result<()> {
     insert_inbox(unit, group, &[&row.message_id], now).await?;
+    if let Some(note) = unit.take_note() {
+        note_inbox(unit, group, &row.message_id, note).await?;
+    }
     delete_delivery(unit, row.id).await
+}
+
+/// Keeps, with a delivery's inbox row, why it was not needed.
+async fn note_inbox(
+    unit: &mut SqlUnitOfWork,
+    group: &str,
+    message_id: &str,
+    note: &str,
+) -> Result<()> {
+    sqlx::query(AssertSqlSafe(unit.shared.sql.note_inbox.clone()))
+        .bind(group.to_owned())
+        .bind(message_id.to_owned())
+        .bind(note.to_owned())
+        .execute(&mut unit.tx)
+        .await
+        .context("note why a delivery was not needed")?;
+    Ok(())
 }
 
 /// Records `failure` of `row` in `unit`, which holds the row's claim: a retry or a dead letter,

@@ -277,6 +277,12 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
                 "ALTER TABLE {p}deliveries ADD COLUMN envelope {bytes}"
             )],
         },
+        // Why a handled delivery was not needed (a saga's timeout after the saga completed),
+        // for flows; NULL for every other delivery.
+        Migration {
+            version: 9,
+            statements: vec![format!("ALTER TABLE {p}inbox ADD COLUMN note TEXT")],
+        },
     ]
 }
 
@@ -310,6 +316,8 @@ pub(crate) struct Statements {
     pub(crate) insert_inbox: Arc<str>,
     /// The inbox rows of a batch; a duplicate fails it, and the batch goes one by one.
     pub(crate) insert_inbox_batch: Arc<str>,
+    /// Why a delivery just written to the inbox was not needed.
+    pub(crate) note_inbox: Arc<str>,
     pub(crate) delete_deliveries: Arc<str>,
     pub(crate) delete_delivery: Arc<str>,
     pub(crate) retry_later: Arc<str>,
@@ -472,6 +480,9 @@ impl Statements {
                 "INSERT INTO {p}inbox (grp, message_id, handled_at) SELECT $1, x, $3 FROM {messages}",
                 messages = each("$2")
             )),
+            note_inbox: s(format!(
+                "UPDATE {p}inbox SET note = $3 WHERE grp = $1 AND message_id = $2"
+            )),
             delete_deliveries: s(format!(
                 "DELETE FROM {p}deliveries WHERE {ids}",
                 ids = id_in("$1")
@@ -561,7 +572,7 @@ impl Statements {
                  ORDER BY created_at, message_id"
             )),
             flow_deliveries: s(format!(
-                "SELECT i.message_id, i.grp, 'handled', CAST(0 AS BIGINT), CAST(NULL AS TEXT)
+                "SELECT i.message_id, i.grp, 'handled', CAST(0 AS BIGINT), i.note
                    FROM {p}inbox i JOIN {p}outbox o ON o.message_id = i.message_id
                   WHERE o.correlation_id = $1
                  UNION ALL

@@ -363,6 +363,7 @@ pub(crate) async fn begin_unit(shared: &Arc<Shared>) -> Result<SqlUnitOfWork> {
         shared: shared.clone(),
         notified: false,
         savepoints: 0,
+        note: None,
         _turn: turn,
     })
 }
@@ -374,6 +375,8 @@ pub struct SqlUnitOfWork {
     notified: bool,
     /// Savepoints of nested commands open in the transaction.
     savepoints: u32,
+    /// Why the delivery being handled was not needed, for its inbox row.
+    note: Option<&'static str>,
     /// Declared after `tx`: released once the transaction is over.
     _turn: WriteTurn,
 }
@@ -389,6 +392,12 @@ impl fmt::Debug for SqlUnitOfWork {
 impl SqlUnitOfWork {
     pub(crate) fn wrote_outbox(&self) -> bool {
         self.notified
+    }
+
+    /// Why the delivery just handled was not needed, if its handler said so; cleared for the
+    /// next delivery of the batch.
+    pub(crate) fn take_note(&mut self) -> Option<&'static str> {
+        self.note.take()
     }
 
     /// Commits, then gives up the write turn.
@@ -411,9 +420,13 @@ impl SqlUnitOfWork {
     pub(crate) async fn write(&mut self, messages: Vec<OutboxMessage>) -> Result<()> {
         let sql = &self.shared.sql;
         let now = micros(self.shared.now());
+        let mut to_deliver = false;
         for message in messages {
             let row = OutboxRow::encode(&message, now)?;
-            if let Some(write) = &sql.write_outbox {
+            // A row no group receives (an event of a stream, or a kept unsubscribed event)
+            // has no deliveries to insert and nothing to wake a relay for.
+            let delivered = !message.groups.is_empty();
+            if delivered && let Some(write) = &sql.write_outbox {
                 row.bind(sqlx::query(AssertSqlSafe(write.clone())))
                     .bind(sql.channel.to_string())
                     .execute(&mut self.tx)
@@ -435,6 +448,10 @@ impl SqlUnitOfWork {
                 .execute(&mut self.tx)
                 .await
                 .map_err(|e| conflict_or(e, [&message]))?;
+            if !delivered {
+                continue;
+            }
+            to_deliver = true;
             sqlx::query(AssertSqlSafe(sql.insert_deliveries.clone()))
                 .bind(row.groups)
                 .bind(row.message_id)
@@ -445,7 +462,7 @@ impl SqlUnitOfWork {
                 .await
                 .context("write the outbox deliveries")?;
         }
-        if !self.notified {
+        if to_deliver && !self.notified {
             if let Some(notify) = &sql.notify {
                 // Delivered by PostgreSQL on commit, to the relays of every instance.
                 sqlx::query(AssertSqlSafe(notify.clone()))
@@ -732,6 +749,10 @@ impl UnitOfWork for SqlUnitOfWork {
             self.savepoints = name.saturating_sub(1);
             Ok(())
         })
+    }
+
+    fn not_needed(&mut self, reason: &'static str) {
+        self.note = Some(reason);
     }
 
     fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), AppendError>> {

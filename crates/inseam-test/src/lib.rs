@@ -1,9 +1,10 @@
-//! Testing inseam apps the way they run: a real store (a temporary SQLite file, or a database
-//! you give), a manual clock and sequential ids so that every run is the same, the relay run to
-//! quiescence in the test's own task (no sleeps), given/when/then scenarios, the flow a
-//! command caused as stable text for `insta` (every message, and where it went: handled,
-//! retried or dead-lettered, group by group), and event contracts checked against the app's
-//! catalog (`assert_contracts`).
+//! Testing inseam apps the way they run: a real store (a temporary SQLite file, a fresh
+//! PostgreSQL database dropped when the test ends, or a database you give), a manual clock and
+//! sequential ids so that every run is the same, the relay run to quiescence in the test's own
+//! task (no sleeps), given/when/then scenarios, the flow a command caused as stable text for
+//! `insta` (every command, event and timer, and where it went: handled, retried,
+//! dead-lettered or not needed, group by group), and event contracts checked against the
+//! app's catalog (`assert_contracts`).
 //!
 //! ```ignore
 //! let test = TestApp::new(|builder, store| shop::configure(builder, store, &World::default())).await?;
@@ -15,6 +16,13 @@
 //! flow.assert_ok();
 //! insta::assert_snapshot!(flow.text());
 //! ```
+//!
+//! The same test on PostgreSQL: `TestApp::postgres(..)` instead of `TestApp::new(..)`. It runs
+//! on a database of its own, created for the test on the server at `INSEAM_TEST_POSTGRES`
+//! (default `postgres://postgres@127.0.0.1:5432`) and dropped when the `TestApp` is dropped,
+//! also when the test fails (see [`TestDatabase`]).
+
+mod database;
 
 use std::time::Duration;
 
@@ -26,8 +34,14 @@ use inseam::{
     ManualClock, MessageMeta, Metadata, RawEnvelope, SequentialIds,
 };
 
-/// Why a test app could not be set up or driven.
-#[derive(Debug, thiserror::Error)]
+pub use database::{TestDatabase, postgres_server};
+
+/// Why a test app or database could not be set up or driven.
+///
+/// Its `Debug` form is its message and causes, so that a test's `.unwrap()` says what went
+/// wrong and what to do.
+#[derive(thiserror::Error)]
+#[non_exhaustive]
 pub enum TestError {
     /// The store failed.
     #[error(transparent)]
@@ -38,9 +52,47 @@ pub enum TestError {
     /// Setting up the temporary database failed.
     #[error("could not create a temporary database: {0}")]
     TempDir(#[from] std::io::Error),
+    /// The PostgreSQL server cannot be reached.
+    #[error(
+        "PostgreSQL is not reachable at {server}: {source}\n\
+         Start the local server with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+         or set {env} to the URL of one that trusts the test's user (default {default})",
+        env = database::POSTGRES_ENV,
+        default = database::DEFAULT_POSTGRES,
+    )]
+    PostgresUnreachable {
+        /// The URL tried (the server's `postgres` database).
+        server: String,
+        /// Why.
+        #[source]
+        source: inseam::sql::sqlx::Error,
+    },
+    /// Creating or dropping a test database failed.
+    #[error("could not {operation} the test database `{database}`")]
+    Database {
+        /// `create` or `drop`.
+        operation: &'static str,
+        /// The database.
+        database: String,
+        /// Why.
+        #[source]
+        source: inseam::sql::sqlx::Error,
+    },
     /// A "given" step failed.
     #[error("a given step failed: {0}")]
     Given(String),
+}
+
+impl std::fmt::Debug for TestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")?;
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            write!(f, "\n  caused by: {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
 /// The instant a test app's clock starts at: 2030-01-01T00:00:00Z.
@@ -50,6 +102,9 @@ pub fn epoch() -> DateTime<Utc> {
 
 /// An app on a real store, with a manual clock and sequential ids; the relay does not run in
 /// the background: [`settle`](Self::settle) delivers everything that is due.
+///
+/// The app keeps the events no group subscribes to (`keep_unsubscribed_events`), so that a
+/// flow shows every event a command caused.
 #[derive(Debug)]
 pub struct TestApp {
     /// The app.
@@ -59,7 +114,8 @@ pub struct TestApp {
     /// Its clock, standing at [`epoch`] until advanced.
     pub clock: ManualClock,
     flows: std::sync::atomic::AtomicU64,
-    _dir: Option<tempfile::TempDir>,
+    /// Last: dropped after the app and the store.
+    database: Option<TestDatabase>,
 }
 
 impl TestApp {
@@ -68,15 +124,37 @@ impl TestApp {
     pub async fn new(
         configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
     ) -> Result<Self, TestError> {
-        let dir = tempfile::tempdir()?;
-        let url = format!("sqlite://{}", dir.path().join("test.db").display());
-        let store = SqlStore::connect(&url).await?;
+        Self::on_database(TestDatabase::sqlite()?, configure).await
+    }
+
+    /// An app on a fresh PostgreSQL database, named after the running test and dropped with
+    /// the app (see [`TestDatabase::postgres`]), configured like [`new`](Self::new).
+    ///
+    /// ```no_run
+    /// # async fn run(configure: fn(inseam::AppBuilder, &inseam::SqlStore) -> inseam::AppBuilder) {
+    /// let test = inseam_test::TestApp::postgres(configure).await.unwrap();
+    /// // ... given, when, then ...
+    /// # }
+    /// ```
+    pub async fn postgres(
+        configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
+    ) -> Result<Self, TestError> {
+        let database = TestDatabase::postgres(&database::current_test_name()).await?;
+        Self::on_database(database, configure).await
+    }
+
+    /// An app on `database`, which the app then owns: the database goes when the app does.
+    pub async fn on_database(
+        database: TestDatabase,
+        configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
+    ) -> Result<Self, TestError> {
+        let store = SqlStore::connect(database.url()).await?;
         let mut test = Self::on(store, configure).await?;
-        test._dir = Some(dir);
+        test.database = Some(database);
         Ok(test)
     }
 
-    /// An app on `store` (for example a fresh PostgreSQL database).
+    /// An app on `store` (a database the test manages itself).
     pub async fn on(
         store: SqlStore,
         configure: impl FnOnce(AppBuilder, &SqlStore) -> AppBuilder,
@@ -85,15 +163,40 @@ impl TestApp {
         let builder = App::builder()
             .store(store.clone())
             .clock(clock.clone())
-            .ids(SequentialIds::default());
+            .ids(SequentialIds::default())
+            .keep_unsubscribed_events();
         let app = configure(builder, &store).build().await?;
         Ok(TestApp {
             app,
             store,
             clock,
             flows: std::sync::atomic::AtomicU64::new(0),
-            _dir: None,
+            database: None,
         })
+    }
+
+    /// The database the app runs on, when it owns it ([`new`](Self::new),
+    /// [`postgres`](Self::postgres), [`on_database`](Self::on_database)).
+    pub fn database(&self) -> Option<&TestDatabase> {
+        self.database.as_ref()
+    }
+
+    /// Closes the store's connections and drops the app's database now, reporting a failure
+    /// (dropping the `TestApp` does the same, and can only log one).
+    pub async fn close(self) -> Result<(), TestError> {
+        let TestApp {
+            app,
+            store,
+            database,
+            ..
+        } = self;
+        drop(app);
+        store.pool().close().await;
+        drop(store);
+        match database {
+            Some(database) => database.close().await,
+            None => Ok(()),
+        }
     }
 
     /// Delivers everything due until nothing is left; returns how many deliveries ran.
@@ -157,17 +260,23 @@ impl TestApp {
         }
     }
 
-    /// The flow with `correlation` as text: one line per stored message, in order, each
-    /// followed by one indented line per group it was routed to, saying whether that group
-    /// handled it, is to retry it (with the failure) or dead-lettered it.
+    /// The flow with `correlation` as text: one line per message (command, event, timer), in
+    /// order, each followed by one indented line per group it was routed to, saying whether
+    /// that group handled it, is to retry it (with the failure), dead-lettered it, or did not
+    /// need it (a saga's timeout after the saga completed); `(no group subscribes)` under an
+    /// event that no group receives.
     pub async fn lines(&self, correlation: uuid::Uuid) -> Vec<String> {
-        let Ok(entries) = self.store.flow(correlation).await else {
-            return vec!["<the flow could not be read>".to_owned()];
+        let entries = match self.store.flow(correlation).await {
+            Ok(entries) => entries,
+            Err(error) => return vec![format!("<the flow could not be read: {error}>")],
         };
         let mut lines = Vec::new();
         for entry in entries {
             let kind = entry.kind(&self.app);
             lines.push(format!("{kind} {} {}", entry.envelope.name, entry.data()));
+            if entry.deliveries.is_empty() {
+                lines.push("  (no group subscribes)".to_owned());
+            }
             lines.extend(entry.deliveries.iter().map(|d| format!("  -> {d}")));
         }
         lines
@@ -211,7 +320,8 @@ where
         }
     }
 
-    /// Then: these events, in this order, are the flow's events (names only).
+    /// Then: these events, in this order, are the flow's events (names only; every event the
+    /// command caused, whoever subscribes to it).
     #[track_caller]
     pub fn assert_events(&self, names: &[&str]) {
         let events: Vec<&str> = self
@@ -224,7 +334,7 @@ where
     }
 
     /// The flow as text, for a snapshot: the command sent and its outcome, then one line per
-    /// stored message, each followed by where it went.
+    /// message it caused, each followed by where it went (see [`TestApp::lines`]).
     pub fn text(&self) -> String {
         let outcome = match &self.outcome {
             Ok(output) => format!("ok: {output:?}"),

@@ -1,6 +1,6 @@
 //! The shop's behaviour as scenarios, written with `inseam-test`: each test builds the real app
-//! on a fresh SQLite file with a manual clock, says what is given, does one thing, and checks
-//! what it caused. Copy one to start testing your own app.
+//! on a fresh SQLite file (or a fresh PostgreSQL database) with a manual clock, says what is
+//! given, does one thing, and checks what it caused. Copy one to start testing your own app.
 
 use std::time::Duration;
 
@@ -18,9 +18,31 @@ async fn shop(world: World) -> TestApp {
     let test = TestApp::new(|builder, store| shop::configure(builder, store, &world))
         .await
         .unwrap();
+    stock(test).await
+}
+
+/// The same on a PostgreSQL database of its own, dropped when the test ends.
+async fn shop_on_postgres(world: World) -> TestApp {
+    let test = TestApp::postgres(|builder, store| shop::configure(builder, store, &world))
+        .await
+        .unwrap();
+    stock(test).await
+}
+
+async fn stock(test: TestApp) -> TestApp {
     shop::install(&test.store).await.unwrap();
     shop::seed(&test.app).await.unwrap();
     test
+}
+
+/// The lines of the flow's saga timeout, with where it went.
+fn timeout_lines(lines: &[String]) -> Vec<&str> {
+    lines
+        .iter()
+        .skip_while(|line| !line.starts_with("timer inseam.saga_timeout"))
+        .take(2)
+        .map(String::as_str)
+        .collect()
 }
 
 fn order(order_id: &str, customer: &str, sku: &str, quantity: u32) -> PlaceOrder {
@@ -49,6 +71,77 @@ async fn an_order_goes_through_the_saga() {
         "orders.order_confirmed",
     ]);
     insta::assert_snapshot!(flow.text());
+}
+
+/// The same order on PostgreSQL causes the same flow, line for line, also once its payment
+/// timeout fired.
+#[tokio::test]
+async fn an_order_goes_through_the_saga_on_postgres_too() {
+    let on_sqlite = shop(World::default()).await;
+    let on_postgres = shop_on_postgres(World::default()).await;
+
+    let expected = on_sqlite.when(order("o-1", "ann", "tea", 2)).await;
+    let flow = on_postgres.when(order("o-1", "ann", "tea", 2)).await;
+
+    assert_eq!(*flow.assert_ok(), 1300);
+    assert_eq!(flow.text(), expected.text());
+
+    on_sqlite.advance(PAYMENT_TIMEOUT).await.unwrap();
+    on_postgres.advance(PAYMENT_TIMEOUT).await.unwrap();
+    let lines = on_postgres.lines(flow.correlation).await;
+    assert_eq!(lines, on_sqlite.lines(expected.correlation).await);
+    assert_eq!(
+        timeout_lines(&lines)[1],
+        "  -> orders.fulfilment: not needed (the saga completed)"
+    );
+    assert!(on_postgres.store.lag().await.unwrap().groups.is_empty());
+}
+
+/// Releasing the stock publishes `inventory.stock_released`, which no group subscribes to: the
+/// flow shows it all the same.
+#[tokio::test]
+async fn a_declined_payment_releases_the_stock_and_rejects_the_order() {
+    let world = World::default();
+    world.gateway.decline("bo");
+    let test = shop(world).await;
+
+    let flow = test.when(order("o-2", "bo", "tea", 1)).await;
+
+    flow.assert_ok();
+    flow.assert_events(&[
+        "orders.order_placed",
+        "inventory.stock_reserved",
+        "payments.declined",
+        "inventory.stock_released",
+        "orders.order_rejected",
+    ]);
+    insta::assert_snapshot!(flow.text());
+}
+
+/// The payment timeout of a confirmed order fires later all the same; the saga had completed,
+/// so it was not needed, and the flow says so (before it fires too).
+#[tokio::test]
+async fn a_payment_timeout_after_confirmation_is_not_needed() {
+    let test = shop(World::default()).await;
+    let flow = test.when(order("o-1", "ann", "tea", 1)).await;
+    flow.assert_ok();
+    let waiting = [
+        "timer inseam.saga_timeout {\"id\":\"f10f0000-0000-0000-0000-000000000001\",\"name\":\"payment\",\"saga\":\"orders.fulfilment\"}",
+        "  -> orders.fulfilment: not needed (the saga completed)",
+    ];
+    assert_eq!(timeout_lines(&flow.lines), waiting);
+
+    let fired = test.advance(PAYMENT_TIMEOUT).await.unwrap();
+
+    assert_eq!(fired, 1, "the timeout was delivered");
+    let lines = test.lines(flow.correlation).await;
+    assert_eq!(timeout_lines(&lines), waiting);
+    assert!(
+        !lines.iter().any(|l| l.contains("orders.order_rejected")),
+        "the saga did nothing on it: {lines:#?}"
+    );
+    let lag = test.store.lag().await.unwrap();
+    assert!(lag.groups.is_empty(), "nothing waits: {lag:?}");
 }
 
 #[tokio::test]
