@@ -453,9 +453,39 @@ pub(crate) async fn run_command_in_store<C: Command>(
 ) -> Result<C::Output, DispatchError<C::Error>> {
     let mut uow = store.begin().await?;
     let mut cached = Vec::new();
-    let mut ctx = CommandContext::new(app, &meta);
+    match handle_in_unit(app, slot, &mut *uow, &mut cached, command, &meta).await {
+        Ok((output, wrote)) => {
+            uow.commit().await?;
+            if wrote {
+                store.committed();
+            }
+            cached
+                .into_iter()
+                .for_each(crate::aggregate::CacheUpdate::committed);
+            Ok(output)
+        }
+        Err(error) => {
+            rollback(uow).await;
+            Err(error)
+        }
+    }
+}
+
+/// Runs a command's handler in `uow`, then completes what it published (inline subscribers,
+/// outbox rows) in the same unit of work. Returns its output and whether it wrote to the
+/// outbox. A failure undoes nothing here: the caller rolls back its unit of work, or its
+/// savepoint. A panic of the handler is a typed failure.
+async fn handle_in_unit<C: Command>(
+    app: &App,
+    slot: &CommandSlot<C>,
+    uow: &mut dyn UnitOfWork,
+    cached: &mut Vec<crate::aggregate::CacheUpdate>,
+    command: C,
+    meta: &MessageMeta,
+) -> Result<(C::Output, bool), DispatchError<C::Error>> {
+    let mut ctx = CommandContext::new(app, meta);
     ctx.uow = Some(&mut *uow);
-    ctx.cached = Some(&mut cached);
+    ctx.cached = Some(cached);
     let outcome = AssertUnwindSafe(within_unit(slot.handler.call(command, &mut ctx)))
         .catch_unwind()
         .await;
@@ -466,12 +496,8 @@ pub(crate) async fn run_command_in_store<C: Command>(
     } = ctx;
     let output = match outcome {
         Ok(Ok(output)) => output,
-        Ok(Err(error)) => {
-            rollback(uow).await;
-            return Err(DispatchError::Handler(error));
-        }
+        Ok(Err(error)) => return Err(DispatchError::Handler(error)),
         Err(panic) => {
-            rollback(uow).await;
             return Err(DispatchFailure::Panicked {
                 handler: slot.handler_name,
                 reason: panic_reason(&*panic),
@@ -480,20 +506,12 @@ pub(crate) async fn run_command_in_store<C: Command>(
         }
     };
     let wrote = !outgoing.is_empty() || dispatched;
-    if !outgoing.is_empty()
-        && let Err(error) = within_unit(complete(app, outgoing, Some(&mut *uow))).await
-    {
-        rollback(uow).await;
-        return Err(error.widen());
+    if !outgoing.is_empty() {
+        within_unit(complete(app, outgoing, Some(uow)))
+            .await
+            .map_err(DispatchError::widen)?;
     }
-    uow.commit().await?;
-    if wrote {
-        store.committed();
-    }
-    cached
-        .into_iter()
-        .for_each(crate::aggregate::CacheUpdate::committed);
-    Ok(output)
+    Ok((output, wrote))
 }
 
 /// Runs `outgoing` (published outside a command) in a unit of work of the store.
@@ -535,46 +553,21 @@ pub(crate) async fn run_nested<C: Command>(
     };
     uow.savepoint().await?;
     let mut nested_cached = Vec::new();
-    let mut ctx = CommandContext::new(app, &meta);
-    ctx.uow = Some(&mut *uow);
-    ctx.cached = Some(&mut nested_cached);
-    let outcome = AssertUnwindSafe(slot.handler.call(command, &mut ctx))
-        .catch_unwind()
-        .await;
-    let CommandContext {
-        outgoing,
-        dispatched,
-        ..
-    } = ctx;
-    let output = match outcome {
-        Ok(Ok(output)) => output,
-        Ok(Err(error)) => {
-            undo_nested(uow).await?;
-            return Err(DispatchError::Handler(error));
-        }
-        Err(panic) => {
-            undo_nested(uow).await?;
-            return Err(DispatchFailure::Panicked {
-                handler: slot.handler_name,
-                reason: panic_reason(&*panic),
+    match handle_in_unit(app, slot, &mut *uow, &mut nested_cached, command, &meta).await {
+        Ok((output, wrote)) => {
+            uow.release_savepoint().await?;
+            // The nested command's cached states wait for the outer commit; dropped (forgotten
+            // by their caches) when it failed.
+            if let Some(cached) = cached {
+                cached.extend(nested_cached);
             }
-            .into());
+            Ok((output, wrote))
         }
-    };
-    let wrote = !outgoing.is_empty() || dispatched;
-    if !outgoing.is_empty()
-        && let Err(error) = complete(app, outgoing, Some(&mut *uow)).await
-    {
-        undo_nested(uow).await?;
-        return Err(error.widen());
+        Err(error) => {
+            undo_nested(uow).await?;
+            Err(error)
+        }
     }
-    uow.release_savepoint().await?;
-    // The nested command's cached states wait for the outer commit; dropped (forgotten by
-    // their caches) when it failed.
-    if let Some(cached) = cached {
-        cached.extend(nested_cached);
-    }
-    Ok((output, wrote))
 }
 
 /// Undoes a failed nested command. If even that fails, the unit of work is in an unknown
