@@ -22,6 +22,7 @@ pub mod middleware;
 pub mod registry;
 pub mod saga;
 pub mod store;
+pub mod transport;
 pub mod upcast;
 
 pub use aggregate::{Aggregate, AggregateError, EventSet, Loaded, Stage};

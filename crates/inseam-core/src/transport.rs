@@ -1,0 +1,239 @@
+//! The transport seam: what a broker must do to carry a group's messages to another process.
+//!
+//! A [`Transport`] publishes envelopes, each in its CloudEvents JSON form unchanged, with its
+//! key and headers, and says when the broker has them; and it consumes a group durably,
+//! handing out [`Incoming`] messages that stay the broker's until they are acknowledged.
+//! inseam acknowledges a message only once it is committed in the consuming process's
+//! database, and asks for a redelivery after a delay otherwise; the attempt number travels
+//! with each message.
+//!
+//! Channels are named from message contracts (an event's or a durable command's stable name,
+//! such as `orders.order_placed`), never from Rust paths; a transport maps a channel to its
+//! own naming (a NATS subject, a Kafka topic) and declares what it guarantees in its
+//! [`Capabilities`], which the conformance suite pins.
+//!
+//! This module depends only on the envelope's types: a transport crate implements it without
+//! knowing anything of the app, the store or the dispatcher.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::handler::BoxError;
+
+/// A message to publish: an envelope's wire bytes and what a broker needs to route it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The channel, named from the message's contract (its stable name).
+    pub channel: String,
+    /// The message id, for the broker's deduplication where it has one.
+    pub message_id: Uuid,
+    /// The ordering key: messages with the same key reach a group in publish order.
+    pub key: Option<String>,
+    /// Broker headers (CloudEvents attributes, `traceparent`, ...), carried beside the bytes.
+    pub headers: Vec<(String, String)>,
+    /// The envelope in its CloudEvents JSON form, carried byte for byte.
+    pub payload: Bytes,
+}
+
+/// A message a consumer received. It stays the broker's until [`ack`](Self::ack): a consumer
+/// that goes away before that gets it again (as does another consumer of the group).
+pub struct Incoming {
+    /// The channel it was published to.
+    pub channel: String,
+    /// Its ordering key, as published.
+    pub key: Option<String>,
+    /// Its broker headers, as published.
+    pub headers: Vec<(String, String)>,
+    /// Its bytes, as published.
+    pub payload: Bytes,
+    /// Which delivery of this message to this group this is, from 1.
+    pub attempt: u32,
+    /// Settles the message with the broker.
+    pub acker: Box<dyn Acker>,
+}
+
+impl fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incoming")
+            .field("channel", &self.channel)
+            .field("key", &self.key)
+            .field("attempt", &self.attempt)
+            .field("bytes", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// The value of broker header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Tells the broker the message is done with: it is not delivered to this group again.
+    pub async fn ack(&self) -> Result<(), TransportError> {
+        self.acker.ack().await
+    }
+
+    /// Asks the broker to deliver the message to this group again, not before `delay`.
+    pub async fn nack(&self, delay: Duration) -> Result<(), TransportError> {
+        self.acker.nack(delay).await
+    }
+}
+
+/// Settles one received message with its broker.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The message is done with.
+    async fn ack(&self) -> Result<(), TransportError>;
+    /// Deliver the message again, not before `delay`.
+    async fn nack(&self, delay: Duration) -> Result<(), TransportError>;
+}
+
+/// What a durable consumer reads: one group's messages on some channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The group: every group gets every message of its channels; the consumers of one group
+    /// share them, each message going to one of them.
+    pub group: String,
+    /// The channels the group reads.
+    pub channels: Vec<String>,
+    /// Messages handed out and not yet settled, at most, per consumer.
+    pub max_in_flight: usize,
+    /// How long a handed-out message may stay unsettled before the broker gives it to a
+    /// consumer again (a consumer that died without settling it).
+    pub ack_wait: Duration,
+}
+
+impl Subscription {
+    /// A subscription of `group` to `channels`, with defaults of 256 messages in flight and a
+    /// 30 s acknowledgement wait.
+    pub fn new(
+        group: impl Into<String>,
+        channels: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Subscription {
+            group: group.into(),
+            channels: channels.into_iter().map(Into::into).collect(),
+            max_in_flight: 256,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A durable consumer of one group.
+#[async_trait]
+pub trait Consumer: Send {
+    /// Waits up to `wait` for messages and returns at most `max` of them (none when none came).
+    ///
+    /// Messages with the same key come in publish order, and a message is not handed out
+    /// while an earlier one of its key to this group is unsettled, where the transport's
+    /// [`Capabilities::ordering`] says [`KeyOrder::PerKey`].
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Incoming>, TransportError>;
+}
+
+/// What order a transport keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyOrder {
+    /// Messages with the same key reach a group in publish order, one at a time; different
+    /// keys proceed in parallel.
+    PerKey,
+    /// No order is kept.
+    None,
+}
+
+/// What a transport guarantees and offers, declared by it and pinned by the conformance suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The order it keeps.
+    pub ordering: KeyOrder,
+    /// Whether it delays a redelivery asked with [`Incoming::nack`] by the delay asked.
+    pub delayed_redelivery: bool,
+    /// Whether it can hold a published message until a given time (inseam keeps scheduled
+    /// messages in the outbox until due either way).
+    pub native_delayed_delivery: bool,
+    /// Whether it moves messages that keep failing aside by itself (inseam's dead letters are
+    /// in the consuming process's database either way).
+    pub native_dead_letters: bool,
+    /// Whether it drops a second publish of a message id (within some window).
+    pub deduplicates: bool,
+}
+
+/// A transport failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{transport}: could not {operation}")]
+pub struct TransportError {
+    /// The transport's name.
+    pub transport: &'static str,
+    /// What it was doing ("publish to `orders.order_placed`").
+    pub operation: String,
+    /// Whether trying again later may succeed (the broker is unreachable, a timeout).
+    pub transient: bool,
+    /// Why.
+    #[source]
+    pub source: Option<BoxError>,
+}
+
+impl TransportError {
+    /// A failure that may pass: the broker is down or slow.
+    pub fn transient(
+        transport: &'static str,
+        operation: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        TransportError {
+            transport,
+            operation: operation.into(),
+            transient: true,
+            source: Some(source.into()),
+        }
+    }
+
+    /// A failure that will not pass by trying again (a refused configuration, a bad name).
+    pub fn permanent(
+        transport: &'static str,
+        operation: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        TransportError {
+            transport,
+            operation: operation.into(),
+            transient: false,
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// A message broker that carries groups' messages between processes. See the module
+/// documentation.
+#[async_trait]
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// A short name for logs and errors (`nats`).
+    fn name(&self) -> &'static str;
+
+    /// What it guarantees.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Makes sure `channels` exist and can be published to (a stream, topics), and `groups`
+    /// can consume them; idempotent.
+    async fn provision(&self, channels: &[String]) -> Result<(), TransportError>;
+
+    /// Publishes `batch`, in order, and returns once the broker has each message or failed
+    /// to take it: one outcome per message, in the batch's order. A message counts as sent
+    /// only when its outcome is `Ok`.
+    async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>>;
+
+    /// A durable consumer of `subscription`'s group: what the group did not acknowledge,
+    /// from any consumer, is handed out again.
+    async fn subscribe(
+        &self,
+        subscription: &Subscription,
+    ) -> Result<Box<dyn Consumer>, TransportError>;
+}
