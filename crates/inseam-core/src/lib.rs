@@ -8,7 +8,9 @@
 
 pub mod aggregate;
 mod app;
+mod builder;
 pub mod catalog;
+mod check;
 pub mod clock;
 pub mod codec;
 mod context;
@@ -25,7 +27,8 @@ pub mod store;
 pub mod upcast;
 
 pub use aggregate::{Aggregate, AggregateError, EventSet, Loaded, Stage};
-pub use app::{App, AppBuilder, Stats};
+pub use app::{App, Stats};
+pub use builder::AppBuilder;
 pub use catalog::Catalog;
 pub use clock::{Clock, IdGenerator, ManualClock, SequentialIds, SystemClock, V7Ids};
 pub use codec::{Codec, CodecError, Json};
