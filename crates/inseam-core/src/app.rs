@@ -30,9 +30,8 @@ use crate::dispatch::{
     run_command_in_store,
 };
 use crate::envelope::{Envelope, RawEnvelope};
-use crate::error::{DispatchError, DispatchFailure};
+use crate::error::{BoxError, DispatchError, DispatchFailure};
 use crate::extract::Resources;
-use crate::handler::BoxError;
 use crate::message::{Command, Event, MessageKind, Query, SlotIndex};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};
 use crate::registry::BuiltSlot;

@@ -19,10 +19,9 @@ use crate::context::{
     CommandContext, DispatchMeta, EventContext, MessageMeta, PendingEvent, QueryContext,
 };
 use crate::envelope::{Envelope, RawEnvelope};
-use crate::error::{DeliveryError, DispatchError, DispatchFailure, MAX_EVENTS_PER_UNIT};
+use crate::error::{BoxError, DeliveryError, DispatchError, DispatchFailure, MAX_EVENTS_PER_UNIT};
 use crate::handler::{
-    BoxError, CommandHandler, CommandResult, Delivery, EventHandler, HandlerFuture, QueryHandler,
-    QueryResult,
+    CommandHandler, CommandResult, Delivery, EventHandler, HandlerFuture, QueryHandler, QueryResult,
 };
 use crate::message::{Command, Event, MessageKind, Query};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};

@@ -34,11 +34,11 @@ pub use clock::{Clock, IdGenerator, ManualClock, SequentialIds, SystemClock, V7I
 pub use codec::{Codec, CodecError, Json};
 pub use context::{CommandContext, EventContext, MessageMeta, QueryContext};
 pub use envelope::{Envelope, HeaderError, HeaderName, Headers, Metadata, RawEnvelope, WireError};
-pub use error::{BuildError, DeliveryError, DispatchError, DispatchFailure, WiringProblem};
-pub use extract::{Extract, State};
-pub use handler::{
-    BoxError, CommandHandler, Delivery, EventHandler, Halt, Handler, QueryHandler, Reject,
+pub use error::{
+    BoxError, BuildError, DeliveryError, DispatchError, DispatchFailure, WiringProblem,
 };
+pub use extract::{Extract, State};
+pub use handler::{CommandHandler, Delivery, EventHandler, Halt, Handler, QueryHandler, Reject};
 pub use message::{Command, Event, MessageKind, Query};
 pub use middleware::{
     DispatchRequest, DispatchResponse, DispatchService, RetryOnConflict, TraceLayer,
