@@ -26,8 +26,8 @@ use crate::context::{
     CommandContext, DispatchMeta, MessageMeta, NO_META, PendingEvent, QueryContext,
 };
 use crate::dispatch::{
-    CommandSlot, DurableRoute, EventRoute, QuerySlot, classify, complete, publish_in_store,
-    run_command_in_store,
+    CommandSlot, DurableRoute, EventRoute, NO_STORE, QuerySlot, classify, complete,
+    durable_message, publish_in_store, run_command_in_store,
 };
 use crate::envelope::{Envelope, RawEnvelope};
 use crate::error::{BoxError, DispatchError, DispatchFailure};
@@ -35,7 +35,7 @@ use crate::extract::Resources;
 use crate::message::{Command, Event, MessageKind, Query, SlotIndex};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};
 use crate::registry::BuiltSlot;
-use crate::store::{DeliveryFailure, OutboxMessage, RelayHandle, Store, UnitOfWork};
+use crate::store::{DeliveryFailure, RelayHandle, Store, UnitOfWork};
 use crate::upcast::{UpcastError, Upcasters};
 
 /// Hashes a `TypeId` by its own bits: the ids are already uniformly distributed.
@@ -863,107 +863,4 @@ async fn end_read(uow: Box<dyn UnitOfWork>) {
     if let Err(error) = uow.rollback().await {
         tracing::debug!(target: "inseam::aggregate", error = &error as &dyn std::error::Error, "ending a read-only transaction failed");
     }
-}
-
-pub(crate) const NO_STORE: &str =
-    "the app has no store to hold it: give it one with `.store(..)` on the app builder";
-
-/// The outbox message that runs `command` durably at `at` (or as soon as the relay gets to
-/// it), with `meta`'s ids.
-pub(crate) fn durable_message<C>(
-    app: &App,
-    meta: MessageMeta,
-    at: Option<DateTime<Utc>>,
-    command: &C,
-) -> Result<OutboxMessage, DispatchError<Infallible>>
-where
-    C: Command + serde::Serialize,
-{
-    let group = durable_group_name::<C>();
-    if !app.inner.durable.contains_key(group) {
-        return Err(DispatchFailure::NotDurable {
-            command: type_name::<C>(),
-            reason: "it was not declared durable: add `.durable_command::<..>()` to the app builder",
-        }
-        .into());
-    }
-    let payload = serde_json::to_vec(command).map_err(|e| DispatchFailure::Encode {
-        event: C::NAME,
-        source: crate::codec::CodecError {
-            content_type: "application/json",
-            source: Box::new(e),
-        },
-    })?;
-    let headers = meta.headers.clone();
-    let envelope = RawEnvelope {
-        metadata: meta.metadata(app),
-        name: C::NAME.to_owned(),
-        version: 1,
-        key: None,
-        occurred_at: app.now(),
-        source: app.inner.source.to_string(),
-        headers,
-        content_type: "application/json".to_owned(),
-        payload,
-    };
-    Ok(OutboxMessage {
-        envelope,
-        groups: vec![group],
-        deliver_at: at,
-        stream: None,
-    })
-}
-
-/// The outbox message that runs the durable command named `name` with a JSON `payload` (a
-/// planned compensation), with `meta`'s ids.
-pub(crate) fn durable_named_message(
-    app: &App,
-    meta: MessageMeta,
-    name: &str,
-    payload: &serde_json::Value,
-) -> Result<OutboxMessage, DispatchError<Infallible>> {
-    let group = format!("command:{name}");
-    let Some((&group, _)) = app.inner.durable.get_key_value(group.as_str()) else {
-        return Err(DispatchFailure::NotDurable {
-            command: "a planned compensation",
-            reason: "no command of that name was declared durable: add `.durable_command::<..>()` to the app builder",
-        }
-        .into());
-    };
-    let payload = serde_json::to_vec(payload).map_err(|e| DispatchFailure::Encode {
-        event: group,
-        source: crate::codec::CodecError {
-            content_type: "application/json",
-            source: Box::new(e),
-        },
-    })?;
-    let headers = meta.headers.clone();
-    Ok(OutboxMessage {
-        envelope: RawEnvelope {
-            metadata: meta.metadata(app),
-            name: name.to_owned(),
-            version: 1,
-            key: None,
-            occurred_at: app.now(),
-            source: app.inner.source.to_string(),
-            headers,
-            content_type: "application/json".to_owned(),
-            payload,
-        },
-        groups: vec![group],
-        deliver_at: None,
-        stream: None,
-    })
-}
-
-/// The relay group of a durable command: `command:<name>`, one per command type.
-pub(crate) fn durable_group_name<C: Command>() -> &'static str {
-    use std::sync::{Mutex, OnceLock};
-    static NAMES: OnceLock<Mutex<HashMap<TypeId, &'static str>>> = OnceLock::new();
-    let names = NAMES.get_or_init(Default::default);
-    let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
-    // Leaked once per command type for the life of the process: groups are `&'static str`.
-    names
-        .entry(TypeId::of::<C>())
-        .or_insert_with(|| Box::leak(format!("command:{}", C::NAME).into_boxed_str()))
 }

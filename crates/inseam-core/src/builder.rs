@@ -10,11 +10,11 @@ use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::app::{App, Core, Counters, Slots, TypeMap, durable_group_name, freeze};
+use crate::app::{App, Core, Counters, Slots, TypeMap, freeze};
 use crate::catalog::{AggregateDoc, EventRef};
 use crate::check::{Checked, check};
 use crate::clock::{Clock, IdGenerator, SystemClock, V7Ids};
-use crate::dispatch::{DurableCommand, DurableRoute};
+use crate::dispatch::{DurableCommand, DurableRoute, durable_group_name};
 use crate::error::{BoxError, BuildError};
 use crate::extract::Resources;
 use crate::handler::Handler;
