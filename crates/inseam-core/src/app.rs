@@ -16,28 +16,26 @@ use chrono::{DateTime, Utc};
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
-use tower_layer::Layer;
-use tower_service::Service;
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, AggregateError, CacheUpdate, Loaded, Source};
-use crate::catalog::{AggregateDoc, Catalog, EventRef};
-use crate::clock::{Clock, IdGenerator, SystemClock, V7Ids};
+use crate::builder::AppBuilder;
+use crate::catalog::Catalog;
+use crate::clock::{Clock, IdGenerator};
 use crate::context::{
     CommandContext, DispatchMeta, MessageMeta, NO_META, PendingEvent, QueryContext,
 };
 use crate::dispatch::{
-    CommandSlot, DurableCommand, DurableRoute, EventRoute, QuerySlot, classify, complete,
-    publish_in_store, run_command_in_store,
+    CommandSlot, DurableRoute, EventRoute, NO_STORE, QuerySlot, classify, complete,
+    durable_message, publish_in_store, run_command_in_store,
 };
 use crate::envelope::{Envelope, RawEnvelope};
-use crate::error::{BuildError, DispatchError, DispatchFailure, WiringProblem};
+use crate::error::{BoxError, DispatchError, DispatchFailure};
 use crate::extract::Resources;
-use crate::handler::{BoxError, Handler};
 use crate::message::{Command, Event, MessageKind, Query, SlotIndex};
-use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService, LayerScope, Layers};
-use crate::registry::{BuiltSlot, Registration, Wiring, discovered};
-use crate::store::{DeliveryFailure, OutboxMessage, RelayHandle, Store, UnitOfWork};
+use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};
+use crate::registry::BuiltSlot;
+use crate::store::{DeliveryFailure, RelayHandle, Store, UnitOfWork};
 use crate::upcast::{UpcastError, Upcasters};
 
 /// Hashes a `TypeId` by its own bits: the ids are already uniformly distributed.
@@ -60,9 +58,9 @@ impl Hasher for TypeIdHasher {
     }
 }
 
-type TypeMap<V> = HashMap<TypeId, V, BuildHasherDefault<TypeIdHasher>>;
+pub(crate) type TypeMap<V> = HashMap<TypeId, V, BuildHasherDefault<TypeIdHasher>>;
 
-fn freeze<V>(map: HashMap<TypeId, V>) -> TypeMap<V> {
+pub(crate) fn freeze<V>(map: HashMap<TypeId, V>) -> TypeMap<V> {
     map.into_iter().collect()
 }
 
@@ -70,14 +68,14 @@ type AnySlot = Box<dyn Any + Send + Sync>;
 
 /// The command or query slots of an app: at their type's slot index when it has one (a load
 /// and a bounds check per dispatch), by `TypeId` otherwise.
-struct Slots {
+pub(crate) struct Slots {
     indexed: Vec<Option<AnySlot>>,
     by_type: TypeMap<AnySlot>,
     len: usize,
 }
 
 impl Slots {
-    fn new(built: HashMap<TypeId, BuiltSlot>) -> Self {
+    pub(crate) fn new(built: HashMap<TypeId, BuiltSlot>) -> Self {
         let len = built.len();
         let mut indexed: Vec<Option<AnySlot>> = Vec::new();
         let mut by_type = TypeMap::default();
@@ -147,28 +145,29 @@ pub struct Stats {
     pub panicked: u64,
 }
 
+/// What an app is made of, shared by its clones. The builder fills every field.
 pub(crate) struct Core {
-    commands: Slots,
-    queries: Slots,
-    events: TypeMap<Box<dyn EventRoute>>,
+    pub(crate) commands: Slots,
+    pub(crate) queries: Slots,
+    pub(crate) events: TypeMap<Box<dyn EventRoute>>,
     /// Event types by their stored identity: name and version.
-    by_name: HashMap<(&'static str, u32), TypeId>,
-    groups: Vec<&'static str>,
-    durable: HashMap<&'static str, Box<dyn DurableRoute>>,
-    upcasters: Upcasters,
-    clock: Arc<dyn Clock>,
-    ids: Arc<dyn IdGenerator>,
-    resources: Resources,
+    pub(crate) by_name: HashMap<(&'static str, u32), TypeId>,
+    pub(crate) groups: Vec<&'static str>,
+    pub(crate) durable: HashMap<&'static str, Box<dyn DurableRoute>>,
+    pub(crate) upcasters: Upcasters,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) ids: Arc<dyn IdGenerator>,
+    pub(crate) resources: Resources,
     pub(crate) store: Option<Arc<dyn Store>>,
     /// Whether events no group subscribes to are written to the store's outbox too.
     pub(crate) keep_unsubscribed: bool,
-    source: Arc<str>,
-    runtime: Handle,
-    tasks: TaskTracker,
+    pub(crate) source: Arc<str>,
+    pub(crate) runtime: Handle,
+    pub(crate) tasks: TaskTracker,
     pub(crate) stats: Counters,
-    catalog: Catalog,
+    pub(crate) catalog: Catalog,
     /// `Arc<dyn CachedStates<A>>` per aggregate type with a cache.
-    state_caches: TypeMap<Box<dyn Any + Send + Sync>>,
+    pub(crate) state_caches: TypeMap<Box<dyn Any + Send + Sync>>,
 }
 
 impl Core {
@@ -859,492 +858,9 @@ impl GivenMeta for MessageMeta {
     }
 }
 
-/// Builds an [`App`]: registrations, state, layers; `build()` validates the wiring.
-pub struct AppBuilder {
-    registrations: Vec<Registration>,
-    discover: bool,
-    resources: Resources,
-    layers: Layers,
-    source: String,
-    store: Option<Arc<dyn Store>>,
-    keep_unsubscribed: bool,
-    durable: Vec<(&'static str, Box<dyn DurableRoute>)>,
-    upcasters: Upcasters,
-    clock: Arc<dyn Clock>,
-    ids: Arc<dyn IdGenerator>,
-    /// Declared aggregates with their events: for the upcaster check and the catalog.
-    aggregates: Vec<AggregateDoc>,
-    state_caches: TypeMap<Box<dyn Any + Send + Sync>>,
-}
-
-impl Default for AppBuilder {
-    fn default() -> Self {
-        AppBuilder {
-            registrations: Vec::new(),
-            discover: false,
-            resources: Resources::default(),
-            layers: Layers::default(),
-            source: "inseam".to_owned(),
-            store: None,
-            keep_unsubscribed: false,
-            durable: Vec::new(),
-            upcasters: Upcasters::default(),
-            clock: Arc::new(SystemClock),
-            ids: Arc::new(V7Ids),
-            aggregates: Vec::new(),
-            state_caches: TypeMap::default(),
-        }
-    }
-}
-
-impl fmt::Debug for AppBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AppBuilder")
-            .field("registrations", &self.registrations.len())
-            .field("discover", &self.discover)
-            .field("resources", &self.resources)
-            .field("layers", &self.layers)
-            .field("source", &self.source)
-            .field("store", &self.store)
-            .field("keep_unsubscribed", &self.keep_unsubscribed)
-            .finish()
-    }
-}
-
-impl AppBuilder {
-    /// Adds every handler and message declaration linked into the binary (registered by the
-    /// derive and handler macros). A crate whose items nothing references is not linked: add
-    /// `use that_crate as _;` to the binary.
-    pub fn discover(mut self) -> Self {
-        self.discover = true;
-        self
-    }
-
-    /// Registers a handler explicitly: `.handler::<place_order>()` for a function marked with
-    /// a handler macro.
-    pub fn handler<H: Handler>(mut self) -> Self {
-        self.registrations.push(H::REGISTRATION);
-        self
-    }
-
-    /// Adds a registration record.
-    pub fn register(mut self, registration: Registration) -> Self {
-        self.registrations.push(registration);
-        self
-    }
-
-    /// Declares a command: `build()` then fails unless it has exactly one handler.
-    pub fn expect_command<C: Command>(self) -> Self {
-        self.register(Registration::declare_command::<C>())
-    }
-
-    /// Declares a query: `build()` then fails unless it has exactly one handler.
-    pub fn expect_query<Q: Query>(self) -> Self {
-        self.register(Registration::declare_query::<Q>())
-    }
-
-    /// Declares an event, so its name and version are checked for clashes.
-    pub fn event<E: Event>(self) -> Self {
-        self.register(Registration::declare_event::<E>())
-    }
-
-    /// Provides shared state, extracted by handlers with `State<T>`.
-    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
-        self.resources.insert(value);
-        self
-    }
-
-    /// Declares a command that can be dispatched durably with `App::schedule`; its handler
-    /// runs in the relay under the group `command:<name>`.
-    pub fn durable_command<C>(mut self) -> Self
-    where
-        C: Command + serde::Serialize + serde::de::DeserializeOwned,
-    {
-        self.durable.push((
-            durable_group_name::<C>(),
-            Box::new(DurableCommand::<C>(std::marker::PhantomData)),
-        ));
-        self.expect_command::<C>()
-    }
-
-    /// Makes delivery durable: commands run in units of work of `store`, events for groups go
-    /// through its outbox, and `App::start` runs its relay.
-    pub fn store(mut self, store: impl Store) -> Self {
-        self.store = Some(Arc::new(store));
-        self
-    }
-
-    /// Writes the events that no group subscribes to into the store's outbox too, as rows with
-    /// no deliveries (kept for the outbox retention, like delivered ones), so that a flow read
-    /// from the store (`SqlStore::flow`) shows every event a command caused. Without it, such
-    /// an event reaches its inline subscribers and is not stored: nothing would read the row.
-    /// `inseam-test` turns it on; an app turns it on to see whole flows in production too, at
-    /// the price of one outbox row per such event. No effect without a store.
-    pub fn keep_unsubscribed_events(mut self) -> Self {
-        self.keep_unsubscribed = true;
-        self
-    }
-
-    /// Sets the CloudEvents `source` of the events this app publishes (default `inseam`).
-    pub fn source(mut self, source: impl Into<String>) -> Self {
-        self.source = source.into();
-        self
-    }
-
-    /// Wraps every dispatch (commands, queries, background event deliveries) in a tower layer.
-    /// The first layer added is the outermost.
-    pub fn layer<L, S>(mut self, layer: L) -> Self
-    where
-        L: Layer<DispatchService, Service = S> + Send + Sync + 'static,
-        S: Service<DispatchRequest, Response = DispatchResponse> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-    {
-        self.layers.push(LayerScope::All, layer);
-        self
-    }
-
-    /// Wraps every dispatch of one kind (all commands, all queries or all event deliveries).
-    pub fn layer_for_kind<L, S>(mut self, kind: MessageKind, layer: L) -> Self
-    where
-        L: Layer<DispatchService, Service = S> + Send + Sync + 'static,
-        S: Service<DispatchRequest, Response = DispatchResponse> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-    {
-        self.layers.push(LayerScope::Kind(kind), layer);
-        self
-    }
-
-    /// Registers an upcaster: it turns a stored JSON payload of event `name` at version `from`
-    /// into the payload of version `from + 1`. Chains run wherever stored payloads are read;
-    /// `build()` checks that every event of version `n` has upcasters from 1 to `n - 1`.
-    pub fn upcaster<F>(mut self, name: &'static str, from: u32, upcast: F) -> Self
-    where
-        F: Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync + 'static,
-    {
-        self.upcasters.insert(name, from, Arc::new(upcast));
-        self
-    }
-
-    /// Registers saga `S`: a subscriber group `S::NAME` for every event of `S::Event` and for
-    /// its timeouts. Its commands must be declared with `.durable_command::<..>()`.
-    pub fn saga<S: crate::saga::Saga>(mut self) -> Self {
-        self.registrations.extend(crate::saga::registrations::<S>());
-        self
-    }
-
-    /// Uses `clock` for everything time-dependent (a `ManualClock` in tests).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
-
-    /// Uses `ids` for message ids (`SequentialIds` in tests: stable flows and snapshots).
-    pub fn ids(mut self, ids: impl IdGenerator) -> Self {
-        self.ids = Arc::new(ids);
-        self
-    }
-
-    /// Declares an event-sourced aggregate, so that `build()` checks its events' upcasters
-    /// even when nothing subscribes to them. Declaring it again changes nothing.
-    pub fn aggregate<A: crate::aggregate::Aggregate>(mut self) -> Self {
-        use crate::aggregate::EventSet as _;
-        if self
-            .aggregates
-            .iter()
-            .any(|a| a.rust_type == type_name::<A>())
-        {
-            return self;
-        }
-        struct Declare(Vec<Registration>);
-        impl crate::saga::EventVisitor for Declare {
-            fn visit<E: Event>(&mut self) {
-                self.0.push(Registration::declare_event::<E>());
-            }
-        }
-        let mut declare = Declare(Vec::new());
-        A::Event::visit(&mut declare);
-        self.registrations.extend(declare.0);
-        self.aggregates.push(AggregateDoc {
-            kind: A::TYPE,
-            rust_type: std::any::type_name::<A>(),
-            events: A::Event::events()
-                .into_iter()
-                .map(|(name, version)| EventRef { name, version })
-                .collect(),
-        });
-        self
-    }
-
-    /// Declares aggregate `A` (like [`aggregate`](Self::aggregate)) and keeps the last
-    /// committed state of up to `capacity` of its streams in memory, so that `ctx.load` of a
-    /// recently saved aggregate reads nothing from the store.
-    ///
-    /// Saving is checked as always: the append is at the version the state was cached at, and
-    /// if another writer appended meanwhile, the command fails with `DispatchFailure::Conflict`,
-    /// the stream is forgotten and a retry (`RetryOnConflict`) loads it from the store. So a
-    /// cached state can be stale only when something other than this app's commands appends to
-    /// the stream (another instance, a durable command run by the relay of another process):
-    /// then a command that *rejects* on that state does so without a conflict. Cache an
-    /// aggregate when this process is its only writer, or when such a rejection is acceptable.
-    /// `App::load` and `load_as_of` always read the store.
-    pub fn cache_aggregate<A>(mut self, capacity: usize) -> Self
-    where
-        A: crate::aggregate::Aggregate + Clone,
-    {
-        let cache: Arc<dyn crate::aggregate::CachedStates<A>> =
-            Arc::new(crate::aggregate::StateCache::<A>::new(capacity));
-        self.state_caches.insert(TypeId::of::<A>(), Box::new(cache));
-        self.aggregate::<A>()
-    }
-
-    /// Wraps every dispatch of one message type `M` (a command, a query or an event).
-    pub fn layer_for<M: 'static, L, S>(mut self, layer: L) -> Self
-    where
-        L: Layer<DispatchService, Service = S> + Send + Sync + 'static,
-        S: Service<DispatchRequest, Response = DispatchResponse> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-    {
-        self.layers
-            .push(LayerScope::Message(TypeId::of::<M>()), layer);
-        self
-    }
-
-    /// Validates the wiring and builds the app. Every problem is reported at once.
-    pub async fn build(self) -> Result<App, BuildError> {
-        let mut wiring = Wiring::default();
-        if self.discover {
-            for registration in discovered() {
-                wiring.install(registration);
-            }
-        }
-        for registration in &self.registrations {
-            wiring.install(registration);
-        }
-        let runtime = Handle::try_current();
-        let gather = wiring.gather();
-        let built = wiring.build(&self.resources, &self.layers);
-        let mut events: Vec<(&'static str, u32)> = self
-            .aggregates
-            .iter()
-            .flat_map(|a| a.events.iter().map(|e| (e.name, e.version)))
-            .collect();
-        if let Ok(built) = &built {
-            events.extend(
-                built
-                    .events
-                    .values()
-                    .map(|route| (route.event_name(), route.event_version())),
-            );
-        }
-        let upcasting = check_upcasters(&events, &self.upcasters);
-        let (built, runtime) = match (built, runtime) {
-            (Ok(built), Ok(runtime)) if upcasting.is_empty() => (built, runtime),
-            (built, runtime) => {
-                let mut problems = built.err().unwrap_or_default();
-                problems.extend(upcasting);
-                if runtime.is_err() {
-                    problems.push(WiringProblem::NoRuntime);
-                }
-                return Err(BuildError::Wiring(problems));
-            }
-        };
-        let mut by_name = HashMap::new();
-        let mut groups = Vec::new();
-        for (id, route) in &built.events {
-            by_name.insert((route.event_name(), route.event_version()), *id);
-            groups.extend_from_slice(route.durable_groups());
-        }
-        groups.extend(self.durable.iter().map(|(group, _)| *group));
-        groups.sort_unstable();
-        groups.dedup();
-        let durable: Vec<(&'static str, &'static str)> = self
-            .durable
-            .iter()
-            .map(|(group, _)| (*group, group.strip_prefix("command:").unwrap_or(group)))
-            .collect();
-        let catalog = gather.finish(
-            &self.source,
-            &durable,
-            self.aggregates,
-            self.store.is_some(),
-        );
-        let app = App {
-            inner: Arc::new(Core {
-                commands: Slots::new(built.commands),
-                queries: Slots::new(built.queries),
-                events: freeze(built.events),
-                by_name,
-                groups,
-                durable: self.durable.into_iter().collect(),
-                upcasters: self.upcasters,
-                clock: self.clock,
-                ids: self.ids,
-                resources: self.resources,
-                store: self.store,
-                keep_unsubscribed: self.keep_unsubscribed,
-                source: Arc::from(self.source),
-                runtime,
-                tasks: TaskTracker::new(),
-                stats: Counters::default(),
-                catalog,
-                state_caches: self.state_caches,
-            }),
-        };
-        if let Some(store) = &app.inner.store {
-            store.use_clock(app.inner.clock.clone());
-        }
-        tracing::debug!(target: "inseam::app", app = ?app, "built");
-        Ok(app)
-    }
-}
-
-/// The upcasting problems of `events` (every known `(name, current version)`).
-fn check_upcasters(events: &[(&'static str, u32)], upcasters: &Upcasters) -> Vec<WiringProblem> {
-    let mut current: HashMap<&'static str, u32> = HashMap::new();
-    for &(name, version) in events {
-        let entry = current.entry(name).or_insert(version);
-        *entry = (*entry).max(version);
-    }
-    let mut problems = Vec::new();
-    let mut names: Vec<(&'static str, u32)> = current.iter().map(|(n, v)| (*n, *v)).collect();
-    names.sort_unstable();
-    for (event, version) in names {
-        for from in 1..version {
-            if !upcasters.has(event, from) {
-                problems.push(WiringProblem::MissingUpcaster {
-                    event,
-                    version,
-                    from,
-                });
-            }
-        }
-    }
-    let mut stray: Vec<(&'static str, u32)> = upcasters
-        .registered()
-        .filter(|(name, from)| current.get(name).is_none_or(|v| from >= v))
-        .collect();
-    stray.sort_unstable();
-    problems.extend(
-        stray
-            .into_iter()
-            .map(|(event, from)| WiringProblem::StrayUpcaster {
-                event,
-                from,
-                current: current.get(event).copied(),
-            }),
-    );
-    problems
-}
-
 /// Ends a read-only unit of work (rolled back: it wrote nothing).
 async fn end_read(uow: Box<dyn UnitOfWork>) {
     if let Err(error) = uow.rollback().await {
         tracing::debug!(target: "inseam::aggregate", error = &error as &dyn std::error::Error, "ending a read-only transaction failed");
     }
-}
-
-pub(crate) const NO_STORE: &str =
-    "the app has no store to hold it: give it one with `.store(..)` on the app builder";
-
-/// The outbox message that runs `command` durably at `at` (or as soon as the relay gets to
-/// it), with `meta`'s ids.
-pub(crate) fn durable_message<C>(
-    app: &App,
-    meta: MessageMeta,
-    at: Option<DateTime<Utc>>,
-    command: &C,
-) -> Result<OutboxMessage, DispatchError<Infallible>>
-where
-    C: Command + serde::Serialize,
-{
-    let group = durable_group_name::<C>();
-    if !app.inner.durable.contains_key(group) {
-        return Err(DispatchFailure::NotDurable {
-            command: type_name::<C>(),
-            reason: "it was not declared durable: add `.durable_command::<..>()` to the app builder",
-        }
-        .into());
-    }
-    let payload = serde_json::to_vec(command).map_err(|e| DispatchFailure::Encode {
-        event: C::NAME,
-        source: crate::codec::CodecError {
-            content_type: "application/json",
-            source: Box::new(e),
-        },
-    })?;
-    let headers = meta.headers.clone();
-    let envelope = RawEnvelope {
-        metadata: meta.metadata(app),
-        name: C::NAME.to_owned(),
-        version: 1,
-        key: None,
-        occurred_at: app.now(),
-        source: app.inner.source.to_string(),
-        headers,
-        content_type: "application/json".to_owned(),
-        payload,
-    };
-    Ok(OutboxMessage {
-        envelope,
-        groups: vec![group],
-        deliver_at: at,
-        stream: None,
-    })
-}
-
-/// The outbox message that runs the durable command named `name` with a JSON `payload` (a
-/// planned compensation), with `meta`'s ids.
-pub(crate) fn durable_named_message(
-    app: &App,
-    meta: MessageMeta,
-    name: &str,
-    payload: &serde_json::Value,
-) -> Result<OutboxMessage, DispatchError<Infallible>> {
-    let group = format!("command:{name}");
-    let Some((&group, _)) = app.inner.durable.get_key_value(group.as_str()) else {
-        return Err(DispatchFailure::NotDurable {
-            command: "a planned compensation",
-            reason: "no command of that name was declared durable: add `.durable_command::<..>()` to the app builder",
-        }
-        .into());
-    };
-    let payload = serde_json::to_vec(payload).map_err(|e| DispatchFailure::Encode {
-        event: group,
-        source: crate::codec::CodecError {
-            content_type: "application/json",
-            source: Box::new(e),
-        },
-    })?;
-    let headers = meta.headers.clone();
-    Ok(OutboxMessage {
-        envelope: RawEnvelope {
-            metadata: meta.metadata(app),
-            name: name.to_owned(),
-            version: 1,
-            key: None,
-            occurred_at: app.now(),
-            source: app.inner.source.to_string(),
-            headers,
-            content_type: "application/json".to_owned(),
-            payload,
-        },
-        groups: vec![group],
-        deliver_at: None,
-        stream: None,
-    })
-}
-
-/// The relay group of a durable command: `command:<name>`, one per command type.
-pub(crate) fn durable_group_name<C: Command>() -> &'static str {
-    use std::sync::{Mutex, OnceLock};
-    static NAMES: OnceLock<Mutex<HashMap<TypeId, &'static str>>> = OnceLock::new();
-    let names = NAMES.get_or_init(Default::default);
-    let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
-    // Leaked once per command type for the life of the process: groups are `&'static str`.
-    names
-        .entry(TypeId::of::<C>())
-        .or_insert_with(|| Box::leak(format!("command:{}", C::NAME).into_boxed_str()))
 }

@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, AggregateError, Loaded};
-use crate::app::{App, NO_STORE, durable_message};
+use crate::app::App;
+use crate::dispatch::{NO_STORE, durable_message, durable_named_message};
 use crate::envelope::{Envelope, HeaderError, Headers, Metadata};
 use crate::error::{DispatchError, DispatchFailure};
 use crate::extract::Parts;
@@ -275,8 +276,7 @@ pub(crate) async fn dispatch_named(
     payload: &serde_json::Value,
 ) -> Result<Uuid, DispatchError<Infallible>> {
     let parent = ctx.meta.metadata(ctx.app);
-    let message =
-        crate::app::durable_named_message(ctx.app, MessageMeta::caused_by(parent), name, payload)?;
+    let message = durable_named_message(ctx.app, MessageMeta::caused_by(parent), name, payload)?;
     let id = message.envelope.metadata.message_id;
     let Some(uow) = ctx.unit_of_work() else {
         return Err(DispatchFailure::NotDurable {

@@ -1,12 +1,14 @@
-//! The dispatch machinery: prepared handlers, the slots the app looks them up in, units of work
-//! and background deliveries.
+//! The dispatch machinery: prepared handlers, the slots the app looks them up in, units of work,
+//! background deliveries and durable commands.
 
-use std::any::Any;
+use std::any::{Any, TypeId, type_name};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use tower::ServiceExt as _;
@@ -19,10 +21,9 @@ use crate::context::{
     CommandContext, DispatchMeta, EventContext, MessageMeta, PendingEvent, QueryContext,
 };
 use crate::envelope::{Envelope, RawEnvelope};
-use crate::error::{DeliveryError, DispatchError, DispatchFailure, MAX_EVENTS_PER_UNIT};
+use crate::error::{BoxError, DeliveryError, DispatchError, DispatchFailure, MAX_EVENTS_PER_UNIT};
 use crate::handler::{
-    BoxError, CommandHandler, CommandResult, Delivery, EventHandler, HandlerFuture, QueryHandler,
-    QueryResult,
+    CommandHandler, CommandResult, Delivery, EventHandler, HandlerFuture, QueryHandler, QueryResult,
 };
 use crate::message::{Command, Event, MessageKind, Query};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService};
@@ -891,7 +892,7 @@ where
         raw: &RawEnvelope,
     ) -> Result<(&'a CommandSlot<C>, C), DeliveryFailure> {
         let unroutable = || DeliveryFailure::Unroutable {
-            group: crate::app::durable_group_name::<C>().to_owned(),
+            group: durable_group_name::<C>().to_owned(),
             name: raw.name.clone(),
             version: raw.version,
         };
@@ -969,6 +970,110 @@ where
     fn check(&self, app: &App, raw: &RawEnvelope) -> Result<(), DeliveryFailure> {
         Self::decode(app, raw).map(drop)
     }
+}
+
+/// Why a message meant for the store's outbox (a durable command, a timeout) cannot be written.
+pub(crate) const NO_STORE: &str =
+    "the app has no store to hold it: give it one with `.store(..)` on the app builder";
+
+/// The outbox message that runs `command` durably at `at` (or as soon as the relay gets to
+/// it), with `meta`'s ids.
+pub(crate) fn durable_message<C>(
+    app: &App,
+    meta: MessageMeta,
+    at: Option<DateTime<Utc>>,
+    command: &C,
+) -> Result<OutboxMessage, DispatchError<Infallible>>
+where
+    C: Command + serde::Serialize,
+{
+    let group = durable_group_name::<C>();
+    if !app.inner.durable.contains_key(group) {
+        return Err(DispatchFailure::NotDurable {
+            command: type_name::<C>(),
+            reason: "it was not declared durable: add `.durable_command::<..>()` to the app builder",
+        }
+        .into());
+    }
+    let payload = serde_json::to_vec(command).map_err(|e| DispatchFailure::Encode {
+        event: C::NAME,
+        source: CodecError {
+            content_type: "application/json",
+            source: Box::new(e),
+        },
+    })?;
+    let headers = meta.headers.clone();
+    let envelope = RawEnvelope {
+        metadata: meta.metadata(app),
+        name: C::NAME.to_owned(),
+        version: 1,
+        key: None,
+        occurred_at: app.now(),
+        source: app.inner.source.to_string(),
+        headers,
+        content_type: "application/json".to_owned(),
+        payload,
+    };
+    Ok(OutboxMessage {
+        envelope,
+        groups: vec![group],
+        deliver_at: at,
+        stream: None,
+    })
+}
+
+/// The outbox message that runs the durable command named `name` with a JSON `payload` (a
+/// planned compensation), with `meta`'s ids.
+pub(crate) fn durable_named_message(
+    app: &App,
+    meta: MessageMeta,
+    name: &str,
+    payload: &serde_json::Value,
+) -> Result<OutboxMessage, DispatchError<Infallible>> {
+    let group = format!("command:{name}");
+    let Some((&group, _)) = app.inner.durable.get_key_value(group.as_str()) else {
+        return Err(DispatchFailure::NotDurable {
+            command: "a planned compensation",
+            reason: "no command of that name was declared durable: add `.durable_command::<..>()` to the app builder",
+        }
+        .into());
+    };
+    let payload = serde_json::to_vec(payload).map_err(|e| DispatchFailure::Encode {
+        event: group,
+        source: CodecError {
+            content_type: "application/json",
+            source: Box::new(e),
+        },
+    })?;
+    let headers = meta.headers.clone();
+    Ok(OutboxMessage {
+        envelope: RawEnvelope {
+            metadata: meta.metadata(app),
+            name: name.to_owned(),
+            version: 1,
+            key: None,
+            occurred_at: app.now(),
+            source: app.inner.source.to_string(),
+            headers,
+            content_type: "application/json".to_owned(),
+            payload,
+        },
+        groups: vec![group],
+        deliver_at: None,
+        stream: None,
+    })
+}
+
+/// The relay group of a durable command: `command:<name>`, one per command type.
+pub(crate) fn durable_group_name<C: Command>() -> &'static str {
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashMap<TypeId, &'static str>>> = OnceLock::new();
+    let names = NAMES.get_or_init(Default::default);
+    let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
+    // Leaked once per command type for the life of the process: groups are `&'static str`.
+    names
+        .entry(TypeId::of::<C>())
+        .or_insert_with(|| Box::leak(format!("command:{}", C::NAME).into_boxed_str()))
 }
 
 #[cfg(test)]

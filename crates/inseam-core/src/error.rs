@@ -3,8 +3,11 @@
 use std::convert::Infallible;
 use std::fmt;
 
-use crate::handler::{BoxError, Delivery};
+use crate::handler::Delivery;
 use crate::message::MessageKind;
+
+/// A boxed error, as tower and `std` use it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An error with its causes, on one line: `a: b: c`. An error's `Display` says what failed and
 /// its [`source`](std::error::Error::source) why, as the Rust convention goes; this prints both,

@@ -12,8 +12,9 @@ use crate::extract::PrepareCx;
 use crate::message::{Command, Event, Query};
 use crate::registry::Registration;
 
-/// A boxed error, as tower and `std` use it.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+// The boxed error is defined with the other errors, so that the store and the upcasters, which
+// return it, need nothing of the handlers. It is still named here, where handlers return it.
+pub use crate::error::BoxError;
 
 /// Returned by a group subscriber to say that retrying cannot help: the event goes to the dead
 /// letters at once (with this error) and the group moves on.

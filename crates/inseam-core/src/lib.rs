@@ -8,7 +8,9 @@
 
 pub mod aggregate;
 mod app;
+mod builder;
 pub mod catalog;
+mod check;
 pub mod clock;
 pub mod codec;
 mod context;
@@ -26,17 +28,18 @@ pub mod transport;
 pub mod upcast;
 
 pub use aggregate::{Aggregate, AggregateError, EventSet, Loaded, Stage};
-pub use app::{App, AppBuilder, Stats};
+pub use app::{App, Stats};
+pub use builder::AppBuilder;
 pub use catalog::Catalog;
 pub use clock::{Clock, IdGenerator, ManualClock, SequentialIds, SystemClock, V7Ids};
 pub use codec::{Codec, CodecError, Json};
 pub use context::{CommandContext, EventContext, MessageMeta, QueryContext};
 pub use envelope::{Envelope, HeaderError, HeaderName, Headers, Metadata, RawEnvelope, WireError};
-pub use error::{BuildError, DeliveryError, DispatchError, DispatchFailure, WiringProblem};
-pub use extract::{Extract, State};
-pub use handler::{
-    BoxError, CommandHandler, Delivery, EventHandler, Halt, Handler, QueryHandler, Reject,
+pub use error::{
+    BoxError, BuildError, DeliveryError, DispatchError, DispatchFailure, WiringProblem,
 };
+pub use extract::{Extract, State};
+pub use handler::{CommandHandler, Delivery, EventHandler, Halt, Handler, QueryHandler, Reject};
 pub use message::{Command, Event, MessageKind, Query};
 pub use middleware::{
     DispatchRequest, DispatchResponse, DispatchService, RetryOnConflict, TraceLayer,

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::context::MessageMeta;
 use crate::envelope::{Envelope, Headers, Metadata};
-use crate::handler::BoxError;
+use crate::error::BoxError;
 use crate::message::{Event, MessageKind};
 
 /// A dispatch as middleware sees it.

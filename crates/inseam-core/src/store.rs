@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::envelope::{RawEnvelope, WireError};
-use crate::handler::BoxError;
+use crate::error::BoxError;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::envelope::RawEnvelope;
-use crate::handler::BoxError;
+use crate::error::BoxError;
 
 /// Turns a JSON payload of one version into the payload of the next version.
 pub(crate) type UpcastFn =
