@@ -24,6 +24,10 @@ use uuid::Uuid;
 
 use crate::handler::BoxError;
 
+mod in_process;
+
+pub use in_process::InProcess;
+
 /// A message to publish: an envelope's wire bytes and what a broker needs to route it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
