@@ -24,6 +24,10 @@ use uuid::Uuid;
 
 use crate::handler::BoxError;
 
+mod in_process;
+
+pub use in_process::InProcess;
+
 /// A message to publish: an envelope's wire bytes and what a broker needs to route it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
@@ -132,8 +136,9 @@ impl Subscription {
 pub trait Consumer: Send {
     /// Waits up to `wait` for messages and returns at most `max` of them (none when none came).
     ///
-    /// Messages with the same key come in publish order, and a message is not handed out
-    /// while an earlier one of its key to this group is unsettled, where the transport's
+    /// Messages with the same key on one channel come in publish order, and a message is not
+    /// handed out while an earlier one of its key to this group is unsettled (a nacked one
+    /// included, until it is redelivered and acknowledged), where the transport's
     /// [`Capabilities::ordering`] says [`KeyOrder::PerKey`].
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Incoming>, TransportError>;
 }
@@ -142,8 +147,8 @@ pub trait Consumer: Send {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyOrder {
-    /// Messages with the same key reach a group in publish order, one at a time; different
-    /// keys proceed in parallel.
+    /// Messages with the same key on one channel reach a group in publish order, one at a
+    /// time; different keys proceed in parallel.
     PerKey,
     /// No order is kept.
     None,
@@ -221,8 +226,8 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// What it guarantees.
     fn capabilities(&self) -> Capabilities;
 
-    /// Makes sure `channels` exist and can be published to (a stream, topics), and `groups`
-    /// can consume them; idempotent.
+    /// Makes sure `channels` exist and can be published to and subscribed to (a stream,
+    /// topics); idempotent.
     async fn provision(&self, channels: &[String]) -> Result<(), TransportError>;
 
     /// Publishes `batch`, in order, and returns once the broker has each message or failed
@@ -232,6 +237,10 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// A durable consumer of `subscription`'s group: what the group did not acknowledge,
     /// from any consumer, is handed out again.
+    ///
+    /// A group the broker has not seen before starts at the beginning of its channels: it gets
+    /// the messages published before its first subscription too, since the publishing process
+    /// may well have started (and committed events) before the consuming one.
     async fn subscribe(
         &self,
         subscription: &Subscription,

@@ -1,0 +1,925 @@
+//! The cases of the suite, each an async function of a [`Harness`].
+//!
+//! [`suite!`](crate::suite) runs every one of them as a test; a transport's tests can also run
+//! one through [`run`](crate::run). Each case panics, saying what went wrong, when the
+//! transport breaks a promise of the seam.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use inseam_core::transport::{Consumer, Incoming, KeyOrder, Outgoing, Subscription};
+use tokio::time::Instant;
+
+use crate::Harness;
+use crate::support::{
+    FETCH_WAIT, Jitter, Ledger, Names, PATIENCE, QUIET, ack, consume_until, drain_for, error_chain,
+    fetch, join, lock, nack, provision, publish_all, subscribe,
+};
+
+/// The transport declares exactly [`Harness::expected_capabilities`], on every connection,
+/// and has a name.
+pub async fn capabilities(harness: Arc<dyn Harness>) {
+    let expected = harness.expected_capabilities();
+    for _ in 0..2 {
+        let transport = harness.transport().await;
+        assert!(
+            !transport.name().is_empty(),
+            "a transport needs a name for logs and errors"
+        );
+        assert_eq!(
+            transport.capabilities(),
+            expected,
+            "transport `{}` declares other capabilities than its harness expects",
+            transport.name()
+        );
+    }
+}
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// A message's bytes, key, headers and channel reach the group exactly as published: a JSON
+/// payload full of non-ASCII text and escapes, a 200 KiB payload, seven headers (with
+/// `traceparent` and `tracestate`) or none, a non-ASCII key or none, on two channels read by
+/// one group. Each comes once, with attempt 1.
+pub async fn message_is_preserved(harness: Arc<dyn Harness>) {
+    let names = Names::new("preserved");
+    let transport = harness.transport().await;
+    let (a, b) = (names.channel("a"), names.channel("b"));
+    provision(&*transport, &[a.clone(), b.clone()]).await;
+
+    let mut unicode = names.message(&a, Some("clé-🦀-ключ-鍵"), "unicode");
+    unicode.payload = Bytes::from(format!(
+        r#"{{"id":"{}","data":{{"name":"Zoë Ørsted — “quoted”","city":"東京","emoji":"🦀🚀","escaped":"line\nbreak \"quote\" \\ back \u00e9","n":-1.5e3}}}}"#,
+        unicode.message_id
+    ));
+    unicode.headers = [
+        ("traceparent", TRACEPARENT),
+        ("tracestate", "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+        ("ce-id", &unicode.message_id.to_string()),
+        ("ce-type", "conformance.preserved"),
+        ("ce-source", "/conformance"),
+        ("ce-specversion", "1.0"),
+        (
+            "content-type",
+            "application/cloudevents+json; charset=utf-8",
+        ),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect();
+
+    let mut large = names.message(&b, Some("large"), "large");
+    large.payload = large_payload(&large.message_id.to_string());
+    let other_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    large.headers = vec![("traceparent".to_owned(), other_trace.to_owned())];
+
+    let mut bare = names.message(&a, None, "bare");
+    bare.headers.clear();
+
+    let messages = vec![unicode, large, bare];
+    publish_all(&*transport, &messages).await;
+
+    let group = names.group("g");
+    let mut consumer = subscribe(&*transport, &Subscription::new(&group, [a, b])).await;
+    let mut ledger = Ledger::new(&messages);
+    let traces: Vec<(Bytes, Option<&str>)> = vec![
+        (messages[0].payload.clone(), Some(TRACEPARENT)),
+        (messages[1].payload.clone(), Some(other_trace)),
+        (messages[2].payload.clone(), None),
+    ];
+    let inspect = |message: &Incoming| {
+        assert_eq!(message.attempt, 1, "a first delivery has attempt 1");
+        if let Some((_, trace)) = traces.iter().find(|(p, _)| *p == message.payload) {
+            assert_eq!(
+                message.header("traceparent"),
+                *trace,
+                "the traceparent header"
+            );
+            assert_eq!(
+                message.header("TraceParent"),
+                *trace,
+                "the traceparent header, looked up in another case"
+            );
+        }
+    };
+    consume_until(
+        &mut *consumer,
+        &mut ledger,
+        0,
+        10,
+        inspect,
+        Ledger::all_acked,
+    )
+    .await;
+    drain_for(&mut *consumer, &mut ledger, 0, QUIET).await;
+    if let Err(problem) = ledger.check_exactly_once() {
+        panic!("group `{group}`: {problem}");
+    }
+}
+
+/// A JSON document of exactly 200 KiB with non-ASCII text throughout.
+fn large_payload(id: &str) -> Bytes {
+    const SIZE: usize = 200 * 1024;
+    const FILLER: &str = "ünïcødé ✓ 🦀 東京 ";
+    let mut text = format!(r#"{{"id":"{id}","data":""#);
+    while text.len() + FILLER.len() + 2 <= SIZE {
+        text.push_str(FILLER);
+    }
+    while text.len() + 2 < SIZE {
+        text.push('.');
+    }
+    text.push_str(r#""}"#);
+    Bytes::from(text)
+}
+
+/// Two groups each get every one of 200 messages (10 keys) exactly once when they
+/// acknowledge each: one group subscribed before the messages were published, the other only
+/// after (a group new to the broker starts at the beginning of its channels).
+pub async fn every_group_gets_every_message(harness: Arc<dyn Harness>) {
+    let names = Names::new("fanout");
+    let channel = names.channel("events");
+    let publisher = harness.transport().await;
+    provision(&*publisher, std::slice::from_ref(&channel)).await;
+
+    let early_transport = harness.transport().await;
+    provision(&*early_transport, std::slice::from_ref(&channel)).await;
+    let early_group = names.group("early");
+    let mut early = subscribe(
+        &*early_transport,
+        &Subscription::new(&early_group, [channel.clone()]),
+    )
+    .await;
+
+    let messages: Vec<Outgoing> = (0..200)
+        .map(|i| names.message(&channel, Some(&format!("k{}", i % 10)), &i.to_string()))
+        .collect();
+    publish_all(&*publisher, &messages).await;
+
+    let late_transport = harness.transport().await;
+    provision(&*late_transport, std::slice::from_ref(&channel)).await;
+    let late_group = names.group("late");
+    let mut late = subscribe(
+        &*late_transport,
+        &Subscription::new(&late_group, [channel.clone()]),
+    )
+    .await;
+
+    let mut early_ledger = Ledger::new(&messages);
+    let mut late_ledger = Ledger::new(&messages);
+    tokio::join!(
+        consume_until(
+            &mut *early,
+            &mut early_ledger,
+            0,
+            32,
+            |_| {},
+            Ledger::all_acked
+        ),
+        consume_until(
+            &mut *late,
+            &mut late_ledger,
+            1,
+            32,
+            |_| {},
+            Ledger::all_acked
+        ),
+    );
+    tokio::join!(
+        drain_for(&mut *early, &mut early_ledger, 0, QUIET),
+        drain_for(&mut *late, &mut late_ledger, 1, QUIET),
+    );
+    for (group, ledger) in [(&early_group, &early_ledger), (&late_group, &late_ledger)] {
+        if let Err(problem) = ledger.check_exactly_once() {
+            panic!("group `{group}`: {problem}");
+        }
+    }
+}
+
+/// Two consumers of one group, on two connections, share 400 messages: each message comes
+/// exactly once in all, and each consumer gets some.
+pub async fn consumers_of_a_group_share_its_messages(harness: Arc<dyn Harness>) {
+    const COUNT: usize = 400;
+    let names = Names::new("share");
+    let channel = names.channel("events");
+    let mut subscription = Subscription::new(names.group("g"), [channel.clone()]);
+    subscription.max_in_flight = 10;
+
+    let mut connections = Vec::new();
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let transport = harness.transport().await;
+        provision(&*transport, std::slice::from_ref(&channel)).await;
+        consumers.push(subscribe(&*transport, &subscription).await);
+        connections.push(transport);
+    }
+    // Half the messages have a key of their own, half none.
+    let messages: Vec<Outgoing> = (0..COUNT)
+        .map(|i| {
+            let key = (i % 2 == 0).then(|| format!("k{i}"));
+            names.message(&channel, key.as_deref(), &i.to_string())
+        })
+        .collect();
+    publish_all(&*connections[0], &messages).await;
+
+    let ledger = Arc::new(Mutex::new(Ledger::new(&messages)));
+    let tasks: Vec<_> = consumers
+        .into_iter()
+        .enumerate()
+        .map(|(tag, mut consumer)| {
+            let ledger = Arc::clone(&ledger);
+            tokio::spawn(async move {
+                let done = || {
+                    let ledger = lock(&ledger);
+                    ledger.assert_no_problems();
+                    ledger.all_acked()
+                };
+                until_quiet(&mut *consumer, done, |batch| {
+                    let ledger = Arc::clone(&ledger);
+                    async move {
+                        for message in batch {
+                            let index = lock(&ledger).record(&message, tag);
+                            // A little handling time, as a real handler has, so that one
+                            // consumer cannot take everything before the other looks.
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            ack(&message).await;
+                            if let Some(index) = index {
+                                lock(&ledger).acked(index);
+                            }
+                        }
+                    }
+                })
+                .await;
+            })
+        })
+        .collect();
+    for task in tasks {
+        join(task).await;
+    }
+
+    let ledger = lock(&ledger);
+    if let Err(problem) = ledger.check_exactly_once() {
+        panic!("group `{}`: {problem}", subscription.group);
+    }
+    let (first, second) = (ledger.deliveries_to(0), ledger.deliveries_to(1));
+    assert_eq!(first + second, COUNT);
+    assert!(
+        first > 0 && second > 0,
+        "the group's consumers did not share its messages: {first} to one, {second} to the other"
+    );
+}
+
+/// Fetches batches and hands each to `handle` until `done` says everything expected came,
+/// then for [`QUIET`] more; fails after [`PATIENCE`].
+async fn until_quiet<F>(
+    consumer: &mut dyn Consumer,
+    done: impl Fn() -> bool,
+    mut handle: impl FnMut(Vec<Incoming>) -> F,
+) where
+    F: Future<Output = ()>,
+{
+    let give_up = Instant::now() + PATIENCE;
+    let mut quiet_until = None;
+    loop {
+        let now = Instant::now();
+        match quiet_until {
+            Some(until) if now >= until => return,
+            Some(_) => {}
+            None if done() => quiet_until = Some(now + QUIET),
+            None => assert!(
+                now < give_up,
+                "not everything expected came within {PATIENCE:?}"
+            ),
+        }
+        let batch = fetch(consumer, 5, FETCH_WAIT).await;
+        if !batch.is_empty() {
+            handle(batch).await;
+        }
+    }
+}
+
+/// With [`KeyOrder::PerKey`]: two consumers of a group handle 20 keys × 25 messages, each
+/// message in a task of its own that takes a varying time; per key, the messages are handled
+/// exactly in publish order, each once. A transport that declares [`KeyOrder::None`] is not
+/// tested for order (and the case says so on stderr).
+pub async fn same_key_in_publish_order(harness: Arc<dyn Harness>) {
+    const KEYS: usize = 20;
+    const PER_KEY: usize = 25;
+    let transport = harness.transport().await;
+    let ordering = transport.capabilities().ordering;
+    if ordering != KeyOrder::PerKey {
+        assert_eq!(ordering, KeyOrder::None);
+        eprintln!(
+            "inseam-conformance: same_key_in_publish_order is not applicable: transport `{}` \
+             declares KeyOrder::None",
+            transport.name()
+        );
+        return;
+    }
+
+    let names = Names::new("order");
+    let channel = names.channel("events");
+    provision(&*transport, std::slice::from_ref(&channel)).await;
+    let mut subscription = Subscription::new(names.group("g"), [channel.clone()]);
+    subscription.max_in_flight = 64;
+    let mut connections = vec![Arc::clone(&transport)];
+    let mut consumers = vec![subscribe(&*transport, &subscription).await];
+    let second = harness.transport().await;
+    provision(&*second, std::slice::from_ref(&channel)).await;
+    consumers.push(subscribe(&*second, &subscription).await);
+    connections.push(second);
+
+    // Keys interleaved: message `i` is number `i / KEYS` of key `i % KEYS`.
+    let messages: Vec<Outgoing> = (0..KEYS * PER_KEY)
+        .map(|i| {
+            let (key, number) = (i % KEYS, i / KEYS);
+            names.message(
+                &channel,
+                Some(&format!("key-{key}")),
+                &format!("{key}/{number}"),
+            )
+        })
+        .collect();
+    publish_all(&*transport, &messages).await;
+
+    struct Handled {
+        ledger: Ledger,
+        per_key: Vec<Vec<usize>>,
+    }
+    let handled = Arc::new(Mutex::new(Handled {
+        ledger: Ledger::new(&messages),
+        per_key: vec![Vec::new(); KEYS],
+    }));
+    let tasks: Vec<_> = consumers
+        .into_iter()
+        .enumerate()
+        .map(|(tag, mut consumer)| {
+            let handled = Arc::clone(&handled);
+            tokio::spawn(async move {
+                let mut jitter = Jitter::new(0x9e37_79b9_7f4a_7c15 ^ tag as u64);
+                let mut handlers = Vec::new();
+                let done = || {
+                    let handled = lock(&handled);
+                    handled.ledger.assert_no_problems();
+                    handled.ledger.all_acked()
+                };
+                until_quiet(&mut *consumer, done, |batch| {
+                    // Each message is handled concurrently with the others: only the
+                    // transport's holding back of same-key successors keeps them in order.
+                    for message in batch {
+                        let handled = Arc::clone(&handled);
+                        let pause = jitter.next(Duration::from_millis(3));
+                        handlers.push(tokio::spawn(async move {
+                            tokio::time::sleep(pause).await;
+                            let index = {
+                                let mut handled = lock(&handled);
+                                let index = handled.ledger.record(&message, tag);
+                                if let Some(index) = index {
+                                    handled.per_key[index % KEYS].push(index / KEYS);
+                                }
+                                index
+                            };
+                            ack(&message).await;
+                            if let Some(index) = index {
+                                lock(&handled).ledger.acked(index);
+                            }
+                        }));
+                    }
+                    std::future::ready(())
+                })
+                .await;
+                for handler in handlers {
+                    join(handler).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        join(task).await;
+    }
+
+    let handled = lock(&handled);
+    let publish_order: Vec<usize> = (0..PER_KEY).collect();
+    for (key, numbers) in handled.per_key.iter().enumerate() {
+        assert_eq!(
+            numbers, &publish_order,
+            "the messages of key `key-{key}` were handled in another order than published"
+        );
+    }
+    if let Err(problem) = handled.ledger.check_exactly_once() {
+        panic!("group `{}`: {problem}", subscription.group);
+    }
+}
+
+/// A nacked message comes again with attempt 2, then 3, each time not before the nack's
+/// delay where the transport declares `delayed_redelivery`; a later message of its key waits
+/// for it (with [`KeyOrder::PerKey`]) and comes once, with attempt 1, after it was
+/// acknowledged. Nothing comes after that.
+pub async fn nack_redelivers_after_delay(harness: Arc<dyn Harness>) {
+    const DELAY: Duration = Duration::from_millis(600);
+    let transport = harness.transport().await;
+    let capabilities = transport.capabilities();
+    if !capabilities.delayed_redelivery {
+        eprintln!(
+            "inseam-conformance: nack_redelivers_after_delay: transport `{}` does not declare \
+             delayed_redelivery, so the delay is not measured",
+            transport.name()
+        );
+    }
+    let names = Names::new("nack");
+    let channel = names.channel("events");
+    provision(&*transport, std::slice::from_ref(&channel)).await;
+    let messages = vec![
+        names.message(&channel, Some("k"), "first"),
+        names.message(&channel, Some("k"), "second"),
+    ];
+    publish_all(&*transport, &messages).await;
+    let group = names.group("g");
+    let mut consumer = subscribe(&*transport, &Subscription::new(&group, [channel])).await;
+
+    let mut ledger = Ledger::new(&messages);
+    let mut nacked_at: Option<Instant> = None;
+    let give_up = Instant::now() + PATIENCE;
+    while !ledger.all_acked() {
+        assert!(
+            Instant::now() < give_up,
+            "the messages did not come within {PATIENCE:?}: {:?}",
+            ledger.check_at_least_once().err()
+        );
+        for message in fetch(&mut *consumer, 10, FETCH_WAIT).await {
+            let received = Instant::now();
+            let index = ledger.record(&message, 0);
+            ledger.assert_no_problems();
+            match index {
+                Some(0) => {
+                    if let (Some(nacked), true) = (nacked_at, capabilities.delayed_redelivery) {
+                        let after = received.duration_since(nacked);
+                        assert!(
+                            after >= DELAY,
+                            "a message nacked with a delay of {DELAY:?} came again after {after:?}"
+                        );
+                    }
+                    // Nacked on its first two deliveries, acknowledged on the third.
+                    if ledger.deliveries(0).len() < 3 {
+                        nacked_at = Some(Instant::now());
+                        nack(&message, DELAY).await;
+                    } else {
+                        ack(&message).await;
+                        ledger.acked(0);
+                    }
+                }
+                Some(1) => {
+                    if capabilities.ordering == KeyOrder::PerKey {
+                        assert!(
+                            ledger.is_acked(0),
+                            "a message came while an earlier one of its key was nacked and \
+                             not yet acknowledged"
+                        );
+                    }
+                    ack(&message).await;
+                    ledger.acked(1);
+                }
+                // The ledger has it as a problem.
+                _ => ack(&message).await,
+            }
+        }
+    }
+    drain_for(&mut *consumer, &mut ledger, 0, DELAY + QUIET).await;
+    if let Err(problem) = ledger.check_at_least_once() {
+        panic!("group `{group}`: {problem}");
+    }
+    let attempts =
+        |index: usize| -> Vec<u32> { ledger.deliveries(index).iter().map(|d| d.attempt).collect() };
+    assert_eq!(attempts(0), [1, 2, 3], "the nacked message's attempts");
+    assert_eq!(attempts(1), [1], "the later message of its key");
+}
+
+/// A consumer takes a message and goes away without settling it (a process that died between
+/// its handler and the ack): with a 1 s acknowledgement wait, the message comes again to a
+/// new consumer of the group on another connection, with attempt 2 or more, before a later
+/// message of its key (with [`KeyOrder::PerKey`]); once acknowledged, neither comes again.
+pub async fn unsettled_message_comes_again(harness: Arc<dyn Harness>) {
+    const ACK_WAIT: Duration = Duration::from_secs(1);
+    let names = Names::new("unsettled");
+    let channel = names.channel("events");
+    let mut subscription = Subscription::new(names.group("g"), [channel.clone()]);
+    subscription.ack_wait = ACK_WAIT;
+    let messages = vec![
+        names.message(&channel, Some("k"), "first"),
+        names.message(&channel, Some("k"), "second"),
+    ];
+    let mut ledger = Ledger::new(&messages);
+
+    let ordering = {
+        let dying = harness.transport().await;
+        provision(&*dying, std::slice::from_ref(&channel)).await;
+        let mut consumer = subscribe(&*dying, &subscription).await;
+        publish_all(&*dying, &messages).await;
+        let mut held = Vec::new();
+        let give_up = Instant::now() + PATIENCE;
+        while ledger.deliveries(0).is_empty() {
+            assert!(Instant::now() < give_up, "the message did not come");
+            for message in fetch(&mut *consumer, 10, FETCH_WAIT).await {
+                ledger.record(&message, 0);
+                held.push(message);
+            }
+        }
+        // Everything held is dropped unsettled, with the consumer and its connection.
+        dying.capabilities().ordering
+    };
+    if ordering == KeyOrder::PerKey {
+        assert!(
+            ledger.deliveries(1).is_empty(),
+            "a message came while an earlier one of its key was unsettled"
+        );
+    }
+
+    let survivor = harness.transport().await;
+    provision(&*survivor, std::slice::from_ref(&channel)).await;
+    let mut consumer = subscribe(&*survivor, &subscription).await;
+    let give_up = Instant::now() + PATIENCE;
+    while !ledger.all_acked() {
+        assert!(
+            Instant::now() < give_up,
+            "the unsettled message did not come again within {PATIENCE:?} (acknowledgement \
+             wait {ACK_WAIT:?}): {:?}",
+            ledger.check_at_least_once().err()
+        );
+        for message in fetch(&mut *consumer, 10, FETCH_WAIT).await {
+            let index = ledger.record(&message, 1);
+            ledger.assert_no_problems();
+            match index {
+                Some(0) => assert!(
+                    message.attempt >= 2,
+                    "a message handed out before came again with attempt {}",
+                    message.attempt
+                ),
+                Some(1) if ordering == KeyOrder::PerKey => assert!(
+                    ledger.is_acked(0),
+                    "a message came before an earlier one of its key, left unsettled by a \
+                     consumer that went away, was acknowledged"
+                ),
+                _ => {}
+            }
+            ack(&message).await;
+            if let Some(index) = index {
+                ledger.acked(index);
+            }
+        }
+    }
+    // Long enough for a redelivery of a message whose acknowledgement was lost.
+    let late = drain_for(&mut *consumer, &mut ledger, 1, ACK_WAIT * 2 + QUIET).await;
+    assert_eq!(late, 0, "messages came again after they were acknowledged");
+    if let Err(problem) = ledger.check_at_least_once() {
+        panic!("group `{}`: {problem}", subscription.group);
+    }
+    let to_survivor = |index: usize| {
+        ledger
+            .deliveries(index)
+            .iter()
+            .filter(|d| d.consumer == 1)
+            .count()
+    };
+    assert_eq!(
+        to_survivor(0),
+        1,
+        "the unsettled message came to the new consumer"
+    );
+    assert_eq!(
+        to_survivor(1),
+        1,
+        "the later message came to the new consumer"
+    );
+}
+
+/// A message nacked every time (a poison message) keeps coming with attempts 1, 2, 3, 4, ...
+/// while 50 messages of 10 other keys all come once and are acknowledged; with
+/// [`KeyOrder::PerKey`] a later message of the poison's key does not come until the poison
+/// is acknowledged, and then comes once.
+pub async fn poison_message_blocks_only_its_key(harness: Arc<dyn Harness>) {
+    const DELAY: Duration = Duration::from_millis(50);
+    const POISON: usize = 0;
+    const BEHIND_POISON: usize = 26;
+    let transport = harness.transport().await;
+    let ordering = transport.capabilities().ordering;
+    let names = Names::new("poison");
+    let channel = names.channel("events");
+    provision(&*transport, std::slice::from_ref(&channel)).await;
+
+    // The poison first, its key-mate in the middle of the others.
+    let mut messages = vec![names.message(&channel, Some("poison"), "poison")];
+    for i in 0..50 {
+        if messages.len() == BEHIND_POISON {
+            messages.push(names.message(&channel, Some("poison"), "behind"));
+        }
+        messages.push(names.message(&channel, Some(&format!("key-{}", i % 10)), &i.to_string()));
+    }
+    publish_all(&*transport, &messages).await;
+    let group = names.group("g");
+    let mut consumer = subscribe(&*transport, &Subscription::new(&group, [channel])).await;
+
+    let mut ledger = Ledger::new(&messages);
+    let others_done = |ledger: &Ledger| {
+        (0..messages.len())
+            .filter(|i| *i != POISON && *i != BEHIND_POISON)
+            .all(|i| ledger.is_acked(i))
+    };
+    let mut cured = false;
+    let give_up = Instant::now() + PATIENCE;
+    while !ledger.all_acked() {
+        assert!(
+            Instant::now() < give_up,
+            "the other keys' messages did not all come within {PATIENCE:?} while one message \
+             kept failing: {:?}",
+            ledger.check_at_least_once().err()
+        );
+        // Once the others are through and the poison came four times, it is "fixed".
+        if !cured && others_done(&ledger) && ledger.deliveries(POISON).len() >= 4 {
+            cured = true;
+        }
+        for message in fetch(&mut *consumer, 10, FETCH_WAIT).await {
+            let index = ledger.record(&message, 0);
+            ledger.assert_no_problems();
+            match index {
+                Some(POISON) if !cured => nack(&message, DELAY).await,
+                Some(BEHIND_POISON) if ordering == KeyOrder::PerKey => {
+                    assert!(
+                        ledger.is_acked(POISON),
+                        "a message came while an earlier one of its key kept failing"
+                    );
+                    ack(&message).await;
+                    ledger.acked(BEHIND_POISON);
+                }
+                Some(index) => {
+                    ack(&message).await;
+                    ledger.acked(index);
+                }
+                None => ack(&message).await,
+            }
+        }
+    }
+    drain_for(&mut *consumer, &mut ledger, 0, QUIET).await;
+    if let Err(problem) = ledger.check_at_least_once() {
+        panic!("group `{group}`: {problem}");
+    }
+    let attempts: Vec<u32> = ledger
+        .deliveries(POISON)
+        .iter()
+        .map(|d| d.attempt)
+        .collect();
+    let expected: Vec<u32> = (1..=u32::try_from(attempts.len()).unwrap_or(u32::MAX)).collect();
+    assert!(
+        attempts.len() >= 5,
+        "the poison came {} times",
+        attempts.len()
+    );
+    assert_eq!(attempts, expected, "the poison message's attempts");
+    for index in (0..messages.len()).filter(|i| *i != POISON) {
+        assert_eq!(
+            ledger.deliveries(index).len(),
+            1,
+            "message {index} came more than once"
+        );
+    }
+}
+
+/// One consumer acknowledges 200 (or a few more) of 500 messages, takes a few more without settling them and
+/// goes away; a new consumer of the group then gets each of the other 300 exactly once (the
+/// unsettled ones with attempt 2 or more, after the 2 s acknowledgement wait) and none of
+/// the 200, which never come again.
+pub async fn consumer_restart_resumes_where_acked(harness: Arc<dyn Harness>) {
+    const COUNT: usize = 500;
+    const FIRST: usize = 200;
+    const ACK_WAIT: Duration = Duration::from_secs(2);
+    let names = Names::new("restart");
+    let channel = names.channel("events");
+    let mut subscription = Subscription::new(names.group("g"), [channel.clone()]);
+    subscription.ack_wait = ACK_WAIT;
+    let messages: Vec<Outgoing> = (0..COUNT)
+        .map(|i| names.message(&channel, Some(&format!("key-{}", i % 25)), &i.to_string()))
+        .collect();
+    let mut ledger = Ledger::new(&messages);
+
+    let held_back: Vec<usize> = {
+        let first = harness.transport().await;
+        provision(&*first, std::slice::from_ref(&channel)).await;
+        publish_all(&*first, &messages).await;
+        let mut consumer = subscribe(&*first, &subscription).await;
+        consume_until(
+            &mut *consumer,
+            &mut ledger,
+            0,
+            10,
+            |_| {},
+            |ledger| ledger.acked_count() >= FIRST,
+        )
+        .await;
+        let mut held = Vec::new();
+        let give_up = Instant::now() + PATIENCE;
+        while held.is_empty() {
+            assert!(Instant::now() < give_up, "no more messages came");
+            held = fetch(&mut *consumer, 10, FETCH_WAIT).await;
+        }
+        held.iter().filter_map(|m| ledger.record(m, 0)).collect()
+    };
+    let acked_before: Vec<usize> = (0..COUNT).filter(|i| ledger.is_acked(*i)).collect();
+
+    let second = harness.transport().await;
+    provision(&*second, std::slice::from_ref(&channel)).await;
+    let mut consumer = subscribe(&*second, &subscription).await;
+    consume_until(
+        &mut *consumer,
+        &mut ledger,
+        1,
+        10,
+        |_| {},
+        Ledger::all_acked,
+    )
+    .await;
+    drain_for(&mut *consumer, &mut ledger, 1, QUIET).await;
+    if let Err(problem) = ledger.check_at_least_once() {
+        panic!("group `{}`: {problem}", subscription.group);
+    }
+    assert!(acked_before.len() >= FIRST);
+    assert_eq!(
+        ledger.deliveries_to(1),
+        COUNT - acked_before.len(),
+        "the new consumer gets every message not acknowledged before, once"
+    );
+    for index in held_back {
+        let again = ledger.deliveries(index).iter().find(|d| d.consumer == 1);
+        assert!(
+            again.is_some_and(|d| d.attempt >= 2),
+            "message {index}, held unsettled by the first consumer, came again as {again:?}"
+        );
+    }
+}
+
+/// Messages published before the broker stops and acknowledged are not delivered again after
+/// it restarts; publishing while it is stopped fails with a transient error; the messages not
+/// yet consumed and those published again after the restart all come. With `deduplicates`,
+/// publishing again some messages that were taken before the stop adds nothing.
+pub async fn broker_restart_loses_nothing(harness: Arc<dyn Harness>) {
+    const BEFORE: usize = 60;
+    const COUNT: usize = 100;
+    const ACKED_BEFORE: usize = 30;
+    const ACK_WAIT: Duration = Duration::from_secs(2);
+    let names = Names::new("outage");
+    let channel = names.channel("events");
+    let mut subscription = Subscription::new(names.group("g"), [channel.clone()]);
+    subscription.ack_wait = ACK_WAIT;
+    let messages: Vec<Outgoing> = (0..COUNT)
+        .map(|i| names.message(&channel, Some(&format!("key-{}", i % 10)), &i.to_string()))
+        .collect();
+    let mut ledger = Ledger::new(&messages);
+
+    let transport = harness.transport().await;
+    provision(&*transport, std::slice::from_ref(&channel)).await;
+    publish_all(&*transport, &messages[..BEFORE]).await;
+    let mut consumer = subscribe(&*transport, &subscription).await;
+    consume_until(
+        &mut *consumer,
+        &mut ledger,
+        0,
+        10,
+        |_| {},
+        |ledger| ledger.acked_count() >= ACKED_BEFORE,
+    )
+    .await;
+    let mut held = fetch(&mut *consumer, 5, FETCH_WAIT).await;
+    for message in &held {
+        ledger.record(message, 0);
+    }
+
+    if let Err(error) = harness.stop_broker().await {
+        panic!("the harness could not stop its broker: {error}");
+    }
+    let outcomes = transport.publish(&messages[BEFORE..]).await;
+    assert_eq!(outcomes.len(), COUNT - BEFORE);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            Err(error) if error.transient => {}
+            Err(error) => panic!(
+                "publishing while the broker is stopped failed with a permanent error (it \
+                 should be transient, to be tried again): {}",
+                error_chain(error)
+            ),
+            Ok(()) => panic!(
+                "publishing message {} succeeded while the broker was stopped",
+                BEFORE + i
+            ),
+        }
+    }
+    // Settling while the broker is away may fail; what was acknowledged must stay so.
+    for message in held.drain(..) {
+        if message.ack().await.is_ok()
+            && let Some(index) = messages.iter().position(|m| m.payload == message.payload)
+        {
+            ledger.acked(index);
+        }
+    }
+    drop(consumer);
+    if let Err(error) = harness.start_broker().await {
+        panic!("the harness could not start its broker again: {error}");
+    }
+
+    // The relay's way: publish again whatever has not been taken, until the broker is back.
+    let mut again: Vec<Outgoing> = messages[BEFORE..].to_vec();
+    if transport.capabilities().deduplicates {
+        again.extend(messages[..10].iter().cloned());
+    }
+    let give_up = Instant::now() + PATIENCE;
+    while !again.is_empty() {
+        let outcomes = transport.publish(&again).await;
+        assert_eq!(outcomes.len(), again.len());
+        let mut left = Vec::new();
+        for (message, outcome) in again.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => {}
+                Err(error) if error.transient && Instant::now() < give_up => left.push(message),
+                Err(error) => panic!(
+                    "publishing after the broker restarted failed: {}",
+                    error_chain(&error)
+                ),
+            }
+        }
+        again = left;
+        if !again.is_empty() {
+            tokio::time::sleep(FETCH_WAIT).await;
+        }
+    }
+    let mut consumer = loop {
+        match transport.subscribe(&subscription).await {
+            Ok(consumer) => break consumer,
+            Err(error) if error.transient && Instant::now() < give_up => {
+                tokio::time::sleep(FETCH_WAIT).await;
+            }
+            Err(error) => panic!(
+                "subscribing after the broker restarted failed: {}",
+                error_chain(&error)
+            ),
+        }
+    };
+    consume_until(
+        &mut *consumer,
+        &mut ledger,
+        1,
+        10,
+        |_| {},
+        Ledger::all_acked,
+    )
+    .await;
+    drain_for(&mut *consumer, &mut ledger, 1, QUIET).await;
+    if let Err(problem) = ledger.check_at_least_once() {
+        panic!("group `{}`: {problem}", subscription.group);
+    }
+}
+
+/// With `deduplicates`: a message published again, alone and in a batch, and twice in one
+/// batch, is reported `Ok` each time and comes once. A transport that does not declare it is
+/// not tested (and the case says so on stderr).
+pub async fn duplicate_publish_is_dropped(harness: Arc<dyn Harness>) {
+    let transport = harness.transport().await;
+    if !transport.capabilities().deduplicates {
+        eprintln!(
+            "inseam-conformance: duplicate_publish_is_dropped is not applicable: transport `{}` \
+             does not declare deduplicates",
+            transport.name()
+        );
+        return;
+    }
+    let names = Names::new("dedup");
+    let channel = names.channel("events");
+    provision(&*transport, std::slice::from_ref(&channel)).await;
+    let messages = vec![
+        names.message(&channel, Some("k"), "first"),
+        names.message(&channel, Some("k"), "second"),
+    ];
+    publish_all(&*transport, &messages[..1]).await;
+    publish_all(&*transport, &messages[..1]).await;
+    publish_all(
+        &*transport,
+        &[
+            messages[0].clone(),
+            messages[1].clone(),
+            messages[1].clone(),
+        ],
+    )
+    .await;
+    let group = names.group("g");
+    let mut consumer = subscribe(&*transport, &Subscription::new(&group, [channel])).await;
+    let mut ledger = Ledger::new(&messages);
+    consume_until(
+        &mut *consumer,
+        &mut ledger,
+        0,
+        10,
+        |_| {},
+        Ledger::all_acked,
+    )
+    .await;
+    drain_for(&mut *consumer, &mut ledger, 0, QUIET).await;
+    if let Err(problem) = ledger.check_exactly_once() {
+        panic!("group `{group}`: {problem}");
+    }
+}
