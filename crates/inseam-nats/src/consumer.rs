@@ -46,12 +46,14 @@ impl Health {
         }
     }
 
-    fn set(&self, partition: u16, failure: Option<String>) {
+    /// Records the partition's state; returns whether it was failing before.
+    fn set(&self, partition: u16, failure: Option<String>) -> bool {
         if let Ok(mut failures) = self.failures.lock()
             && let Some(slot) = failures.get_mut(usize::from(partition))
         {
-            *slot = failure;
+            return std::mem::replace(slot, failure).is_some();
         }
+        false
     }
 
     fn first(&self) -> Option<(usize, String)> {
@@ -261,12 +263,12 @@ impl Partition {
                     continue;
                 }
             };
-            health.set(self.partition, None);
+            self.recovered(&health);
             let failure = loop {
                 match messages.next().await {
                     Some(Ok(message)) => {
                         backoff = BACKOFF_MIN;
-                        health.set(self.partition, None);
+                        self.recovered(&health);
                         if self.hand_over(message, &tx).await.is_err() {
                             // The consumer was dropped.
                             return;
@@ -284,15 +286,37 @@ impl Partition {
         }
     }
 
+    /// Records a failure: a warning when the partition was healthy, then quieter while it
+    /// keeps failing (an outage would otherwise warn for every partition at every retry).
     fn failed(&self, health: &Health, failure: String) {
-        tracing::warn!(
-            target: TARGET,
-            group = %self.group,
-            partition = self.partition,
-            failure = %failure,
-            "NATS partition consumer failed; retrying"
-        );
-        health.set(self.partition, Some(failure));
+        if health.set(self.partition, Some(failure.clone())) {
+            tracing::debug!(
+                target: TARGET,
+                group = %self.group,
+                partition = self.partition,
+                failure = %failure,
+                "NATS partition consumer still failing; retrying"
+            );
+        } else {
+            tracing::warn!(
+                target: TARGET,
+                group = %self.group,
+                partition = self.partition,
+                failure = %failure,
+                "NATS partition consumer failed; retrying"
+            );
+        }
+    }
+
+    fn recovered(&self, health: &Health) {
+        if health.set(self.partition, None) {
+            tracing::info!(
+                target: TARGET,
+                group = %self.group,
+                partition = self.partition,
+                "NATS partition consumer pulls again"
+            );
+        }
     }
 
     /// Queues a message for `fetch`, or settles it here when the group does not read its

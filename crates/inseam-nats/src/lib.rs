@@ -58,6 +58,7 @@ use inseam_core::transport::{
     Capabilities, Consumer, KeyOrder, Outgoing, Subscription, Transport, TransportError,
 };
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use consumer::NatsConsumer;
 pub use error::{NatsError, Result};
@@ -467,7 +468,13 @@ impl Transport for Nats {
     }
 
     async fn publish(&self, batch: &[Outgoing]) -> Vec<std::result::Result<(), TransportError>> {
-        self.publish_batch(batch).await
+        let span = tracing::debug_span!(
+            target: TARGET,
+            "publish",
+            stream = %self.inner.options.stream,
+            messages = batch.len(),
+        );
+        self.publish_batch(batch).instrument(span).await
     }
 
     async fn subscribe(
