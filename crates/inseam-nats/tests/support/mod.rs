@@ -22,7 +22,14 @@ pub(crate) struct NatsServer {
 /// Where the server binary is: `NATS_SERVER_BIN`, then `PATH`, then Debian's place.
 fn find_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return path;
+        }
+        missing(&format!(
+            "NATS_SERVER_BIN names {}, which is not a file",
+            path.display()
+        ));
     }
     let on_path = std::env::var_os("PATH")
         .into_iter()
@@ -36,11 +43,15 @@ fn find_binary() -> PathBuf {
             return candidate;
         }
     }
+    missing("found none on PATH, in /usr/sbin or in /usr/local/bin");
+}
+
+fn missing(why: &str) -> ! {
     panic!(
-        "the NATS tests need the `nats-server` binary (2.9 or later) and found none on PATH, \
-         in /usr/sbin or in /usr/local/bin. Install it (Debian/Ubuntu: `apt-get install \
-         nats-server`), or set NATS_SERVER_BIN to its path. Each test starts its own \
-         `nats-server -js` on a free port of 127.0.0.1."
+        "the NATS tests need the `nats-server` binary (2.9 or later) and {why}. Install it \
+         (Debian/Ubuntu: `apt-get install nats-server`), or set NATS_SERVER_BIN to its path. \
+         Nothing needs to run beforehand: each test starts its own `nats-server -js` on a \
+         free port of 127.0.0.1."
     );
 }
 
