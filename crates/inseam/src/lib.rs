@@ -55,6 +55,10 @@ pub use inseam_core::{
 };
 
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
+/// The NATS JetStream transport (feature `nats`): a group's events consumed durably in another
+/// process, in per-key order.
+#[cfg(feature = "nats")]
+pub use inseam_nats as nats;
 /// Durable delivery on sqlx (features `sqlite`, `postgres`): the transactional outbox, the
 /// relay, inbox deduplication and dead letters.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
