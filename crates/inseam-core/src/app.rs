@@ -152,7 +152,14 @@ pub(crate) struct Core {
     pub(crate) events: TypeMap<Box<dyn EventRoute>>,
     /// Event types by their stored identity: name and version.
     pub(crate) by_name: HashMap<(&'static str, u32), TypeId>,
+    /// The groups the relay runs: this process's own and the transports' outbox groups.
     pub(crate) groups: Vec<&'static str>,
+    /// Every group of the app, wherever it runs.
+    pub(crate) all_groups: Vec<&'static str>,
+    /// Groups that run in another process, with the outbox group of their transport.
+    pub(crate) remote: HashMap<&'static str, &'static str>,
+    pub(crate) routing: crate::routing::Routing,
+    pub(crate) transports: HashMap<&'static str, Arc<dyn crate::transport::Transport>>,
     pub(crate) durable: HashMap<&'static str, Box<dyn DurableRoute>>,
     pub(crate) upcasters: Upcasters,
     pub(crate) clock: Arc<dyn Clock>,
@@ -179,6 +186,22 @@ impl Core {
     #[inline]
     pub(crate) fn query_slot<Q: Query>(&self) -> Option<&QuerySlot<Q>> {
         self.queries.get::<Q>(Q::__slot_index())?.downcast_ref()
+    }
+
+    /// The groups an outbox row for `groups` goes to in this process: a group that runs in
+    /// another process is replaced by its transport's outbox group, once per transport.
+    pub(crate) fn outbox_groups(&self, groups: &[&'static str]) -> Vec<&'static str> {
+        if self.remote.is_empty() {
+            return groups.to_vec();
+        }
+        let mut out: Vec<&'static str> = Vec::with_capacity(groups.len());
+        for group in groups {
+            let target = self.remote.get(group).copied().unwrap_or(group);
+            if !out.contains(&target) {
+                out.push(target);
+            }
+        }
+        out
     }
 
     pub(crate) fn route(&self, event: TypeId) -> Option<&dyn EventRoute> {
@@ -615,6 +638,78 @@ impl App {
             .contains_key(format!("command:{name}").as_str())
     }
 
+    /// Where this process's groups run, and how the others are reached.
+    pub fn routing(&self) -> &crate::routing::Routing {
+        &self.inner.routing
+    }
+
+    /// The transport named `name`, if the app has one.
+    pub fn transport(&self, name: &str) -> Option<&Arc<dyn crate::transport::Transport>> {
+        self.inner.transports.get(name)
+    }
+
+    /// What this process consumes from transports: every group it runs, with the channels
+    /// the group reads (its events' names, or a durable command's name), from each transport
+    /// another process may publish them on. Empty when one process runs everything.
+    pub fn inbound(&self) -> Vec<Inbound> {
+        let mut inbound = Vec::new();
+        for name in self.inner.routing.inbound_transports() {
+            let Some(transport) = self.inner.transports.get(name) else {
+                continue;
+            };
+            for &group in &self.inner.all_groups {
+                if self.inner.remote.contains_key(group) {
+                    continue;
+                }
+                let channels: Vec<String> = match group.strip_prefix("command:") {
+                    Some(command) => vec![command.to_owned()],
+                    None => self
+                        .group_events(group)
+                        .into_iter()
+                        .map(|(event, _)| event.to_owned())
+                        .collect(),
+                };
+                if !channels.is_empty() {
+                    inbound.push(Inbound {
+                        group,
+                        channels,
+                        transport: transport.clone(),
+                    });
+                }
+            }
+        }
+        inbound
+    }
+
+    /// The transport an outbox group (`transport:<name>`) publishes to, if `group` is one.
+    pub fn outbox_transport(&self, group: &str) -> Option<&Arc<dyn crate::transport::Transport>> {
+        let name = group.strip_prefix(crate::routing::OUTBOX_PREFIX)?;
+        self.inner.transports.get(name)
+    }
+
+    /// The channels this process may publish to transport `name`: the events and durable
+    /// commands of the groups reached over it.
+    pub fn outbound_channels(&self, name: &str) -> Vec<String> {
+        let mut channels = Vec::new();
+        for (&group, _) in
+            self.inner.remote.iter().filter(|(_, outbox)| {
+                outbox.strip_prefix(crate::routing::OUTBOX_PREFIX) == Some(name)
+            })
+        {
+            match group.strip_prefix("command:") {
+                Some(command) => channels.push(command.to_owned()),
+                None => channels.extend(
+                    self.group_events(group)
+                        .into_iter()
+                        .map(|(event, _)| event.to_owned()),
+                ),
+            }
+        }
+        channels.sort_unstable();
+        channels.dedup();
+        channels
+    }
+
     /// Every group with a durable subscriber, sorted.
     pub fn groups(&self) -> &[&'static str] {
         &self.inner.groups
@@ -863,4 +958,15 @@ async fn end_read(uow: Box<dyn UnitOfWork>) {
     if let Err(error) = uow.rollback().await {
         tracing::debug!(target: "inseam::aggregate", error = &error as &dyn std::error::Error, "ending a read-only transaction failed");
     }
+}
+
+/// A group this process consumes from a transport.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The group.
+    pub group: &'static str,
+    /// The channels it reads.
+    pub channels: Vec<String>,
+    /// The transport it reads them from.
+    pub transport: Arc<dyn crate::transport::Transport>,
 }

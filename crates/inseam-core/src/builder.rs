@@ -21,7 +21,9 @@ use crate::handler::Handler;
 use crate::message::{Command, Event, MessageKind, Query};
 use crate::middleware::{DispatchRequest, DispatchResponse, DispatchService, LayerScope, Layers};
 use crate::registry::{Registration, Wiring, discovered};
+use crate::routing::Routing;
 use crate::store::Store;
+use crate::transport::Transport;
 use crate::upcast::Upcasters;
 
 /// Builds an [`App`]: registrations, state, layers; `build()` validates the wiring.
@@ -40,6 +42,8 @@ pub struct AppBuilder {
     /// Declared aggregates with their events: for the upcaster check and the catalog.
     aggregates: Vec<AggregateDoc>,
     state_caches: TypeMap<Box<dyn Any + Send + Sync>>,
+    routing: Routing,
+    transports: Vec<Arc<dyn Transport>>,
 }
 
 impl Default for AppBuilder {
@@ -58,6 +62,8 @@ impl Default for AppBuilder {
             ids: Arc::new(V7Ids),
             aggregates: Vec::new(),
             state_caches: TypeMap::default(),
+            routing: Routing::single(),
+            transports: Vec::new(),
         }
     }
 }
@@ -72,6 +78,8 @@ impl fmt::Debug for AppBuilder {
             .field("source", &self.source)
             .field("store", &self.store)
             .field("keep_unsubscribed", &self.keep_unsubscribed)
+            .field("routing", &self.routing)
+            .field("transports", &self.transports)
             .finish()
     }
 }
@@ -89,6 +97,25 @@ impl AppBuilder {
     /// a handler macro.
     pub fn handler<H: Handler>(mut self) -> Self {
         self.registrations.push(H::REGISTRATION);
+        self
+    }
+
+    /// Says which process runs which groups (see [`Routing`]); by default one process runs
+    /// everything. [`Routing::from_env`] reads it from the file named by `INSEAM_CONFIG`.
+    pub fn routing(mut self, routing: Routing) -> Self {
+        self.routing = routing;
+        self
+    }
+
+    /// Adds a transport the routing may name (by its [`Transport::name`]).
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transports.push(Arc::new(transport));
+        self
+    }
+
+    /// Adds a shared transport the routing may name.
+    pub fn transport_arc(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transports.push(transport);
         self
     }
 
@@ -288,17 +315,30 @@ impl AppBuilder {
         for registration in &self.registrations {
             wiring.install(registration);
         }
-        let Checked {
-            built,
-            gather,
-            runtime,
-        } = check(
+        let checked = check(
             wiring,
             &self.resources,
             &self.layers,
             &self.aggregates,
             &self.upcasters,
-        )?;
+        );
+        let Checked {
+            built,
+            gather,
+            runtime,
+        } = match checked {
+            Ok(checked) => checked,
+            Err(BuildError::Wiring(mut problems)) => {
+                // Routing problems can only be told once the groups are known; with the rest
+                // of the wiring broken, report those of the durable commands' groups at least.
+                let groups: Vec<&str> = self.durable.iter().map(|(g, _)| *g).collect();
+                if groups.is_empty() {
+                    return Err(BuildError::Wiring(problems));
+                }
+                problems.extend(self.routing_problems(&groups));
+                return Err(BuildError::Wiring(problems));
+            }
+        };
         let mut by_name = HashMap::new();
         let mut groups = Vec::new();
         for (id, route) in &built.events {
@@ -308,6 +348,28 @@ impl AppBuilder {
         groups.extend(self.durable.iter().map(|(group, _)| *group));
         groups.sort_unstable();
         groups.dedup();
+        let problems = self.routing_problems(&groups);
+        if !problems.is_empty() {
+            return Err(BuildError::Wiring(problems));
+        }
+        // Groups that run in another process are reached through a transport's outbox group;
+        // the relay runs this process's own groups and those outbox groups.
+        let mut remote = HashMap::new();
+        for &group in &groups {
+            if let Some(transport) = self.routing.transport_to(group) {
+                remote.insert(group, outbox_group(transport));
+            }
+        }
+        let mut relay_groups: Vec<&'static str> = groups
+            .iter()
+            .copied()
+            .filter(|g| !remote.contains_key(g))
+            .chain(remote.values().copied())
+            .collect();
+        relay_groups.sort_unstable();
+        relay_groups.dedup();
+        let all_groups = groups;
+        let groups = relay_groups;
         let durable: Vec<(&'static str, &'static str)> = self
             .durable
             .iter()
@@ -326,6 +388,10 @@ impl AppBuilder {
                 events: freeze(built.events),
                 by_name,
                 groups,
+                all_groups,
+                remote,
+                routing: self.routing,
+                transports: self.transports.into_iter().map(|t| (t.name(), t)).collect(),
                 durable: self.durable.into_iter().collect(),
                 upcasters: self.upcasters,
                 clock: self.clock,
@@ -347,4 +413,31 @@ impl AppBuilder {
         tracing::debug!(target: "inseam::app", app = ?app, "built");
         Ok(app)
     }
+
+    /// Problems of the routing for an app with `groups`.
+    fn routing_problems(&self, groups: &[&str]) -> Vec<crate::error::WiringProblem> {
+        let transports: Vec<&str> = self.transports.iter().map(|t| t.name()).collect();
+        self.routing
+            .problems(groups, &transports)
+            .into_iter()
+            .map(crate::error::WiringProblem::Routing)
+            .collect()
+    }
+}
+
+/// The relay group that publishes to `transport`: `transport:<name>`, one per transport name.
+pub(crate) fn outbox_group(transport: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let names = NAMES.get_or_init(Default::default);
+    let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
+    let name = format!("{}{transport}", crate::routing::OUTBOX_PREFIX);
+    if let Some(&known) = names.get(name.as_str()) {
+        return known;
+    }
+    // Leaked once per transport name for the life of the process: groups are `&'static str`.
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(leaked);
+    leaked
 }

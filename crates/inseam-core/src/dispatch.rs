@@ -636,7 +636,7 @@ pub(crate) async fn complete(
             })?;
             messages.push(OutboxMessage {
                 envelope,
-                groups: groups.to_vec(),
+                groups: app.inner.outbox_groups(groups),
                 deliver_at: None,
                 stream: event.stream.as_ref().map(|s| s.position.clone()),
             });
@@ -1016,7 +1016,7 @@ where
     };
     Ok(OutboxMessage {
         envelope,
-        groups: vec![group],
+        groups: app.inner.outbox_groups(&[group]),
         deliver_at: at,
         stream: None,
     })
@@ -1058,7 +1058,7 @@ pub(crate) fn durable_named_message(
             content_type: "application/json".to_owned(),
             payload,
         },
-        groups: vec![group],
+        groups: app.inner.outbox_groups(&[group]),
         deliver_at: None,
         stream: None,
     })

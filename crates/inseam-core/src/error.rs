@@ -333,6 +333,9 @@ pub enum WiringProblem {
     },
     /// The app was built outside a tokio runtime.
     NoRuntime,
+    /// The routing of groups to processes and transports does not fit the app: what is wrong,
+    /// naming the process, group, module or transport.
+    Routing(String),
 }
 
 impl fmt::Display for WiringProblem {
@@ -409,6 +412,7 @@ impl fmt::Display for WiringProblem {
                 f,
                 "an upcaster reads `{event}` version {from}, but no registered event or aggregate has that name"
             ),
+            WiringProblem::Routing(problem) => f.write_str(problem),
             WiringProblem::NoRuntime => f.write_str(
                 "the app was built outside a tokio runtime; call `build().await` from within one",
             ),

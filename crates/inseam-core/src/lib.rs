@@ -22,13 +22,14 @@ pub mod handler;
 pub mod message;
 pub mod middleware;
 pub mod registry;
+pub mod routing;
 pub mod saga;
 pub mod store;
 pub mod transport;
 pub mod upcast;
 
 pub use aggregate::{Aggregate, AggregateError, EventSet, Loaded, Stage};
-pub use app::{App, Stats};
+pub use app::{App, Inbound, Stats};
 pub use builder::AppBuilder;
 pub use catalog::Catalog;
 pub use clock::{Clock, IdGenerator, ManualClock, SequentialIds, SystemClock, V7Ids};
@@ -45,6 +46,7 @@ pub use middleware::{
     DispatchRequest, DispatchResponse, DispatchService, RetryOnConflict, TraceLayer,
 };
 pub use registry::Registration;
+pub use routing::Routing;
 pub use store::{
     AppendError, Conflict, DeliveryFailure, OutboxMessage, RelayHandle, Snapshot, Store,
     StoreError, StoredEvent, StreamPosition, UnitOfWork,

@@ -29,6 +29,13 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// A transport failed (preparing its channels, most often).
+    #[error("transport error")]
+    Transport {
+        /// The transport's error.
+        #[source]
+        source: inseam_core::transport::TransportError,
+    },
     /// A schema migration failed; nothing of it was applied.
     #[error("schema migration {version} failed")]
     Migration {

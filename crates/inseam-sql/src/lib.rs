@@ -21,6 +21,7 @@
 //!   SQLite). A failing event holds back only its own key until it is retried or dead-lettered.
 
 mod admin;
+mod bridge;
 mod conn;
 mod deferred;
 mod error;

@@ -45,6 +45,7 @@ pub(crate) struct Counters {
     dead_lettered: AtomicU64,
     duplicates: AtomicU64,
     batches: AtomicU64,
+    published: AtomicU64,
 }
 
 /// What the relay did since the store connected.
@@ -60,6 +61,8 @@ pub struct RelayStats {
     pub duplicates: u64,
     /// Batches committed whole.
     pub batches: u64,
+    /// Messages handed to a transport and acknowledged by its broker.
+    pub published: u64,
 }
 
 impl Counters {
@@ -70,7 +73,12 @@ impl Counters {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
+            published: self.published.load(Ordering::Relaxed),
         }
+    }
+
+    pub(crate) fn published(&self, messages: usize) {
+        self.published.fetch_add(messages as u64, Ordering::Relaxed);
     }
 }
 
@@ -84,8 +92,20 @@ impl SqlStore {
         loop {
             let mut round = 0;
             for &group in app.groups() {
+                let transport = app.outbox_transport(group);
+                if let Some(transport) = transport {
+                    transport
+                        .provision(&app.outbound_channels(transport.name()))
+                        .await
+                        .map_err(|source| crate::error::Error::Transport { source })?;
+                }
                 loop {
-                    let outcome = deliver_batch(self, app, group).await?;
+                    let outcome = match transport {
+                        Some(transport) => {
+                            crate::bridge::publish_batch(self, &**transport, group).await?
+                        }
+                        None => deliver_batch(self, app, group).await?,
+                    };
                     round += outcome.claimed as u64;
                     if outcome.claimed == 0 {
                         break;
@@ -105,9 +125,28 @@ pub(crate) fn start(store: SqlStore, app: App) -> RelayHandle {
     let tasks = TaskTracker::new();
     let workers = store.shared.options.workers_per_group.max(1);
     for &group in app.groups() {
+        if let Some(transport) = app.outbox_transport(group) {
+            // One publisher per transport and process: the broker keeps a key's order as it
+            // receives them.
+            tasks.spawn(crate::bridge::publisher(
+                store.clone(),
+                app.clone(),
+                group,
+                transport.clone(),
+                cancel.clone(),
+            ));
+            continue;
+        }
         for _ in 0..workers {
             tasks.spawn(worker(store.clone(), app.clone(), group, cancel.clone()));
         }
+    }
+    for inbound in app.inbound() {
+        tasks.spawn(crate::bridge::consumer(
+            store.clone(),
+            inbound,
+            cancel.clone(),
+        ));
     }
     #[cfg(feature = "postgres")]
     if store.shared.backend == crate::Backend::Postgres {
@@ -119,15 +158,15 @@ pub(crate) fn start(store: SqlStore, app: App) -> RelayHandle {
 }
 
 /// One claimed delivery.
-struct Claimed {
-    id: i64,
-    message_id: String,
-    key: Option<String>,
-    attempts: i64,
+pub(crate) struct Claimed {
+    pub(crate) id: i64,
+    pub(crate) message_id: String,
+    pub(crate) key: Option<String>,
+    pub(crate) attempts: i64,
     first_failed_at: Option<i64>,
-    name: String,
+    pub(crate) name: String,
     version: i64,
-    envelope: Vec<u8>,
+    pub(crate) envelope: Vec<u8>,
 }
 
 impl Claimed {
@@ -146,21 +185,34 @@ impl Claimed {
 }
 
 /// Why one delivery failed, as the relay records it.
-struct Failure {
+pub(crate) struct Failure {
     permanent: bool,
+    /// A broker that did not take a message: the row waits for it however long, and is never
+    /// dead-lettered for it.
+    waits: bool,
     /// The handler asked to stop its group (`Halt`).
     halt: bool,
     chain: String,
 }
 
 impl Failure {
-    fn of(error: &(dyn std::error::Error + 'static), permanent: bool) -> Self {
+    pub(crate) fn of(error: &(dyn std::error::Error + 'static), permanent: bool) -> Self {
         // PostgreSQL refuses NUL in text: an error that prints one must still be recorded.
         let chain = crate::error::chain(error).replace('\0', "\u{fffd}");
         Failure {
             permanent,
+            waits: false,
             halt: false,
             chain,
+        }
+    }
+
+    /// A broker did not take a message: a transient failure waits for it, a permanent one
+    /// (a channel it refuses) is a dead letter at once.
+    pub(crate) fn transport(error: &inseam_core::transport::TransportError) -> Self {
+        Failure {
+            waits: error.transient,
+            ..Failure::of(error, !error.transient)
         }
     }
 
@@ -222,13 +274,13 @@ async fn worker(store: SqlStore, app: App, group: &'static str, cancel: Cancella
     tracing::debug!(target: "inseam::relay", group, "relay worker stopped");
 }
 
-struct BatchOutcome {
-    claimed: usize,
+pub(crate) struct BatchOutcome {
+    pub(crate) claimed: usize,
     /// The earliest retry this batch scheduled (micros).
-    retry_at: Option<i64>,
+    pub(crate) retry_at: Option<i64>,
 }
 
-async fn claim(
+pub(crate) async fn claim(
     unit: &mut SqlUnitOfWork,
     group: &str,
     now: i64,
@@ -425,7 +477,7 @@ async fn one_by_one(
 /// batch does not hold (a row another relay holds, or one that became visible meanwhile), so
 /// that a key is never delivered past an earlier row. SQLite has one writer at a time, so its
 /// batches are already key prefixes.
-async fn key_heads(
+pub(crate) async fn key_heads(
     unit: &mut SqlUnitOfWork,
     group: &str,
     rows: Vec<Claimed>,
@@ -713,9 +765,13 @@ async fn delete_delivery(unit: &mut SqlUnitOfWork, id: i64) -> Result<()> {
     Ok(())
 }
 
+/// The longest a message waits between two attempts to hand it to a broker that refused it:
+/// short, so that a broker back from an outage gets the backlog soon.
+const TRANSPORT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 /// Schedules a retry or moves the row to the dead letters. Returns when the retry is due
 /// (`None`: dead-lettered).
-async fn record_failure(
+pub(crate) async fn record_failure(
     unit: &mut SqlUnitOfWork,
     group: &'static str,
     row: &Claimed,
@@ -726,7 +782,7 @@ async fn record_failure(
     let options = &shared.options;
     let attempts = row.attempts + 1;
     let max = i64::from(options.max_attempts.max(1));
-    if failure.permanent || attempts >= max {
+    if failure.permanent || (attempts >= max && !failure.waits) {
         sqlx::query(AssertSqlSafe(shared.sql.insert_dead_letter.clone()))
             .bind(group.to_owned())
             .bind(row.message_id.clone())
@@ -755,7 +811,12 @@ async fn record_failure(
         );
         return Ok(None);
     }
-    let delay = backoff(options.backoff_base, options.backoff_max, attempts);
+    let cap = if failure.waits {
+        options.backoff_max.min(TRANSPORT_BACKOFF_MAX)
+    } else {
+        options.backoff_max
+    };
+    let delay = backoff(options.backoff_base, cap, attempts);
     let at = now.saturating_add(i64::try_from(delay.as_micros()).unwrap_or(i64::MAX));
     sqlx::query(AssertSqlSafe(shared.sql.retry_later.clone()))
         .bind(row.id)

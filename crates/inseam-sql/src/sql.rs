@@ -322,6 +322,11 @@ pub(crate) struct Statements {
     pub(crate) delete_delivery: Arc<str>,
     pub(crate) retry_later: Arc<str>,
     pub(crate) insert_dead_letter: Arc<str>,
+    /// A message received from a transport, kept as its outbox row (unless one is there).
+    pub(crate) stage_outbox: Arc<str>,
+    /// Its delivery to the consuming group, unless the group has it already (pending, in
+    /// its inbox, or dead-lettered).
+    pub(crate) stage_delivery: Arc<str>,
     pub(crate) list_dead_letters: Arc<str>,
     pub(crate) get_dead_letter: Arc<str>,
     pub(crate) delete_dead_letter: Arc<str>,
@@ -493,6 +498,17 @@ impl Statements {
                  SET attempts = $2, deliver_at = $3, last_error = $4,
                      first_failed_at = COALESCE(first_failed_at, $5)
                  WHERE id = $1"
+            )),
+            stage_outbox: s(format!(
+                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, correlation_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (message_id) DO NOTHING"
+            )),
+            stage_delivery: s(format!(
+                "INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
+                 SELECT $1, $2, $3, $4, $4
+                 WHERE NOT EXISTS (SELECT 1 FROM {p}inbox WHERE grp = $1 AND message_id = $2)
+                   AND NOT EXISTS (SELECT 1 FROM {p}deliveries WHERE grp = $1 AND message_id = $2)
+                   AND NOT EXISTS (SELECT 1 FROM {p}dead_letters WHERE grp = $1 AND message_id = $2)"
             )),
             insert_dead_letter: s(format!(
                 "INSERT INTO {p}dead_letters

@@ -46,12 +46,12 @@ pub use inseam_core::{
     CommandHandler, Delivery, DeliveryError, DispatchError, DispatchFailure, DispatchRequest,
     DispatchResponse, DispatchService, Envelope, Event, EventContext, EventHandler, Extract,
     Handler, HeaderError, HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata, Query,
-    QueryContext, QueryHandler, RawEnvelope, Registration, State, Stats, TraceLayer, WireError,
-    WiringProblem,
+    QueryContext, QueryHandler, RawEnvelope, Registration, Routing, State, Stats, TraceLayer,
+    WireError, WiringProblem,
 };
 pub use inseam_core::{
     aggregate, catalog, clock, codec, envelope, error, extract, handler, message, middleware,
-    registry, saga, store, upcast,
+    registry, routing, saga, store, transport, upcast,
 };
 
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
