@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::handler::BoxError;
+use crate::error::BoxError;
 
 mod in_process;
 
