@@ -72,9 +72,16 @@ pub(crate) fn expand_request(input: &DeriveInput, kind: &RequestKind) -> syn::Re
     let output = output
         .into_inner()
         .map_or_else(|| quote!(()), |ty| quote!(#ty));
-    let error = error
-        .into_inner()
-        .map_or_else(|| quote!(::core::convert::Infallible), |ty| quote!(#ty));
+    let error = error.into_inner();
+    // A handler that cannot fail has nothing to send back; every other error type needs serde
+    // to travel.
+    let error_serde = match &error {
+        None => quote!(::inseam::__private::Some(
+            ::inseam::__private::SerdeFns::never()
+        )),
+        Some(ty) => quote!((&::inseam::__private::SerdeProbe::<#ty>::new()).serde()),
+    };
+    let error = error.map_or_else(|| quote!(::core::convert::Infallible), |ty| quote!(#ty));
     let name = name
         .into_inner()
         .unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()));
@@ -98,6 +105,18 @@ pub(crate) fn expand_request(input: &DeriveInput, kind: &RequestKind) -> syn::Re
             fn __slot_index() -> ::inseam::__private::Option<&'static ::inseam::__private::SlotIndex> {
                 static INDEX: ::inseam::__private::SlotIndex = ::inseam::__private::SlotIndex::new();
                 ::inseam::__private::Some(&INDEX)
+            }
+
+            fn __remote() -> ::inseam::__private::Option<
+                ::inseam::__private::RemoteCodec<Self, #output, #error>,
+            > {
+                #[allow(unused_imports)]
+                use ::inseam::__private::{ViaSerde as _, WithoutSerde as _};
+                ::inseam::__private::RemoteCodec::assemble(
+                    (&::inseam::__private::SerdeProbe::<Self>::new()).serde(),
+                    (&::inseam::__private::SerdeProbe::<#output>::new()).serde(),
+                    #error_serde,
+                )
             }
         }
     });

@@ -75,6 +75,54 @@ async fn charged(ev: &Envelope<Charged>, ctx: &mut EventContext<'_>) -> Result<(
     Ok(())
 }
 
+/// Answered by the billing process: how many orders it charged.
+#[derive(Debug, Clone, Serialize, Deserialize, Query)]
+#[query(name = "billing.balance", output = i64)]
+struct Balance;
+
+#[query_handler]
+async fn balance(_: Balance, ctx: &QueryContext<'_>) -> Result<i64, std::convert::Infallible> {
+    let store = ctx.app().state::<SqlStore>().cloned();
+    let Some(store) = store else { return Ok(-1) };
+    Ok(orders(&store, "billing_ledger").await.len() as i64)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+enum RefundError {
+    #[error("order {0} was never charged")]
+    NeverCharged(i64),
+}
+
+/// Answered by the billing process, with a typed error.
+#[derive(Debug, Clone, Serialize, Deserialize, Command)]
+#[command(name = "billing.refund", output = String, error = RefundError)]
+struct Refund {
+    order: i64,
+}
+
+#[command_handler]
+async fn refund(cmd: Refund, ctx: &mut CommandContext<'_>) -> Result<String, RefundError> {
+    let row = sqlx::query("SELECT COUNT(*) FROM billing_ledger WHERE order_id = $1")
+        .bind(cmd.order)
+        .fetch_one(ctx.tx().await.map_err(|_| RefundError::NeverCharged(-1))?)
+        .await
+        .map_err(|_| RefundError::NeverCharged(-1))?;
+    if row.get::<i64, _>(0) == 0 {
+        return Err(RefundError::NeverCharged(cmd.order));
+    }
+    Ok(format!("refunded order {}", cmd.order))
+}
+
+/// Billing's audit: its error cannot travel, so it cannot be answered by another process.
+#[derive(Debug, Clone, Serialize, Deserialize, Command)]
+#[command(name = "billing.audit", error = std::io::Error)]
+struct Audit;
+
+#[command_handler]
+async fn audit(_: Audit) -> Result<(), std::io::Error> {
+    Ok(())
+}
+
 fn routing() -> Routing {
     Routing::from_toml(
         r#"
@@ -101,6 +149,9 @@ async fn process(db: &TestDb, transport: &InProcess, routing: Routing) -> (App, 
         .handler::<place>()
         .handler::<charge>()
         .handler::<charged>()
+        .handler::<balance>()
+        .handler::<refund>()
+        .state(store.clone())
         .transport(transport.clone())
         .routing(routing)
         .build()
@@ -176,6 +227,18 @@ async fn split_over_a_transport(backend: Backend) {
     let sent = envelope_bytes(&main_store, "orders.placed").await;
     assert_eq!(sent.len(), 20);
     assert_eq!(envelope_bytes(&billing_store, "orders.placed").await, sent);
+
+    // A query and a command answered by the billing process, over request-reply: typed
+    // output, and a typed error.
+    assert_eq!(main.query(Balance).await.unwrap(), 20);
+    assert_eq!(
+        main.send(Refund { order: 3 }).await.unwrap(),
+        "refunded order 3"
+    );
+    match main.send(Refund { order: 99 }).await {
+        Err(DispatchError::Handler(error)) => assert_eq!(error, RefundError::NeverCharged(99)),
+        other => panic!("expected the typed error, got {other:?}"),
+    }
 
     // Broker outage: rows wait in the outbox, lag shows them, nothing is lost.
     transport.set_available(false);
@@ -284,4 +347,28 @@ async fn routing_problems_are_build_errors() {
     assert!(problems[0].contains("transport `nats`, which is not configured"));
     assert!(problems[1].contains("module `biling`"));
     assert!(problems[1].contains("`billing`"), "{}", problems[1]);
+}
+
+#[tokio::test]
+async fn a_routed_command_that_cannot_travel_is_a_build_error() {
+    let db = TestDb::sqlite();
+    let store = SqlStore::connect(&db.url).await.unwrap();
+    let error = App::builder()
+        .store(store)
+        .handler::<audit>()
+        .handler::<charge>()
+        .transport(InProcess::new())
+        .routing(routing())
+        .build()
+        .await
+        .unwrap_err();
+    let problems: Vec<String> = error.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0].contains("command `billing.audit`")
+            && problems[0].contains("process `billing`")
+            && problems[0].contains("cannot travel"),
+        "{}",
+        problems[0]
+    );
 }

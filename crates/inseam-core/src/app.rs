@@ -160,6 +160,11 @@ pub(crate) struct Core {
     pub(crate) remote: HashMap<&'static str, &'static str>,
     pub(crate) routing: crate::routing::Routing,
     pub(crate) transports: HashMap<&'static str, Arc<dyn crate::transport::Transport>>,
+    /// Commands and queries, by name, answered by another process.
+    pub(crate) remote_commands: HashMap<&'static str, crate::remote::RemoteTarget>,
+    pub(crate) remote_queries: HashMap<&'static str, crate::remote::RemoteTarget>,
+    /// Commands and queries this process answers for the others.
+    pub(crate) served: Vec<crate::remote::Routable>,
     pub(crate) durable: HashMap<&'static str, Box<dyn DurableRoute>>,
     pub(crate) upcasters: Upcasters,
     pub(crate) clock: Arc<dyn Clock>,
@@ -275,6 +280,17 @@ impl App {
         command: C,
         meta: M,
     ) -> Result<C::Output, DispatchError<C::Error>> {
+        if !self.inner.remote_commands.is_empty()
+            && let Some(target) = self.inner.remote_commands.get(C::NAME)
+        {
+            return Box::pin(crate::remote::send::<C>(
+                self,
+                target.clone(),
+                command,
+                meta.into_owned(),
+            ))
+            .await;
+        }
         let Some(slot) = self.inner.command_slot::<C>() else {
             return Err(DispatchFailure::NoHandler {
                 kind: MessageKind::Command,
@@ -368,6 +384,17 @@ impl App {
         query: Q,
         meta: M,
     ) -> Result<Q::Output, DispatchError<Q::Error>> {
+        if !self.inner.remote_queries.is_empty()
+            && let Some(target) = self.inner.remote_queries.get(Q::NAME)
+        {
+            return Box::pin(crate::remote::query::<Q>(
+                self,
+                target.clone(),
+                query,
+                meta.into_owned(),
+            ))
+            .await;
+        }
         let Some(slot) = self.inner.query_slot::<Q>() else {
             return Err(DispatchFailure::NoHandler {
                 kind: MessageKind::Query,
@@ -456,10 +483,12 @@ impl App {
     /// Starts the store's relay and background work. Without a store nothing runs in the
     /// background beyond in-process deliveries, and the handle is idle.
     pub fn start(&self) -> RelayHandle {
-        match &self.inner.store {
+        let handle = match &self.inner.store {
             Some(store) => store.start(self.clone()),
             None => RelayHandle::idle(),
-        }
+        };
+        crate::remote::start_serving(self, &handle);
+        handle
     }
 
     /// Stores a command to be run by its handler at `at` (or right away, if `at` has passed),

@@ -44,6 +44,7 @@ pub struct AppBuilder {
     state_caches: TypeMap<Box<dyn Any + Send + Sync>>,
     routing: Routing,
     transports: Vec<Arc<dyn Transport>>,
+    request_timeout: std::time::Duration,
 }
 
 impl Default for AppBuilder {
@@ -64,6 +65,7 @@ impl Default for AppBuilder {
             state_caches: TypeMap::default(),
             routing: Routing::single(),
             transports: Vec::new(),
+            request_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -110,6 +112,12 @@ impl AppBuilder {
     /// Adds a transport the routing may name (by its [`Transport::name`]).
     pub fn transport(mut self, transport: impl Transport) -> Self {
         self.transports.push(Arc::new(transport));
+        self
+    }
+
+    /// How long `send` and `query` wait for another process's answer (10 s by default).
+    pub fn request_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.request_timeout = timeout;
         self
     }
 
@@ -348,7 +356,57 @@ impl AppBuilder {
         groups.extend(self.durable.iter().map(|(group, _)| *group));
         groups.sort_unstable();
         groups.dedup();
-        let problems = self.routing_problems(&groups);
+        let mut problems = self.routing_problems(&groups);
+        let transports: HashMap<&'static str, Arc<dyn Transport>> = self
+            .transports
+            .iter()
+            .map(|t| (t.name(), t.clone()))
+            .collect();
+        // Commands and queries answered by another process, and those this process answers
+        // for the others.
+        let mut remote_commands = HashMap::new();
+        let mut remote_queries = HashMap::new();
+        let mut served = Vec::new();
+        if !self.routing.is_single() {
+            for routable in &built.routable {
+                let key = match routable.kind {
+                    MessageKind::Command => format!("command:{}", routable.name),
+                    _ => routable.name.to_owned(),
+                };
+                let travels = (routable.travels)();
+                match self.routing.transport_to(&key) {
+                    None => {
+                        if travels {
+                            served.push(*routable);
+                        }
+                    }
+                    Some(name) => {
+                        let Some(transport) = transports.get(name) else {
+                            continue;
+                        };
+                        let durable = self.durable.iter().any(|(g, _)| *g == key);
+                        if !travels && !durable {
+                            problems.push(crate::error::WiringProblem::Routing(format!(
+                                "{} `{}` ({}) is answered by process `{}`, but cannot travel there: derive Serialize and Deserialize on it, its output and its error",
+                                routable.kind,
+                                routable.name,
+                                routable.type_name,
+                                self.routing.host(&key),
+                            )));
+                        }
+                        let target = crate::remote::RemoteTarget {
+                            process: self.routing.host(&key).to_owned(),
+                            transport: transport.clone(),
+                            timeout: self.request_timeout,
+                        };
+                        match routable.kind {
+                            MessageKind::Command => remote_commands.insert(routable.name, target),
+                            _ => remote_queries.insert(routable.name, target),
+                        };
+                    }
+                }
+            }
+        }
         if !problems.is_empty() {
             return Err(BuildError::Wiring(problems));
         }
@@ -391,7 +449,10 @@ impl AppBuilder {
                 all_groups,
                 remote,
                 routing: self.routing,
-                transports: self.transports.into_iter().map(|t| (t.name(), t)).collect(),
+                transports,
+                remote_commands,
+                remote_queries,
+                served,
                 durable: self.durable.into_iter().collect(),
                 upcasters: self.upcasters,
                 clock: self.clock,

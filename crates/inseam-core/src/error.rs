@@ -152,6 +152,32 @@ pub enum DispatchFailure {
         /// The command's Rust type, or the event's name.
         message: &'static str,
     },
+    /// A command or query answered by another process got no answer: the transport failed,
+    /// the answer did not come in time, or the framework failed on the other side.
+    #[error("{kind} `{message}` is answered by process `{process}`, which did not: {reason}")]
+    Remote {
+        /// Command or query.
+        kind: MessageKind,
+        /// The message's name.
+        message: &'static str,
+        /// The process that answers it.
+        process: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A command answered by another process cannot travel there: it, its output or its
+    /// error has no serde (a durable command, whose handler runs there through the outbox).
+    #[error(
+        "{kind} `{message}` is answered by process `{process}`, but cannot travel there: derive Serialize and Deserialize on it, its output and its error, or dispatch it durably"
+    )]
+    CannotTravel {
+        /// Command or query.
+        kind: MessageKind,
+        /// The message's name.
+        message: &'static str,
+        /// The process that answers it.
+        process: String,
+    },
     /// A middleware layer failed the dispatch (a timeout, a rejection, ...).
     #[error("middleware failed {kind} `{message}`")]
     Middleware {

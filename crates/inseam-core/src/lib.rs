@@ -22,6 +22,7 @@ pub mod handler;
 pub mod message;
 pub mod middleware;
 pub mod registry;
+pub mod remote;
 pub mod routing;
 pub mod saga;
 pub mod store;

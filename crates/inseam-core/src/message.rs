@@ -44,6 +44,16 @@ pub trait Command: Send + 'static {
     fn __schema() -> Option<serde_json::Value> {
         None
     }
+
+    /// How it and its answer travel to another process, when they all have serde (the derive
+    /// finds out). Not public API.
+    #[doc(hidden)]
+    fn __remote() -> Option<crate::remote::RemoteCodec<Self, Self::Output, Self::Error>>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 /// A request for data without side effects, handled by exactly one handler.
@@ -70,6 +80,16 @@ pub trait Query: Send + 'static {
     /// finds out). Not public API.
     #[doc(hidden)]
     fn __schema() -> Option<serde_json::Value> {
+        None
+    }
+
+    /// How it and its answer travel to another process, when they all have serde (the derive
+    /// finds out). Not public API.
+    #[doc(hidden)]
+    fn __remote() -> Option<crate::remote::RemoteCodec<Self, Self::Output, Self::Error>>
+    where
+        Self: Sized,
+    {
         None
     }
 }

@@ -128,6 +128,8 @@ struct MessageInfo {
     output: &'static str,
     error: &'static str,
     schema: fn() -> Option<serde_json::Value>,
+    travels: fn() -> bool,
+    serve: crate::remote::ServeFn,
 }
 
 struct MessageEntry {
@@ -180,6 +182,8 @@ fn command_info<C: Command>() -> MessageInfo {
         output: type_name::<C::Output>(),
         error: type_name::<C::Error>(),
         schema: C::__schema,
+        travels: crate::remote::command_travels::<C>,
+        serve: crate::remote::serve_command::<C>,
     }
 }
 
@@ -189,6 +193,8 @@ fn query_info<Q: Query>() -> MessageInfo {
         output: type_name::<Q::Output>(),
         error: type_name::<Q::Error>(),
         schema: Q::__schema,
+        travels: crate::remote::query_travels::<Q>,
+        serve: crate::remote::serve_query::<Q>,
     }
 }
 
@@ -357,6 +363,8 @@ fn build_subscriber<H: EventHandler>(cx: &mut BuildCx<'_>) -> Option<Box<dyn Any
 
 /// The validated, prepared wiring: what the app dispatches through.
 pub(crate) struct Built {
+    /// Every command and query type with a handler, for routing.
+    pub(crate) routable: Vec<crate::remote::Routable>,
     pub(crate) commands: HashMap<TypeId, BuiltSlot>,
     pub(crate) queries: HashMap<TypeId, BuiltSlot>,
     pub(crate) events: HashMap<TypeId, Box<dyn EventRoute>>,
@@ -451,6 +459,25 @@ impl Wiring {
             problems: &mut problems,
         };
 
+        let mut routable = Vec::new();
+        for (kind, entries) in [
+            (MessageKind::Command, &self.commands),
+            (MessageKind::Query, &self.queries),
+        ] {
+            routable.extend(
+                entries
+                    .values()
+                    .filter(|e| !e.handlers.is_empty())
+                    .map(|e| crate::remote::Routable {
+                        kind,
+                        name: e.info.name,
+                        type_name: e.type_name,
+                        travels: e.info.travels,
+                        serve: e.info.serve,
+                    }),
+            );
+        }
+        routable.sort_by_key(|r| r.type_name);
         let commands = build_messages(self.commands, MessageKind::Command, &mut cx);
         let queries = build_messages(self.queries, MessageKind::Query, &mut cx);
 
@@ -505,6 +532,7 @@ impl Wiring {
 
         if problems.is_empty() {
             Ok(Built {
+                routable,
                 commands,
                 queries,
                 events,

@@ -345,4 +345,14 @@ impl RelayHandle {
     pub fn is_stopping(&self) -> bool {
         self.cancel.is_cancelled()
     }
+
+    /// Runs `task` with the others: it gets the token cancelled at shutdown, which waits for
+    /// it to end.
+    pub fn spawn<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task(self.cancel.clone()));
+    }
 }

@@ -235,6 +235,32 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// only when its outcome is `Ok`.
     async fn publish(&self, batch: &[Outgoing]) -> Vec<Result<(), TransportError>>;
 
+    /// Sends `payload` to one server of `channel` ([`serve`](Self::serve)) and waits up to
+    /// `timeout` for its answer. A transport without request-reply refuses (the default).
+    async fn request(
+        &self,
+        channel: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
+        let _ = (payload, timeout);
+        Err(TransportError::permanent(
+            self.name(),
+            format!("send a request on `{channel}`"),
+            "this transport has no request-reply",
+        ))
+    }
+
+    /// Serves the requests of `channel`: each goes to one of its servers (in any process).
+    /// A transport without request-reply refuses (the default).
+    async fn serve(&self, channel: &str) -> Result<Box<dyn Requests>, TransportError> {
+        Err(TransportError::permanent(
+            self.name(),
+            format!("serve requests on `{channel}`"),
+            "this transport has no request-reply",
+        ))
+    }
+
     /// A durable consumer of `subscription`'s group: what the group did not acknowledge,
     /// from any consumer, is handed out again.
     ///
@@ -245,4 +271,34 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         &self,
         subscription: &Subscription,
     ) -> Result<Box<dyn Consumer>, TransportError>;
+}
+
+/// A request received by a server, with the way back to its sender.
+pub struct Request {
+    /// The request's bytes, as sent.
+    pub payload: Bytes,
+    /// Sends the answer.
+    pub responder: Box<dyn Responder>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("bytes", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Answers one request.
+#[async_trait]
+pub trait Responder: Send {
+    /// Sends `payload` back to the request's sender.
+    async fn respond(self: Box<Self>, payload: Bytes) -> Result<(), TransportError>;
+}
+
+/// The requests of one channel, as a server receives them.
+#[async_trait]
+pub trait Requests: Send {
+    /// The next request; `None` once the transport stopped serving this channel.
+    async fn next(&mut self) -> Option<Request>;
 }

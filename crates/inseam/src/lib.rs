@@ -93,6 +93,7 @@ pub mod __private {
     };
     pub use inseam_core::message::SlotIndex;
     pub use inseam_core::registry::Registration;
+    pub use inseam_core::remote::{RemoteCodec, SerdeFns, SerdeProbe, ViaSerde, WithoutSerde};
     pub use inseam_core::saga::EventVisitor;
     pub use inseam_core::{
         Command, CommandContext, Envelope, Event, EventContext, EventSet, Json, Query,

@@ -181,6 +181,78 @@ impl Transport for InProcess {
         outcomes
     }
 
+    async fn request(
+        &self,
+        channel: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
+        let operation = || format!("send a request on `{channel}`");
+        if !self.is_available() {
+            return Err(TransportError::transient(
+                NAME,
+                operation(),
+                "the broker is unavailable",
+            ));
+        }
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let mut request = Some(super::Request {
+            payload,
+            responder: Box::new(InProcessResponder(answer)),
+        });
+        {
+            let mut servers = self
+                .shared
+                .servers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let servers = servers.entry(channel.to_owned()).or_default();
+            servers.senders.retain(|sender| !sender.is_closed());
+            for _ in 0..servers.senders.len() {
+                let index = servers.next % servers.senders.len();
+                servers.next = servers.next.wrapping_add(1);
+                let Some(next) = request.take() else { break };
+                match servers.senders[index].send(next) {
+                    Ok(()) => break,
+                    Err(returned) => request = Some(returned.0),
+                }
+            }
+        }
+        if request.is_some() {
+            return Err(TransportError::transient(
+                NAME,
+                operation(),
+                "no server answers this channel",
+            ));
+        }
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(TransportError::transient(
+                NAME,
+                operation(),
+                "the server dropped the request",
+            )),
+            Err(_) => Err(TransportError::transient(
+                NAME,
+                operation(),
+                format!("no answer within {timeout:?}"),
+            )),
+        }
+    }
+
+    async fn serve(&self, channel: &str) -> Result<Box<dyn super::Requests>, TransportError> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        self.shared
+            .servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(channel.to_owned())
+            .or_default()
+            .senders
+            .push(sender);
+        Ok(Box::new(InProcessRequests(receiver)))
+    }
+
     async fn subscribe(
         &self,
         subscription: &Subscription,
@@ -428,6 +500,36 @@ impl Acker for InProcessAcker {
 #[derive(Default)]
 struct Shared {
     state: Mutex<State>,
+    /// The servers of each request channel, taken in turn.
+    servers: Mutex<HashMap<String, Servers>>,
+}
+
+#[derive(Default)]
+struct Servers {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<super::Request>>,
+    next: usize,
+}
+
+/// The requests of one channel for one server.
+struct InProcessRequests(tokio::sync::mpsc::UnboundedReceiver<super::Request>);
+
+#[async_trait]
+impl super::Requests for InProcessRequests {
+    async fn next(&mut self) -> Option<super::Request> {
+        self.0.recv().await
+    }
+}
+
+/// Sends the answer back to the waiting requester.
+struct InProcessResponder(tokio::sync::oneshot::Sender<Bytes>);
+
+#[async_trait]
+impl super::Responder for InProcessResponder {
+    async fn respond(self: Box<Self>, payload: Bytes) -> Result<(), TransportError> {
+        self.0.send(payload).map_err(|_| {
+            TransportError::transient(NAME, "answer a request", "the requester stopped waiting")
+        })
+    }
 }
 
 impl Shared {
