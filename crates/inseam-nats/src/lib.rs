@@ -439,6 +439,70 @@ fn check_channels<'a>(
     Ok(())
 }
 
+impl Nats {
+    /// The core NATS subject of `channel`'s requests: outside the stream's subjects, so that
+    /// requests are neither stored nor answered by JetStream.
+    fn request_subject(
+        &self,
+        channel: &str,
+        operation: impl Fn() -> String,
+    ) -> std::result::Result<String, TransportError> {
+        let subject = format!("{}_rpc.{channel}", self.inner.options.prefix);
+        match layout::subject_problem(&subject) {
+            Some(problem) => Err(TransportError::permanent(
+                NAME,
+                operation(),
+                format!("channel `{channel}` is not a valid subject: {problem}"),
+            )),
+            None => Ok(subject),
+        }
+    }
+}
+
+/// The requests of one channel, from a queue subscription.
+struct NatsRequests {
+    subscriber: async_nats::Subscriber,
+    client: async_nats::Client,
+}
+
+#[async_trait]
+impl inseam_core::transport::Requests for NatsRequests {
+    async fn next(&mut self) -> Option<inseam_core::transport::Request> {
+        use futures_util::StreamExt as _;
+        loop {
+            let message = self.subscriber.next().await?;
+            // A message without a reply subject is no request: nobody waits for an answer.
+            let Some(reply) = message.reply else { continue };
+            return Some(inseam_core::transport::Request {
+                payload: message.payload,
+                responder: Box::new(NatsResponder {
+                    client: self.client.clone(),
+                    reply,
+                }),
+            });
+        }
+    }
+}
+
+/// Publishes the answer to the request's reply subject.
+struct NatsResponder {
+    client: async_nats::Client,
+    reply: async_nats::Subject,
+}
+
+#[async_trait]
+impl inseam_core::transport::Responder for NatsResponder {
+    async fn respond(
+        self: Box<Self>,
+        payload: bytes::Bytes,
+    ) -> std::result::Result<(), TransportError> {
+        self.client
+            .publish(self.reply, payload)
+            .await
+            .map_err(|error| TransportError::transient(NAME, "answer a request", error))
+    }
+}
+
 #[async_trait]
 impl Transport for Nats {
     fn name(&self) -> &'static str {
@@ -475,6 +539,44 @@ impl Transport for Nats {
             messages = batch.len(),
         );
         self.publish_batch(batch).instrument(span).await
+    }
+
+    async fn request(
+        &self,
+        channel: &str,
+        payload: bytes::Bytes,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<bytes::Bytes, TransportError> {
+        let operation = || format!("send a request on `{channel}`");
+        let subject = self.request_subject(channel, operation)?;
+        match tokio::time::timeout(timeout, self.inner.client.request(subject, payload)).await {
+            Ok(Ok(message)) => Ok(message.payload),
+            Ok(Err(error)) => Err(TransportError::transient(NAME, operation(), error)),
+            Err(_) => Err(TransportError::transient(
+                NAME,
+                operation(),
+                format!("no answer within {timeout:?}"),
+            )),
+        }
+    }
+
+    async fn serve(
+        &self,
+        channel: &str,
+    ) -> std::result::Result<Box<dyn inseam_core::transport::Requests>, TransportError> {
+        let operation = || format!("serve requests on `{channel}`");
+        let subject = self.request_subject(channel, operation)?;
+        // One queue group: each request goes to one server, in whichever process.
+        let subscriber = self
+            .inner
+            .client
+            .queue_subscribe(subject, "inseam".to_owned())
+            .await
+            .map_err(|error| TransportError::transient(NAME, operation(), error))?;
+        Ok(Box::new(NatsRequests {
+            subscriber,
+            client: self.inner.client.clone(),
+        }))
     }
 
     async fn subscribe(

@@ -567,3 +567,76 @@ async fn channels_that_are_not_subjects_are_refused_by_name() {
     assert!(!err.transient);
     assert!(chain(&err).contains("`orders..x`"), "{}", chain(&err));
 }
+
+/// Request-reply: a request reaches one server of its channel and its answer comes back; two
+/// servers share requests; with no server, or a server that does not answer, the requester
+/// gets a transient error within its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reach_one_server_and_come_back() {
+    let server = NatsServer::start();
+    let client = connect(&server, |o| o).await;
+    let first = connect(&server, |o| o).await;
+    let second = connect(&server, |o| o).await;
+
+    let err = client
+        .request("billing.balance", "{}".into(), Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(err.transient, "{}", chain(&err));
+
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    for (name, nats) in [("first", first.clone()), ("second", second.clone())] {
+        let mut requests = nats.serve("billing.balance").await.unwrap();
+        let served = served.clone();
+        tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                served.lock().unwrap().push(name);
+                let mut answer = request.payload.to_vec();
+                answer.extend_from_slice(format!(" answered by {name}").as_bytes());
+                request.responder.respond(answer.into()).await.unwrap();
+            }
+        });
+    }
+    // Let both queue subscriptions reach the server.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..20 {
+        let answer = client
+            .request(
+                "billing.balance",
+                format!("q{i}").into(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        let answer = String::from_utf8(answer.to_vec()).unwrap();
+        assert!(
+            answer.starts_with(&format!("q{i} answered by ")),
+            "{answer}"
+        );
+    }
+    let served = served.lock().unwrap().clone();
+    assert_eq!(served.len(), 20, "each request went to exactly one server");
+    assert!(
+        served.contains(&"first") && served.contains(&"second"),
+        "{served:?}"
+    );
+
+    // A server that never answers: the requester's timeout.
+    let mut silent = first.serve("billing.silent").await.unwrap();
+    tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Some(request) = silent.next().await {
+            kept.push(request);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let err = client
+        .request("billing.silent", "{}".into(), Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(err.transient);
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(chain(&err).contains("no answer within"), "{}", chain(&err));
+}
