@@ -4,11 +4,11 @@
 //! one through [`run`](crate::run). Each case panics, saying what went wrong, when the
 //! transport breaks a promise of the seam.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use inseam_core::transport::{Consumer, Incoming, KeyOrder, Outgoing, Subscription};
+use inseam_core::transport::{Consumer, Incoming, KeyOrder, Outgoing, Subscription, Transport};
 use tokio::time::Instant;
 
 use crate::Harness;
@@ -306,29 +306,14 @@ pub async fn same_key_in_publish_order(harness: Arc<dyn Harness>) {
     const KEYS: usize = 20;
     const PER_KEY: usize = 25;
     let transport = harness.transport().await;
-    let ordering = transport.capabilities().ordering;
-    if ordering != KeyOrder::PerKey {
-        assert_eq!(ordering, KeyOrder::None);
-        eprintln!(
-            "inseam-conformance: same_key_in_publish_order is not applicable: transport `{}` \
-             declares KeyOrder::None",
-            transport.name()
-        );
+    if !keeps_key_order(&*transport, "same_key_in_publish_order") {
         return;
     }
 
     let names = Names::new("order");
     let channel = names.channel("events");
-    provision(&*transport, std::slice::from_ref(&channel)).await;
     let mut subscription = Subscription::new(names.group("g"), [channel.clone()]);
     subscription.max_in_flight = 64;
-    let mut connections = vec![Arc::clone(&transport)];
-    let mut consumers = vec![subscribe(&*transport, &subscription).await];
-    let second = harness.transport().await;
-    provision(&*second, std::slice::from_ref(&channel)).await;
-    consumers.push(subscribe(&*second, &subscription).await);
-    connections.push(second);
-
     // Keys interleaved: message `i` is number `i / KEYS` of key `i % KEYS`.
     let messages: Vec<Outgoing> = (0..KEYS * PER_KEY)
         .map(|i| {
@@ -340,15 +325,100 @@ pub async fn same_key_in_publish_order(harness: Arc<dyn Harness>) {
             )
         })
         .collect();
-    publish_all(&*transport, &messages).await;
+    let (ledger, handled) =
+        handle_concurrently(&harness, transport, &subscription, &messages).await;
+
+    let mut per_key = vec![Vec::new(); KEYS];
+    for index in handled {
+        per_key[index % KEYS].push(index / KEYS);
+    }
+    let publish_order: Vec<usize> = (0..PER_KEY).collect();
+    for (key, numbers) in per_key.iter().enumerate() {
+        assert_eq!(
+            numbers, &publish_order,
+            "the messages of key `key-{key}` were handled in another order than published"
+        );
+    }
+    if let Err(problem) = ledger.check_exactly_once() {
+        panic!("group `{}`: {problem}", subscription.group);
+    }
+}
+
+/// With [`KeyOrder::PerKey`]: 60 messages of one key, published alternately to two channels
+/// (as one order's `order_placed`, `order_confirmed`, ... events are), reach a group that
+/// reads both channels in publish order across the channels: two consumers of the group
+/// handle each message in a task of its own that takes a varying time, and the messages are
+/// handled exactly in publish order, each once. A transport that declares [`KeyOrder::None`]
+/// is not tested for order (and the case says so on stderr).
+pub async fn same_key_in_publish_order_across_channels(harness: Arc<dyn Harness>) {
+    const COUNT: usize = 60;
+    let transport = harness.transport().await;
+    if !keeps_key_order(&*transport, "same_key_in_publish_order_across_channels") {
+        return;
+    }
+
+    let names = Names::new("crossorder");
+    let channels = [names.channel("placed"), names.channel("confirmed")];
+    let mut subscription = Subscription::new(names.group("g"), channels.clone());
+    subscription.max_in_flight = 64;
+    let messages: Vec<Outgoing> = (0..COUNT)
+        .map(|i| names.message(&channels[i % 2], Some("order-1"), &i.to_string()))
+        .collect();
+    let (ledger, handled) =
+        handle_concurrently(&harness, transport, &subscription, &messages).await;
+
+    let publish_order: Vec<usize> = (0..COUNT).collect();
+    assert_eq!(
+        handled, publish_order,
+        "the messages of one key on two channels were handled in another order than published"
+    );
+    if let Err(problem) = ledger.check_exactly_once() {
+        panic!("group `{}`: {problem}", subscription.group);
+    }
+}
+
+/// Whether the transport declares an order to test; says on stderr that `case` does not
+/// apply when it does not.
+fn keeps_key_order(transport: &dyn Transport, case: &str) -> bool {
+    let ordering = transport.capabilities().ordering;
+    if ordering == KeyOrder::PerKey {
+        return true;
+    }
+    assert_eq!(ordering, KeyOrder::None);
+    eprintln!(
+        "inseam-conformance: {case} is not applicable: transport `{}` declares KeyOrder::None",
+        transport.name()
+    );
+    false
+}
+
+/// Provisions the subscription's channels, publishes `messages` through `transport`, and has
+/// two consumers of the subscription's group (on `transport` and on a second connection)
+/// handle them: each message in a task of its own after a varying pause, then acknowledged.
+/// Only the transport's holding back of same-key successors can keep them in order. Returns
+/// the ledger and the indices of the messages in the order they were handled.
+async fn handle_concurrently(
+    harness: &Arc<dyn Harness>,
+    transport: Arc<dyn Transport>,
+    subscription: &Subscription,
+    messages: &[Outgoing],
+) -> (Ledger, Vec<usize>) {
+    provision(&*transport, &subscription.channels).await;
+    let mut connections = vec![Arc::clone(&transport)];
+    let mut consumers = vec![subscribe(&*transport, subscription).await];
+    let second = harness.transport().await;
+    provision(&*second, &subscription.channels).await;
+    consumers.push(subscribe(&*second, subscription).await);
+    connections.push(second);
+    publish_all(&*transport, messages).await;
 
     struct Handled {
         ledger: Ledger,
-        per_key: Vec<Vec<usize>>,
+        order: Vec<usize>,
     }
     let handled = Arc::new(Mutex::new(Handled {
-        ledger: Ledger::new(&messages),
-        per_key: vec![Vec::new(); KEYS],
+        ledger: Ledger::new(messages),
+        order: Vec::new(),
     }));
     let tasks: Vec<_> = consumers
         .into_iter()
@@ -375,7 +445,7 @@ pub async fn same_key_in_publish_order(harness: Arc<dyn Harness>) {
                                 let mut handled = lock(&handled);
                                 let index = handled.ledger.record(&message, tag);
                                 if let Some(index) = index {
-                                    handled.per_key[index % KEYS].push(index / KEYS);
+                                    handled.order.push(index);
                                 }
                                 index
                             };
@@ -397,18 +467,13 @@ pub async fn same_key_in_publish_order(harness: Arc<dyn Harness>) {
     for task in tasks {
         join(task).await;
     }
+    drop(connections);
 
-    let handled = lock(&handled);
-    let publish_order: Vec<usize> = (0..PER_KEY).collect();
-    for (key, numbers) in handled.per_key.iter().enumerate() {
-        assert_eq!(
-            numbers, &publish_order,
-            "the messages of key `key-{key}` were handled in another order than published"
-        );
-    }
-    if let Err(problem) = handled.ledger.check_exactly_once() {
-        panic!("group `{}`: {problem}", subscription.group);
-    }
+    let Ok(handled) = Arc::try_unwrap(handled) else {
+        panic!("a handler of the case still runs after every consumer finished");
+    };
+    let handled = handled.into_inner().unwrap_or_else(PoisonError::into_inner);
+    (handled.ledger, handled.order)
 }
 
 /// A nacked message comes again with attempt 2, then 3, each time not before the nack's

@@ -68,6 +68,10 @@
 //! - [`same_key_in_publish_order`](cases::same_key_in_publish_order): with
 //!   [`KeyOrder::PerKey`](inseam_core::transport::KeyOrder::PerKey), messages of one key are
 //!   handled in publish order even by concurrent consumers.
+//! - [`same_key_in_publish_order_across_channels`](cases::same_key_in_publish_order_across_channels):
+//!   with `PerKey`, the order of one key holds across the channels a group reads: messages of
+//!   one key published alternately to two channels are handled, by two concurrent consumers
+//!   of a group that reads both, exactly in publish order.
 //! - [`nack_redelivers_after_delay`](cases::nack_redelivers_after_delay): a nacked message
 //!   comes again with its attempt raised, not before the delay asked, and holds back its key.
 //! - [`unsettled_message_comes_again`](cases::unsettled_message_comes_again): a message a
@@ -189,6 +193,7 @@ macro_rules! suite {
             every_group_gets_every_message,
             consumers_of_a_group_share_its_messages,
             same_key_in_publish_order,
+            same_key_in_publish_order_across_channels,
             nack_redelivers_after_delay,
             unsettled_message_comes_again,
             poison_message_blocks_only_its_key,

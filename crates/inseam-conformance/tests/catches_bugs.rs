@@ -27,6 +27,9 @@ enum Mutation {
     GroupPerConsumer,
     /// Keeps keys (in a header) but does not order by them.
     IgnoresKeys,
+    /// Orders a key's messages within each channel only (the broker sees the channel as
+    /// part of the key).
+    KeysPerChannel,
     /// Redelivers a nacked message at once.
     NackIgnoresDelay,
     /// Says every delivery is the first.
@@ -80,6 +83,12 @@ impl Transport for Mutant {
                             message.headers.push((KEY_HEADER.to_owned(), key));
                         }
                     }
+                    Mutation::KeysPerChannel => {
+                        if let Some(key) = message.key.take() {
+                            message.key = Some(format!("{}/{key}", message.channel));
+                            message.headers.push((KEY_HEADER.to_owned(), key));
+                        }
+                    }
                     Mutation::NoDeduplication => message.message_id = Uuid::now_v7(),
                     _ => {}
                 }
@@ -130,7 +139,7 @@ impl Consumer for MutantConsumer {
             .into_iter()
             .map(|mut message| {
                 match self.mutation {
-                    Mutation::IgnoresKeys => {
+                    Mutation::IgnoresKeys | Mutation::KeysPerChannel => {
                         if let Some(at) = message.headers.iter().position(|(n, _)| n == KEY_HEADER)
                         {
                             message.key = Some(message.headers.remove(at).1);
@@ -286,6 +295,15 @@ fn keys_not_ordered() {
         Mutation::IgnoresKeys,
         cases::same_key_in_publish_order,
         "in another order than published",
+    );
+}
+
+#[test]
+fn keys_ordered_only_within_each_channel() {
+    fails(
+        Mutation::KeysPerChannel,
+        cases::same_key_in_publish_order_across_channels,
+        "on two channels were handled in another order than published",
     );
 }
 

@@ -35,7 +35,8 @@ pub struct Outgoing {
     pub channel: String,
     /// The message id, for the broker's deduplication where it has one.
     pub message_id: Uuid,
-    /// The ordering key: messages with the same key reach a group in publish order.
+    /// The ordering key: messages with the same key reach a group in publish order, across
+    /// channels (see [`KeyOrder`]).
     pub key: Option<String>,
     /// Broker headers (CloudEvents attributes, `traceparent`, ...), carried beside the bytes.
     pub headers: Vec<(String, String)>,
@@ -136,19 +137,30 @@ impl Subscription {
 pub trait Consumer: Send {
     /// Waits up to `wait` for messages and returns at most `max` of them (none when none came).
     ///
-    /// Messages with the same key on one channel come in publish order, and a message is not
-    /// handed out while an earlier one of its key to this group is unsettled (a nacked one
-    /// included, until it is redelivered and acknowledged), where the transport's
-    /// [`Capabilities::ordering`] says [`KeyOrder::PerKey`].
+    /// Where the transport's [`Capabilities::ordering`] says [`KeyOrder::PerKey`], messages
+    /// with the same key come in publish order across every channel the group reads: a message
+    /// is not handed out while an earlier one of its key to this group, on any of the group's
+    /// channels, is unsettled (a nacked one included, until it is redelivered and
+    /// acknowledged).
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Incoming>, TransportError>;
 }
 
 /// What order a transport keeps.
+///
+/// Publish order is the order in which the broker took the messages: for one publisher, the
+/// order of its [`Transport::publish`] calls and, within a batch, the batch's order. Key order
+/// is kept per group across every channel the group reads, since a group's handlers see one
+/// key's events of several types (an `orders.order_placed`, then an `orders.order_confirmed`
+/// of one order) and must see them in that order. A transport that can keep order only
+/// within each channel does not keep [`PerKey`](Self::PerKey): it would need a variant of its
+/// own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyOrder {
-    /// Messages with the same key on one channel reach a group in publish order, one at a
-    /// time; different keys proceed in parallel.
+    /// Messages with the same key reach a group in publish order, one at a time, across every
+    /// channel the group reads: a message is not handed out while an earlier one of its key to
+    /// that group is unsettled. Different keys proceed in parallel: an unsettled message holds
+    /// back only the later messages of its own key.
     PerKey,
     /// No order is kept.
     None,
