@@ -137,11 +137,12 @@ impl Subscription {
 pub trait Consumer: Send {
     /// Waits up to `wait` for messages and returns at most `max` of them (none when none came).
     ///
-    /// Where the transport's [`Capabilities::ordering`] says [`KeyOrder::PerKey`], messages
-    /// with the same key come in publish order across every channel the group reads: a message
-    /// is not handed out while an earlier one of its key to this group, on any of the group's
-    /// channels, is unsettled (a nacked one included, until it is redelivered and
-    /// acknowledged).
+    /// Where the transport's [`Capabilities::ordering`] keeps key order
+    /// ([`KeyOrder::keeps_key_order`]), messages with the same key come in publish order across
+    /// every channel the group reads: a message is not handed out while an earlier one of its
+    /// key to this group, on any of the group's channels, is unsettled (a nacked one included,
+    /// until it is redelivered and acknowledged). With [`KeyOrder::PerKeyPartitioned`] the same
+    /// holds for an earlier message of its partition, whatever that message's key.
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Incoming>, TransportError>;
 }
 
@@ -152,8 +153,8 @@ pub trait Consumer: Send {
 /// is kept per group across every channel the group reads, since a group's handlers see one
 /// key's events of several types (an `orders.order_placed`, then an `orders.order_confirmed`
 /// of one order) and must see them in that order. A transport that can keep order only
-/// within each channel does not keep [`PerKey`](Self::PerKey): it would need a variant of its
-/// own.
+/// within each channel keeps neither [`PerKey`](Self::PerKey) nor
+/// [`PerKeyPartitioned`](Self::PerKeyPartitioned): it would need a variant of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyOrder {
@@ -162,8 +163,34 @@ pub enum KeyOrder {
     /// that group is unsettled. Different keys proceed in parallel: an unsettled message holds
     /// back only the later messages of its own key.
     PerKey,
+    /// Same-key order as [`PerKey`](Self::PerKey); an unsettled message also holds back the
+    /// other keys of its partition.
+    ///
+    /// The transport spreads messages over `partitions` partitions by key
+    /// ([`Transport::partition`] says which; a message without a key goes to some partition
+    /// too) and hands out a partition's messages to a group in publish order, one at a time:
+    /// a message is not handed out while an earlier message of its partition to that group is
+    /// unsettled, whatever its key. So a message waiting for its redelivery (nacked, or taken
+    /// by a consumer that went away) holds back every key of its partition until it is
+    /// acknowledged, and a group has at most `partitions` messages in flight. Keys of other
+    /// partitions proceed in parallel.
+    PerKeyPartitioned {
+        /// How many partitions keys are spread over, at least 1.
+        partitions: u16,
+    },
     /// No order is kept.
     None,
+}
+
+impl KeyOrder {
+    /// Whether messages with the same key reach a group in publish order:
+    /// [`PerKey`](Self::PerKey) and [`PerKeyPartitioned`](Self::PerKeyPartitioned).
+    pub const fn keeps_key_order(self) -> bool {
+        match self {
+            KeyOrder::PerKey | KeyOrder::PerKeyPartitioned { .. } => true,
+            KeyOrder::None => false,
+        }
+    }
 }
 
 /// What a transport guarantees and offers, declared by it and pinned by the conformance suite.
@@ -237,6 +264,15 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// What it guarantees.
     fn capabilities(&self) -> Capabilities;
+
+    /// The partition that messages with `key` go to (below the `partitions` it declares), for
+    /// a transport whose [`Capabilities::ordering`] is [`KeyOrder::PerKeyPartitioned`]: which
+    /// keys an unsettled message holds back. `None` for every other transport (the default).
+    /// Every connection to one broker with one configuration answers alike.
+    fn partition(&self, key: &str) -> Option<u16> {
+        let _ = key;
+        None
+    }
 
     /// Makes sure `channels` exist and can be published to and subscribed to (a stream,
     /// topics); idempotent.
