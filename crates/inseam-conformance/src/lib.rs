@@ -85,7 +85,8 @@
 //!   new consumer of a group gets what the group did not acknowledge, and nothing else.
 //! - [`broker_restart_loses_nothing`](cases::broker_restart_loses_nothing): a stopped broker
 //!   makes publishing fail transiently; after its restart, nothing published or acknowledged
-//!   before is lost.
+//!   before is lost (a message whose acknowledgement failed during the outage may come again
+//!   or not: a failed acknowledgement's outcome is unknown).
 //! - [`duplicate_publish_is_dropped`](cases::duplicate_publish_is_dropped): where declared,
 //!   a second publish of a message id is dropped.
 //!

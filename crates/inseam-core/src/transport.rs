@@ -82,11 +82,17 @@ impl Incoming {
     }
 
     /// Tells the broker the message is done with: it is not delivered to this group again.
+    ///
+    /// An error leaves the outcome unknown: the broker may have taken the acknowledgement
+    /// after all (its reply was lost, or a client sent it once connected again), so the
+    /// message may come again or not. inseam acknowledges only what the consuming process
+    /// committed, and its inbox skips a message that comes again, so either is safe.
     pub async fn ack(&self) -> Result<(), TransportError> {
         self.acker.ack().await
     }
 
-    /// Asks the broker to deliver the message to this group again, not before `delay`.
+    /// Asks the broker to deliver the message to this group again, not before `delay`. As
+    /// with [`ack`](Self::ack), an error leaves the outcome unknown.
     pub async fn nack(&self, delay: Duration) -> Result<(), TransportError> {
         self.acker.nack(delay).await
     }
