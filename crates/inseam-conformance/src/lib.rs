@@ -29,6 +29,7 @@
 //!             native_delayed_delivery: false,
 //!             native_dead_letters: false,
 //!             deduplicates: true,
+//!             acks_survive_restart: true,
 //!         }
 //!     }
 //!
@@ -86,7 +87,8 @@
 //! - [`broker_restart_loses_nothing`](cases::broker_restart_loses_nothing): a stopped broker
 //!   makes publishing fail transiently; after its restart, nothing published or acknowledged
 //!   before is lost (a message whose acknowledgement failed during the outage may come again
-//!   or not: a failed acknowledgement's outcome is unknown).
+//!   or not: a failed acknowledgement's outcome is unknown); what was acknowledged before
+//!   does not come again, where the transport declares `acks_survive_restart`.
 //! - [`duplicate_publish_is_dropped`](cases::duplicate_publish_is_dropped): where declared,
 //!   a second publish of a message id is dropped.
 //!

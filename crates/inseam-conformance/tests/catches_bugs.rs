@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use inseam_conformance::{BoxError, Harness, async_trait, cases};
@@ -54,6 +55,12 @@ enum Mutation {
     PartitionMisreported,
     /// Declares [`PARTITIONS`] partitions but puts every message in one.
     SinglePartition,
+    /// Forgets every group's progress when the broker restarts (each group starts over), but
+    /// declares `acks_survive_restart`.
+    ForgetsAcksOnRestart,
+    /// No bug: forgets every group's progress when the broker restarts, and does not declare
+    /// `acks_survive_restart`.
+    ForgetsAcksOnRestartAndSaysSo,
 }
 
 impl Mutation {
@@ -89,6 +96,8 @@ const KEY_HEADER: &str = "x-mutant-key";
 struct Mutant {
     inner: InProcess,
     mutation: Mutation,
+    /// How often the broker was started again.
+    restarts: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -106,6 +115,9 @@ impl Transport for Mutant {
             capabilities.ordering = KeyOrder::PerKeyPartitioned {
                 partitions: PARTITIONS,
             };
+        }
+        if self.mutation == Mutation::ForgetsAcksOnRestartAndSaysSo {
+            capabilities.acks_survive_restart = false;
         }
         capabilities
     }
@@ -189,6 +201,15 @@ impl Transport for Mutant {
         if self.mutation == Mutation::GroupPerConsumer {
             subscription.group = format!("{}-{}", subscription.group, Uuid::now_v7());
         }
+        // A group of the same name after a restart is a new group to the in-process broker:
+        // it starts at the beginning, as a consumer whose stored progress was lost does.
+        if matches!(
+            self.mutation,
+            Mutation::ForgetsAcksOnRestart | Mutation::ForgetsAcksOnRestartAndSaysSo
+        ) {
+            let restarts = self.restarts.load(Ordering::SeqCst);
+            subscription.group = format!("{}-{restarts}", subscription.group);
+        }
         let inner = self.inner.subscribe(&subscription).await?;
         Ok(Box::new(MutantConsumer {
             inner,
@@ -261,6 +282,17 @@ impl Acker for MutantAcker {
 struct MutantHarness {
     broker: InProcess,
     mutation: Mutation,
+    restarts: Arc<AtomicUsize>,
+}
+
+impl MutantHarness {
+    fn new(mutation: Mutation) -> Self {
+        MutantHarness {
+            broker: InProcess::new(),
+            mutation,
+            restarts: Arc::new(AtomicUsize::new(0)),
+        }
+    }
 }
 
 #[async_trait]
@@ -269,6 +301,7 @@ impl Harness for MutantHarness {
         Arc::new(Mutant {
             inner: self.broker.clone(),
             mutation: self.mutation,
+            restarts: Arc::clone(&self.restarts),
         })
     }
 
@@ -279,6 +312,9 @@ impl Harness for MutantHarness {
                 partitions: PARTITIONS,
             };
         }
+        if self.mutation == Mutation::ForgetsAcksOnRestartAndSaysSo {
+            capabilities.acks_survive_restart = false;
+        }
         capabilities
     }
 
@@ -288,6 +324,7 @@ impl Harness for MutantHarness {
     }
 
     async fn start_broker(&self) -> Result<(), BoxError> {
+        self.restarts.fetch_add(1, Ordering::SeqCst);
         self.broker.set_available(true);
         Ok(())
     }
@@ -298,15 +335,7 @@ fn passes<F>(mutation: Mutation, case: fn(Arc<dyn Harness>) -> F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    inseam_conformance::run(
-        || async move {
-            MutantHarness {
-                broker: InProcess::new(),
-                mutation,
-            }
-        },
-        case,
-    );
+    inseam_conformance::run(|| async move { MutantHarness::new(mutation) }, case);
 }
 
 /// Runs `case` against `mutation` and expects it to fail with a message containing `says`.
@@ -320,10 +349,7 @@ where
         .build()
         .unwrap();
     let outcome = runtime.block_on(async {
-        let harness: Arc<dyn Harness> = Arc::new(MutantHarness {
-            broker: InProcess::new(),
-            mutation,
-        });
+        let harness: Arc<dyn Harness> = Arc::new(MutantHarness::new(mutation));
         tokio::time::timeout(Duration::from_secs(60), tokio::spawn(case(harness))).await
     });
     let panic = match outcome {
@@ -536,4 +562,22 @@ fn one_partition_holding_back_every_key() {
         cases::poison_message_blocks_only_its_key_or_partition,
         "keys that must not wait for it did not all come within",
     );
+}
+
+#[test]
+fn acks_forgotten_on_restart() {
+    fails(
+        Mutation::ForgetsAcksOnRestart,
+        cases::broker_restart_loses_nothing,
+        "after it was acknowledged",
+    );
+}
+
+#[test]
+fn a_transport_that_forgets_acks_on_restart_and_says_so_passes() {
+    passes(
+        Mutation::ForgetsAcksOnRestartAndSaysSo,
+        cases::broker_restart_loses_nothing,
+    );
+    passes(Mutation::ForgetsAcksOnRestartAndSaysSo, cases::capabilities);
 }

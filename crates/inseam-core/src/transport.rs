@@ -214,6 +214,12 @@ pub struct Capabilities {
     pub native_dead_letters: bool,
     /// Whether it drops a second publish of a message id (within some window).
     pub deduplicates: bool,
+    /// Whether a message acknowledged before the broker stops is never delivered again after
+    /// it starts again. Without it, a restart may deliver acknowledged messages again (a
+    /// broker that writes its consumers' progress to disk some time after confirming an
+    /// acknowledgement, or that can lose that progress): delivery stays at least once, and
+    /// inseam's inbox skips a message it already has.
+    pub acks_survive_restart: bool,
 }
 
 /// A transport failed.

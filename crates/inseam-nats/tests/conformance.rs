@@ -59,12 +59,14 @@ impl Harness for NatsHarness {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            acks_survive_restart: false,
         }
     }
 
     async fn stop_broker(&self) -> Result<(), BoxError> {
         // A clean stop, as an operator's restart is: see `NatsServer::shut_down` for what a
-        // kill would change.
+        // kill would change. The transport does not declare `acks_survive_restart` either
+        // way, since even a clean stop can lose a consumer's progress.
         self.with_server(NatsServer::shut_down)
             .await?
             .map_err(Into::into)

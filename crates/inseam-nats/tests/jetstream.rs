@@ -105,6 +105,7 @@ async fn round_trip_keeps_key_headers_and_bytes_and_drops_a_second_publish() {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            acks_survive_restart: false,
         }
     );
     // FNV-1a of `foobar` is 0x85944171f73967e8, 0 modulo 8 (pinned in the layout's tests).

@@ -99,9 +99,11 @@ impl NatsServer {
 
     /// Stops the server as an operator would (`nats-server --signal term`): it shuts down
     /// cleanly, writing what it keeps in memory to its store. JetStream writes a consumer's
-    /// acknowledgements to disk a few milliseconds after confirming them, so a server killed
-    /// right after an acknowledgement may deliver that message again once restarted; a clean
-    /// stop does not. Fails, having killed the server, when it does not exit within 10 s.
+    /// acknowledgements to disk up to 100 ms after confirming them, so a server killed right
+    /// after an acknowledgement delivers that message again once restarted; a clean stop
+    /// writes them, though a consumer's state can still be lost when the stop meets a write
+    /// in progress (see decision 0016). Fails, having killed the server, when it does not exit
+    /// within 10 s.
     pub(crate) fn shut_down(&mut self) -> Result<(), String> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
