@@ -29,6 +29,7 @@
 //!             native_delayed_delivery: false,
 //!             native_dead_letters: false,
 //!             deduplicates: true,
+//!             acks_survive_restart: true,
 //!         }
 //!     }
 //!
@@ -57,7 +58,9 @@
 //! and consumers rely on, checked case by case with exact counts:
 //!
 //! - [`capabilities`](cases::capabilities): it declares exactly the capabilities its harness
-//!   expects, so a change to them is a visible change to a test.
+//!   expects, so a change to them is a visible change to a test; a partitioned transport's
+//!   [`partition`](inseam_core::transport::Transport::partition) agrees with the partition
+//!   count it declares.
 //! - [`message_is_preserved`](cases::message_is_preserved): bytes, key, headers and channel
 //!   arrive as published (non-ASCII text, 200 KiB, `traceparent`, no key, no headers).
 //! - [`every_group_gets_every_message`](cases::every_group_gets_every_message): every group
@@ -65,27 +68,61 @@
 //!   after the messages were published.
 //! - [`consumers_of_a_group_share_its_messages`](cases::consumers_of_a_group_share_its_messages):
 //!   the consumers of one group share its messages, each message going to one of them.
-//! - [`same_key_in_publish_order`](cases::same_key_in_publish_order): with
-//!   [`KeyOrder::PerKey`](inseam_core::transport::KeyOrder::PerKey), messages of one key are
-//!   handled in publish order even by concurrent consumers.
+//! - [`same_key_in_publish_order`](cases::same_key_in_publish_order): where key order is
+//!   kept, messages of one key are handled in publish order even by concurrent consumers.
+//! - [`same_key_in_publish_order_across_channels`](cases::same_key_in_publish_order_across_channels):
+//!   where key order is kept, it holds across the channels a group reads: messages of one key
+//!   published alternately to two channels are handled, by two concurrent consumers of a
+//!   group that reads both, exactly in publish order.
 //! - [`nack_redelivers_after_delay`](cases::nack_redelivers_after_delay): a nacked message
 //!   comes again with its attempt raised, not before the delay asked, and holds back its key.
 //! - [`unsettled_message_comes_again`](cases::unsettled_message_comes_again): a message a
 //!   consumer took and never settled comes again to another consumer after the
 //!   acknowledgement wait; an acknowledged message never comes again.
-//! - [`poison_message_blocks_only_its_key`](cases::poison_message_blocks_only_its_key): a
-//!   message that keeps failing comes back with rising attempts while other keys flow.
+//! - [`poison_message_blocks_only_its_key_or_partition`](cases::poison_message_blocks_only_its_key_or_partition):
+//!   a message that keeps failing comes back with rising attempts while the keys it must not
+//!   hold back flow, and holds back exactly those it must (see below).
 //! - [`consumer_restart_resumes_where_acked`](cases::consumer_restart_resumes_where_acked): a
 //!   new consumer of a group gets what the group did not acknowledge, and nothing else.
 //! - [`broker_restart_loses_nothing`](cases::broker_restart_loses_nothing): a stopped broker
 //!   makes publishing fail transiently; after its restart, nothing published or acknowledged
-//!   before is lost.
+//!   before is lost (a message whose acknowledgement failed during the outage may come again
+//!   or not: a failed acknowledgement's outcome is unknown); what was acknowledged before
+//!   does not come again, where the transport declares `acks_survive_restart`.
 //! - [`duplicate_publish_is_dropped`](cases::duplicate_publish_is_dropped): where declared,
 //!   a second publish of a message id is dropped.
 //!
 //! A case whose capability the transport does not declare says on stderr that it does not
 //! apply (never a silent pass).
 //!
+//! # Order: per key, per partition
+//!
+//! Key order is per group across every channel the group reads (see
+//! [`KeyOrder`](inseam_core::transport::KeyOrder)). The order cases
+//! (`same_key_in_publish_order`, `same_key_in_publish_order_across_channels`, and the
+//! holding back of a key's later message in `nack_redelivers_after_delay` and
+//! `unsettled_message_comes_again`) assert the same for
+//! [`KeyOrder::PerKey`](inseam_core::transport::KeyOrder::PerKey) and
+//! [`KeyOrder::PerKeyPartitioned`](inseam_core::transport::KeyOrder::PerKeyPartitioned), and
+//! are not applicable with `KeyOrder::None`. They differ in what an unsettled message holds
+//! back besides its own key, which
+//! [`poison_message_blocks_only_its_key_or_partition`](cases::poison_message_blocks_only_its_key_or_partition)
+//! pins exactly:
+//!
+//! - `PerKey`: nothing. The messages of 10 other keys all come while the poison keeps
+//!   failing; only the later message of its key waits for it.
+//! - `PerKeyPartitioned`: every key of its partition, and no other. The case asks the
+//!   transport's [`partition`](inseam_core::transport::Transport::partition) function for 10
+//!   keys of other partitions, whose messages must all come while the poison keeps failing,
+//!   and 2 keys of the poison's partition, whose messages (like the later one of the poison's
+//!   key) must not come before the poison is acknowledged.
+//! - `None`: the messages of 10 other keys come while the poison keeps failing.
+//!
+//! The transport names its partitions, rather than the case asking only that some other key
+//! completes while the poison fails, so that the case fails on the real bugs: a transport
+//! that holds back more than the partition it declares (a whole group behind one message)
+//! fails the "must come" half, one whose partitions are not those it declares (or that does
+//! not hold its partition back as declared) fails the "must not come" half.//!
 //! # Running against a real broker
 //!
 //! Every case uses channel and group names of its own (with a fresh UUID), so the cases can
@@ -189,9 +226,10 @@ macro_rules! suite {
             every_group_gets_every_message,
             consumers_of_a_group_share_its_messages,
             same_key_in_publish_order,
+            same_key_in_publish_order_across_channels,
             nack_redelivers_after_delay,
             unsettled_message_comes_again,
-            poison_message_blocks_only_its_key,
+            poison_message_blocks_only_its_key_or_partition,
             consumer_restart_resumes_where_acked,
             broker_restart_loses_nothing,
             duplicate_publish_is_dropped,

@@ -157,6 +157,9 @@ pub(crate) struct Ledger {
     by_payload: HashMap<Bytes, usize>,
     deliveries: Vec<Vec<Delivery>>,
     acked: Vec<bool>,
+    /// Messages that may come again as if new, attempts counted from 1 again (see
+    /// [`reopen`](Self::reopen)).
+    reopened: Vec<bool>,
     problems: Vec<String>,
 }
 
@@ -185,6 +188,7 @@ impl Ledger {
             by_payload,
             deliveries: vec![Vec::new(); expected.len()],
             acked: vec![false; expected.len()],
+            reopened: vec![false; expected.len()],
             problems: Vec::new(),
         }
     }
@@ -227,11 +231,12 @@ impl Ledger {
                 incoming.attempt
             ));
         }
+        let reopened = std::mem::replace(&mut self.reopened[index], false);
         match self.deliveries[index].last() {
-            None if incoming.attempt == 0 => self.problems.push(format!(
+            _ if incoming.attempt == 0 => self.problems.push(format!(
                 "message {index} came with attempt 0; attempts count from 1"
             )),
-            Some(previous) if incoming.attempt <= previous.attempt => {
+            Some(previous) if incoming.attempt <= previous.attempt && !reopened => {
                 self.problems.push(format!(
                     "message {index} came with attempt {} after a delivery with attempt {}",
                     incoming.attempt, previous.attempt
@@ -256,6 +261,14 @@ impl Ledger {
                 self.problem_report()
             );
         }
+    }
+
+    /// Lets message `index`, acknowledged or not, come again as if it were new (its attempts
+    /// counted from 1 again): for a broker that may forget acknowledgements or deliveries
+    /// across a restart.
+    pub(crate) fn reopen(&mut self, index: usize) {
+        self.acked[index] = false;
+        self.reopened[index] = true;
     }
 
     /// Records that the acknowledgement of message `index` succeeded.

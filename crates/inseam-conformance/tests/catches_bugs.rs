@@ -2,16 +2,21 @@
 //! in-process transport in a mutation (headers dropped, acks ignored, keys not ordered, ...)
 //! and expects a named case to fail, with the failure that describes that bug.
 //!
+//! A partitioned transport is made from the in-process one too, by giving it each message's
+//! partition as its key: the suite must pass it as it is, and fail it where its partitions
+//! are not the ones it declares.
+//!
 //! The failing cases' panic messages show up on stderr; they are expected.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use inseam_conformance::{BoxError, Harness, async_trait, cases};
 use inseam_core::transport::{
-    Acker, Capabilities, Consumer, InProcess, Incoming, Outgoing, Subscription, Transport,
-    TransportError,
+    Acker, Capabilities, Consumer, InProcess, Incoming, KeyOrder, Outgoing, Subscription,
+    Transport, TransportError,
 };
 use uuid::Uuid;
 
@@ -27,6 +32,9 @@ enum Mutation {
     GroupPerConsumer,
     /// Keeps keys (in a header) but does not order by them.
     IgnoresKeys,
+    /// Orders a key's messages within each channel only (the broker sees the channel as
+    /// part of the key).
+    KeysPerChannel,
     /// Redelivers a nacked message at once.
     NackIgnoresDelay,
     /// Says every delivery is the first.
@@ -39,6 +47,47 @@ enum Mutation {
     OutageIsPermanent,
     /// Gives every published message a new id.
     NoDeduplication,
+    /// No bug: a partitioned transport that keeps what it declares ([`PARTITIONS`]
+    /// partitions, each handed out in order, one message at a time).
+    Partitioned,
+    /// Partitioned, but [`Transport::partition`] describes other partitions than the ones keys
+    /// go to.
+    PartitionMisreported,
+    /// Declares [`PARTITIONS`] partitions but puts every message in one.
+    SinglePartition,
+    /// Forgets every group's progress when the broker restarts (each group starts over), but
+    /// declares `acks_survive_restart`.
+    ForgetsAcksOnRestart,
+    /// No bug: forgets every group's progress when the broker restarts, and does not declare
+    /// `acks_survive_restart`.
+    ForgetsAcksOnRestartAndSaysSo,
+}
+
+impl Mutation {
+    fn partitioned(self) -> bool {
+        matches!(
+            self,
+            Mutation::Partitioned | Mutation::PartitionMisreported | Mutation::SinglePartition
+        )
+    }
+}
+
+/// How many partitions the partitioned mutants declare.
+const PARTITIONS: u16 = 4;
+
+/// FNV-1a, so that the partitions are the same in every run.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The partition a key really goes to in the partitioned mutants.
+fn partition_of(bytes: &[u8]) -> u16 {
+    u16::try_from(fnv1a(bytes) % u64::from(PARTITIONS)).unwrap_or(0)
 }
 
 const KEY_HEADER: &str = "x-mutant-key";
@@ -47,6 +96,8 @@ const KEY_HEADER: &str = "x-mutant-key";
 struct Mutant {
     inner: InProcess,
     mutation: Mutation,
+    /// How often the broker was started again.
+    restarts: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -60,7 +111,27 @@ impl Transport for Mutant {
         if self.mutation == Mutation::WrongCapabilities {
             capabilities.deduplicates = false;
         }
+        if self.mutation.partitioned() {
+            capabilities.ordering = KeyOrder::PerKeyPartitioned {
+                partitions: PARTITIONS,
+            };
+        }
+        if self.mutation == Mutation::ForgetsAcksOnRestartAndSaysSo {
+            capabilities.acks_survive_restart = false;
+        }
         capabilities
+    }
+
+    fn partition(&self, key: &str) -> Option<u16> {
+        match self.mutation {
+            Mutation::Partitioned | Mutation::SinglePartition => Some(partition_of(key.as_bytes())),
+            // Other bits of the hash: other partitions, not the same ones renumbered (which
+            // would be no bug; the low bits of FNV-1a after one more byte are just that).
+            Mutation::PartitionMisreported => {
+                u16::try_from((fnv1a(key.as_bytes()) >> 32) % u64::from(PARTITIONS)).ok()
+            }
+            _ => None,
+        }
     }
 
     async fn provision(&self, channels: &[String]) -> Result<(), TransportError> {
@@ -79,6 +150,27 @@ impl Transport for Mutant {
                         if let Some(key) = message.key.take() {
                             message.headers.push((KEY_HEADER.to_owned(), key));
                         }
+                    }
+                    Mutation::KeysPerChannel => {
+                        if let Some(key) = message.key.take() {
+                            message.key = Some(format!("{}/{key}", message.channel));
+                            message.headers.push((KEY_HEADER.to_owned(), key));
+                        }
+                    }
+                    // The in-process broker orders by key: given the partition as the key,
+                    // it holds back a partition behind an unsettled message of it.
+                    Mutation::Partitioned
+                    | Mutation::PartitionMisreported
+                    | Mutation::SinglePartition => {
+                        let partition = match (&message.key, self.mutation) {
+                            (_, Mutation::SinglePartition) => 0,
+                            (Some(key), _) => partition_of(key.as_bytes()),
+                            (None, _) => partition_of(message.message_id.as_bytes()),
+                        };
+                        if let Some(key) = message.key.take() {
+                            message.headers.push((KEY_HEADER.to_owned(), key));
+                        }
+                        message.key = Some(format!("partition-{partition}"));
                     }
                     Mutation::NoDeduplication => message.message_id = Uuid::now_v7(),
                     _ => {}
@@ -109,6 +201,15 @@ impl Transport for Mutant {
         if self.mutation == Mutation::GroupPerConsumer {
             subscription.group = format!("{}-{}", subscription.group, Uuid::now_v7());
         }
+        // A group of the same name after a restart is a new group to the in-process broker:
+        // it starts at the beginning, as a consumer whose stored progress was lost does.
+        if matches!(
+            self.mutation,
+            Mutation::ForgetsAcksOnRestart | Mutation::ForgetsAcksOnRestartAndSaysSo
+        ) {
+            let restarts = self.restarts.load(Ordering::SeqCst);
+            subscription.group = format!("{}-{restarts}", subscription.group);
+        }
         let inner = self.inner.subscribe(&subscription).await?;
         Ok(Box::new(MutantConsumer {
             inner,
@@ -130,11 +231,16 @@ impl Consumer for MutantConsumer {
             .into_iter()
             .map(|mut message| {
                 match self.mutation {
-                    Mutation::IgnoresKeys => {
-                        if let Some(at) = message.headers.iter().position(|(n, _)| n == KEY_HEADER)
-                        {
-                            message.key = Some(message.headers.remove(at).1);
-                        }
+                    Mutation::IgnoresKeys
+                    | Mutation::KeysPerChannel
+                    | Mutation::Partitioned
+                    | Mutation::PartitionMisreported
+                    | Mutation::SinglePartition => {
+                        message.key = message
+                            .headers
+                            .iter()
+                            .position(|(n, _)| n == KEY_HEADER)
+                            .map(|at| message.headers.remove(at).1);
                     }
                     Mutation::AttemptAlwaysOne => message.attempt = 1,
                     Mutation::AckDoesNothing | Mutation::NackIgnoresDelay => {
@@ -176,6 +282,17 @@ impl Acker for MutantAcker {
 struct MutantHarness {
     broker: InProcess,
     mutation: Mutation,
+    restarts: Arc<AtomicUsize>,
+}
+
+impl MutantHarness {
+    fn new(mutation: Mutation) -> Self {
+        MutantHarness {
+            broker: InProcess::new(),
+            mutation,
+            restarts: Arc::new(AtomicUsize::new(0)),
+        }
+    }
 }
 
 #[async_trait]
@@ -184,11 +301,21 @@ impl Harness for MutantHarness {
         Arc::new(Mutant {
             inner: self.broker.clone(),
             mutation: self.mutation,
+            restarts: Arc::clone(&self.restarts),
         })
     }
 
     fn expected_capabilities(&self) -> Capabilities {
-        self.broker.capabilities()
+        let mut capabilities = self.broker.capabilities();
+        if self.mutation.partitioned() {
+            capabilities.ordering = KeyOrder::PerKeyPartitioned {
+                partitions: PARTITIONS,
+            };
+        }
+        if self.mutation == Mutation::ForgetsAcksOnRestartAndSaysSo {
+            capabilities.acks_survive_restart = false;
+        }
+        capabilities
     }
 
     async fn stop_broker(&self) -> Result<(), BoxError> {
@@ -197,9 +324,18 @@ impl Harness for MutantHarness {
     }
 
     async fn start_broker(&self) -> Result<(), BoxError> {
+        self.restarts.fetch_add(1, Ordering::SeqCst);
         self.broker.set_available(true);
         Ok(())
     }
+}
+
+/// Runs `case` against `mutation` and expects it to pass.
+fn passes<F>(mutation: Mutation, case: fn(Arc<dyn Harness>) -> F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    inseam_conformance::run(|| async move { MutantHarness::new(mutation) }, case);
 }
 
 /// Runs `case` against `mutation` and expects it to fail with a message containing `says`.
@@ -213,10 +349,7 @@ where
         .build()
         .unwrap();
     let outcome = runtime.block_on(async {
-        let harness: Arc<dyn Harness> = Arc::new(MutantHarness {
-            broker: InProcess::new(),
-            mutation,
-        });
+        let harness: Arc<dyn Harness> = Arc::new(MutantHarness::new(mutation));
         tokio::time::timeout(Duration::from_secs(60), tokio::spawn(case(harness))).await
     });
     let panic = match outcome {
@@ -290,6 +423,15 @@ fn keys_not_ordered() {
 }
 
 #[test]
+fn keys_ordered_only_within_each_channel() {
+    fails(
+        Mutation::KeysPerChannel,
+        cases::same_key_in_publish_order_across_channels,
+        "on two channels were handled in another order than published",
+    );
+}
+
+#[test]
 fn keys_not_held_back_behind_a_nacked_message() {
     fails(
         Mutation::IgnoresKeys,
@@ -302,7 +444,7 @@ fn keys_not_held_back_behind_a_nacked_message() {
 fn keys_not_held_back_behind_a_poison_message() {
     fails(
         Mutation::IgnoresKeys,
-        cases::poison_message_blocks_only_its_key,
+        cases::poison_message_blocks_only_its_key_or_partition,
         "while an earlier one of its key kept failing",
     );
 }
@@ -386,4 +528,56 @@ fn duplicates_delivered_after_a_restart() {
         cases::broker_restart_loses_nothing,
         "after it was acknowledged",
     );
+}
+
+#[test]
+fn a_partitioned_transport_passes_the_order_cases() {
+    passes(Mutation::Partitioned, cases::capabilities);
+    passes(Mutation::Partitioned, cases::same_key_in_publish_order);
+    passes(
+        Mutation::Partitioned,
+        cases::same_key_in_publish_order_across_channels,
+    );
+    passes(Mutation::Partitioned, cases::nack_redelivers_after_delay);
+    passes(Mutation::Partitioned, cases::unsettled_message_comes_again);
+    passes(
+        Mutation::Partitioned,
+        cases::poison_message_blocks_only_its_key_or_partition,
+    );
+}
+
+#[test]
+fn partitions_not_as_declared() {
+    fails(
+        Mutation::PartitionMisreported,
+        cases::poison_message_blocks_only_its_key_or_partition,
+        "came while an earlier message of its partition (key `poison`) kept failing",
+    );
+}
+
+#[test]
+fn one_partition_holding_back_every_key() {
+    fails(
+        Mutation::SinglePartition,
+        cases::poison_message_blocks_only_its_key_or_partition,
+        "keys that must not wait for it did not all come within",
+    );
+}
+
+#[test]
+fn acks_forgotten_on_restart() {
+    fails(
+        Mutation::ForgetsAcksOnRestart,
+        cases::broker_restart_loses_nothing,
+        "after it was acknowledged",
+    );
+}
+
+#[test]
+fn a_transport_that_forgets_acks_on_restart_and_says_so_passes() {
+    passes(
+        Mutation::ForgetsAcksOnRestartAndSaysSo,
+        cases::broker_restart_loses_nothing,
+    );
+    passes(Mutation::ForgetsAcksOnRestartAndSaysSo, cases::capabilities);
 }

@@ -35,7 +35,8 @@ pub struct Outgoing {
     pub channel: String,
     /// The message id, for the broker's deduplication where it has one.
     pub message_id: Uuid,
-    /// The ordering key: messages with the same key reach a group in publish order.
+    /// The ordering key: messages with the same key reach a group in publish order, across
+    /// channels (see [`KeyOrder`]).
     pub key: Option<String>,
     /// Broker headers (CloudEvents attributes, `traceparent`, ...), carried beside the bytes.
     pub headers: Vec<(String, String)>,
@@ -81,11 +82,17 @@ impl Incoming {
     }
 
     /// Tells the broker the message is done with: it is not delivered to this group again.
+    ///
+    /// An error leaves the outcome unknown: the broker may have taken the acknowledgement
+    /// after all (its reply was lost, or a client sent it once connected again), so the
+    /// message may come again or not. inseam acknowledges only what the consuming process
+    /// committed, and its inbox skips a message that comes again, so either is safe.
     pub async fn ack(&self) -> Result<(), TransportError> {
         self.acker.ack().await
     }
 
-    /// Asks the broker to deliver the message to this group again, not before `delay`.
+    /// Asks the broker to deliver the message to this group again, not before `delay`. As
+    /// with [`ack`](Self::ack), an error leaves the outcome unknown.
     pub async fn nack(&self, delay: Duration) -> Result<(), TransportError> {
         self.acker.nack(delay).await
     }
@@ -136,22 +143,60 @@ impl Subscription {
 pub trait Consumer: Send {
     /// Waits up to `wait` for messages and returns at most `max` of them (none when none came).
     ///
-    /// Messages with the same key on one channel come in publish order, and a message is not
-    /// handed out while an earlier one of its key to this group is unsettled (a nacked one
-    /// included, until it is redelivered and acknowledged), where the transport's
-    /// [`Capabilities::ordering`] says [`KeyOrder::PerKey`].
+    /// Where the transport's [`Capabilities::ordering`] keeps key order
+    /// ([`KeyOrder::keeps_key_order`]), messages with the same key come in publish order across
+    /// every channel the group reads: a message is not handed out while an earlier one of its
+    /// key to this group, on any of the group's channels, is unsettled (a nacked one included,
+    /// until it is redelivered and acknowledged). With [`KeyOrder::PerKeyPartitioned`] the same
+    /// holds for an earlier message of its partition, whatever that message's key.
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Incoming>, TransportError>;
 }
 
 /// What order a transport keeps.
+///
+/// Publish order is the order in which the broker took the messages: for one publisher, the
+/// order of its [`Transport::publish`] calls and, within a batch, the batch's order. Key order
+/// is kept per group across every channel the group reads, since a group's handlers see one
+/// key's events of several types (an `orders.order_placed`, then an `orders.order_confirmed`
+/// of one order) and must see them in that order. A transport that can keep order only
+/// within each channel keeps neither [`PerKey`](Self::PerKey) nor
+/// [`PerKeyPartitioned`](Self::PerKeyPartitioned): it would need a variant of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyOrder {
-    /// Messages with the same key on one channel reach a group in publish order, one at a
-    /// time; different keys proceed in parallel.
+    /// Messages with the same key reach a group in publish order, one at a time, across every
+    /// channel the group reads: a message is not handed out while an earlier one of its key to
+    /// that group is unsettled. Different keys proceed in parallel: an unsettled message holds
+    /// back only the later messages of its own key.
     PerKey,
+    /// Same-key order as [`PerKey`](Self::PerKey); an unsettled message also holds back the
+    /// other keys of its partition.
+    ///
+    /// The transport spreads messages over `partitions` partitions by key
+    /// ([`Transport::partition`] says which; a message without a key goes to some partition
+    /// too) and hands out a partition's messages to a group in publish order, one at a time:
+    /// a message is not handed out while an earlier message of its partition to that group is
+    /// unsettled, whatever its key. So a message waiting for its redelivery (nacked, or taken
+    /// by a consumer that went away) holds back every key of its partition until it is
+    /// acknowledged, and a group has at most `partitions` messages in flight. Keys of other
+    /// partitions proceed in parallel.
+    PerKeyPartitioned {
+        /// How many partitions keys are spread over, at least 1.
+        partitions: u16,
+    },
     /// No order is kept.
     None,
+}
+
+impl KeyOrder {
+    /// Whether messages with the same key reach a group in publish order:
+    /// [`PerKey`](Self::PerKey) and [`PerKeyPartitioned`](Self::PerKeyPartitioned).
+    pub const fn keeps_key_order(self) -> bool {
+        match self {
+            KeyOrder::PerKey | KeyOrder::PerKeyPartitioned { .. } => true,
+            KeyOrder::None => false,
+        }
+    }
 }
 
 /// What a transport guarantees and offers, declared by it and pinned by the conformance suite.
@@ -169,6 +214,12 @@ pub struct Capabilities {
     pub native_dead_letters: bool,
     /// Whether it drops a second publish of a message id (within some window).
     pub deduplicates: bool,
+    /// Whether a message acknowledged before the broker stops is never delivered again after
+    /// it starts again. Without it, a restart may deliver acknowledged messages again (a
+    /// broker that writes its consumers' progress to disk some time after confirming an
+    /// acknowledgement, or that can lose that progress): delivery stays at least once, and
+    /// inseam's inbox skips a message it already has.
+    pub acks_survive_restart: bool,
 }
 
 /// A transport failed.
@@ -225,6 +276,15 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// What it guarantees.
     fn capabilities(&self) -> Capabilities;
+
+    /// The partition that messages with `key` go to (below the `partitions` it declares), for
+    /// a transport whose [`Capabilities::ordering`] is [`KeyOrder::PerKeyPartitioned`]: which
+    /// keys an unsettled message holds back. `None` for every other transport (the default).
+    /// Every connection to one broker with one configuration answers alike.
+    fn partition(&self, key: &str) -> Option<u16> {
+        let _ = key;
+        None
+    }
 
     /// Makes sure `channels` exist and can be published to and subscribed to (a stream,
     /// topics); idempotent.

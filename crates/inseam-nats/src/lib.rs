@@ -12,7 +12,11 @@
 //! - a group is one durable pull consumer per partition with `max_ack_pending = 1`: a message
 //!   is not handed out while an earlier one of its partition (so of its key) is unsettled,
 //!   whichever process of the group holds it, and a message that a crashed process held comes
-//!   back after the subscription's ack wait, before anything after it.
+//!   back after the subscription's ack wait, before anything after it. Since the consumer
+//!   reads every channel of its partition in stream order, a key's order holds across the
+//!   channels a group reads. A message waiting for its redelivery holds back every key of its
+//!   partition, which the transport declares as [`KeyOrder::PerKeyPartitioned`], with
+//!   [`Transport::partition`] telling a key's partition.
 //!
 //! ```no_run
 //! use inseam_core::transport::{Consumer, Subscription, Transport};
@@ -511,12 +515,31 @@ impl Transport for Nats {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            ordering: KeyOrder::PerKey,
+            // One consumer per group and partition, with one message in flight: a message
+            // waiting for its redelivery holds back its whole partition, not only its key.
+            ordering: KeyOrder::PerKeyPartitioned {
+                partitions: self.inner.options.partitions,
+            },
             delayed_redelivery: true,
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            // nats-server writes a consumer's progress to its store some time after
+            // confirming an acknowledgement, and before 2.14 by truncating the file first: a
+            // server that stops (even cleanly) while it writes can restart a consumer from the
+            // beginning of its partition, delivering acknowledged messages again with attempt
+            // 1 (decision 0016).
+            acks_survive_restart: false,
         }
+    }
+
+    fn partition(&self, key: &str) -> Option<u16> {
+        // The message id decides only for a message without a key.
+        Some(layout::partition(
+            Some(key),
+            uuid::Uuid::nil(),
+            self.inner.options.partitions,
+        ))
     }
 
     async fn provision(&self, channels: &[String]) -> std::result::Result<(), TransportError> {

@@ -100,13 +100,17 @@ async fn round_trip_keeps_key_headers_and_bytes_and_drops_a_second_publish() {
     assert_eq!(
         nats.capabilities(),
         Capabilities {
-            ordering: KeyOrder::PerKey,
+            ordering: KeyOrder::PerKeyPartitioned { partitions: 8 },
             delayed_redelivery: true,
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            acks_survive_restart: false,
         }
     );
+    // FNV-1a of `foobar` is 0x85944171f73967e8, 0 modulo 8 (pinned in the layout's tests).
+    assert_eq!(nats.partition("foobar"), Some(0));
+    assert!((0..100).all(|i| nats.partition(&format!("k{i}")).is_some_and(|p| p < 8)));
     let mut consumer = nats
         .subscribe(&Subscription::new("audit", [PLACED, CANCELLED]))
         .await
@@ -218,6 +222,10 @@ async fn fetch_count_acking(consumer: &mut dyn Consumer, count: usize) -> Vec<In
 async fn consumers_filter_on_the_group_channels_where_the_server_can() {
     let server = NatsServer::start();
     let nats = connect(&server, |o| o.partitions(2)).await;
+    assert_eq!(
+        nats.capabilities().ordering,
+        KeyOrder::PerKeyPartitioned { partitions: 2 }
+    );
     let _consumer = nats
         .subscribe(&Subscription::new("billing.eu", [PLACED, CANCELLED]))
         .await

@@ -1,10 +1,13 @@
 //! The in-process transport: a broker held in memory, the reference for the seam's semantics.
 //!
-//! Every channel is an append-only log. Every group keeps, per channel, how far it has looked
-//! into that log and the state of each message it has not acknowledged yet: waiting (perhaps
-//! until a nack's delay has passed) or handed out to one consumer until a deadline. A message
-//! whose deadline passes without a settlement is handed out again, to any consumer of the
-//! group, with its attempt count raised; this is how a consumer that died is recovered.
+//! Every channel is an append-only log, and every message taken gets the next number of one
+//! sequence shared by all channels: that sequence is the publish order, across channels, that
+//! per-key order follows. Every group keeps, per channel, how far it has looked into that
+//! log, and, by sequence number across all its channels, the state of each message it has not
+//! acknowledged yet: waiting (perhaps until a nack's delay has passed) or handed out to one
+//! consumer until a deadline. A message whose deadline passes without a settlement is handed
+//! out again, to any consumer of the group, with its attempt count raised; this is how a
+//! consumer that died is recovered.
 //!
 //! All of it sits behind one mutex, held only for bookkeeping and never across an await. A
 //! consumer waiting for messages sleeps on its group's [`Notify`] until a publish, an ack or a
@@ -36,10 +39,11 @@ const FAR_FUTURE: Duration = Duration::from_secs(60 * 60 * 24 * 365);
 /// clones of one `InProcess` talk to each other through it as two processes would through a
 /// real broker.
 ///
-/// It keeps per-key order ([`KeyOrder::PerKey`]), honours a nack's delay and drops a second
-/// publish of a message id on a channel. Channels must be [provisioned](Transport::provision)
-/// before they are published to or subscribed to, as a real broker would require, so that a
-/// missing provisioning step shows up in tests rather than in production.
+/// It keeps per-key order ([`KeyOrder::PerKey`]) across every channel a group reads, honours
+/// a nack's delay and drops a second publish of a message id on a channel. Channels must be
+/// [provisioned](Transport::provision) before they are published to or subscribed to, as a
+/// real broker would require, so that a missing provisioning step shows up in tests rather
+/// than in production.
 ///
 /// [`set_available(false)`](Self::set_available) simulates an outage: until it is switched
 /// back on, every operation fails with a transient [`TransportError`] and nothing is lost.
@@ -130,6 +134,8 @@ impl Transport for InProcess {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            // Its outage switch loses nothing, acknowledgements included.
+            acks_survive_restart: true,
         }
     }
 
@@ -146,7 +152,10 @@ impl Transport for InProcess {
             ));
         }
         for channel in channels {
-            state.channels.entry(channel.clone()).or_default();
+            state
+                .channels
+                .entry(channel.clone())
+                .or_insert_with(|| Channel::new(channel));
         }
         Ok(())
     }
@@ -305,7 +314,7 @@ impl Transport for InProcess {
         // A group new to a channel starts at the beginning of its log: the messages published
         // before its first subscription are its messages too.
         for channel in &channels {
-            group.cursors.entry(channel.to_string()).or_default();
+            group.admitted.entry(channel.to_string()).or_default();
         }
         let notify = Arc::clone(&group.notify);
         let id = state.next_consumer;
@@ -318,7 +327,6 @@ impl Transport for InProcess {
             id,
             max_in_flight: subscription.max_in_flight,
             ack_wait: subscription.ack_wait,
-            rotation: 0,
         }))
     }
 }
@@ -333,16 +341,12 @@ struct InProcessConsumer {
     id: u64,
     max_in_flight: usize,
     ack_wait: Duration,
-    /// Which channel the next fetch looks at first, so that a busy channel does not starve
-    /// the others of a group that reads several.
-    rotation: usize,
 }
 
 #[async_trait]
 impl Consumer for InProcessConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Incoming>, TransportError> {
         let give_up = later(Instant::now(), wait);
-        self.rotation = self.rotation.wrapping_add(1);
         loop {
             // Registered before looking at the state, so that a publish or a settlement that
             // lands between the look and the sleep still wakes this consumer.
@@ -363,7 +367,6 @@ impl Consumer for InProcessConsumer {
                     room: max.min(self.max_in_flight),
                     max_in_flight: self.max_in_flight,
                     ack_wait: self.ack_wait,
-                    rotation: self.rotation,
                     now,
                 });
                 if !handouts.is_empty() || max == 0 {
@@ -400,7 +403,7 @@ impl InProcessConsumer {
                 notify: Arc::clone(&self.notify),
                 group: Arc::clone(&self.group),
                 channel: handout.channel,
-                offset: handout.offset,
+                sequence: handout.sequence,
                 delivery: handout.delivery,
             }),
         }
@@ -413,8 +416,10 @@ struct InProcessAcker {
     shared: Arc<Shared>,
     notify: Arc<Notify>,
     group: Arc<str>,
+    /// The message's channel, for logs and errors.
     channel: Arc<str>,
-    offset: usize,
+    /// The message's number in the broker's sequence.
+    sequence: u64,
     /// Which handing out of the message this is: a settlement of a delivery that was
     /// superseded (its acknowledgement wait ran out and the message went out again) is
     /// ignored, since the newer delivery is the one that decides.
@@ -441,14 +446,10 @@ impl InProcessAcker {
                     self.channel, self.group
                 )));
             }
-            let cursor = state
-                .groups
-                .get_mut(&*self.group)
-                .and_then(|group| group.cursors.get_mut(&*self.channel));
-            let Some(cursor) = cursor else {
+            let Some(group) = state.groups.get_mut(&*self.group) else {
                 return Ok(());
             };
-            let current = match cursor.open.get(&self.offset) {
+            let current = match group.open.get(&self.sequence) {
                 Some(Entry {
                     state: EntryState::InFlight { delivery, .. },
                     ..
@@ -468,10 +469,10 @@ impl InProcessAcker {
             }
             match settlement {
                 Settlement::Ack => {
-                    cursor.open.remove(&self.offset);
+                    group.open.remove(&self.sequence);
                 }
                 Settlement::Nack(delay) => {
-                    if let Some(entry) = cursor.open.get_mut(&self.offset) {
+                    if let Some(entry) = group.open.get_mut(&self.sequence) {
                         entry.state = EntryState::Waiting {
                             not_before: Some(later(Instant::now(), delay)),
                         };
@@ -559,6 +560,9 @@ struct State {
     available: bool,
     channels: HashMap<String, Channel>,
     groups: HashMap<String, Group>,
+    /// The number the next message taken gets: one sequence over every channel, so that it
+    /// orders a key's messages across channels as they were published.
+    next_sequence: u64,
     next_delivery: u64,
     next_consumer: u64,
 }
@@ -569,21 +573,35 @@ impl Default for State {
             available: true,
             channels: HashMap::new(),
             groups: HashMap::new(),
+            next_sequence: 0,
             next_delivery: 0,
             next_consumer: 0,
         }
     }
 }
 
-#[derive(Default)]
 struct Channel {
+    /// Its name, shared by the entries of its messages.
+    name: Arc<str>,
     log: Vec<Arc<Stored>>,
     /// Every message id ever appended, for deduplication: the log is never truncated, so
     /// neither is this.
     ids: HashSet<Uuid>,
 }
 
+impl Channel {
+    fn new(name: &str) -> Self {
+        Channel {
+            name: Arc::from(name),
+            log: Vec::new(),
+            ids: HashSet::new(),
+        }
+    }
+}
+
 struct Stored {
+    /// Its number in the broker's sequence over all channels.
+    sequence: u64,
     key: Option<String>,
     headers: Vec<(String, String)>,
     payload: Bytes,
@@ -592,20 +610,17 @@ struct Stored {
 #[derive(Default)]
 struct Group {
     notify: Arc<Notify>,
-    /// By channel name.
-    cursors: HashMap<String, Cursor>,
-}
-
-/// A group's progress through one channel's log.
-#[derive(Default)]
-struct Cursor {
-    /// Log offsets below this one are in `open` or acknowledged.
-    admitted: usize,
-    /// The messages the group has not acknowledged yet, by log offset.
-    open: BTreeMap<usize, Entry>,
+    /// How far the group has looked into each of its channels' logs, by channel name: the
+    /// messages below this offset are in `open` or acknowledged.
+    admitted: HashMap<String, usize>,
+    /// The messages the group has not acknowledged yet, of all its channels, by sequence
+    /// number: in publish order across channels, the order per-key order follows.
+    open: BTreeMap<u64, Entry>,
 }
 
 struct Entry {
+    channel: Arc<str>,
+    message: Arc<Stored>,
     /// How many times the message was handed out to the group.
     attempts: u32,
     state: EntryState,
@@ -631,14 +646,13 @@ struct Take<'a> {
     room: usize,
     max_in_flight: usize,
     ack_wait: Duration,
-    rotation: usize,
     now: Instant,
 }
 
 /// One message handed out to a consumer.
 struct Handout {
     channel: Arc<str>,
-    offset: usize,
+    sequence: u64,
     delivery: u64,
     attempt: u32,
     message: Arc<Stored>,
@@ -664,7 +678,10 @@ impl State {
             );
             return Ok(false);
         }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
         channel.log.push(Arc::new(Stored {
+            sequence,
             key: message.key.clone(),
             headers: message.headers.clone(),
             payload: message.payload.clone(),
@@ -675,7 +692,7 @@ impl State {
     fn notifies_for(&self, channels: &HashSet<&str>) -> Vec<Arc<Notify>> {
         self.groups
             .values()
-            .filter(|group| channels.iter().any(|c| group.cursors.contains_key(*c)))
+            .filter(|group| channels.iter().any(|c| group.admitted.contains_key(*c)))
             .map(|group| Arc::clone(&group.notify))
             .collect()
     }
@@ -700,101 +717,90 @@ impl State {
         let Some(group) = groups.get_mut(take.group) else {
             return (Vec::new(), None);
         };
+        let Group { admitted, open, .. } = group;
 
-        // First pass: admit what was published since the last look, take back the deliveries
-        // whose acknowledgement wait ran out, and count what this consumer holds.
-        let mut wake: Option<Instant> = None;
-        let mut held = 0usize;
-        for name in take.channels {
-            let (Some(channel), Some(cursor)) =
-                (channels.get(&**name), group.cursors.get_mut(&**name))
-            else {
+        // First pass: admit what was published since the last look, on every channel of the
+        // group (also those this consumer does not read: an earlier message of a key there
+        // holds the key back here too), take back the deliveries whose acknowledgement wait
+        // ran out, and count what this consumer holds.
+        for (name, seen) in admitted.iter_mut() {
+            let Some(channel) = channels.get(name) else {
                 continue;
             };
-            for offset in cursor.admitted..channel.log.len() {
-                cursor.open.insert(
-                    offset,
+            for message in channel.log.iter().skip(*seen) {
+                open.insert(
+                    message.sequence,
                     Entry {
+                        channel: Arc::clone(&channel.name),
+                        message: Arc::clone(message),
                         attempts: 0,
                         state: EntryState::Waiting { not_before: None },
                     },
                 );
             }
-            cursor.admitted = channel.log.len();
-            for entry in cursor.open.values_mut() {
-                match entry.state {
-                    EntryState::InFlight { deadline, .. } if deadline <= take.now => {
-                        entry.state = EntryState::Waiting { not_before: None };
-                    }
-                    EntryState::InFlight {
-                        deadline, consumer, ..
-                    } => {
-                        held += usize::from(consumer == take.consumer);
-                        wake = earliest(wake, deadline);
-                    }
-                    EntryState::Waiting {
-                        not_before: Some(at),
-                    } if at > take.now => {
-                        wake = earliest(wake, at);
-                    }
-                    EntryState::Waiting { .. } => {}
+            *seen = channel.log.len();
+        }
+        let mut wake: Option<Instant> = None;
+        let mut held = 0usize;
+        for entry in open.values_mut() {
+            match entry.state {
+                EntryState::InFlight { deadline, .. } if deadline <= take.now => {
+                    entry.state = EntryState::Waiting { not_before: None };
                 }
+                EntryState::InFlight {
+                    deadline, consumer, ..
+                } => {
+                    held += usize::from(consumer == take.consumer);
+                    wake = earliest(wake, deadline);
+                }
+                EntryState::Waiting {
+                    not_before: Some(at),
+                } if at > take.now => {
+                    wake = earliest(wake, at);
+                }
+                EntryState::Waiting { .. } => {}
             }
         }
 
-        // Second pass: hand out ready messages in log order, skipping every message behind an
-        // unsettled one of its key (handed out, nacked, or just skipped itself).
+        // Second pass: hand out ready messages of this consumer's channels in publish order
+        // (the oldest first, so that a busy channel does not starve the others), skipping
+        // every message behind an unsettled one of its key on any of the group's channels
+        // (handed out, nacked, or just skipped itself).
         let room = take.room.min(take.max_in_flight.saturating_sub(held));
         let mut handouts = Vec::new();
-        let count = take.channels.len();
-        for i in 0..count {
+        let mut blocked: HashSet<&str> = HashSet::new();
+        for (&sequence, entry) in open.iter_mut() {
             if handouts.len() >= room {
                 break;
             }
-            let name = &take.channels[(take.rotation + i) % count];
-            let (Some(channel), Some(cursor)) =
-                (channels.get(&**name), group.cursors.get_mut(&**name))
-            else {
+            let key = entry.message.key.as_deref();
+            if key.is_some_and(|key| blocked.contains(key)) {
                 continue;
+            }
+            let ready = match entry.state {
+                EntryState::InFlight { .. } => false,
+                EntryState::Waiting { not_before } => not_before.is_none_or(|at| at <= take.now),
             };
-            let mut blocked: HashSet<&str> = HashSet::new();
-            for (&offset, entry) in cursor.open.iter_mut() {
-                if handouts.len() >= room {
-                    break;
-                }
-                let Some(message) = channel.log.get(offset) else {
-                    continue;
+            let mine = take.channels.iter().any(|c| **c == *entry.channel);
+            if ready && mine {
+                let delivery = *next_delivery;
+                *next_delivery += 1;
+                entry.attempts = entry.attempts.saturating_add(1);
+                entry.state = EntryState::InFlight {
+                    delivery,
+                    consumer: take.consumer,
+                    deadline: later(take.now, take.ack_wait),
                 };
-                let key = message.key.as_deref();
-                if key.is_some_and(|key| blocked.contains(key)) {
-                    continue;
-                }
-                let ready = match entry.state {
-                    EntryState::InFlight { .. } => false,
-                    EntryState::Waiting { not_before } => {
-                        not_before.is_none_or(|at| at <= take.now)
-                    }
-                };
-                if ready {
-                    let delivery = *next_delivery;
-                    *next_delivery += 1;
-                    entry.attempts = entry.attempts.saturating_add(1);
-                    entry.state = EntryState::InFlight {
-                        delivery,
-                        consumer: take.consumer,
-                        deadline: later(take.now, take.ack_wait),
-                    };
-                    handouts.push(Handout {
-                        channel: Arc::clone(name),
-                        offset,
-                        delivery,
-                        attempt: entry.attempts,
-                        message: Arc::clone(message),
-                    });
-                }
-                if let Some(key) = key {
-                    blocked.insert(key);
-                }
+                handouts.push(Handout {
+                    channel: Arc::clone(&entry.channel),
+                    sequence,
+                    delivery,
+                    attempt: entry.attempts,
+                    message: Arc::clone(&entry.message),
+                });
+            }
+            if let Some(key) = key {
+                blocked.insert(key);
             }
         }
         (handouts, wake)
@@ -1073,6 +1079,55 @@ mod tests {
         let last = consumer.fetch(10, SHORT).await.unwrap();
         assert_eq!(bodies(&last), [b"k2"]);
         assert_eq!(last[0].attempt, 1);
+    }
+
+    #[tokio::test]
+    async fn a_key_keeps_its_order_across_the_channels_of_a_group() {
+        let broker = broker_with(&["placed", "confirmed", "shipped"]).await;
+        publish_ok(
+            &broker,
+            &[
+                message("placed", Some("order-1"), "placed"),
+                message("confirmed", Some("order-1"), "confirmed"),
+                message("confirmed", Some("order-2"), "other"),
+                message("placed", Some("order-1"), "amended"),
+                message("shipped", Some("order-1"), "shipped"),
+            ],
+        )
+        .await;
+        let mut consumer = broker
+            .subscribe(&Subscription::new("g", ["placed", "confirmed"]))
+            .await
+            .unwrap();
+        // A consumer of the group that reads only `shipped` still waits for the key's
+        // earlier messages on the group's other channels.
+        let mut shipping = broker
+            .subscribe(&Subscription::new("g", ["shipped"]))
+            .await
+            .unwrap();
+        assert!(shipping.fetch(10, SHORT).await.unwrap().is_empty());
+
+        let first = consumer.fetch(10, SHORT).await.unwrap();
+        assert_eq!(bodies(&first), [&b"placed"[..], b"other"]);
+        first[1].ack().await.unwrap();
+        first[0].nack(Duration::ZERO).await.unwrap();
+        let again = consumer.fetch(10, SHORT).await.unwrap();
+        assert_eq!(bodies(&again), [b"placed"]);
+        assert_eq!(again[0].attempt, 2);
+        again[0].ack().await.unwrap();
+        let second = consumer.fetch(10, SHORT).await.unwrap();
+        assert_eq!(bodies(&second), [b"confirmed"]);
+        assert_eq!(second[0].channel, "confirmed");
+        second[0].ack().await.unwrap();
+        let third = consumer.fetch(10, SHORT).await.unwrap();
+        assert_eq!(bodies(&third), [b"amended"]);
+        assert!(shipping.fetch(10, SHORT).await.unwrap().is_empty());
+        third[0].ack().await.unwrap();
+        assert_eq!(
+            bodies(&shipping.fetch(10, SHORT).await.unwrap()),
+            [b"shipped"]
+        );
+        assert!(consumer.fetch(10, SHORT).await.unwrap().is_empty());
     }
 
     #[tokio::test]
