@@ -380,6 +380,7 @@ impl AppBuilder {
             &durable,
             self.aggregates,
             self.store.is_some(),
+            &self.routing,
         );
         let app = App {
             inner: Arc::new(Core {
