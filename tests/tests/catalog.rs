@@ -1,8 +1,12 @@
 //! The catalog an app builds from its registrations: every message with who handles,
 //! publishes, subscribes and sends it, and the same as Markdown, Mermaid and AsyncAPI.
 
+use inseam::Routing;
 use inseam::catalog::{Publisher, Role, Route, SubscriberDoc};
 use inseam::prelude::*;
+use inseam::transport::InProcess;
+use inseam::{AppBuilder, SqlStore};
+use inseam_tests::TestDb;
 use schemars::JsonSchema;
 
 /// Lends a book.
@@ -71,7 +75,7 @@ async fn count_loans(_event: &BookLent, ctx: &mut EventContext<'_>) {
 #[event_handler(group = "library.reminders", sends(Remind))]
 async fn schedule_reminder(_event: &BookLent) {}
 
-async fn library() -> App {
+fn library_builder() -> AppBuilder {
     App::builder()
         .source("library")
         .handler::<lend>()
@@ -80,9 +84,16 @@ async fn library() -> App {
         .handler::<count_loans>()
         .handler::<schedule_reminder>()
         .durable_command::<Remind>()
-        .build()
-        .await
-        .unwrap()
+}
+
+async fn library() -> App {
+    library_builder().build().await.unwrap()
+}
+
+/// The library on a store, as every process of a split has one.
+async fn stored_library(db: &TestDb) -> AppBuilder {
+    let store = SqlStore::connect(&db.url).await.unwrap();
+    library_builder().store(store)
 }
 
 #[tokio::test]
@@ -171,6 +182,101 @@ async fn the_catalog_renders_as_markdown_mermaid_and_asyncapi() {
     insta::assert_snapshot!("library.md", catalog.markdown());
     insta::assert_snapshot!("library.mmd", catalog.mermaid());
     insta::assert_snapshot!("library.asyncapi.yaml", catalog.asyncapi_yaml().unwrap());
+}
+
+/// The library split in two: the reminders run in process `desk`, reached over NATS. Lending
+/// stays in the main process, so `library.book_lent` goes to `desk` over NATS and the durable
+/// `library.remind` the reminders send comes back over it.
+const DESK: &str = r#"
+    [processes.desk]
+    transport = "nats"
+    groups = ["library.reminders"]
+"#;
+
+#[tokio::test]
+async fn a_routed_catalog_shows_processes_and_transports() {
+    let db = TestDb::sqlite();
+    let app = stored_library(&db).await.build().await.unwrap();
+    assert!(!app.catalog().is_routed());
+    let catalog = app
+        .catalog()
+        .routed(&Routing::from_toml(DESK).unwrap())
+        .unwrap();
+    assert!(catalog.is_routed());
+    let reminders = catalog.group("library.reminders").unwrap();
+    assert_eq!(
+        (reminders.process.as_str(), &reminders.transports[..]),
+        ("desk", &["nats".to_owned()][..])
+    );
+    let remind = catalog.group("command:library.remind").unwrap();
+    assert_eq!(remind.process, "main");
+    let names: Vec<&str> = catalog.processes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["main", "desk"]);
+    assert_eq!(catalog.processes[0].modules, ["library", "stats"]);
+    assert_eq!(catalog.processes[1].groups, ["library.reminders"]);
+
+    let doc = serde_json::to_value(catalog.asyncapi()).unwrap();
+    assert_eq!(doc["servers"]["nats"]["protocol"], "nats");
+    let lent = &doc["channels"]["library.book_lent"];
+    assert_eq!(lent["address"], "inseam.*.library.book_lent");
+    assert_eq!(lent["servers"][0]["$ref"], "#/servers/nats");
+    let receive = &doc["operations"]["library.reminders--receives--library.book_lent.v1"];
+    assert_eq!(receive["bindings"]["nats"]["queue"], "library.reminders");
+    assert_eq!(receive["bindings"]["nats"]["bindingVersion"], "0.1.0");
+    assert_eq!(
+        doc["channels"]["command.library.remind"]["address"],
+        "inseam.*.library.remind"
+    );
+    // Nothing that stays in one process is on a server.
+    assert!(
+        doc["channels"]["stats.loan_counted"]
+            .get("servers")
+            .is_none()
+    );
+
+    insta::assert_snapshot!("library-routed.md", catalog.markdown());
+    insta::assert_snapshot!("library-routed.mmd", catalog.mermaid());
+    insta::assert_snapshot!(
+        "library-routed.asyncapi.yaml",
+        catalog.asyncapi_yaml().unwrap()
+    );
+}
+
+/// An app built with a routing has it in its catalog, whatever the transport.
+#[tokio::test]
+async fn an_app_built_with_a_routing_catalogues_it() {
+    let routing = Routing::from_toml(&DESK.replace("nats", "in-process")).unwrap();
+    let db = TestDb::sqlite();
+    let app = stored_library(&db)
+        .await
+        .routing(routing)
+        .transport(InProcess::new())
+        .build()
+        .await
+        .unwrap();
+    let catalog = app.catalog();
+    assert!(catalog.is_routed());
+    let reminders = catalog.group("library.reminders").unwrap();
+    assert_eq!(reminders.process, "desk");
+    assert_eq!(reminders.transports, ["in-process"]);
+    let doc = serde_json::to_value(catalog.asyncapi()).unwrap();
+    assert_eq!(doc["servers"]["in-process"]["protocol"], "in-process");
+    // Only NATS has subjects: another transport's channel keeps the message's name.
+    assert_eq!(
+        doc["channels"]["library.book_lent"]["address"],
+        "library.book_lent"
+    );
+    assert!(
+        doc["operations"]["library.reminders--receives--library.book_lent.v1"]
+            .get("bindings")
+            .is_none()
+    );
+
+    // A routing that does not fit the app is refused, naming what is wrong.
+    let error = catalog
+        .routed(&Routing::single().process("desk", "nats", ["lending"]))
+        .unwrap_err();
+    assert!(error.to_string().contains("module `lending`"), "{error}");
 }
 
 /// A payload's shared definitions move to `components.schemas`, so that every reference in

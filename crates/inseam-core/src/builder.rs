@@ -438,6 +438,7 @@ impl AppBuilder {
             &durable,
             self.aggregates,
             self.store.is_some(),
+            &self.routing,
         );
         let app = App {
             inner: Arc::new(Core {

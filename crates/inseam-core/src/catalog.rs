@@ -9,6 +9,11 @@
 //! std::fs::write("docs/asyncapi.yaml", catalog.asyncapi_yaml()?)?;
 //! ```
 //!
+//! The catalog of an app built with a [`Routing`] says which process runs each group and over
+//! which transport the others reach it; [`Catalog::routed`] renders a split that is only
+//! planned (`Routing::from_file("split.toml")`). An app that one process runs reads as it
+//! always did: no processes, no servers, no transports.
+//!
 //! Who publishes an event and who sends a command are what handlers declare
 //! (`#[command_handler(publishes(OrderPlaced))]`, `#[event_handler(group = "..", sends(..))]`,
 //! `Saga::SENDS`), plus the events of every aggregate registered with `.aggregate::<A>()`.
@@ -20,8 +25,10 @@ use std::marker::PhantomData;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::error::{BuildError, WiringProblem};
 use crate::message::Event;
 use crate::registry::Registration;
+use crate::routing::{self, MAIN, Routing};
 
 mod asyncapi;
 mod markdown;
@@ -45,6 +52,25 @@ pub struct Catalog {
     pub groups: Vec<GroupDoc>,
     /// Every aggregate registered with `.aggregate::<A>()`.
     pub aggregates: Vec<AggregateDoc>,
+    /// The processes, the main one first, when a [`Routing`] runs groups outside the main
+    /// process; empty when one process runs everything.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessDoc>,
+}
+
+/// A process of a routed app: what it runs and over which transports the others reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessDoc {
+    /// Its name: [`MAIN`], or one the routing declares.
+    pub name: String,
+    /// The transports over which the other processes reach it: its own, or for the main
+    /// process those of every other process.
+    pub transports: Vec<String>,
+    /// The modules whose groups and durable commands it runs; for the main process, every
+    /// module no other process claims.
+    pub modules: Vec<String>,
+    /// The groups it runs.
+    pub groups: Vec<&'static str>,
 }
 
 /// A command.
@@ -271,6 +297,13 @@ pub struct GroupDoc {
     pub publishes: Vec<EventRef>,
     /// The commands its handlers declare they send.
     pub sends: Vec<&'static str>,
+    /// The process that runs it: [`MAIN`] unless a [`Routing`] moves it.
+    pub process: String,
+    /// The transports over which the other processes reach it: the transport of its process,
+    /// or for a group of the main process those of every other process. Empty when one process
+    /// runs everything.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transports: Vec<String>,
 }
 
 /// An event-sourced aggregate.
@@ -332,6 +365,33 @@ impl Catalog {
         name.split_once('.').map_or(name, |(module, _)| module)
     }
 
+    /// The catalog as it reads when `routing` says which process runs which groups: the same
+    /// messages, with each group's process and transports. It documents a split without
+    /// starting it, so the routing's transports need not be configured here. It fails, naming
+    /// every problem, when the routing does not fit the app: a module or group the app does
+    /// not have, a group claimed by two processes, a process that runs nothing.
+    pub fn routed(&self, routing: &Routing) -> Result<Catalog, BuildError> {
+        let groups: Vec<&str> = self.groups.iter().map(|g| g.name).collect();
+        let transports: Vec<&str> = routing
+            .processes()
+            .map(|(_, route)| route.transport.as_str())
+            .collect();
+        let problems = routing.problems(&groups, &transports);
+        if !problems.is_empty() {
+            return Err(BuildError::Wiring(
+                problems.into_iter().map(WiringProblem::Routing).collect(),
+            ));
+        }
+        let mut catalog = self.clone();
+        catalog.route(routing);
+        Ok(catalog)
+    }
+
+    /// Whether a routing runs some groups outside the main process.
+    pub fn is_routed(&self) -> bool {
+        !self.processes.is_empty()
+    }
+
     /// Every module, sorted.
     pub fn modules(&self) -> Vec<&str> {
         let names = self
@@ -347,6 +407,145 @@ impl Catalog {
             );
         let modules: BTreeSet<&str> = names.map(Catalog::module_of).collect();
         modules.into_iter().collect()
+    }
+
+    /// Records which process runs each group, and the processes, as `routing` says.
+    fn route(&mut self, routing: &Routing) {
+        self.processes.clear();
+        let mut everyone: Vec<String> = routing
+            .processes()
+            .map(|(_, route)| route.transport.clone())
+            .collect();
+        everyone.sort();
+        everyone.dedup();
+        for group in &mut self.groups {
+            let host = routing.host(group.name);
+            group.process = host.to_owned();
+            group.transports = match routing.processes().find(|(name, _)| *name == host) {
+                Some((_, route)) => vec![route.transport.clone()],
+                None => everyone.clone(),
+            };
+        }
+        if routing.is_single() {
+            return;
+        }
+        let hosted = |process: &str| -> Vec<&'static str> {
+            self.groups
+                .iter()
+                .filter(|g| g.process == process)
+                .map(|g| g.name)
+                .collect()
+        };
+        let claimed: BTreeSet<&str> = routing
+            .processes()
+            .flat_map(|(_, route)| route.modules.iter().map(String::as_str))
+            .collect();
+        let mut processes = vec![ProcessDoc {
+            name: MAIN.to_owned(),
+            transports: everyone.clone(),
+            modules: self
+                .modules()
+                .into_iter()
+                .filter(|m| !claimed.contains(m))
+                .map(str::to_owned)
+                .collect(),
+            groups: hosted(MAIN),
+        }];
+        for (name, route) in routing.processes() {
+            let mut modules = route.modules.clone();
+            modules.sort();
+            modules.dedup();
+            processes.push(ProcessDoc {
+                name: name.to_owned(),
+                transports: vec![route.transport.clone()],
+                modules,
+                groups: hosted(name),
+            });
+        }
+        self.processes = processes;
+    }
+
+    /// The process that runs the groups of `module`.
+    fn module_process(&self, module: &str) -> &str {
+        self.processes
+            .iter()
+            .find(|p| p.name != MAIN && p.modules.iter().any(|m| m == module))
+            .map_or(MAIN, |p| p.name.as_str())
+    }
+
+    /// The process a command runs in: that of its durable group, or for a command sent in
+    /// process, that of its module (where the module's code is at home; any process can send
+    /// it, the renderings place it with its module).
+    fn command_process(&self, command: &str) -> &str {
+        match self.group(&format!("command:{command}")) {
+            Some(group) => &group.process,
+            None => self.module_process(routing::module_of(command)),
+        }
+    }
+
+    /// The processes an event is published from: those of the groups and command handlers
+    /// that declare it. Inline subscribers and aggregates publish in the unit of work that
+    /// caused them, which the catalog places with the event's module.
+    fn event_senders(&self, event: &EventDoc) -> BTreeSet<&str> {
+        event
+            .publishers
+            .iter()
+            .map(|publisher| match publisher {
+                Publisher::Group(group) => self.group(group).map_or(MAIN, |g| g.process.as_str()),
+                Publisher::CommandHandler(handler) => self
+                    .commands
+                    .iter()
+                    .find(|c| c.handler.as_ref().is_some_and(|h| h.name == *handler))
+                    .map_or(MAIN, |c| self.command_process(c.name)),
+                Publisher::InlineSubscriber(_) | Publisher::Aggregate(_) => {
+                    self.module_process(Catalog::module_of(event.name))
+                }
+            })
+            .collect()
+    }
+
+    /// The processes a durable command is sent from: those of the groups and command handlers
+    /// that declare they send it.
+    fn command_senders(&self, command: &str) -> BTreeSet<&str> {
+        let groups = self
+            .groups
+            .iter()
+            .filter(|g| g.role != Role::Command && g.sends.contains(&command))
+            .map(|g| g.process.as_str());
+        let handlers = self
+            .commands
+            .iter()
+            .filter(|c| {
+                c.handler
+                    .as_ref()
+                    .is_some_and(|h| h.sends.contains(&command))
+            })
+            .map(|c| self.command_process(c.name));
+        groups.chain(handlers).collect()
+    }
+
+    /// The transport a message takes from a sender in process `from` to a receiver in process
+    /// `to`: none within one process; the receiver's transport when it is not the main
+    /// process, otherwise the sender's (as [`Routing::transport_to`] decides at runtime).
+    fn transport_between(&self, from: &str, to: &str) -> Option<&str> {
+        if from == to {
+            return None;
+        }
+        let named = if to == MAIN { from } else { to };
+        self.processes
+            .iter()
+            .find(|p| p.name == named)
+            .and_then(|p| p.transports.first())
+            .map(String::as_str)
+    }
+
+    /// The transports over which a receiver in process `to` gets a message sent from
+    /// `senders`.
+    fn transports_into<'a>(&'a self, senders: &BTreeSet<&'a str>, to: &str) -> BTreeSet<&'a str> {
+        senders
+            .iter()
+            .filter_map(|from| self.transport_between(from, to))
+            .collect()
     }
 }
 
@@ -381,6 +580,7 @@ impl Gather {
         durable: &[(&'static str, &'static str)],
         mut aggregates: Vec<AggregateDoc>,
         stored: bool,
+        routing: &Routing,
     ) -> Catalog {
         let route = if stored { Route::Relay } else { Route::Task };
         for command in &mut self.commands {
@@ -399,6 +599,8 @@ impl Gather {
                 handlers: Vec::new(),
                 publishes: Vec::new(),
                 sends: Vec::new(),
+                process: MAIN.to_owned(),
+                transports: Vec::new(),
             });
             // One role per group whatever the order members come in (a group mixing roles is
             // a wiring oddity; the catalog shows the first kind in `Role`'s order).
@@ -426,6 +628,8 @@ impl Gather {
                     handlers: handler.map(|h| vec![h.name]).unwrap_or_default(),
                     publishes: handler.map(|h| h.publishes.clone()).unwrap_or_default(),
                     sends: handler.map(|h| h.sends.clone()).unwrap_or_default(),
+                    process: MAIN.to_owned(),
+                    transports: Vec::new(),
                 },
             );
         }
@@ -486,14 +690,17 @@ impl Gather {
 
         aggregates.sort_by_key(|a| a.kind);
         aggregates.dedup_by_key(|a| a.kind);
-        Catalog {
+        let mut catalog = Catalog {
             source: source.to_owned(),
             commands: self.commands,
             queries: self.queries,
             events: self.events,
             groups: groups.into_values().collect(),
             aggregates,
-        }
+            processes: Vec::new(),
+        };
+        catalog.route(routing);
+        catalog
     }
 }
 

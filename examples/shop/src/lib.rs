@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use inseam::sql::sqlx::{self, AssertSqlSafe};
 use inseam::sql::{Backend, SqlStore};
-use inseam::{App, BuildError, MessageMeta};
+use inseam::{App, BuildError, Catalog, MessageMeta, Routing};
 
 use crate::catalog::{AddProduct, Product};
 use crate::inventory::SetStock;
@@ -96,8 +96,21 @@ pub async fn app(store: &SqlStore, world: &World) -> Result<App, ShopError> {
     Ok(configure(builder, store, world).build().await?)
 }
 
+/// The split the shop is documented for: `payments` and `shipping` run in process `billing`,
+/// which the main process reaches over NATS (and `billing` the main one). It is the routing
+/// `examples/shop/split.toml` is meant to hold for a deployment of two processes
+/// (`INSEAM_CONFIG=examples/shop/split.toml INSEAM_PROCESS=billing`); the catalog renders it
+/// from here, so that the documents do not depend on a file being present.
+pub const SPLIT: &str = r#"
+[processes.billing]
+transport = "nats"
+modules = ["payments", "shipping"]
+"#;
+
 /// The shop's message catalog, as the files under `examples/shop/docs/`: `catalog.md`
-/// (Markdown, with the flow diagram), `asyncapi.yaml` (AsyncAPI 3.0) and `flow.mmd` (Mermaid).
+/// (Markdown, with the flow diagram), `asyncapi.yaml` (AsyncAPI 3.0) and `flow.mmd` (Mermaid)
+/// for the shop as one process, and `catalog-split.md`, `asyncapi-split.yaml` and
+/// `flow-split.mmd` for the [`SPLIT`] into two processes.
 /// `cargo run -p shop -- catalog` writes them; `tests/catalog.rs` checks they are current.
 pub async fn catalog_files() -> Result<Vec<(&'static str, String)>, ShopError> {
     let dir = tempfile::tempdir()
@@ -106,13 +119,20 @@ pub async fn catalog_files() -> Result<Vec<(&'static str, String)>, ShopError> {
     let store = open(&url).await?;
     let app = app(&store, &World::default()).await?;
     let catalog = app.catalog();
-    let asyncapi = catalog
-        .asyncapi_yaml()
-        .map_err(|e| ShopError::Dispatch(e.to_string()))?;
+    let split = Routing::from_toml(SPLIT).map_err(|e| ShopError::Dispatch(e.to_string()))?;
+    let split = catalog.routed(&split)?;
+    let asyncapi = |catalog: &Catalog| {
+        catalog
+            .asyncapi_yaml()
+            .map_err(|e| ShopError::Dispatch(e.to_string()))
+    };
     let files = vec![
         ("catalog.md", catalog.markdown()),
-        ("asyncapi.yaml", asyncapi),
+        ("asyncapi.yaml", asyncapi(catalog)?),
         ("flow.mmd", catalog.mermaid()),
+        ("catalog-split.md", split.markdown()),
+        ("asyncapi-split.yaml", asyncapi(&split)?),
+        ("flow-split.mmd", split.mermaid()),
     ];
     store.pool().close().await;
     Ok(files)

@@ -7,8 +7,9 @@
 //! `SHOP_DATABASE_URL` (default `sqlite://shop.db`), until Ctrl-C.
 //!
 //! `cargo run -p shop -- catalog [directory]`: writes the message catalog (`catalog.md`,
-//! `asyncapi.yaml`, `flow.mmd`) from the app's registrations, by default to
-//! `examples/shop/docs/`.
+//! `asyncapi.yaml`, `flow.mmd`) from the app's registrations, and the same for the shop split
+//! into two processes (`catalog-split.md`, `asyncapi-split.yaml`, `flow-split.mmd`; see
+//! `shop::SPLIT`), by default to `examples/shop/docs/`.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -52,7 +53,8 @@ async fn main() -> ExitCode {
 /// Where `catalog` writes by default: the shop's `docs/` directory.
 const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs");
 
-/// `shop catalog [directory]`: writes the message catalog (Markdown, AsyncAPI, Mermaid).
+/// `shop catalog [directory]`: writes the message catalog (Markdown, AsyncAPI, Mermaid), for
+/// one process and for the split.
 async fn catalog(dir: &str) -> Result<(), ShopError> {
     let dir = std::path::Path::new(dir);
     std::fs::create_dir_all(dir)

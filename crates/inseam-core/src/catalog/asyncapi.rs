@@ -8,16 +8,39 @@
 //! messages on a channel: they are in the Markdown catalog only. Payload
 //! schemas are JSON Schema draft 2020-12 (what `schemars` writes); their shared definitions
 //! move to `components.schemas` so that every `$ref` resolves inside the document.
+//!
+//! In a routed app, every transport a process is reached over is a server (protocol `nats`
+//! for the NATS transport, the transport's name otherwise; its host a variable, since where
+//! the broker runs and how to log in belong to the deployment, never to this document). A
+//! channel whose messages go from one process to another lists the servers they travel
+//! through. On NATS its address is the subject pattern `inseam.*.<channel>` (decision 0016):
+//! `*` is the partition token and `inseam` the default subject prefix. A group's `receive`
+//! operation over NATS carries the NATS operation binding, whose `queue` is the group: its
+//! processes share one durable consumer per partition. A channel without servers stays in
+//! one process, outbox to inbox, and its description says so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Catalog, CommandDoc, EventDoc, Role};
+use super::{Catalog, CommandDoc, EventDoc, GroupDoc, Role};
 
 /// The schema format of the payloads.
 const SCHEMA_FORMAT: &str = "application/schema+json;version=draft-2020-12";
+
+/// The name of the NATS JetStream transport (`inseam::nats`), whose channels and servers the
+/// document describes with the NATS protocol and bindings.
+const NATS: &str = "nats";
+
+/// The NATS transport's default subject prefix (`INSEAM_NATS_PREFIX` changes it).
+const NATS_PREFIX: &str = "inseam";
+
+/// The version of the AsyncAPI NATS bindings the operations use.
+const NATS_BINDING_VERSION: &str = "0.1.0";
+
+/// The longest `queue` the NATS operation binding allows.
+const NATS_QUEUE_MAX: usize = 255;
 
 /// The AsyncAPI document could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +56,10 @@ pub struct Document {
     pub asyncapi: &'static str,
     /// Title, version and description.
     pub info: Info,
+    /// One server per transport between the processes of a routed app; none when one process
+    /// runs everything.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub servers: BTreeMap<String, Value>,
     /// The content type of payloads that do not say otherwise.
     pub default_content_type: &'static str,
     /// One channel per event name.
@@ -75,6 +102,7 @@ pub(super) fn document(catalog: &Catalog) -> Document {
                 catalog.source
             ),
         },
+        servers: BTreeMap::new(),
         default_content_type: "application/json",
         channels: BTreeMap::new(),
         operations: BTreeMap::new(),
@@ -115,6 +143,8 @@ pub(super) fn document(catalog: &Catalog) -> Document {
         }
         let channel_ref = json!({ "$ref": format!("#/channels/{}", event.name) });
         let message_ref = json!([{ "$ref": format!("#/channels/{}/messages/{key}", event.name) }]);
+        let senders = catalog.event_senders(event);
+        let mut channel_transports = BTreeSet::new();
 
         if !event.publishers.is_empty() {
             let by: Vec<String> = event.publishers.iter().map(ToString::to_string).collect();
@@ -140,23 +170,165 @@ pub(super) fn document(catalog: &Catalog) -> Document {
                 .group(group)
                 .map_or("", |g| g.route.as_str())
                 .to_owned();
+            let mut operation = json!({
+                "action": "receive",
+                "channel": channel_ref,
+                "summary": format!("Received by group `{group}`{role}."),
+                "messages": message_ref,
+                "x-inseam-group": group,
+                "x-inseam-route": route,
+            });
+            if let Some(receiver) = catalog.group(group) {
+                channel_transports.extend(receive_route(
+                    catalog,
+                    &mut operation,
+                    receiver,
+                    &senders,
+                ));
+            }
             doc.operations.insert(
                 format!("{}--receives--{key}", operation_part(group)),
-                json!({
-                    "action": "receive",
-                    "channel": channel_ref,
-                    "summary": format!("Received by group `{group}`{role}."),
-                    "messages": message_ref,
-                    "x-inseam-group": group,
-                    "x-inseam-route": route,
-                }),
+                operation,
             );
+        }
+        if let Some(channel) = doc.channels.get_mut(event.name) {
+            routed_channel(catalog, channel, event.name, &channel_transports);
         }
     }
     for command in catalog.commands.iter().filter(|c| c.durable) {
         durable_command(&mut doc, catalog, command);
     }
+    for process in &catalog.processes {
+        for transport in &process.transports {
+            doc.servers
+                .entry(server_key(transport))
+                .or_insert_with(|| server(transport));
+        }
+    }
     doc
+}
+
+/// Adds to a group's `receive` operation, in a routed app, the process that runs the group
+/// and, when its messages reach it over NATS, the NATS binding. Returns the transports the
+/// group's messages take to reach it from `senders`.
+fn receive_route<'a>(
+    catalog: &'a Catalog,
+    operation: &mut Value,
+    group: &GroupDoc,
+    senders: &BTreeSet<&'a str>,
+) -> BTreeSet<&'a str> {
+    let transports = catalog.transports_into(senders, &group.process);
+    let Some(object) = operation.as_object_mut() else {
+        return transports;
+    };
+    if !catalog.is_routed() {
+        return transports;
+    }
+    object.insert("x-inseam-process".to_owned(), json!(group.process));
+    if transports.contains(NATS) {
+        // The group's processes share its consumers as a queue group shares a subject.
+        let mut binding = serde_json::Map::new();
+        if group.name.len() <= NATS_QUEUE_MAX {
+            binding.insert("queue".to_owned(), json!(group.name));
+        }
+        binding.insert("bindingVersion".to_owned(), json!(NATS_BINDING_VERSION));
+        object.insert("bindings".to_owned(), json!({ NATS: binding }));
+    }
+    transports
+}
+
+/// Points a channel at the servers its messages travel through between processes, with its
+/// address on the broker; in a routed app, says that a channel without any stays in process.
+fn routed_channel(catalog: &Catalog, channel: &mut Value, name: &str, transports: &BTreeSet<&str>) {
+    let Some(object) = channel.as_object_mut() else {
+        return;
+    };
+    if !catalog.is_routed() {
+        return;
+    }
+    if transports.is_empty() {
+        object.insert(
+            "description".to_owned(),
+            json!(
+                "Stays in one process: its publishers and receiving groups run together, so it \
+                 goes from the outbox to the inbox of one database and on no broker."
+            ),
+        );
+        return;
+    }
+    let mut description = Vec::new();
+    for transport in transports {
+        if *transport == NATS {
+            object.insert(
+                "address".to_owned(),
+                json!(format!("{NATS_PREFIX}.*.{name}")),
+            );
+            description.push(format!(
+                "On NATS JetStream between processes: subjects `{NATS_PREFIX}.<partition>.{name}` \
+                 (the address's `*` is the partition token; `{NATS_PREFIX}` is the default \
+                 subject prefix, `INSEAM_NATS_PREFIX`)."
+            ));
+        } else {
+            description.push(format!(
+                "On transport `{transport}` between processes: channel `{name}`."
+            ));
+        }
+    }
+    object.insert("description".to_owned(), json!(description.join(" ")));
+    let servers: Vec<Value> = transports
+        .iter()
+        .map(|t| json!({ "$ref": format!("#/servers/{}", server_key(t)) }))
+        .collect();
+    object.insert("servers".to_owned(), Value::Array(servers));
+}
+
+/// The server of a transport. Its host is a variable: where the broker runs, and how to log
+/// in, belong to each deployment.
+fn server(transport: &str) -> Value {
+    if transport == NATS {
+        return json!({
+            "host": "{host}",
+            "protocol": "nats",
+            "title": "NATS JetStream",
+            "description": format!(
+                "The NATS JetStream servers between the processes (`inseam::nats`, decision \
+                 0016). One stream, `INSEAM` by default, holds every message, on the subject \
+                 `{NATS_PREFIX}.<partition>.<channel>`; each group reads through one durable \
+                 pull consumer per partition, named `<group>-<partition>`. The servers and \
+                 their credentials come from the environment of each process \
+                 (`INSEAM_NATS_URL` and the other `INSEAM_NATS_*` variables)."
+            ),
+            "variables": {
+                "host": {
+                    "default": "127.0.0.1:4222",
+                    "description": "A NATS server, `host:port` (`INSEAM_NATS_URL`).",
+                },
+            },
+        });
+    }
+    json!({
+        "host": "{host}",
+        "protocol": transport,
+        "description": format!("Transport `{transport}` between the processes."),
+        "variables": {
+            "host": {
+                "description": format!("Where transport `{transport}` runs."),
+            },
+        },
+    })
+}
+
+/// `name` with every character a server's key does not allow (`[A-Za-z0-9_-]`) as `_`.
+fn server_key(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The channel, message and operations of a durable command.
@@ -218,18 +390,25 @@ fn durable_command(doc: &mut Document, catalog: &Catalog, command: &CommandDoc) 
         .groups
         .iter()
         .find(|g| g.role == Role::Command && g.name.strip_prefix("command:") == Some(command.name));
+    let mut transports = BTreeSet::new();
     if let (Some(handler), Some(group)) = (&command.handler, group) {
+        let mut operation = json!({
+            "action": "receive",
+            "channel": channel_ref,
+            "summary": format!("Handled by `{}`.", handler.name),
+            "messages": message_ref,
+            "x-inseam-group": group.name,
+            "x-inseam-route": group.route.as_str(),
+        });
+        let senders = catalog.command_senders(command.name);
+        transports = receive_route(catalog, &mut operation, group, &senders);
         doc.operations.insert(
             format!("{}--receives--{key}", operation_part(group.name)),
-            json!({
-                "action": "receive",
-                "channel": channel_ref,
-                "summary": format!("Handled by `{}`.", handler.name),
-                "messages": message_ref,
-                "x-inseam-group": group.name,
-                "x-inseam-route": group.route.as_str(),
-            }),
+            operation,
         );
+    }
+    if let Some(channel) = doc.channels.get_mut(&key) {
+        routed_channel(catalog, channel, command.name, &transports);
     }
 }
 

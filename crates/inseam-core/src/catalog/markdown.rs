@@ -12,6 +12,7 @@ pub(super) fn render(catalog: &Catalog) -> String {
          editing it.\n\n",
     );
     let _ = writeln!(out, "Modules: {}.\n", code_list(catalog.modules()));
+    processes(&mut out, catalog);
 
     out.push_str("## Flow\n\n```mermaid\n");
     out.push_str(&catalog.mermaid());
@@ -23,6 +24,47 @@ pub(super) fn render(catalog: &Catalog) -> String {
     groups(&mut out, catalog);
     aggregates(&mut out, catalog);
     out
+}
+
+/// Which process runs which modules and groups, and over which transport the others reach
+/// it; nothing when one process runs everything, so that an app that is not routed reads as
+/// it always did.
+fn processes(out: &mut String, catalog: &Catalog) {
+    if !catalog.is_routed() {
+        return;
+    }
+    out.push_str("## Processes\n\n");
+    out.push_str(
+        "Every process runs the same binary with the same routing (`INSEAM_CONFIG`); \
+         `INSEAM_PROCESS` names the one starting. The main process runs every group no other \
+         process claims. A message whose receiving group runs in another process travels over \
+         that process's transport (to the main process, over the sender's own); the receiving \
+         process stages it in its own database, and its relay delivers it (the route below).\n\n",
+    );
+    out.push_str("| Process | Reached over | Modules | Groups |\n|---|---|---|---|\n");
+    for process in &catalog.processes {
+        row(
+            out,
+            &[
+                &format!("`{}`", process.name),
+                &code_list(&process.transports),
+                &code_list(&process.modules),
+                &code_list(&process.groups),
+            ],
+        );
+    }
+    out.push('\n');
+}
+
+/// Where a group runs, for a routed app: `` `billing` over `nats` ``.
+fn placement(catalog: &Catalog, group: &str) -> String {
+    match catalog.group(group) {
+        Some(group) if !group.transports.is_empty() => {
+            format!("`{}` over {}", group.process, code_list(&group.transports))
+        }
+        Some(group) => format!("`{}`", group.process),
+        None => "–".to_owned(),
+    }
 }
 
 fn commands(out: &mut String, catalog: &Catalog) {
@@ -93,7 +135,7 @@ fn events(out: &mut String, catalog: &Catalog) {
     let mut any = false;
     for event in catalog.contracts() {
         any = true;
-        event_section(out, event);
+        event_section(out, catalog, event);
     }
     if !any {
         out.push_str("None.\n\n");
@@ -105,14 +147,17 @@ fn events(out: &mut String, catalog: &Catalog) {
         for event in internal {
             row(
                 out,
-                &[&format!("`{}`", event.reference()), &subscribers(event)],
+                &[
+                    &format!("`{}`", event.reference()),
+                    &subscribers(catalog, event),
+                ],
             );
         }
         out.push('\n');
     }
 }
 
-fn event_section(out: &mut String, event: &EventDoc) {
+fn event_section(out: &mut String, catalog: &Catalog, event: &EventDoc) {
     let _ = writeln!(out, "### `{}` v{}\n", event.name, event.version);
     out.push_str("| | |\n|---|---|\n");
     row(out, &["Rust type", &format!("`{}`", event.rust_type)]);
@@ -128,7 +173,7 @@ fn event_section(out: &mut String, event: &EventDoc) {
             .join(", ")
     };
     row(out, &["Published by", &publishers]);
-    row(out, &["Subscribers", &subscribers(event)]);
+    row(out, &["Subscribers", &subscribers(catalog, event)]);
     out.push('\n');
     match &event.schema {
         Some(schema) => schema_block(out, "Payload schema", schema),
@@ -138,19 +183,29 @@ fn event_section(out: &mut String, event: &EventDoc) {
     }
 }
 
-fn subscribers(event: &EventDoc) -> String {
+fn subscribers(catalog: &Catalog, event: &EventDoc) -> String {
     if event.subscribers.is_empty() {
         return "none".to_owned();
     }
     event
         .subscribers
         .iter()
-        .map(|s| match s.group {
-            Some(group) if s.role == Role::Subscriber => {
-                format!("group `{group}` (`{}`)", s.handler)
+        .map(|s| {
+            let mut text = match s.group {
+                Some(group) if s.role == Role::Subscriber => {
+                    format!("group `{group}` (`{}`)", s.handler)
+                }
+                Some(group) => format!("{} `{group}`", s.role.as_str()),
+                None => format!("inline `{}`", s.handler),
+            };
+            // An inline subscriber runs wherever the event is published; a group, in the
+            // process the routing gives it.
+            if let Some(group) = s.group.and_then(|g| catalog.group(g))
+                && catalog.is_routed()
+            {
+                let _ = write!(text, " in `{}`", group.process);
             }
-            Some(group) => format!("{} `{group}`", s.role.as_str()),
-            None => format!("inline `{}`", s.handler),
+            text
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -162,26 +217,39 @@ fn groups(out: &mut String, catalog: &Catalog) {
         out.push_str("None.\n\n");
         return;
     }
-    out.push_str("| Group | Kind | Route | Receives | Handlers | Publishes | Sends |\n");
-    out.push_str("|---|---|---|---|---|---|---|\n");
+    let routed = catalog.is_routed();
+    if routed {
+        out.push_str(
+            "| Group | Kind | Process | Route | Receives | Handlers | Publishes | Sends |\n",
+        );
+        out.push_str("|---|---|---|---|---|---|---|---|\n");
+    } else {
+        out.push_str("| Group | Kind | Route | Receives | Handlers | Publishes | Sends |\n");
+        out.push_str("|---|---|---|---|---|---|---|\n");
+    }
     for group in &catalog.groups {
         let receives = if group.role == Role::Command {
             format!("`{}`", group.name.trim_start_matches("command:"))
         } else {
             code_list(&group.events)
         };
-        row(
-            out,
-            &[
-                &format!("`{}`", group.name),
-                group.role.as_str(),
-                group.route.as_str(),
-                &receives,
-                &code_list(&group.handlers),
-                &code_list(&group.publishes),
-                &code_list(&group.sends),
-            ],
-        );
+        let name = format!("`{}`", group.name);
+        let process = placement(catalog, group.name);
+        let handlers = code_list(&group.handlers);
+        let publishes = code_list(&group.publishes);
+        let sends = code_list(&group.sends);
+        let mut cells: Vec<&str> = vec![&name, group.role.as_str()];
+        if routed {
+            cells.push(&process);
+        }
+        cells.extend([
+            group.route.as_str(),
+            &receives,
+            &handlers,
+            &publishes,
+            &sends,
+        ]);
+        row(out, &cells);
     }
     out.push('\n');
 }
