@@ -1185,3 +1185,115 @@ pub async fn duplicate_publish_is_dropped(harness: Arc<dyn Harness>) {
         panic!("group `{group}`: {problem}");
     }
 }
+
+/// Request-reply, when declared: with two servers of a channel on two connections, each of 20
+/// requests is answered exactly once, with its own answer, and both servers take some; a
+/// request nobody serves, and one whose server does not answer, fail as transient within the
+/// requester's timeout. Without it, a request is refused as permanent.
+pub async fn requests_are_answered_once(harness: Arc<dyn Harness>) {
+    let transport = harness.transport().await;
+    let names = Names::new("rpc");
+    let channel = names.channel("ask");
+    if !transport.capabilities().request_reply {
+        let refused = transport
+            .request(&channel, Bytes::from_static(b"{}"), Duration::from_secs(1))
+            .await;
+        match refused {
+            Err(error) if !error.transient => eprintln!(
+                "inseam-conformance: requests_are_answered_once is not applicable: transport `{}` \
+                 does not declare request_reply, and refuses requests",
+                transport.name()
+            ),
+            other => panic!(
+                "a transport without request_reply must refuse requests as permanent, got {other:?}"
+            ),
+        }
+        return;
+    }
+    let unserved = transport
+        .request(&channel, Bytes::from_static(b"{}"), Duration::from_secs(2))
+        .await;
+    match unserved {
+        Err(error) if error.transient => {}
+        other => panic!("a request nobody serves must fail as transient, got {other:?}"),
+    }
+    let served: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    for server in 0..2 {
+        let connection = harness.transport().await;
+        let mut requests = match connection.serve(&channel).await {
+            Ok(requests) => requests,
+            Err(error) => panic!("serve `{channel}`: {}", error_chain(&error)),
+        };
+        let served = served.clone();
+        tokio::spawn(async move {
+            // The connection lives as long as its server.
+            let _connection = connection;
+            while let Some(request) = requests.next().await {
+                let question = String::from_utf8_lossy(&request.payload).into_owned();
+                lock(&served).push((server, question.clone()));
+                let answer = Bytes::from(format!("{question} answered by {server}"));
+                if let Err(error) = request.responder.respond(answer).await {
+                    panic!("answer `{question}`: {}", error_chain(&error));
+                }
+            }
+        });
+    }
+    // Give both servers time to be known to the broker.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..20 {
+        let question = format!("q{i}");
+        let answer = match transport
+            .request(&channel, Bytes::from(question.clone()), PATIENCE)
+            .await
+        {
+            Ok(answer) => String::from_utf8_lossy(&answer).into_owned(),
+            Err(error) => panic!("request `{question}`: {}", error_chain(&error)),
+        };
+        assert!(
+            answer.starts_with(&format!("{question} answered by ")),
+            "request `{question}` got the answer `{answer}`"
+        );
+    }
+    let served = lock(&served).clone();
+    let mut questions: Vec<&str> = served.iter().map(|(_, q)| q.as_str()).collect();
+    questions.sort_unstable();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("q{i}")).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        questions, expected,
+        "each request must reach exactly one server"
+    );
+    assert!(
+        served.iter().any(|(s, _)| *s == 0) && served.iter().any(|(s, _)| *s == 1),
+        "both servers must take requests: {served:?}"
+    );
+
+    let silent = names.channel("silent");
+    let connection = harness.transport().await;
+    let mut requests = match connection.serve(&silent).await {
+        Ok(requests) => requests,
+        Err(error) => panic!("serve `{silent}`: {}", error_chain(&error)),
+    };
+    tokio::spawn(async move {
+        let _connection = connection;
+        let mut kept = Vec::new();
+        while let Some(request) = requests.next().await {
+            kept.push(request);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let timeout = Duration::from_millis(500);
+    match transport
+        .request(&silent, Bytes::from_static(b"{}"), timeout)
+        .await
+    {
+        Err(error) if error.transient => {}
+        other => panic!("a request nobody answers must fail as transient, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_secs(3),
+        "a request nobody answers must fail after its timeout of {timeout:?}, took {waited:?}"
+    );
+}

@@ -29,6 +29,7 @@
 //!             native_delayed_delivery: false,
 //!             native_dead_letters: false,
 //!             deduplicates: true,
+//!             request_reply: true,
 //!             acks_survive_restart: true,
 //!         }
 //!     }
@@ -91,6 +92,10 @@
 //!   does not come again, where the transport declares `acks_survive_restart`.
 //! - [`duplicate_publish_is_dropped`](cases::duplicate_publish_is_dropped): where declared,
 //!   a second publish of a message id is dropped.
+//! - [`requests_are_answered_once`](cases::requests_are_answered_once): where declared, each
+//!   request reaches one server of its channel and its answer comes back; unserved and
+//!   unanswered requests fail as transient within their timeout; without it, requests are
+//!   refused as permanent.
 //!
 //! A case whose capability the transport does not declare says on stderr that it does not
 //! apply (never a silent pass).
@@ -233,6 +238,7 @@ macro_rules! suite {
             consumer_restart_resumes_where_acked,
             broker_restart_loses_nothing,
             duplicate_publish_is_dropped,
+            requests_are_answered_once,
         );
     };
 }

@@ -23,6 +23,7 @@ impl Harness for InProcessHarness {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            request_reply: true,
             acks_survive_restart: true,
         }
     }

@@ -214,6 +214,9 @@ pub struct Capabilities {
     pub native_dead_letters: bool,
     /// Whether it drops a second publish of a message id (within some window).
     pub deduplicates: bool,
+    /// Whether it answers [`Transport::request`] through [`Transport::serve`], which commands
+    /// and queries answered by another process need.
+    pub request_reply: bool,
     /// Whether a message acknowledged before the broker stops is never delivered again after
     /// it starts again. Without it, a restart may deliver acknowledged messages again (a
     /// broker that writes its consumers' progress to disk some time after confirming an

@@ -524,6 +524,7 @@ impl Transport for Nats {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            request_reply: true,
             // nats-server writes a consumer's progress to its store some time after
             // confirming an acknowledgement, and before 2.14 by truncating the file first: a
             // server that stops (even cleanly) while it writes can restart a consumer from the

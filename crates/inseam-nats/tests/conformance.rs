@@ -59,6 +59,7 @@ impl Harness for NatsHarness {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            request_reply: true,
             acks_survive_restart: false,
         }
     }

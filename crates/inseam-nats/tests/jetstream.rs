@@ -105,6 +105,7 @@ async fn round_trip_keeps_key_headers_and_bytes_and_drops_a_second_publish() {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            request_reply: true,
             acks_survive_restart: false,
         }
     );

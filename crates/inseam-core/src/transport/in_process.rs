@@ -134,6 +134,7 @@ impl Transport for InProcess {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
+            request_reply: true,
             // Its outage switch loses nothing, acknowledgements included.
             acks_survive_restart: true,
         }
