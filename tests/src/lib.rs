@@ -1,8 +1,9 @@
-//! Support for the workspace's integration tests: databases to run against and a small bank
-//! whose handlers write through the store's transaction.
+//! Support for the workspace's integration tests: databases to run against, a small bank
+//! whose handlers write through the store's transaction, and a NATS server of a test's own.
 
 pub mod bank;
 pub mod cart;
+pub mod nats;
 pub mod orders;
 
 use std::time::{Duration, Instant};
