@@ -23,7 +23,9 @@ use shop::{Deployment, ShopError, World};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Logs go to standard error: standard output is the demo's.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
