@@ -1,8 +1,11 @@
-//! Support for the workspace's integration tests: databases to run against and a small bank
-//! whose handlers write through the store's transaction.
+//! Support for the workspace's integration tests: databases to run against, a small bank
+//! whose handlers write through the store's transaction, a small app split in two processes
+//! over NATS, and a NATS server of a test's own.
 
 pub mod bank;
+pub mod billing;
 pub mod cart;
+pub mod nats;
 pub mod orders;
 
 use std::time::{Duration, Instant};

@@ -127,6 +127,11 @@ impl Nats {
                     async_nats::Event::Disconnected => {
                         tracing::warn!(target: TARGET, "disconnected from NATS; reconnecting");
                     }
+                    // The end of a client the app let go of (its last handle dropped): nothing
+                    // is wrong.
+                    async_nats::Event::Draining | async_nats::Event::Closed => {
+                        tracing::debug!(target: TARGET, event = %event, "NATS client closing");
+                    }
                     other => tracing::warn!(target: TARGET, event = %other, "NATS client event"),
                 }
             });

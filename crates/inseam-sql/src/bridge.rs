@@ -202,7 +202,8 @@ pub(crate) async fn consumer(store: SqlStore, inbound: Inbound, cancel: Cancella
         channels,
         transport,
     } = inbound;
-    let subscription = Subscription::new(group, channels.iter().cloned());
+    let mut subscription = Subscription::new(group, channels.iter().cloned());
+    subscription.ack_wait = store.shared.options.inbound_ack_wait;
     let mut failures = 0;
     let mut consumer = loop {
         let subscribed = async {

@@ -52,6 +52,11 @@ pub struct RelayOptions {
     pub inbox_retention: Duration,
     /// How often retention runs and lag is reported.
     pub housekeeping_interval: Duration,
+    /// How long a message a transport handed to this process may stay unacknowledged before
+    /// the broker hands it out again. A process that dies holding a message (or staging it)
+    /// holds back what follows it on the broker (its key, its NATS partition) that long.
+    /// Staging and acknowledging a batch must take less.
+    pub inbound_ack_wait: Duration,
 }
 
 impl Default for RelayOptions {
@@ -66,6 +71,7 @@ impl Default for RelayOptions {
             outbox_retention: Duration::from_secs(24 * 3600),
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             housekeeping_interval: Duration::from_secs(60),
+            inbound_ack_wait: Duration::from_secs(30),
         }
     }
 }

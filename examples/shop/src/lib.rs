@@ -10,6 +10,12 @@
 //! A module's tables carry its name as a prefix, and no module touches another's tables
 //! (`tests/boundaries.rs` checks the SQL of every module). Modules talk through commands,
 //! queries and events only, so any of them can later move behind a broker.
+//!
+//! By default one process runs every module. A [`Deployment`] read from the environment
+//! (`INSEAM_CONFIG`, `INSEAM_PROCESS`, `INSEAM_NATS_URL`) runs some of them in another process
+//! of the same binary over NATS; `split.toml` moves payments and shipping to process
+//! `billing`. Each process has a database of its own and creates the tables of the modules it
+//! runs only.
 
 pub mod catalog;
 pub mod http;
@@ -19,11 +25,14 @@ pub mod orders;
 pub mod payments;
 pub mod shipping;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use inseam::routing::{Routing, RoutingError};
 use inseam::sql::sqlx::{self, AssertSqlSafe};
 use inseam::sql::{Backend, SqlStore};
-use inseam::{App, BuildError, Catalog, MessageMeta, Routing};
+use inseam::transport::Transport;
+use inseam::{App, BuildError, Catalog, MessageMeta};
 
 use crate::catalog::{AddProduct, Product};
 use crate::inventory::SetStock;
@@ -49,6 +58,123 @@ pub enum ShopError {
     /// An order did not finish in time.
     #[error("order `{0}` did not finish within {1:?}")]
     Timeout(String, Duration),
+    /// The routing file (`INSEAM_CONFIG`) could not be read.
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    /// The NATS transport could not be set up.
+    #[error("the NATS transport could not be set up")]
+    Nats(#[source] inseam::nats::NatsError),
+    /// The routing names a transport the shop does not know.
+    #[error(
+        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats`)"
+    )]
+    UnknownTransport {
+        /// The process the routing declares.
+        process: String,
+        /// The transport it names.
+        transport: String,
+    },
+}
+
+/// The shop's modules, each the first segment of its messages' and groups' names.
+pub const MODULES: [&str; 6] = [
+    "catalog",
+    "inventory",
+    "orders",
+    "payments",
+    "shipping",
+    "notifications",
+];
+
+/// Which of the shop's processes this one is, and the transports that reach the others.
+///
+/// [`Deployment::single`] is one process running every module. [`Deployment::from_env`] reads
+/// the routing file named by `INSEAM_CONFIG` (every process gets the same file) and the name
+/// of this process from `INSEAM_PROCESS` (the main process when unset), and connects the
+/// transports the file names: `nats`, at `INSEAM_NATS_URL` (default `nats://127.0.0.1:4222`;
+/// the other `INSEAM_NATS_*` variables of [`NatsOptions::from_env`] apply).
+///
+/// The shop's modules reach payments and shipping only through durable commands and events,
+/// so those two can run in another process (`split.toml`). Catalog, inventory and orders
+/// answer synchronous `send`/`query` calls (the orders' prices, the demo's seed and status
+/// polls, the HTTP API), which cannot cross processes yet: they stay in the main process.
+///
+/// [`NatsOptions::from_env`]: inseam::nats::NatsOptions::from_env
+#[derive(Debug, Clone, Default)]
+pub struct Deployment {
+    routing: Routing,
+    transports: Vec<Arc<dyn Transport>>,
+}
+
+impl Deployment {
+    /// One process running every module.
+    pub fn single() -> Self {
+        Deployment::default()
+    }
+
+    /// The deployment the environment asks for; see the type's documentation.
+    pub async fn from_env() -> Result<Self, ShopError> {
+        Deployment::connect(Routing::from_env()?).await
+    }
+
+    /// Connects the transports `routing` names (NATS options from the environment).
+    pub async fn connect(routing: Routing) -> Result<Self, ShopError> {
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        let mut connected: Vec<&str> = Vec::new();
+        for (process, route) in routing.processes() {
+            let name = route.transport.as_str();
+            if connected.contains(&name) {
+                continue;
+            }
+            match name {
+                "nats" => {
+                    let options = inseam::nats::NatsOptions::from_env()
+                        .map_err(ShopError::Nats)?
+                        .client_name(format!("inseam shop, process {}", routing.current()));
+                    let nats = inseam::nats::Nats::connect_with(options)
+                        .await
+                        .map_err(ShopError::Nats)?;
+                    transports.push(Arc::new(nats));
+                }
+                other => {
+                    return Err(ShopError::UnknownTransport {
+                        process: process.to_owned(),
+                        transport: other.to_owned(),
+                    });
+                }
+            }
+            connected.push(name);
+        }
+        Ok(Deployment {
+            routing,
+            transports,
+        })
+    }
+
+    /// Where each group runs.
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
+
+    /// The name of this process (`main` unless `INSEAM_PROCESS` says otherwise).
+    pub fn process(&self) -> &str {
+        self.routing.current()
+    }
+
+    /// Whether this is the main process: the one that runs every module no other claims.
+    pub fn is_main(&self) -> bool {
+        self.process() == inseam::routing::MAIN
+    }
+
+    /// Whether this process runs `module`.
+    pub fn runs(&self, module: &str) -> bool {
+        self.routing.is_local(module)
+    }
+
+    /// The modules this process runs.
+    pub fn modules(&self) -> Vec<&'static str> {
+        MODULES.into_iter().filter(|m| self.runs(m)).collect()
+    }
 }
 
 /// The fake outside world the shop talks to.
@@ -62,50 +188,75 @@ pub struct World {
 
 /// Connects to the shop's database (`sqlite://..` or `postgres://..`) and creates its tables.
 pub async fn open(url: &str) -> Result<SqlStore, ShopError> {
+    open_for(url, &Deployment::single()).await
+}
+
+/// Connects to this process's database and creates the tables of the modules it runs.
+pub async fn open_for(url: &str, deployment: &Deployment) -> Result<SqlStore, ShopError> {
     let store = SqlStore::connect(url).await?;
-    install(&store).await?;
+    install_for(&store, deployment).await?;
     Ok(store)
 }
 
 /// Creates the modules' tables in `store`, if they do not exist.
 pub async fn install(store: &SqlStore) -> Result<(), ShopError> {
+    install_for(store, &Deployment::single()).await
+}
+
+/// Creates the tables of the modules this process runs in `store`, if they do not exist.
+pub async fn install_for(store: &SqlStore, deployment: &Deployment) -> Result<(), ShopError> {
     let serial = match store.backend() {
         Backend::Sqlite => "INTEGER PRIMARY KEY",
         Backend::Postgres => "BIGSERIAL PRIMARY KEY",
     };
     let schemas = [
-        catalog::SCHEMA,
-        inventory::SCHEMA,
-        payments::SCHEMA,
-        shipping::SCHEMA,
-        notifications::SCHEMA,
+        ("catalog", catalog::SCHEMA),
+        ("inventory", inventory::SCHEMA),
+        ("payments", payments::SCHEMA),
+        ("shipping", shipping::SCHEMA),
+        ("notifications", notifications::SCHEMA),
     ];
-    for statement in schemas.into_iter().flatten() {
+    let local = schemas
+        .into_iter()
+        .filter(|(module, _)| deployment.runs(module));
+    for statement in local.flat_map(|(_, schema)| schema) {
         sqlx::query(AssertSqlSafe(statement.replace("{serial}", serial)))
             .execute(store.pool())
             .await
             .map_err(ShopError::Schema)?;
     }
-    store.install(&orders::Summaries).await?;
+    if deployment.runs("orders") {
+        store.install(&orders::Summaries).await?;
+    }
     Ok(())
 }
 
 /// The shop's app on `store`, talking to `world`.
 pub async fn app(store: &SqlStore, world: &World) -> Result<App, ShopError> {
-    let builder = App::builder().source("shop").store(store.clone());
+    app_for(store, world, &Deployment::single()).await
+}
+
+/// The shop's app as the process `deployment` says: its modules' groups run here, the others'
+/// are reached over its transports.
+pub async fn app_for(
+    store: &SqlStore,
+    world: &World,
+    deployment: &Deployment,
+) -> Result<App, ShopError> {
+    let mut builder = App::builder()
+        .source("shop")
+        .store(store.clone())
+        .routing(deployment.routing.clone());
+    for transport in &deployment.transports {
+        builder = builder.transport_arc(Arc::clone(transport));
+    }
     Ok(configure(builder, store, world).build().await?)
 }
 
-/// The split the shop is documented for: `payments` and `shipping` run in process `billing`,
-/// which the main process reaches over NATS (and `billing` the main one). It is the routing
-/// `examples/shop/split.toml` is meant to hold for a deployment of two processes
-/// (`INSEAM_CONFIG=examples/shop/split.toml INSEAM_PROCESS=billing`); the catalog renders it
-/// from here, so that the documents do not depend on a file being present.
-pub const SPLIT: &str = r#"
-[processes.billing]
-transport = "nats"
-modules = ["payments", "shipping"]
-"#;
+/// The split the shop is documented for, `examples/shop/split.toml`: `payments` and
+/// `shipping` run in process `billing`, which the main process reaches over NATS (and
+/// `billing` the main one). The catalog renders it from here.
+pub const SPLIT: &str = include_str!("../split.toml");
 
 /// The shop's message catalog, as the files under `examples/shop/docs/`: `catalog.md`
 /// (Markdown, with the flow diagram), `asyncapi.yaml` (AsyncAPI 3.0) and `flow.mmd` (Mermaid)
@@ -153,7 +304,8 @@ pub fn configure(
     orders::register(builder)
 }
 
-/// The catalog and stock the demo starts with.
+/// The catalog and stock the demo starts with, sent to the catalog and inventory modules (which
+/// run in the main process).
 pub async fn seed(app: &App) -> Result<(), ShopError> {
     let products = [
         ("tea", "Assam tea, 250 g", 650, 100),

@@ -10,16 +10,23 @@
 //! `asyncapi.yaml`, `flow.mmd`) from the app's registrations, and the same for the shop split
 //! into two processes (`catalog-split.md`, `asyncapi-split.yaml`, `flow-split.mmd`; see
 //! `shop::SPLIT`), by default to `examples/shop/docs/`.
+//!
+//! With `INSEAM_CONFIG=examples/shop/split.toml`, the demo and `serve` run the main process
+//! of a shop split in two over NATS (`INSEAM_NATS_URL`, default `nats://127.0.0.1:4222`);
+//! the same command with `INSEAM_PROCESS=billing` runs the billing process (payments and
+//! shipping) on a database of its own until Ctrl-C or SIGTERM.
 
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use shop::{ShopError, World};
+use shop::{Deployment, ShopError, World};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Logs go to standard error: standard output is the demo's.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -69,9 +76,17 @@ async fn catalog(dir: &str) -> Result<(), ShopError> {
 }
 
 async fn serve(address: &str) -> Result<(), ShopError> {
+    let deployment = Deployment::from_env().await?;
+    let world = World::default();
+    if !deployment.is_main() {
+        // Each process has a database of its own.
+        let url = std::env::var("SHOP_DATABASE_URL")
+            .unwrap_or_else(|_| format!("sqlite://shop-{}.db", deployment.process()));
+        return host(&deployment, &url, &world).await;
+    }
     let url = std::env::var("SHOP_DATABASE_URL").unwrap_or_else(|_| "sqlite://shop.db".into());
-    let store = shop::open(&url).await?;
-    let app = shop::app(&store, &World::default()).await?;
+    let store = shop::open_for(&url, &deployment).await?;
+    let app = shop::app_for(&store, &world, &deployment).await?;
     let relay = app.start();
     shop::seed(&app).await?;
     let listener = tokio::net::TcpListener::bind(address)
@@ -120,20 +135,78 @@ async fn worker(args: &[String]) -> Result<(), ShopError> {
     Ok(())
 }
 
+/// A process other than the main one: runs its modules' groups (consumed from the transport,
+/// delivered by its relay) until Ctrl-C or SIGTERM. It serves nothing: the HTTP API's
+/// commands and queries are answered by the main process.
+async fn host(deployment: &Deployment, url: &str, world: &World) -> Result<(), ShopError> {
+    let store = shop::open_for(url, deployment).await?;
+    let app = shop::app_for(&store, world, deployment).await?;
+    let relay = app.start();
+    show(&format!(
+        "inseam shop, process `{}` on {url}: runs {}; Ctrl-C stops it\n",
+        deployment.process(),
+        deployment.modules().join(", ")
+    ));
+    stopped().await;
+    relay.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM where there is one.
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// Writes to standard output; a closed pipe (`| head`) only cuts the output short.
 fn show(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 async fn demo() -> Result<(), ShopError> {
+    let deployment = Deployment::from_env().await?;
     let dir = tempfile::tempdir().map_err(|e| ShopError::Dispatch(e.to_string()))?;
     let url = std::env::var("SHOP_DATABASE_URL")
         .unwrap_or_else(|_| format!("sqlite://{}", dir.path().join("shop.db").display()));
-    show(&format!("inseam shop on {url}\n\n"));
-    let store = shop::open(&url).await?;
     let world = World::default();
     world.gateway.decline("bob");
-    let app = shop::app(&store, &world).await?;
+    if !deployment.is_main() {
+        return host(&deployment, &url, &world).await;
+    }
+    if deployment.routing().is_single() {
+        show(&format!("inseam shop on {url}\n\n"));
+    } else {
+        let others: Vec<String> = deployment
+            .routing()
+            .processes()
+            .map(|(name, route)| {
+                let runs: Vec<&str> = route
+                    .modules
+                    .iter()
+                    .chain(&route.groups)
+                    .map(String::as_str)
+                    .collect();
+                format!("`{name}` ({}) over {}", runs.join(", "), route.transport)
+            })
+            .collect();
+        show(&format!(
+            "inseam shop on {url}, process `main` ({}); {}\n\n",
+            deployment.modules().join(", "),
+            others.join("; ")
+        ));
+    }
+    let store = shop::open_for(&url, &deployment).await?;
+    let app = shop::app_for(&store, &world, &deployment).await?;
     let relay = app.start();
     shop::seed(&app).await?;
 

@@ -1,0 +1,332 @@
+//! The shop in two processes over NATS: the shop binary started twice with `split.toml`, the
+//! second as process `billing` (payments and shipping), each on a SQLite file of its own, over
+//! a `nats-server -js` of the test's own. The demo's three orders end as in one process, with
+//! the same flows (apart from timing), each process created only its modules' tables, and the
+//! envelopes each process received are, byte for byte, the outbox rows the other wrote.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use inseam::sql::SqlStore;
+use inseam::sql::sqlx::{self, Row as _};
+use inseam_tests::nats::NatsServer;
+
+const SHOP: &str = env!("CARGO_BIN_EXE_shop");
+const SPLIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/split.toml");
+
+/// The shop binary with no routing or NATS settings from the caller's environment.
+fn shop(db_url: &str) -> Command {
+    let mut command = Command::new(SHOP);
+    command
+        .env("SHOP_DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .env_remove("INSEAM_CONFIG")
+        .env_remove("INSEAM_PROCESS")
+        .env_remove("INSEAM_NATS_URL");
+    command
+}
+
+fn split(db_url: &str, nats_url: &str, process: Option<&str>) -> Command {
+    let mut command = shop(db_url);
+    command
+        .env("INSEAM_CONFIG", SPLIT)
+        .env("INSEAM_NATS_URL", nats_url);
+    if let Some(process) = process {
+        command.env("INSEAM_PROCESS", process);
+    }
+    command
+}
+
+fn text(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).expect("UTF-8 output")
+}
+
+/// The demo's output without what differs from run to run: the first line (the database),
+/// the times (`+  12 ms`) and the flows' ids.
+fn flows(output: &str) -> String {
+    let mut lines = output.lines();
+    lines.next();
+    let mut text = String::new();
+    for line in lines {
+        let line = match line
+            .strip_prefix("  +")
+            .and_then(|rest| rest.split_once(" ms  "))
+        {
+            Some((_, rest)) => format!("  {rest}"),
+            None => line.to_owned(),
+        };
+        text.push_str(&without_uuids(&line));
+        text.push('\n');
+    }
+    text
+}
+
+fn without_uuids(line: &str) -> String {
+    let is_uuid = |s: &str| {
+        s.len() == 36
+            && s.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_hexdigit(),
+            })
+    };
+    let mut out = String::new();
+    let mut rest = line;
+    while !rest.is_empty() {
+        if rest.len() >= 36 && rest.is_char_boundary(36) && is_uuid(&rest[..36]) {
+            out.push_str("<id>");
+            rest = &rest[36..];
+        } else {
+            let c = rest.chars().next().unwrap_or_default();
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out
+}
+
+/// Starts the billing process and waits for the line that says it runs.
+fn start_billing(db_url: &str, nats_url: &str) -> Child {
+    let mut child = split(db_url, nats_url, Some("billing"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the billing process");
+    let stdout = child.stdout.take().expect("its standard output");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the billing process said nothing: {:?}", child.try_wait()));
+    assert!(
+        line.starts_with("inseam shop, process `billing` on ")
+            && line.ends_with(": runs payments, shipping; Ctrl-C stops it"),
+        "{line}"
+    );
+    child
+}
+
+/// Stops `child` with SIGTERM, as an operator would, and checks it exits cleanly.
+fn terminate(mut child: Child) {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the billing process") {
+            assert!(status.success(), "the billing process exited with {status}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the billing process did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `(message_id, envelope)` of the outbox rows named `names`, by message id.
+async fn rows(store: &SqlStore, names: &[&str]) -> Vec<(String, String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for name in names {
+        let rows =
+            sqlx::query("SELECT message_id, name, envelope FROM inseam_outbox WHERE name = $1")
+                .bind((*name).to_owned())
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        out.extend(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))));
+    }
+    out.sort();
+    out
+}
+
+/// `(group, message_id)` of the inbox rows of `groups`.
+async fn handled(store: &SqlStore, groups: &[&str]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for group in groups {
+        let rows = sqlx::query("SELECT grp, message_id FROM inseam_inbox WHERE grp = $1")
+            .bind((*group).to_owned())
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        out.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
+    }
+    out.sort();
+    out
+}
+
+async fn tables(store: &SqlStore) -> Vec<String> {
+    let rows = sqlx::query(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'inseam_%' \
+         AND name NOT LIKE 'sqlite_%' ORDER BY name",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+async fn pairs(store: &SqlStore, sql: &'static str) -> Vec<(String, String)> {
+    let rows = sqlx::query(sql).fetch_all(store.pool()).await.unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_split_in_two_processes_over_nats() {
+    let started = Instant::now();
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = |file: &str| format!("sqlite://{}", dir.path().join(file).display());
+
+    // The reference: the demo in one process.
+    let single = text(
+        &shop(&url("single.db")).output().expect("run the demo"),
+        "the demo in one process",
+    );
+
+    let billing = start_billing(&url("billing.db"), &server.url());
+    let demo = Instant::now();
+    let main = split(&url("main.db"), &server.url(), None)
+        .output()
+        .expect("run the demo's main process");
+    let demo = demo.elapsed();
+    let main = text(&main, "the demo's main process");
+    terminate(billing);
+
+    assert!(
+        main.lines().next().is_some_and(|line| line.contains(
+            "process `main` (catalog, inventory, orders, notifications); `billing` (payments, shipping) over nats"
+        )),
+        "{main}"
+    );
+    let outcomes: Vec<&str> = main.lines().filter(|l| l.starts_with("order-")).collect();
+    assert_eq!(
+        outcomes,
+        [
+            "order-1 for alice, 25.00 EUR: confirmed",
+            "order-2 for bob, 6.50 EUR: rejected (payment declined)",
+            "order-3 for carol, 135.00 EUR: rejected (out of stock: 3 × teapot asked, 1 available)",
+        ],
+        "{main}"
+    );
+    let steps = |text: &str| text.lines().filter(|l| l.starts_with("  ")).count();
+    assert_eq!(steps(&flows(&single)), 10 + 9 + 5, "{single}");
+    assert_eq!(flows(&main), flows(&single), "the flows differ:\n{main}");
+
+    let main_store = SqlStore::connect(&url("main.db")).await.unwrap();
+    let billing_store = SqlStore::connect(&url("billing.db")).await.unwrap();
+    // Each process has the tables of its modules only.
+    assert_eq!(
+        tables(&main_store).await,
+        [
+            "catalog_products",
+            "inventory_reservations",
+            "inventory_stock",
+            "notifications_sent",
+            "orders_summaries"
+        ]
+    );
+    assert_eq!(
+        tables(&billing_store).await,
+        ["payments_charges", "shipping_shipments"]
+    );
+    assert_eq!(
+        pairs(
+            &billing_store,
+            "SELECT order_id, status FROM payments_charges ORDER BY order_id"
+        )
+        .await,
+        [
+            ("order-1".to_owned(), "charged".to_owned()),
+            ("order-2".to_owned(), "declined".to_owned())
+        ]
+    );
+    assert_eq!(
+        pairs(
+            &billing_store,
+            "SELECT order_id, tracking FROM shipping_shipments"
+        )
+        .await,
+        [("order-1".to_owned(), "TRK-order-1".to_owned())]
+    );
+
+    // The commands billing received are the rows the main process wrote, byte for byte, and
+    // each was handled once.
+    let commands = ["payments.charge", "shipping.create_shipment"];
+    let sent = rows(&main_store, &commands).await;
+    let names: Vec<&str> = sent.iter().map(|(_, name, _)| name.as_str()).collect();
+    assert_eq!(
+        names.iter().filter(|n| **n == "payments.charge").count(),
+        2,
+        "{names:?}"
+    );
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| **n == "shipping.create_shipment")
+            .count(),
+        1,
+        "{names:?}"
+    );
+    assert_eq!(rows(&billing_store, &commands).await, sent);
+    let mut expected: Vec<(String, String)> = sent
+        .iter()
+        .map(|(id, name, _)| (format!("command:{name}"), id.clone()))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        handled(
+            &billing_store,
+            &[
+                "command:payments.charge",
+                "command:shipping.create_shipment"
+            ]
+        )
+        .await,
+        expected
+    );
+    // And the events the main process received are billing's rows, byte for byte.
+    let answers = [
+        "payments.charged",
+        "payments.declined",
+        "shipping.shipment_created",
+    ];
+    let answered = rows(&billing_store, &answers).await;
+    assert_eq!(answered.len(), 3);
+    assert_eq!(rows(&main_store, &answers).await, answered);
+    let mut expected: Vec<(String, String)> = answered
+        .iter()
+        .map(|(id, _, _)| ("orders.fulfilment".to_owned(), id.clone()))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        handled(&main_store, &["orders.fulfilment"])
+            .await
+            .into_iter()
+            .filter(|(_, id)| answered.iter().any(|(a, _, _)| a == id))
+            .collect::<Vec<_>>(),
+        expected
+    );
+    for store in [&main_store, &billing_store] {
+        assert_eq!(store.lag().await.unwrap().dead_letters, 0);
+    }
+    eprintln!(
+        "the demo's main process ran in {demo:?}; {:?} in all",
+        started.elapsed()
+    );
+}

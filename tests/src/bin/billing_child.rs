@@ -1,0 +1,41 @@
+//! The consuming process the broker crash test kills: `billing_child <nats-url> <database-url>`
+//! runs process `billing` of `inseam_tests::billing` (group `billing.ledger`, consumed from
+//! NATS into its own database) until it is killed. A message it held when it died comes back
+//! after a 2 s ack wait.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use inseam::sql::{RelayOptions, SqlStore, SqlStoreOptions};
+use inseam_tests::billing;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(nats_url), Some(db_url)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: billing_child <nats-url> <database-url>");
+        return ExitCode::FAILURE;
+    };
+    match run(nats_url, db_url).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("billing_child: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(nats_url: &str, db_url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let relay = RelayOptions {
+        poll_interval: Duration::from_millis(50),
+        inbound_ack_wait: Duration::from_secs(2),
+        ..RelayOptions::default()
+    };
+    let store = SqlStore::connect_with(db_url, SqlStoreOptions::new().relay(relay)).await?;
+    billing::create_schema(&store, "billing").await?;
+    let nats = billing::nats(nats_url).await?;
+    let app = billing::app(&store, nats, "billing").await?;
+    let _relay = app.start();
+    std::future::pending::<()>().await;
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! The consuming process killed with SIGKILL across the broker: the main process (this test)
+//! places an order every 20 ms, published over a NATS server of the test's own, while the
+//! process that runs the billing module (`billing_child`, with its own SQLite database) is
+//! killed at random moments, again and again, and restarted each time. At the end every order
+//! has exactly one row in the billing database and exactly one answer in the main one, and the
+//! broker handed out again messages that a killed process had held.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use inseam::sql::{RelayOptions, SqlStore, SqlStoreOptions};
+use inseam_tests::nats::NatsServer;
+use inseam_tests::{TestDb, billing, eventually};
+
+const CHILD: &str = env!("CARGO_BIN_EXE_billing_child");
+
+fn rounds() -> u32 {
+    std::env::var("INSEAM_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20)
+}
+
+fn billing_process(nats_url: &str, db_url: &str) -> Child {
+    Command::new(CHILD)
+        .args([nats_url, db_url])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the billing process")
+}
+
+/// How many times the broker handed out a message to group `billing.ledger` again, once its
+/// consumers settled everything (`None` while they have not): each partition's consumer
+/// counts its deliveries, the stream its messages.
+async fn redeliveries(nats_url: &str, orders: u64) -> Option<u64> {
+    let client = async_nats::connect(nats_url).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("INSEAM").await.ok()?;
+    let messages = stream.info().await.ok()?.state.messages;
+    let mut consumers = stream.consumers();
+    let (mut delivered, mut unsettled, mut partitions) = (0, 0, 0);
+    // NATS 2.9 filters a partition's whole subject space (the group's consumers also get, and
+    // settle, the other channels' messages); later servers filter the group's channels.
+    let mut whole_partition = false;
+    while let Some(info) = consumers.next().await {
+        let info = info.ok()?;
+        if !info
+            .config
+            .description
+            .as_deref()
+            .is_some_and(|d| d.contains("`billing.ledger`"))
+        {
+            continue;
+        }
+        partitions += 1;
+        delivered += info.delivered.consumer_sequence;
+        unsettled += info.num_pending + info.num_ack_pending as u64;
+        whole_partition |= info.config.filter_subject.ends_with(".>");
+    }
+    let distinct = if whole_partition { messages } else { orders };
+    (partitions > 0 && unsettled == 0).then(|| delivered - distinct)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_consumer_killed_across_the_broker() {
+    let started = Instant::now();
+    let server = NatsServer::start();
+    let main_db = TestDb::sqlite();
+    let billing_db = TestDb::sqlite();
+    let relay = RelayOptions {
+        poll_interval: Duration::from_millis(50),
+        inbound_ack_wait: Duration::from_secs(2),
+        ..RelayOptions::default()
+    };
+    let main_store = SqlStore::connect_with(&main_db.url, SqlStoreOptions::new().relay(relay))
+        .await
+        .unwrap();
+    billing::create_schema(&main_store, "main").await.unwrap();
+    let main = billing::app(
+        &main_store,
+        billing::nats(&server.url()).await.unwrap(),
+        "main",
+    )
+    .await
+    .unwrap();
+    let main_relay = main.start();
+    // The billing database, read by this test while the billing process writes it.
+    let billing_store = SqlStore::connect(&billing_db.url).await.unwrap();
+    billing::create_schema(&billing_store, "billing")
+        .await
+        .unwrap();
+    let main_pool = main_store.pool().clone();
+    let billing_pool = billing_store.pool().clone();
+
+    let sent = Arc::new(AtomicI64::new(0));
+    let load = tokio::spawn({
+        let main = main.clone();
+        let sent = Arc::clone(&sent);
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tick.tick().await;
+                let order = sent.load(Ordering::SeqCst);
+                main.send(billing::Place { order }).await.unwrap();
+                sent.store(order + 1, Ordering::SeqCst);
+            }
+        }
+    });
+
+    let rounds = rounds();
+    // Rounds in which the billing process recorded orders before it was killed.
+    let mut busy = 0;
+    for round in 0..rounds {
+        let before = billing::orders(&billing_pool, "billing_ledger").await.len();
+        let mut child = billing_process(&server.url(), &billing_db.url);
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(500..2500))).await;
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the billing process stopped by itself in round {round}: {status}");
+        }
+        // `kill` is SIGKILL on Unix: no destructor, no acknowledgement, no flush.
+        child.kill().expect("kill the billing process");
+        child.wait().expect("reap the billing process");
+        if billing::orders(&billing_pool, "billing_ledger").await.len() > before {
+            busy += 1;
+        }
+    }
+    load.abort();
+    if let Err(error) = load.await
+        && error.is_panic()
+    {
+        std::panic::resume_unwind(error.into_panic());
+    }
+    let total = sent.load(Ordering::SeqCst);
+
+    // One last billing process, left to finish.
+    let drain = Instant::now();
+    let mut child = billing_process(&server.url(), &billing_db.url);
+    eventually(
+        Duration::from_secs(90),
+        "every order answered by the last billing process",
+        || async {
+            let answered = billing::orders(&main_pool, "sales_charged").await.len();
+            (answered >= total as usize).then_some(())
+        },
+    )
+    .await;
+    let drained = drain.elapsed();
+    let all: Vec<i64> = (0..total).collect();
+    let ledger = billing::orders(&billing_pool, "billing_ledger").await;
+    let charged = billing::orders(&main_pool, "sales_charged").await;
+    assert_eq!(billing::duplicates(&ledger), [], "orders recorded twice");
+    assert_eq!(billing::duplicates(&charged), [], "answers recorded twice");
+    assert_eq!(ledger, all, "the billing process's orders");
+    assert_eq!(charged, all, "the answers in the main process");
+    eventually(Duration::from_secs(10), "both processes idle", || async {
+        let main_lag = main_store.lag().await.unwrap();
+        let billing_lag = billing_store.lag().await.unwrap();
+        (main_lag.groups.is_empty() && billing_lag.groups.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(main_store.lag().await.unwrap().dead_letters, 0);
+    assert_eq!(billing_store.lag().await.unwrap().dead_letters, 0);
+    let nats_url = server.url();
+    let redelivered = eventually(
+        Duration::from_secs(30),
+        "the billing group's consumers settled",
+        || redeliveries(&nats_url, total as u64),
+    )
+    .await;
+    assert!(
+        redelivered > 0,
+        "no message was handed out again: no kill caught the billing process holding one"
+    );
+    child.kill().expect("stop the last billing process");
+    child.wait().expect("reap the last billing process");
+    main_relay.shutdown().await;
+    assert!(
+        busy * 2 >= rounds,
+        "the billing process recorded orders in only {busy} of {rounds} rounds: the kills did not land under load"
+    );
+    eprintln!(
+        "{rounds} kills ({busy} of them after the billing process had recorded orders), {total} orders, each recorded and answered once, {redelivered} messages handed out again; drained in {drained:?}; {:?} in all",
+        started.elapsed()
+    );
+}
