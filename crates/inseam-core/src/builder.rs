@@ -384,8 +384,14 @@ impl AppBuilder {
                         let Some(transport) = transports.get(name) else {
                             continue;
                         };
+                        // Refused here: a message of a module moved out to a named process,
+                        // which the main process's code calls. A message of the main process
+                        // seen from a moved-out one is left to fail at run time, if it is ever
+                        // sent from there, with `DispatchFailure::CannotTravel`: checking those
+                        // would ask serde of every message of every module that stays.
                         let durable = self.durable.iter().any(|(g, _)| *g == key);
-                        if !travels && !durable {
+                        let moved_out = self.routing.host(&key) != crate::routing::MAIN;
+                        if !travels && !durable && moved_out {
                             problems.push(crate::error::WiringProblem::Routing(format!(
                                 "{} `{}` ({}) is answered by process `{}`, but cannot travel there: derive Serialize and Deserialize on it, its output and its error",
                                 routable.kind,

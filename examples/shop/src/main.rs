@@ -224,6 +224,40 @@ async fn demo() -> Result<(), ShopError> {
             shop::timeline(&store, &app, flow, true).await?
         ));
     }
+    // Asked synchronously of payments, which may run in another process: a command and a
+    // query answered there (request-reply), one answer an output, one a typed error.
+    show("payments, asked synchronously:\n");
+    for order in shop::DEMO_ORDERS.iter().take(2) {
+        let receipt = app
+            .send(shop::payments::IssueReceipt {
+                order_id: order.order_id.to_owned(),
+            })
+            .await;
+        let charge = app
+            .query(shop::payments::ChargeOf {
+                order_id: order.order_id.to_owned(),
+            })
+            .await;
+        let receipt = match receipt {
+            Ok(receipt) => receipt,
+            Err(inseam::DispatchError::Handler(refused)) => format!("no receipt: {refused}"),
+            Err(other) => {
+                return Err(ShopError::Dispatch(
+                    inseam::error::Report(&other).to_string(),
+                ));
+            }
+        };
+        let charge = match charge {
+            Ok(cents) => format!("charged {:.2} EUR", cents as f64 / 100.0),
+            Err(inseam::DispatchError::Handler(refused)) => format!("not charged: {refused}"),
+            Err(other) => {
+                return Err(ShopError::Dispatch(
+                    inseam::error::Report(&other).to_string(),
+                ));
+            }
+        };
+        show(&format!("  {}: {receipt}; {charge}\n", order.order_id));
+    }
     relay.shutdown().await;
     Ok(())
 }

@@ -101,6 +101,95 @@ pub struct PaymentRefunded {
     pub order_id: String,
 }
 
+/// What an order's payment came to: asked synchronously, also by the main process when
+/// payments run in another one (request-reply).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Query)]
+#[query(name = "payments.charge_of", output = u64, error = LookupError)]
+pub struct ChargeOf {
+    /// The order.
+    pub order_id: String,
+}
+
+/// Issues the receipt of a charged order: a synchronous command, answered by the process that
+/// runs payments, with the receipt's number or a typed refusal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Command)]
+#[command(name = "payments.issue_receipt", output = String, error = LookupError)]
+pub struct IssueReceipt {
+    /// The order.
+    pub order_id: String,
+}
+
+/// Why a payment could not be looked up; it travels to the caller typed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum LookupError {
+    /// No charge went through for the order.
+    #[error("order `{order_id}` was not charged ({status})")]
+    NotCharged {
+        /// The order.
+        order_id: String,
+        /// What happened instead: `declined`, `refunded`, or `no payment`.
+        status: String,
+    },
+    /// The database failed.
+    #[error("the payments could not be read: {0}")]
+    Store(String),
+}
+
+/// The charged amount of `order_id`, in `conn`.
+async fn charged_cents(
+    order_id: &str,
+    conn: impl sqlx::Executor<'_, Database = sqlx::Any>,
+) -> Result<u64, LookupError> {
+    use inseam::sql::sqlx::Row as _;
+    let row = sqlx::query("SELECT amount_cents, status FROM payments_charges WHERE order_id = $1")
+        .bind(order_id.to_owned())
+        .fetch_optional(conn)
+        .await
+        .map_err(|e| LookupError::Store(e.to_string()))?;
+    let not_charged = |status: &str| LookupError::NotCharged {
+        order_id: order_id.to_owned(),
+        status: status.to_owned(),
+    };
+    let Some(row) = row else {
+        return Err(not_charged("no payment"));
+    };
+    let status: String = row
+        .try_get(1)
+        .map_err(|e| LookupError::Store(e.to_string()))?;
+    if status != "charged" {
+        return Err(not_charged(&status));
+    }
+    let cents: i64 = row
+        .try_get(0)
+        .map_err(|e| LookupError::Store(e.to_string()))?;
+    Ok(u64::try_from(cents).unwrap_or_default())
+}
+
+#[query_handler]
+async fn charge_of(
+    query: ChargeOf,
+    State(pool): State<inseam::sql::SqlPool>,
+) -> Result<u64, LookupError> {
+    charged_cents(&query.order_id, &pool).await
+}
+
+#[command_handler]
+async fn issue_receipt(
+    cmd: IssueReceipt,
+    ctx: &mut CommandContext<'_>,
+) -> Result<String, LookupError> {
+    let tx = ctx
+        .tx()
+        .await
+        .map_err(|e| LookupError::Store(e.to_string()))?;
+    let cents = charged_cents(&cmd.order_id, &mut *tx).await?;
+    Ok(format!(
+        "receipt for {}: {:.2} EUR",
+        cmd.order_id,
+        cents as f64 / 100.0
+    ))
+}
+
 /// Why a payment operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PaymentError {
@@ -162,6 +251,8 @@ pub(crate) fn register(builder: inseam::AppBuilder, gateway: Gateway) -> inseam:
         .state(gateway)
         .handler::<charge>()
         .handler::<refund>()
+        .handler::<charge_of>()
+        .handler::<issue_receipt>()
         .durable_command::<ChargePayment>()
         .durable_command::<RefundPayment>()
 }

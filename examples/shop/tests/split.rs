@@ -224,7 +224,29 @@ async fn the_demo_split_in_two_processes_over_nats() {
         ],
         "{main}"
     );
-    let steps = |text: &str| text.lines().filter(|l| l.starts_with("  ")).count();
+    // A command and a query answered by the billing process over NATS request-reply: the
+    // outputs, and the handler's typed error, as in one process.
+    let asked = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("payments, asked synchronously:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        asked(&main),
+        [
+            "payments, asked synchronously:",
+            "  order-1: receipt for order-1: 25.00 EUR; charged 25.00 EUR",
+            "  order-2: no receipt: order `order-2` was not charged (declined); not charged: order `order-2` was not charged (declined)",
+        ],
+        "{main}"
+    );
+    assert_eq!(asked(&main), asked(&single));
+    let steps = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("  ") && !l.starts_with("  order-"))
+            .count()
+    };
     assert_eq!(steps(&flows(&single)), 10 + 9 + 5, "{single}");
     assert_eq!(flows(&main), flows(&single), "the flows differ:\n{main}");
 
