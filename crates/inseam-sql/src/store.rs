@@ -200,8 +200,12 @@ async fn connect_sqlite(url: &str, max: Option<u32>) -> Result<SqlPool, sqlx::Er
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(SQLITE_BUSY);
+    // No ping before handing out a connection: a SQLite connection is a file handle in this
+    // process, which no server restart or idle timeout can break, and a command that reads
+    // before it writes checks a connection out twice (decision 0015).
     let pool = SqlitePoolOptions::new()
         .max_connections(max.unwrap_or(4))
+        .test_before_acquire(false)
         .connect_with(options)
         .await?;
     Ok(SqlPool::sqlite_pool(pool))
