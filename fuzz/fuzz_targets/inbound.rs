@@ -244,6 +244,7 @@ fn chain(error: &dyn std::error::Error) -> String {
 /// What the staging consumer does with a received message before writing its rows.
 fn stage(message: &Incoming) {
     match RawEnvelope::from_json(&message.payload) {
+        // (On PostgreSQL, an envelope whose `type` or key has a NUL goes the dead letter's way.)
         Ok(envelope) => {
             // The outbox and delivery rows' columns.
             black_box((
@@ -265,7 +266,11 @@ fn stage(message: &Incoming) {
             let name = message
                 .header("ce-type")
                 .unwrap_or(message.channel.as_str())
-                .to_owned();
+                .replace('\0', "\u{fffd}");
+            let key = message
+                .key
+                .as_ref()
+                .map(|key| key.replace('\0', "\u{fffd}"));
             let reason = format!(
                 "received from transport on `{}` (attempt {}): {}",
                 message.channel,
@@ -273,7 +278,7 @@ fn stage(message: &Incoming) {
                 chain(&error)
             )
             .replace('\0', "\u{fffd}");
-            black_box((message_id, name, reason, &message.key));
+            black_box((message_id, name, reason, key));
         }
     }
 }
