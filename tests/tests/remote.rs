@@ -312,6 +312,82 @@ async fn postgres_split_over_a_transport() {
     split_over_a_transport(Backend::Postgres).await;
 }
 
+/// An envelope with a NUL in its key, which PostgreSQL's text columns refuse, becomes a dead
+/// letter instead of failing its batch at every redelivery; the message received with it goes
+/// through. On SQLite it is kept and delivered like any other.
+async fn a_nul_in_a_received_key(backend: Backend) {
+    let db = TestDb::new(backend, "remote_nul").await;
+    let transport = InProcess::new();
+    let (billing, store) = process(&db, &transport, routing().this_process("billing")).await;
+    let relay = billing.start();
+    let envelope = |id: u32, key: &str, order: i64| Outgoing {
+        channel: "orders.placed".to_owned(),
+        message_id: uuid::Uuid::now_v7(),
+        key: Some(key.to_owned()),
+        headers: vec![("ce-type".to_owned(), "orders.placed".to_owned())],
+        payload: serde_json::json!({
+            "specversion": "1.0",
+            "id": format!("01937a5e-7c00-7000-8000-{id:012}"),
+            "source": "elsewhere",
+            "type": "orders.placed",
+            "typeversion": 1,
+            "time": "2026-12-02T00:00:00Z",
+            "partitionkey": key,
+            "correlationid": format!("01937a5e-7c00-7000-8000-{id:012}"),
+            "data": {"key": key, "order": order},
+        })
+        .to_string()
+        .into_bytes()
+        .into(),
+    };
+    transport
+        .provision(&["orders.placed".to_owned()])
+        .await
+        .unwrap();
+    for outcome in transport
+        .publish(&[envelope(1, "a\0b", 1), envelope(2, "k2", 2)])
+        .await
+    {
+        outcome.unwrap();
+    }
+    match backend {
+        Backend::Postgres => {
+            eventually(WAIT, "the message after it charged", || async {
+                (orders(&store, "billing_ledger").await == [2]).then_some(())
+            })
+            .await;
+            let letters = store.dead_letters(0, 10).await.unwrap();
+            assert_eq!(letters.len(), 1);
+            assert_eq!(letters[0].key.as_deref(), Some("a\u{fffd}b"));
+            assert!(
+                letters[0]
+                    .error
+                    .contains("`partitionkey` has a NUL character"),
+                "{}",
+                letters[0].error
+            );
+        }
+        Backend::Sqlite => {
+            eventually(WAIT, "both charged", || async {
+                (orders(&store, "billing_ledger").await == [1, 2]).then_some(())
+            })
+            .await;
+            assert!(store.dead_letters(0, 10).await.unwrap().is_empty());
+        }
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_nul_in_a_received_key() {
+    a_nul_in_a_received_key(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_nul_in_a_received_key() {
+    a_nul_in_a_received_key(Backend::Postgres).await;
+}
+
 #[tokio::test]
 async fn routing_problems_are_build_errors() {
     let db = TestDb::sqlite();

@@ -70,6 +70,35 @@ pub use options::{MAX_PARTITIONS, NatsOptions};
 
 use layout::ServerVersion;
 
+/// What the transport reads of a received message and writes on a published one, for the
+/// fuzz targets of the repository's `fuzz/` directory. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use async_nats::HeaderMap;
+    use uuid::Uuid;
+
+    /// A received message's channel (`None` when `subject` is not under `prefix`), key and
+    /// application headers, decoded as the consumer does before handing the message out.
+    pub fn read_received(
+        prefix: &str,
+        subject: &str,
+        headers: Option<&HeaderMap>,
+    ) -> (Option<String>, Option<String>, Vec<(String, String)>) {
+        let channel = crate::layout::channel_of(prefix, subject).map(str::to_owned);
+        let (key, headers) = crate::layout::decode_headers(headers);
+        (channel, key, headers)
+    }
+
+    /// The NATS headers of a published message, or why it cannot be published.
+    pub fn encode_headers(
+        message_id: Uuid,
+        key: Option<&str>,
+        headers: &[(String, String)],
+    ) -> Result<HeaderMap, String> {
+        crate::layout::encode_headers(message_id, key, headers)
+    }
+}
+
 /// The transport's name in errors and logs.
 const NAME: &str = "nats";
 /// The `tracing` target of everything this crate logs.

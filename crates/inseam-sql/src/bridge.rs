@@ -16,7 +16,9 @@
 //! the inbox, retries with backoff, dead letters in this database, per-key order. A transport
 //! hands out a key's next message only once the previous one is settled, and a batch is staged
 //! in the order fetched, so the deliveries keep the broker's order per key. Bytes that are not
-//! an envelope become a dead letter at once, with the reason (decision 0017).
+//! an envelope become a dead letter at once, with the reason (decision 0017), as does an
+//! envelope whose `type` or key has a NUL character on PostgreSQL (its text columns refuse
+//! one, and the whole batch with it, at every redelivery).
 
 use std::time::Duration;
 
@@ -304,7 +306,13 @@ async fn stage(store: &SqlStore, group: &'static str, batch: &[Incoming]) -> Res
     let mut unit = store.begin_unit().await?;
     let now = micros(shared.now());
     for message in batch {
-        match RawEnvelope::from_json(&message.payload) {
+        let read = RawEnvelope::from_json(&message.payload)
+            .map_err(|error| crate::error::chain(&error))
+            .and_then(|envelope| match unkeepable(shared.backend, &envelope) {
+                Some(problem) => Err(problem),
+                None => Ok(envelope),
+            });
+        match read {
             Ok(envelope) => {
                 let message_id = envelope.metadata.message_id.to_string();
                 sqlx::query(AssertSqlSafe(shared.sql.stage_outbox.clone()))
@@ -327,9 +335,11 @@ async fn stage(store: &SqlStore, group: &'static str, batch: &[Incoming]) -> Res
                     .await
                     .context("queue a received message for its group")?;
             }
-            Err(error) => {
-                // Not an envelope: nothing can deliver it. Kept as a dead letter with the
-                // reason, where it can be inspected, repaired and retried.
+            Err(problem) => {
+                // Not an envelope (or one the store cannot keep as received): nothing can
+                // deliver it. Kept as a dead letter with the reason, where it can be inspected,
+                // repaired and retried. Its text columns come from the broker: without NULs,
+                // which PostgreSQL's text refuses (and the batch with it, at every redelivery).
                 let message_id = message
                     .header("ce-id")
                     .and_then(|id| Uuid::parse_str(id).ok())
@@ -338,12 +348,14 @@ async fn stage(store: &SqlStore, group: &'static str, batch: &[Incoming]) -> Res
                 let name = message
                     .header("ce-type")
                     .unwrap_or(message.channel.as_str())
-                    .to_owned();
+                    .replace('\0', "\u{fffd}");
+                let key = message
+                    .key
+                    .as_ref()
+                    .map(|key| key.replace('\0', "\u{fffd}"));
                 let reason = format!(
-                    "received from transport on `{}` (attempt {}): {}",
-                    message.channel,
-                    message.attempt,
-                    crate::error::chain(&error)
+                    "received from transport on `{}` (attempt {}): {problem}",
+                    message.channel, message.attempt,
                 )
                 .replace('\0', "\u{fffd}");
                 tracing::error!(
@@ -358,7 +370,7 @@ async fn stage(store: &SqlStore, group: &'static str, batch: &[Incoming]) -> Res
                     .bind(message_id)
                     .bind(name)
                     .bind(0_i64)
-                    .bind(message.key.clone())
+                    .bind(key)
                     .bind(message.payload.to_vec())
                     .bind(reason)
                     .bind(i64::from(message.attempt))
@@ -374,4 +386,66 @@ async fn stage(store: &SqlStore, group: &'static str, batch: &[Incoming]) -> Res
         .await
         .context("commit received messages")?;
     Ok(())
+}
+
+/// Why the store cannot keep a received envelope as it is: on PostgreSQL, a NUL character in
+/// its `type` or `partitionkey`, which go to text columns.
+fn unkeepable(backend: Backend, envelope: &RawEnvelope) -> Option<String> {
+    if backend != Backend::Postgres {
+        return None;
+    }
+    let attribute = if envelope.name.contains('\0') {
+        "type"
+    } else if envelope
+        .key
+        .as_deref()
+        .is_some_and(|key| key.contains('\0'))
+    {
+        "partitionkey"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "the envelope's `{attribute}` has a NUL character, which PostgreSQL cannot store in text"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(name: &str, key: Option<&str>) -> RawEnvelope {
+        let wire = serde_json::json!({
+            "specversion": "1.0",
+            "id": "01937a5e-7c00-7000-8000-000000000001",
+            "source": "test",
+            "type": name,
+            "typeversion": 1,
+            "time": "2026-12-02T00:00:00Z",
+            "partitionkey": key,
+            "correlationid": "01937a5e-7c00-7000-8000-000000000001",
+            "data": {"n": 1},
+        });
+        RawEnvelope::from_json(wire.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn nuls_in_text_columns_are_refused_on_postgres_only() {
+        let fine = envelope("orders.placed", Some("k\n1"));
+        assert_eq!(unkeepable(Backend::Postgres, &fine), None);
+        assert_eq!(
+            unkeepable(Backend::Postgres, &envelope("orders.placed", None)),
+            None
+        );
+
+        let key = envelope("orders.placed", Some("a\0b"));
+        let why = unkeepable(Backend::Postgres, &key).unwrap_or_default();
+        assert!(why.contains("`partitionkey` has a NUL"), "{why}");
+        let name = envelope("orders.\0placed", Some("k"));
+        let why = unkeepable(Backend::Postgres, &name).unwrap_or_default();
+        assert!(why.contains("`type` has a NUL"), "{why}");
+
+        assert_eq!(unkeepable(Backend::Sqlite, &key), None);
+        assert_eq!(unkeepable(Backend::Sqlite, &name), None);
+    }
 }

@@ -1,0 +1,457 @@
+//! The outbox over NATS JetStream: relay throughput against raw async-nats publishing, and the
+//! latency from a command's commit to a handler in another process.
+//!
+//! `cargo bench -p inseam-benches --bench nats` (`-- throughput` or `-- latency` for one part).
+//! It starts its own `nats-server -js` on a free port with its own store directory (the one of
+//! `PATH`, `/usr/sbin` or `NATS_SERVER_BIN`).
+//!
+//! - **Throughput**: an app whose event goes to a group of another process over the NATS
+//!   transport (`Routing`; this is the main process, so it only publishes). `INSEAM_BENCH_EVENTS`
+//!   events (default 20,000) are written to the outbox first, then the relay starts, and the
+//!   time until it has published them all (their rows deleted: the `transport:nats` lag is 0)
+//!   gives messages/s. The raw side publishes the same
+//!   envelope bytes with async-nats, pipelined in batches of the relay's batch size
+//!   (`INSEAM_BENCH_BATCH`, default 1,000), awaiting every acknowledgement. On SQLite, and on
+//!   PostgreSQL when its server answers (`INSEAM_TEST_POSTGRES` or the local one).
+//! - **Latency**: two apps in this process, each with its own SQLite database and connection:
+//!   the main one and the one hosting the group. `INSEAM_BENCH_COMMANDS` commands (default
+//!   1,000) are sent one at a time at `INSEAM_BENCH_RATE` a second (default 200); the remote
+//!   handler records when it runs. Reported: from `send` returning (the commit) to the handler.
+//!
+//! `INSEAM_BENCH_TRACE=1` prints the relay's and the transport's spans with their durations.
+
+#![allow(clippy::print_stdout)] // a bench binary reports on stdout
+
+#[path = "../../crates/inseam-nats/tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use inseam::Routing;
+use inseam::nats::{Nats, NatsOptions};
+use inseam::prelude::*;
+use inseam::sql::sqlx::{self, Row as _};
+use inseam::sql::{RelayOptions, SqlStoreOptions};
+use inseam::transport::Transport as _;
+use inseam_test::TestDatabase;
+use support::NatsServer;
+use tokio::sync::mpsc;
+
+const CHANNEL: &str = "orders.placed";
+const GROUP: &str = "billing.ledger";
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(name = "orders.placed", key = key)]
+struct Placed {
+    key: String,
+    order: u64,
+    customer: String,
+    total_cents: i64,
+    lines: Vec<(String, u32)>,
+}
+
+impl Placed {
+    fn new(order: u64) -> Self {
+        Placed {
+            key: format!("customer-{}", order % 64),
+            order,
+            customer: format!("customer-{}", order % 64),
+            total_cents: 1_299 + (order % 100) as i64,
+            lines: vec![("tea".to_owned(), 2), ("biscuits".to_owned(), 1)],
+        }
+    }
+}
+
+/// Places `count` orders from `from` in one transaction (filling the outbox).
+#[derive(Debug, Command)]
+#[command(output = ())]
+struct PlaceMany {
+    from: u64,
+    count: u64,
+}
+
+#[command_handler]
+async fn place_many(
+    cmd: PlaceMany,
+    ctx: &mut CommandContext<'_>,
+) -> Result<(), std::convert::Infallible> {
+    for order in cmd.from..cmd.from + cmd.count {
+        ctx.publish(Placed::new(order));
+    }
+    Ok(())
+}
+
+/// Places one order.
+#[derive(Debug, Command)]
+#[command(output = ())]
+struct Place(u64);
+
+#[command_handler]
+async fn place(cmd: Place, ctx: &mut CommandContext<'_>) -> Result<(), std::convert::Infallible> {
+    ctx.publish(Placed::new(cmd.0));
+    Ok(())
+}
+
+/// When the remote group ran each order: the instant and the wall-clock age of its envelope.
+#[derive(Debug, Clone)]
+struct Seen(mpsc::UnboundedSender<(u64, Instant, chrono::Duration)>);
+
+/// The billing module's group: runs in the process that hosts `billing`.
+#[event_handler(group = "billing.ledger")]
+async fn ledger(ev: &Envelope<Placed>, State(seen): State<Seen>) {
+    let age = chrono::Utc::now() - ev.occurred_at;
+    let _ = seen.0.send((ev.order, Instant::now(), age));
+}
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn routing() -> Routing {
+    Routing::from_toml(
+        r#"
+        [processes.billing]
+        transport = "nats"
+        modules = ["billing"]
+        "#,
+    )
+    .unwrap()
+}
+
+async fn nats(server: &NatsServer, name: &str) -> Nats {
+    let options = NatsOptions::from_url(&server.url())
+        .unwrap()
+        .stream(name.to_uppercase())
+        .prefix(name);
+    Nats::connect_with(options).await.unwrap()
+}
+
+async fn app(url: &str, nats: Nats, routing: Routing, seen: Seen, batch: usize) -> (App, SqlStore) {
+    let options = SqlStoreOptions::new().relay(RelayOptions {
+        batch_size: batch,
+        ..RelayOptions::default()
+    });
+    let store = SqlStore::connect_with(url, options).await.unwrap();
+    let app = App::builder()
+        .store(store.clone())
+        .state(seen)
+        .handler::<place_many>()
+        .handler::<place>()
+        .handler::<ledger>()
+        .transport(nats)
+        .routing(routing)
+        .build()
+        .await
+        .unwrap();
+    (app, store)
+}
+
+async fn pending(store: &SqlStore, group: &str) -> i64 {
+    store
+        .lag()
+        .await
+        .unwrap()
+        .groups
+        .iter()
+        .find(|g| g.group == group)
+        .map_or(0, |g| g.pending)
+}
+
+async fn stream_messages(client: &async_nats::Client, stream: &str) -> u64 {
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A stored message: its id, key and envelope bytes.
+type Row = (String, String, Bytes);
+
+/// Publishes `rows` with async-nats alone, in pipelined batches of `batch`, awaiting every
+/// acknowledgement; returns messages/s.
+async fn raw_publish(
+    server: &NatsServer,
+    name: &str,
+    rows: &[Row],
+    batch: usize,
+    ids: bool,
+) -> f64 {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    // The stream the NATS transport provisions.
+    js.create_stream(stream::Config {
+        name: name.to_uppercase(),
+        subjects: vec![format!("{name}.>")],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_secs(120),
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let start = Instant::now();
+    for chunk in rows.chunks(batch) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (id, key, payload) in chunk {
+            let subject = format!("{name}.{}.{CHANNEL}", fnv1a(key.as_bytes()) % 8);
+            let ack = if ids {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", id.as_str());
+                js.publish_with_headers(subject, headers, payload.clone())
+                    .await
+            } else {
+                js.publish(subject, payload.clone()).await
+            };
+            acks.push(ack.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(
+        stream_messages(&client, &name.to_uppercase()).await,
+        rows.len() as u64
+    );
+    rows.len() as f64 / elapsed.as_secs_f64()
+}
+
+/// An app whose outbox holds `events` events for the remote group, its relay not started.
+struct Filled {
+    app: App,
+    store: SqlStore,
+    transport: Nats,
+    stream: String,
+    events: u64,
+    fill: Duration,
+    /// What the relay will publish, in its order: id, key, envelope bytes (for the raw side).
+    rows: Vec<Row>,
+}
+
+async fn fill(server: &NatsServer, name: &str, url: &str, events: u64, batch: usize) -> Filled {
+    let transport = nats(server, name).await;
+    let (seen, _unused) = mpsc::unbounded_channel();
+    let (app, store) = app(url, transport.clone(), routing(), Seen(seen), batch).await;
+    assert_eq!(app.groups(), ["transport:nats"]);
+
+    let filling = Instant::now();
+    let per_command = 100;
+    for from in (0..events).step_by(per_command as usize) {
+        let count = per_command.min(events - from);
+        app.send(PlaceMany { from, count }).await.unwrap();
+    }
+    let fill = filling.elapsed();
+    assert_eq!(pending(&store, "transport:nats").await, events as i64);
+    let rows: Vec<Row> = sqlx::query(
+        "SELECT o.message_id, o.msg_key, o.envelope FROM inseam_outbox o
+         JOIN inseam_deliveries d ON d.message_id = o.message_id ORDER BY d.id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            r.get::<String, _>(0),
+            r.get::<String, _>(1),
+            Bytes::from(r.get::<Vec<u8>, _>(2)),
+        )
+    })
+    .collect();
+    // The stream exists before the clock starts, as on the raw side.
+    transport.provision(&[CHANNEL.to_owned()]).await.unwrap();
+    Filled {
+        app,
+        store,
+        transport,
+        stream: name.to_uppercase(),
+        events,
+        fill,
+        rows,
+    }
+}
+
+/// Starts the relay and times it publishing everything; returns messages/s and the time.
+async fn drain(filled: &Filled) -> (f64, Duration) {
+    let Filled { app, store, .. } = filled;
+    // The relay counts what the broker acknowledged once the rows are deleted: when the count
+    // reaches `events`, the lag is 0 (checked below). Polling `lag()` instead (a `COUNT(*)`
+    // over the deliveries every few milliseconds) would take a core from the relay.
+    let published = store.relay_stats().published;
+    let start = Instant::now();
+    let relay = app.start();
+    while store.relay_stats().published - published < filled.events {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let drain = start.elapsed();
+    assert_eq!(pending(store, "transport:nats").await, 0);
+    relay.shutdown().await;
+    assert_eq!(
+        stream_messages(filled.transport.client(), &filled.stream).await,
+        filled.events
+    );
+    (filled.events as f64 / drain.as_secs_f64(), drain)
+}
+
+async fn throughput(server: &NatsServer) {
+    let events: u64 = env("INSEAM_BENCH_EVENTS", 20_000);
+    let batch: usize = env("INSEAM_BENCH_BATCH", 1_000);
+    let sqlite = TestDatabase::sqlite().unwrap();
+    let mut databases = vec![("SQLite", sqlite)];
+    if env("INSEAM_BENCH_POSTGRES", 1) == 1 {
+        match TestDatabase::postgres("bench_nats").await {
+            Ok(db) => databases.push(("PostgreSQL", db)),
+            Err(error) => eprintln!("PostgreSQL skipped: {error}"),
+        }
+    }
+    for (backend, db) in &databases {
+        let name = backend.to_lowercase();
+        let filled = fill(server, &format!("bench_{name}"), db.url(), events, batch).await;
+        let rows = &filled.rows;
+        let bytes: usize = rows.iter().map(|(_, _, b)| b.len()).sum();
+        // The raw side runs before and after the relay, so that both meet the same machine.
+        let before = raw_publish(server, &format!("raw_{name}_1"), rows, batch, true).await;
+        let (inseam, took) = drain(&filled).await;
+        let after = raw_publish(server, &format!("raw_{name}_2"), rows, batch, true).await;
+        let bare = raw_publish(server, &format!("raw_{name}_bare"), rows, batch, false).await;
+        let raw = (before + after) / 2.0;
+        println!(
+            "throughput {backend}: {events} events ({} bytes each on average), batch {batch}; \
+             outbox filled in {:.2?}; inseam relay {inseam:.0} msg/s ({took:.2?}); \
+             raw with Nats-Msg-Id {before:.0} msg/s before, {after:.0} after; raw without headers {bare:.0} msg/s; \
+             inseam / raw with ids {:.2}x, / raw without headers {:.2}x",
+            bytes / rows.len().max(1),
+            filled.fill,
+            inseam / raw,
+            inseam / bare,
+        );
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn latency(server: &NatsServer) {
+    let commands: u64 = env("INSEAM_BENCH_COMMANDS", 1_000);
+    let rate: u64 = env("INSEAM_BENCH_RATE", 200);
+    let warm_up = 50;
+    let main_db = TestDatabase::sqlite().unwrap();
+    let billing_db = TestDatabase::sqlite().unwrap();
+    let (tx, mut handled) = mpsc::unbounded_channel();
+    let (main, _main_store) = app(
+        main_db.url(),
+        nats(server, "latency").await,
+        routing(),
+        Seen(tx.clone()),
+        1_000,
+    )
+    .await;
+    let (billing, _billing_store) = app(
+        billing_db.url(),
+        nats(server, "latency").await,
+        routing().this_process("billing"),
+        Seen(tx),
+        1_000,
+    )
+    .await;
+    assert!(billing.groups().contains(&GROUP));
+    let billing_relay = billing.start();
+    let main_relay = main.start();
+
+    let committed: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let total = warm_up + commands;
+    let sender = {
+        let committed = Arc::clone(&committed);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for order in 0..total {
+                tick.tick().await;
+                main.send(Place(order)).await.unwrap();
+                let at = Instant::now();
+                committed.lock().unwrap().insert(order, at);
+            }
+            main
+        })
+    };
+    let mut latencies = Vec::new();
+    let mut ages = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60 + total / rate.max(1));
+    for _ in 0..total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (order, at, age) = tokio::time::timeout(left, handled.recv())
+            .await
+            .expect("every command handled in time")
+            .unwrap();
+        if order < warm_up {
+            continue;
+        }
+        // The handler may run before `send` returned to the sender task.
+        let sent = loop {
+            if let Some(sent) = committed.lock().unwrap().get(&order).copied() {
+                break sent;
+            }
+            tokio::task::yield_now().await;
+        };
+        latencies.push(at.saturating_duration_since(sent));
+        ages.push(age.to_std().unwrap_or_default());
+    }
+    let main = sender.await.unwrap();
+    latencies.sort_unstable();
+    ages.sort_unstable();
+    println!(
+        "latency over {commands} commands at {rate}/s (after {warm_up} warm-up): commit-to-remote-handler p50 {:.2?}, p99 {:.2?}, max {:.2?}; \
+         envelope time to handler p50 {:.2?}, p99 {:.2?}, max {:.2?}",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies[latencies.len() - 1],
+        percentile(&ages, 0.50),
+        percentile(&ages, 0.99),
+        ages[ages.len() - 1],
+    );
+    main_relay.shutdown().await;
+    billing_relay.shutdown().await;
+    drop(main);
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if env("INSEAM_BENCH_TRACE", 0) == 1 {
+        tracing_subscriber::fmt()
+            .with_env_filter("inseam::relay=info,inseam::nats=debug")
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let all = args.is_empty();
+    let server = NatsServer::start();
+    if all || args.iter().any(|a| a == "throughput") {
+        throughput(&server).await;
+    }
+    if all || args.iter().any(|a| a == "latency") {
+        latency(&server).await;
+    }
+}
