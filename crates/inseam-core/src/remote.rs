@@ -165,7 +165,7 @@ use crate::context::MessageMeta;
 use crate::envelope::RawEnvelope;
 use crate::error::{DispatchError, DispatchFailure};
 use crate::message::{Command, MessageKind, Query};
-use crate::transport::{Request, Requests};
+use crate::transport::Requests;
 
 /// Serves the requests of one command or query type with this process's handler.
 pub(crate) type ServeFn = fn(App, Box<dyn Requests>, CancellationToken) -> BoxFuture<'static, ()>;
@@ -335,90 +335,84 @@ where
     }
 }
 
-/// Answers `request` for command `C`.
-async fn answer_command<C: Command>(
-    app: &App,
-    codec: &RemoteCodec<C, C::Output, C::Error>,
-    request: Request,
-) {
-    let reply = match read_request(&codec.message, &request.payload) {
-        Ok((command, meta)) => answer(codec, app.send_with(command, meta).await),
-        Err(reason) => Answer::Failure(reason),
-    };
-    if let Err(error) = request.responder.respond(reply.to_bytes()).await {
-        tracing::warn!(
-            target: "inseam::remote",
-            command = C::NAME,
-            error = &error as &dyn std::error::Error,
-            "could not send an answer back"
-        );
-    }
+/// Runs one received request with this process's handler, through `run`.
+type RunFn<M, O, E> = fn(App, M, MessageMeta) -> BoxFuture<'static, Result<O, DispatchError<E>>>;
+
+/// Serves `requests` of the message named `name` with `run`, each request in a task of its
+/// own, until cancelled. A message that cannot travel is not served.
+fn serve_with<M, O, E>(
+    app: App,
+    mut requests: Box<dyn Requests>,
+    cancel: CancellationToken,
+    name: &'static str,
+    codec: Option<RemoteCodec<M, O, E>>,
+    run: RunFn<M, O, E>,
+) -> BoxFuture<'static, ()>
+where
+    M: Send + 'static,
+    O: Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    Box::pin(async move {
+        let Some(codec) = codec else {
+            return;
+        };
+        let codec = Arc::new(codec);
+        loop {
+            let request = tokio::select! {
+                () = cancel.cancelled() => break,
+                request = requests.next() => request,
+            };
+            let Some(request) = request else { break };
+            let (app, codec) = (app.clone(), codec.clone());
+            tokio::spawn(async move {
+                let reply = match read_request(&codec.message, &request.payload) {
+                    Ok((message, meta)) => answer(&codec, run(app, message, meta).await),
+                    Err(reason) => Answer::Failure(reason),
+                };
+                if let Err(error) = request.responder.respond(reply.to_bytes()).await {
+                    tracing::warn!(
+                        target: "inseam::remote",
+                        message = name,
+                        error = &error as &dyn std::error::Error,
+                        "could not send an answer back"
+                    );
+                }
+            });
+        }
+    })
 }
 
-/// Answers `request` for query `Q`.
-async fn answer_query<Q: Query>(
-    app: &App,
-    codec: &RemoteCodec<Q, Q::Output, Q::Error>,
-    request: Request,
-) {
-    let reply = match read_request(&codec.message, &request.payload) {
-        Ok((query, meta)) => answer(codec, app.query_with(query, meta).await),
-        Err(reason) => Answer::Failure(reason),
-    };
-    if let Err(error) = request.responder.respond(reply.to_bytes()).await {
-        tracing::warn!(
-            target: "inseam::remote",
-            query = Q::NAME,
-            error = &error as &dyn std::error::Error,
-            "could not send an answer back"
-        );
-    }
-}
-
-/// Serves command `C`'s requests until cancelled, each in a task of its own.
+/// Serves command `C`'s requests until cancelled.
 pub(crate) fn serve_command<C: Command>(
     app: App,
-    mut requests: Box<dyn Requests>,
+    requests: Box<dyn Requests>,
     cancel: CancellationToken,
 ) -> BoxFuture<'static, ()> {
-    Box::pin(async move {
-        let Some(codec) = C::__remote() else {
-            return;
-        };
-        let codec = Arc::new(codec);
-        loop {
-            let request = tokio::select! {
-                () = cancel.cancelled() => break,
-                request = requests.next() => request,
-            };
-            let Some(request) = request else { break };
-            let (app, codec) = (app.clone(), codec.clone());
-            tokio::spawn(async move { answer_command::<C>(&app, &codec, request).await });
-        }
-    })
+    serve_with(
+        app,
+        requests,
+        cancel,
+        C::NAME,
+        C::__remote(),
+        |app, command, meta| Box::pin(async move { app.send_with(command, meta).await }),
+    )
 }
 
-/// Serves query `Q`'s requests until cancelled, each in a task of its own.
+/// Serves query `Q`'s requests until cancelled.
 pub(crate) fn serve_query<Q: Query>(
     app: App,
-    mut requests: Box<dyn Requests>,
+    requests: Box<dyn Requests>,
     cancel: CancellationToken,
 ) -> BoxFuture<'static, ()> {
-    Box::pin(async move {
-        let Some(codec) = Q::__remote() else {
-            return;
-        };
-        let codec = Arc::new(codec);
-        loop {
-            let request = tokio::select! {
-                () = cancel.cancelled() => break,
-                request = requests.next() => request,
-            };
-            let Some(request) = request else { break };
-            let (app, codec) = (app.clone(), codec.clone());
-            tokio::spawn(async move { answer_query::<Q>(&app, &codec, request).await });
-        }
-    })
+    serve_with(
+        app,
+        requests,
+        cancel,
+        Q::NAME,
+        Q::__remote(),
+        |app, query, meta| Box::pin(async move { app.query_with(query, meta).await }),
+    )
 }
 
 /// A command or query type the app knows, for routing.
