@@ -64,42 +64,15 @@ pub(crate) async fn publisher(
             () = tokio::time::sleep(pause(failures)) => {}
         }
     }
-    let options = &store.shared.options;
-    let mut wake = store.shared.wake.subscribe();
-    loop {
-        if cancel.is_cancelled() {
-            break;
-        }
-        wake.borrow_and_update();
-        let mut idle_for = options.poll_interval;
-        match publish_batch(&store, &*transport, group).await {
-            Ok(outcome) => {
-                if outcome.claimed >= options.batch_size {
-                    continue;
-                }
-                if let Some(at) = outcome.retry_at {
-                    let until = Duration::from_micros(
-                        u64::try_from(at - micros(store.shared.now())).unwrap_or_default(),
-                    );
-                    idle_for = idle_for.min(until);
-                }
-            }
-            Err(error) => {
-                tracing::warn!(
-                    target: "inseam::relay",
-                    group,
-                    error = &error as &dyn std::error::Error,
-                    "publishing to the transport failed; trying again after the poll interval"
-                );
-            }
-        }
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            _ = wake.changed() => {}
-            () = tokio::time::sleep(idle_for) => {}
-        }
-    }
-    tracing::debug!(target: "inseam::relay", group, "publisher stopped");
+    let (store, transport) = (&store, &*transport);
+    crate::relay::run_batches(
+        store,
+        group,
+        &cancel,
+        "publishing to the transport",
+        move || publish_batch(store, transport, group),
+    )
+    .await;
 }
 
 #[tracing::instrument(

@@ -236,6 +236,26 @@ impl Failure {
 struct AfterHandler(#[source] crate::error::Error);
 
 async fn worker(store: SqlStore, app: App, group: &'static str, cancel: CancellationToken) {
+    let (store_ref, app) = (&store, &app);
+    run_batches(store_ref, group, &cancel, "relay batch", move || {
+        deliver_batch(store_ref, app, group)
+    })
+    .await;
+}
+
+/// Runs `batch` for `group` until cancelled: again at once while batches come full, else
+/// after a local commit's wake-up, the earliest retry due, or the poll interval. What a
+/// relay worker and a transport's publisher share.
+pub(crate) async fn run_batches<F, Fut>(
+    store: &SqlStore,
+    group: &'static str,
+    cancel: &CancellationToken,
+    what: &'static str,
+    mut batch: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<BatchOutcome>>,
+{
     let options = &store.shared.options;
     let mut wake = store.shared.wake.subscribe();
     loop {
@@ -244,7 +264,7 @@ async fn worker(store: SqlStore, app: App, group: &'static str, cancel: Cancella
         }
         wake.borrow_and_update();
         let mut idle_for = options.poll_interval;
-        match deliver_batch(&store, &app, group).await {
+        match batch().await {
             Ok(outcome) => {
                 if outcome.claimed >= options.batch_size {
                     continue;
@@ -261,7 +281,7 @@ async fn worker(store: SqlStore, app: App, group: &'static str, cancel: Cancella
                     target: "inseam::relay",
                     group,
                     error = &error as &dyn std::error::Error,
-                    "relay batch failed; trying again after the poll interval"
+                    "{what} failed; trying again after the poll interval"
                 );
             }
         }
@@ -271,7 +291,7 @@ async fn worker(store: SqlStore, app: App, group: &'static str, cancel: Cancella
             () = tokio::time::sleep(idle_for) => {}
         }
     }
-    tracing::debug!(target: "inseam::relay", group, "relay worker stopped");
+    tracing::debug!(target: "inseam::relay", group, "{what} stopped");
 }
 
 pub(crate) struct BatchOutcome {
