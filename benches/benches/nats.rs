@@ -22,9 +22,6 @@
 
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
-#[path = "../../crates/inseam-nats/tests/support/mod.rs"]
-mod support;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +35,7 @@ use inseam::sql::sqlx::{self, Row as _};
 use inseam::sql::{RelayOptions, SqlStoreOptions};
 use inseam::transport::Transport as _;
 use inseam_test::TestDatabase;
-use support::NatsServer;
+use inseam_test_servers::{Server as NatsServer, nats as nats_server};
 use tokio::sync::mpsc;
 
 const CHANNEL: &str = "orders.placed";
@@ -447,7 +444,7 @@ async fn main() {
             .init();
     }
     let all = args.is_empty();
-    let server = NatsServer::start();
+    let server = nats_server::start();
     if all || args.iter().any(|a| a == "throughput") {
         throughput(&server).await;
     }

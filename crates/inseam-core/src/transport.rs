@@ -18,7 +18,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use async_trait::async_trait;
+/// The attribute the seam's traits are written with: a transport crate implements them with
+/// `#[inseam::transport::async_trait]` (or `async_trait` of its own dependency).
+pub use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 

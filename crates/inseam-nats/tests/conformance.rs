@@ -3,15 +3,13 @@
 //! ends), since the outage case stops its broker; the server is started again on the same
 //! port and store.
 
-mod support;
-
 use std::sync::{Arc, Mutex, PoisonError};
 
 use inseam_conformance::{BoxError, Harness, async_trait};
 use inseam_core::transport::{Capabilities, KeyOrder, Transport};
 use inseam_nats::{Nats, NatsOptions};
 
-use support::NatsServer;
+use inseam_test_servers::{Server as NatsServer, nats as nats_server};
 
 /// The transport's default partition count, which the harness leaves as it is.
 const PARTITIONS: u16 = 8;
@@ -65,10 +63,10 @@ impl Harness for NatsHarness {
     }
 
     async fn stop_broker(&self) -> Result<(), BoxError> {
-        // A clean stop, as an operator's restart is: see `NatsServer::shut_down` for what a
-        // kill would change. The transport does not declare `acks_survive_restart` either
+        // A clean stop, as an operator's restart is: see `inseam_test_servers::nats` for what
+        // a kill would change. The transport does not declare `acks_survive_restart` either
         // way, since even a clean stop can lose a consumer's progress.
-        self.with_server(NatsServer::shut_down)
+        self.with_server(NatsServer::stop)
             .await?
             .map_err(Into::into)
     }
@@ -79,7 +77,7 @@ impl Harness for NatsHarness {
 }
 
 async fn harness() -> NatsHarness {
-    let server = tokio::task::spawn_blocking(NatsServer::start)
+    let server = tokio::task::spawn_blocking(nats_server::start)
         .await
         .unwrap_or_else(|err| panic!("the case's NATS server did not start: {err}"));
     NatsHarness {

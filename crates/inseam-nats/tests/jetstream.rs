@@ -1,7 +1,5 @@
 //! The NATS transport against real `nats-server -js` processes, one per test.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +13,7 @@ use inseam_nats::{Nats, NatsOptions};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use support::NatsServer;
+use inseam_test_servers::{Server as NatsServer, nats as nats_server};
 
 const PLACED: &str = "orders.order_placed";
 const CANCELLED: &str = "orders.order_cancelled";
@@ -95,7 +93,7 @@ fn payload_text(message: &Incoming) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_keeps_key_headers_and_bytes_and_drops_a_second_publish() {
-    let server = NatsServer::start();
+    let server = nats_server::start();
     let nats = connect(&server, |o| o).await;
     assert_eq!(
         nats.capabilities(),
@@ -158,7 +156,7 @@ async fn round_trip_keeps_key_headers_and_bytes_and_drops_a_second_publish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_group_gets_every_message_of_its_channels() {
-    let server = NatsServer::start();
+    let server = nats_server::start();
     let nats = connect(&server, |o| o).await;
     let mut billing = nats
         .subscribe(&Subscription::new("billing", [PLACED]))
@@ -221,7 +219,7 @@ async fn fetch_count_acking(consumer: &mut dyn Consumer, count: usize) -> Vec<In
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_filter_on_the_group_channels_where_the_server_can() {
-    let server = NatsServer::start();
+    let server = nats_server::start();
     let nats = connect(&server, |o| o.partitions(2)).await;
     assert_eq!(
         nats.capabilities().ordering,
@@ -279,7 +277,7 @@ fn fnv1a32_of(text: &str) -> u32 {
 async fn per_key_order_holds_across_two_consumer_processes() {
     const KEYS: usize = 30;
     const PER_KEY: usize = 10;
-    let server = NatsServer::start();
+    let server = nats_server::start();
     let publisher = connect(&server, |o| o).await;
     let mut batch = Vec::new();
     for seq in 0..PER_KEY {
@@ -375,7 +373,7 @@ async fn per_key_order_holds_across_two_consumer_processes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_held_by_a_dropped_consumer_comes_back_first_after_the_ack_wait() {
-    let server = NatsServer::start();
+    let server = nats_server::start();
     let nats = connect(&server, |o| o).await;
     let mut subscription = Subscription::new("payments", [PLACED]);
     subscription.ack_wait = Duration::from_secs(1);
@@ -419,7 +417,7 @@ async fn a_message_held_by_a_dropped_consumer_comes_back_first_after_the_ack_wai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_with_delay_redelivers_not_before_the_delay() {
-    let server = NatsServer::start();
+    let server = nats_server::start();
     let nats = connect(&server, |o| o).await;
     let mut consumer = nats
         .subscribe(&Subscription::new("notifications", [PLACED]))
@@ -462,7 +460,7 @@ async fn a_nack_with_delay_redelivers_not_before_the_delay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_fails_fast_and_loses_nothing_stored_before_it() {
-    let mut server = NatsServer::start();
+    let mut server = nats_server::start();
     let timeout = Duration::from_secs(1);
     let nats = connect(&server, |o| o.publish_timeout(timeout)).await;
     // A delivery the kill cut off on the wire is the server's until the ack wait ends: keep it
@@ -475,7 +473,7 @@ async fn an_outage_fails_fast_and_loses_nothing_stored_before_it() {
         .collect();
     publish_all(&nats, &before).await;
 
-    server.stop();
+    server.kill();
     let during: Vec<Outgoing> = (0..3)
         .map(|i| message(PLACED, Some(&format!("k{i}")), format!("during {i}")))
         .collect();
@@ -547,7 +545,7 @@ async fn an_outage_fails_fast_and_loses_nothing_stored_before_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_that_are_not_subjects_are_refused_by_name() {
-    let server = NatsServer::start();
+    let server = nats_server::start();
     let nats = connect(&server, |o| o).await;
 
     let outcomes = nats
@@ -582,7 +580,7 @@ async fn channels_that_are_not_subjects_are_refused_by_name() {
 /// gets a transient error within its timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_reach_one_server_and_come_back() {
-    let server = NatsServer::start();
+    let server = nats_server::start();
     let client = connect(&server, |o| o).await;
     let first = connect(&server, |o| o).await;
     let second = connect(&server, |o| o).await;

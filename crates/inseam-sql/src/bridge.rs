@@ -20,7 +20,8 @@
 //! envelope whose `type` or key has a NUL character on PostgreSQL (its text columns refuse
 //! one, and the whole batch with it, at every redelivery).
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use inseam_core::transport::{Incoming, Outgoing, Subscription, Transport, TransportError};
 use inseam_core::{App, Inbound, RawEnvelope};
@@ -29,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Context as _, Result};
-use crate::relay::{BatchOutcome, Failure, claim, key_heads, record_failure};
+use crate::relay::{BatchOutcome, Claimed, Failure, claim, key_heads, record_failure};
 use crate::sql::Backend;
-use crate::store::{SqlStore, micros};
+use crate::store::{SqlStore, SqlUnitOfWork, micros};
 
 /// How long a consumer waits for messages before looking again (and at shutdown).
 const FETCH_WAIT: Duration = Duration::from_millis(500);
@@ -64,53 +65,282 @@ pub(crate) async fn publisher(
             () = tokio::time::sleep(pause(failures)) => {}
         }
     }
-    let (store, transport) = (&store, &*transport);
+    let publisher = tokio::sync::Mutex::new(Publisher::new(&store, &*transport, group));
     crate::relay::run_batches(
-        store,
+        &store,
         group,
         &cancel,
         "publishing to the transport",
-        move || publish_batch(store, transport, group),
+        || async { publisher.lock().await.step().await },
     )
     .await;
+    if let Err(error) = publisher.into_inner().flush().await {
+        tracing::warn!(
+            target: "inseam::relay",
+            group,
+            error = &error as &dyn std::error::Error,
+            "could not record the last batch published; its rows will be published again"
+        );
+    }
 }
 
-#[tracing::instrument(
-    target = "inseam::relay",
-    name = "relay_publish",
-    skip_all,
-    fields(group, claimed)
-)]
-pub(crate) async fn publish_batch(
-    store: &SqlStore,
-    transport: &dyn Transport,
+/// How long a SQLite publisher claims past its rows in flight before it claims from the
+/// start of the group again, to take rows below them that came due (a retry).
+const FROM_THE_START: Duration = Duration::from_secs(1);
+
+/// Publishes a relay group's rows to a transport, batch after batch, claiming the next
+/// batch and recording the previous one while the broker takes the current one.
+///
+/// A step publishes one batch (N). Meanwhile it writes down what became of batch N-1
+/// (deletes the rows the broker took, schedules retries of the others) and, when N was
+/// full, claims batch N+1. So the broker is always busy and the SQL runs beside it, not
+/// between publishes.
+///
+/// Per-key order holds as with one batch at a time: batches are published one after the
+/// other, each in id order; N+1 is claimed past N's rows (SQLite: above N's last id, since
+/// its claim marks nothing and this process's publisher is the only one; PostgreSQL: N's rows
+/// are locked by its claim, and count as this relay's own in the per-key check), and once N's
+/// outcomes are known, N+1 drops the rows of every key the broker failed to take in N, which
+/// wait behind that failure as they would have been held back by the claim.
+pub(crate) struct Publisher<'a> {
+    store: &'a SqlStore,
+    transport: &'a dyn Transport,
     group: &'static str,
-) -> Result<BatchOutcome> {
-    let shared = &store.shared;
-    let mut unit = store.begin_unit().await?;
-    let now = micros(shared.now());
-    let rows = claim(&mut unit, group, now, shared.options.batch_size).await?;
-    let rows = key_heads(&mut unit, group, rows, now).await?;
-    tracing::Span::current().record("claimed", rows.len());
-    if rows.is_empty() {
-        unit.commit_unit().await.context("end a claim")?;
-        return Ok(BatchOutcome {
-            claimed: 0,
-            retry_at: None,
-        });
-    }
-    // PostgreSQL keeps the claim (row locks) while the broker answers, so that other relays
-    // pass these rows by. SQLite's claim is its one write lock: let it go meanwhile; this
-    // process's single publisher is the only one that takes these rows.
-    let unit = match shared.backend {
-        Backend::Sqlite => {
-            unit.commit_unit().await.context("end a claim")?;
-            None
+    /// Claimed while the previous batch was being published: the next to publish.
+    claimed: Option<Batch>,
+    /// Published, its outcomes not yet recorded.
+    published: Option<Published>,
+    /// When this publisher last claimed from the start of the group (SQLite).
+    from_start_at: Instant,
+}
+
+/// Claimed rows and, on PostgreSQL, the transaction holding their locks.
+struct Batch {
+    rows: Vec<Claimed>,
+    unit: Option<SqlUnitOfWork>,
+}
+
+/// A batch the transport answered for, one outcome per row.
+struct Published {
+    batch: Batch,
+    outcomes: Vec<std::result::Result<(), TransportError>>,
+}
+
+impl<'a> Publisher<'a> {
+    pub(crate) fn new(
+        store: &'a SqlStore,
+        transport: &'a dyn Transport,
+        group: &'static str,
+    ) -> Self {
+        Publisher {
+            store,
+            transport,
+            group,
+            claimed: None,
+            published: None,
+            from_start_at: Instant::now(),
         }
-        Backend::Postgres => Some(unit),
-    };
-    let outgoing: Vec<Outgoing> = rows
-        .iter()
+    }
+
+    /// Publishes the next batch; see the type. `claimed` is the size of that batch, and
+    /// `retry_at` the earliest retry scheduled by the batch recorded meanwhile.
+    #[tracing::instrument(
+        target = "inseam::relay",
+        name = "relay_publish",
+        skip_all,
+        fields(group = self.group, claimed)
+    )]
+    pub(crate) async fn step(&mut self) -> Result<BatchOutcome> {
+        let mut retry_at = None;
+        let batch = match self.claimed.take() {
+            Some(batch) if !batch.rows.is_empty() => batch,
+            ahead => {
+                if let Some(empty) = ahead {
+                    empty.end().await?;
+                }
+                retry_at = self.flush().await?;
+                let batch = self.claim_from_start().await?;
+                if batch.rows.is_empty() {
+                    batch.end().await?;
+                    return Ok(BatchOutcome {
+                        claimed: 0,
+                        retry_at,
+                    });
+                }
+                batch
+            }
+        };
+        let claimed = batch.rows.len();
+        tracing::Span::current().record("claimed", claimed);
+        // Claim ahead only behind a full batch: a short one means the group is drained, and
+        // its rows are recorded at once rather than left waiting for a next step.
+        let ahead = claimed >= self.store.shared.options.batch_size;
+        let messages = outgoing(&batch.rows);
+        let previous = self.published.take();
+        let (outcomes, meanwhile) = tokio::join!(self.transport.publish(&messages), async {
+            let retry_at = match previous {
+                Some(previous) => self.record(previous).await?,
+                None => None,
+            };
+            let next = if ahead {
+                self.claim_ahead(&batch.rows).await?
+            } else {
+                None
+            };
+            Ok::<_, crate::error::Error>((retry_at, next))
+        });
+        let (recorded_retry, next) = meanwhile?;
+        retry_at = earliest(retry_at, recorded_retry);
+        let published = Published { batch, outcomes };
+        match next {
+            Some(mut next) => {
+                published.hold_back_failed_keys(&mut next.rows);
+                self.claimed = Some(next);
+                self.published = Some(published);
+            }
+            None => retry_at = earliest(retry_at, self.record(published).await?),
+        }
+        Ok(BatchOutcome { claimed, retry_at })
+    }
+
+    /// Records the batch published last, if any; returns the earliest retry it scheduled.
+    /// A batch claimed ahead is let go (its rows stay pending).
+    pub(crate) async fn flush(&mut self) -> Result<Option<i64>> {
+        if let Some(ahead) = self.claimed.take() {
+            ahead.end().await?;
+        }
+        match self.published.take() {
+            Some(published) => self.record(published).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn claim_from_start(&mut self) -> Result<Batch> {
+        self.from_start_at = Instant::now();
+        self.claim(None).await
+    }
+
+    /// Claims the batch after `in_flight`, the one being published; `None` on SQLite once
+    /// [`FROM_THE_START`] passed since the last claim from the start, so that rows below the
+    /// ones in flight that came due since (a retry) are not passed by for long.
+    async fn claim_ahead(&self, in_flight: &[Claimed]) -> Result<Option<Batch>> {
+        if self.store.shared.backend == Backend::Sqlite
+            && self.from_start_at.elapsed() >= FROM_THE_START
+        {
+            return Ok(None);
+        }
+        self.claim(Some(in_flight)).await.map(Some)
+    }
+
+    /// Claims a batch: from the start of the group, or past `in_flight`.
+    async fn claim(&self, in_flight: Option<&[Claimed]>) -> Result<Batch> {
+        let shared = &self.store.shared;
+        let mut unit = self.store.begin_unit().await?;
+        let now = micros(shared.now());
+        let ours: Vec<i64> = in_flight.unwrap_or_default().iter().map(|r| r.id).collect();
+        // SQLite's claim marks nothing: it starts past the rows in flight. PostgreSQL's
+        // skips them, locked by their claim.
+        let after = match shared.backend {
+            Backend::Sqlite => ours.iter().copied().max().unwrap_or(0),
+            Backend::Postgres => 0,
+        };
+        let rows = claim(&mut unit, self.group, now, shared.options.batch_size, after).await?;
+        let rows = key_heads(&mut unit, self.group, rows, &ours, now).await?;
+        // PostgreSQL keeps the claim (row locks) while the broker answers, so that other
+        // relays pass these rows by. SQLite's claim is its one write lock: let it go
+        // meanwhile; this process's single publisher is the only one that takes these rows.
+        let unit = match shared.backend {
+            Backend::Sqlite => {
+                unit.commit_unit().await.context("end a claim")?;
+                None
+            }
+            Backend::Postgres => Some(unit),
+        };
+        Ok(Batch { rows, unit })
+    }
+
+    /// Writes down what the broker did with a batch: deletes the rows it took, schedules a
+    /// retry of the others (never a dead letter for a broker that did not answer). Returns
+    /// the earliest retry.
+    async fn record(&self, published: Published) -> Result<Option<i64>> {
+        let Published { batch, outcomes } = published;
+        let store = self.store;
+        let shared = &store.shared;
+        let mut unit = match batch.unit {
+            Some(unit) => unit,
+            None => store.begin_unit().await?,
+        };
+        let now = micros(shared.now());
+        let mut sent = Vec::new();
+        let mut retry_at: Option<i64> = None;
+        for (index, row) in batch.rows.iter().enumerate() {
+            let missing;
+            let error = match outcomes.get(index) {
+                Some(Ok(())) => {
+                    sent.push(row.id);
+                    continue;
+                }
+                Some(Err(error)) => error,
+                None => {
+                    missing = TransportError::transient(
+                        self.transport.name(),
+                        format!("publish `{}`", row.name),
+                        "the transport returned no outcome for this message",
+                    );
+                    &missing
+                }
+            };
+            let failure = Failure::transport(error);
+            let at = record_failure(&mut unit, self.group, row, &failure, now).await?;
+            retry_at = earliest(retry_at, at);
+        }
+        if !sent.is_empty() {
+            let ids = serde_json::to_string(&sent).unwrap_or_default();
+            sqlx::query(AssertSqlSafe(shared.sql.delete_deliveries.clone()))
+                .bind(ids)
+                .execute(&mut unit.tx)
+                .await
+                .context("delete published rows")?;
+        }
+        unit.commit_unit()
+            .await
+            .context("commit what was published")?;
+        shared.stats.published(sent.len());
+        Ok(retry_at)
+    }
+}
+
+impl Batch {
+    /// Lets the claim go without publishing (PostgreSQL: ends its transaction).
+    async fn end(self) -> Result<()> {
+        match self.unit {
+            Some(unit) => unit.commit_unit().await.context("end a claim"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Published {
+    /// Drops from `rows`, claimed after this batch, those of every key of which the broker
+    /// did not take a message here: they must not overtake it.
+    fn hold_back_failed_keys(&self, rows: &mut Vec<Claimed>) {
+        let failed: HashSet<&str> = self
+            .batch
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| !matches!(self.outcomes.get(*index), Some(Ok(()))))
+            .filter_map(|(_, row)| row.key.as_deref())
+            .collect();
+        if !failed.is_empty() {
+            rows.retain(|row| row.key.as_deref().is_none_or(|key| !failed.contains(key)));
+        }
+    }
+}
+
+/// The messages of claimed rows: each row's envelope bytes, unchanged.
+fn outgoing(rows: &[Claimed]) -> Vec<Outgoing> {
+    rows.iter()
         .map(|row| Outgoing {
             channel: row.name.clone(),
             message_id: Uuid::parse_str(&row.message_id).unwrap_or_else(|_| Uuid::nil()),
@@ -121,53 +351,14 @@ pub(crate) async fn publish_batch(
             ],
             payload: bytes::Bytes::from(row.envelope.clone()),
         })
-        .collect();
-    let outcomes = transport.publish(&outgoing).await;
-    let mut unit = match unit {
-        Some(unit) => unit,
-        None => store.begin_unit().await?,
-    };
-    let now = micros(shared.now());
-    let mut sent = Vec::new();
-    let mut retry_at: Option<i64> = None;
-    for (index, row) in rows.iter().enumerate() {
-        match outcomes.get(index) {
-            Some(Ok(())) => sent.push(row.id),
-            Some(Err(error)) => {
-                let failure = Failure::transport(error);
-                if let Some(at) = record_failure(&mut unit, group, row, &failure, now).await? {
-                    retry_at = Some(retry_at.map_or(at, |r: i64| r.min(at)));
-                }
-            }
-            None => {
-                let missing = TransportError::transient(
-                    transport.name(),
-                    format!("publish `{}`", row.name),
-                    "the transport returned no outcome for this message",
-                );
-                let failure = Failure::transport(&missing);
-                if let Some(at) = record_failure(&mut unit, group, row, &failure, now).await? {
-                    retry_at = Some(retry_at.map_or(at, |r: i64| r.min(at)));
-                }
-            }
-        }
+        .collect()
+}
+
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
-    if !sent.is_empty() {
-        let ids = serde_json::to_string(&sent).unwrap_or_default();
-        sqlx::query(AssertSqlSafe(shared.sql.delete_deliveries.clone()))
-            .bind(ids)
-            .execute(&mut unit.tx)
-            .await
-            .context("delete published rows")?;
-    }
-    unit.commit_unit()
-        .await
-        .context("commit what was published")?;
-    store.shared.stats.published(sent.len());
-    Ok(BatchOutcome {
-        claimed: rows.len(),
-        retry_at,
-    })
 }
 
 /// Consumes `inbound`'s group from its transport into the store until cancelled.

@@ -99,11 +99,11 @@ impl SqlStore {
                         .await
                         .map_err(|source| crate::error::Error::Transport { source })?;
                 }
+                let mut publisher = transport
+                    .map(|transport| crate::bridge::Publisher::new(self, &**transport, group));
                 loop {
-                    let outcome = match transport {
-                        Some(transport) => {
-                            crate::bridge::publish_batch(self, &**transport, group).await?
-                        }
+                    let outcome = match &mut publisher {
+                        Some(publisher) => publisher.step().await?,
                         None => deliver_batch(self, app, group).await?,
                     };
                     round += outcome.claimed as u64;
@@ -300,11 +300,13 @@ pub(crate) struct BatchOutcome {
     pub(crate) retry_at: Option<i64>,
 }
 
+/// Claims up to `limit` due rows of `group` with ids above `after` (0 for all), in id order.
 pub(crate) async fn claim(
     unit: &mut SqlUnitOfWork,
     group: &str,
     now: i64,
     limit: usize,
+    after: i64,
 ) -> Result<Vec<Claimed>> {
     if let Some(plan) = unit.shared.sql.plan_claim.clone() {
         // On a fresh table without statistics PostgreSQL would read every row of the group
@@ -319,6 +321,7 @@ pub(crate) async fn claim(
         .bind(group.to_owned())
         .bind(now)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(after)
         .fetch_all(&mut unit.tx)
         .await
         .context("claim deliveries")?;
@@ -338,8 +341,8 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
     let shared = &store.shared;
     let mut unit = store.begin_unit().await?;
     let now = micros(shared.now());
-    let rows = claim(&mut unit, group, now, shared.options.batch_size).await?;
-    let rows = key_heads(&mut unit, group, rows, now).await?;
+    let rows = claim(&mut unit, group, now, shared.options.batch_size, 0).await?;
+    let rows = key_heads(&mut unit, group, rows, &[], now).await?;
     let claimed = rows.len();
     // A row that failed before goes alone (after this batch, which holds its claim until then):
     // its retries run no other handler, and it fails no batch again. It is the first of its
@@ -497,15 +500,25 @@ async fn one_by_one(
 /// batch does not hold (a row another relay holds, or one that became visible meanwhile), so
 /// that a key is never delivered past an earlier row. SQLite has one writer at a time, so its
 /// batches are already key prefixes.
+/// Keeps of `rows` the prefix of each key that nothing holds back: a due or failing row of
+/// a key stops the batch's later rows of that key, unless the batch has it or it is one of
+/// the rows this relay holds `in_flight` (claimed earlier, not yet settled).
+///
+/// On PostgreSQL such a row is one another relay claimed (locked, so the claim skipped it).
+/// On SQLite the claim is the only one and sees every row, so the check is needed only for
+/// a claim that started past the rows in flight (the transport publisher's): it must not
+/// pass a row below them that was left behind, and take a later row of its key.
 pub(crate) async fn key_heads(
     unit: &mut SqlUnitOfWork,
     group: &str,
     rows: Vec<Claimed>,
+    in_flight: &[i64],
     now: i64,
 ) -> Result<Vec<Claimed>> {
-    let Some(sql) = unit.shared.sql.key_rows.clone() else {
+    if unit.shared.backend == crate::Backend::Sqlite && in_flight.is_empty() {
         return Ok(rows);
-    };
+    }
+    let sql = unit.shared.sql.key_rows.clone();
     let mut keys: Vec<&str> = rows.iter().filter_map(|r| r.key.as_deref()).collect();
     if keys.is_empty() {
         return Ok(rows);
@@ -513,7 +526,11 @@ pub(crate) async fn key_heads(
     keys.sort_unstable();
     keys.dedup();
     let max_id = rows.iter().map(|r| r.id).max().unwrap_or_default();
-    let ours: HashSet<i64> = rows.iter().map(|r| r.id).collect();
+    let ours: HashSet<i64> = rows
+        .iter()
+        .map(|r| r.id)
+        .chain(in_flight.iter().copied())
+        .collect();
     let visible = sqlx::query(AssertSqlSafe(sql))
         .bind(group.to_owned())
         .bind(max_id)

@@ -310,8 +310,8 @@ pub(crate) struct Statements {
     pub(crate) plan_claim: Option<Arc<str>>,
     /// PostgreSQL: undo `plan_claim` before handlers run their own SQL in the transaction.
     pub(crate) unplan_claim: Option<Arc<str>>,
-    /// PostgreSQL: the rows of some keys up to an id, to keep a batch to key prefixes.
-    pub(crate) key_rows: Option<Arc<str>>,
+    /// The rows of some keys up to an id, to keep a batch to key prefixes.
+    pub(crate) key_rows: Arc<str>,
     pub(crate) in_inbox: Arc<str>,
     pub(crate) insert_inbox: Arc<str>,
     /// The inbox rows of a batch; a duplicate fails it, and the batch goes one by one.
@@ -443,7 +443,10 @@ impl Statements {
                 Backend::Postgres => Some(s("SELECT pg_notify($1, '')".to_owned())),
             },
             channel: s(format!("{p}outbox")),
-            claim: s(format!("{} ORDER BY d.id LIMIT $3{lock}", claim_base(false))),
+            claim: s(format!(
+                "{} AND d.id > $4 ORDER BY d.id LIMIT $3{lock}",
+                claim_base(false)
+            )),
             claim_one: s(format!("{} AND d.id = $3{lock}", claim_base(true))),
             plan_claim: match backend {
                 Backend::Sqlite => None,
@@ -463,15 +466,20 @@ impl Statements {
                         .to_owned(),
                 )),
             },
-            key_rows: match backend {
-                Backend::Sqlite => None,
-                Backend::Postgres => Some(s(format!(
+            key_rows: s(match backend {
+                Backend::Sqlite => format!(
+                    "SELECT id, msg_key FROM {p}deliveries
+                     WHERE grp = $1 AND id <= $2
+                       AND msg_key IN (SELECT value FROM json_each($3))
+                       AND (deliver_at <= $4 OR attempts > 0)"
+                ),
+                Backend::Postgres => format!(
                     "SELECT id, msg_key FROM {p}deliveries
                      WHERE grp = $1 AND id <= $2
                        AND msg_key = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST($3 AS jsonb))))
                        AND (deliver_at <= $4 OR attempts > 0)"
-                ))),
-            },
+                ),
+            }),
             in_inbox: s(format!(
                 "SELECT COUNT(*) FROM {p}inbox WHERE grp = $1 AND message_id = $2"
             )),

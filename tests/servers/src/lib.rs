@@ -1,0 +1,263 @@
+//! Broker servers of a test's own: each started on a free port of 127.0.0.1 with its storage
+//! in a temporary directory, stopped (cleanly or killed) and started again on the same port
+//! and storage, and killed when dropped. The machine's own servers are never touched.
+//!
+//! One [`Server`] runs any broker; a [`Spec`] says how (see [`nats`]). The transport crates'
+//! tests, the workspace's cross-process tests and the benchmarks all start their brokers here.
+//!
+//! A broker binary that cannot be found makes [`Server::start`] panic with a message naming
+//! it and the command that installs it, as a test that needs it should fail.
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub mod nats;
+
+/// How to find, start and reach one broker.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    /// The broker's binary, as named in messages (`nats-server`).
+    pub binary: &'static str,
+    /// The variable that names the binary's path, checked first (`NATS_SERVER_BIN`).
+    pub binary_env: &'static str,
+    /// Where the binary may be besides `PATH`.
+    pub places: &'static [&'static str],
+    /// How to install it, for the message when it is missing.
+    pub install: &'static str,
+    /// The arguments and environment of the server on `port` (and `ports`, more free ports
+    /// for what else it listens on), keeping its data in `dir`.
+    pub command: fn(&mut Command, u16, &[u16], &Path),
+    /// How many more free ports it needs besides the client port.
+    pub more_ports: usize,
+    /// The client URL of a server on `port`.
+    pub url: fn(u16) -> String,
+    /// How long it may take to listen.
+    pub start_timeout: Duration,
+    /// How long a clean stop may take before the server is killed.
+    pub stop_timeout: Duration,
+}
+
+/// A running (or stopped) broker server of a test's own; killed on drop.
+#[derive(Debug)]
+pub struct Server {
+    spec: Spec,
+    binary: PathBuf,
+    port: u16,
+    more_ports: Vec<u16>,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+/// A free TCP port of 127.0.0.1.
+///
+/// # Panics
+/// When there is none.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// Where `spec`'s binary is: its variable, then `PATH`, then its usual places.
+///
+/// # Panics
+/// When it is nowhere, with a message saying how to install it.
+pub fn find_binary(spec: &Spec) -> PathBuf {
+    if let Some(path) = std::env::var_os(spec.binary_env) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return path;
+        }
+        missing(
+            spec,
+            &format!(
+                "{} names {}, which is not a file",
+                spec.binary_env,
+                path.display()
+            ),
+        );
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(spec.binary));
+    for candidate in on_path.chain(spec.places.iter().map(PathBuf::from)) {
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    missing(spec, "found none on PATH or in its usual places")
+}
+
+fn missing(spec: &Spec, why: &str) -> ! {
+    panic!(
+        "this test needs the `{binary}` binary and {why}. Install it ({install}), or set {env} \
+         to its path. Nothing needs to run beforehand: the test starts its own `{binary}` on a \
+         free port of 127.0.0.1.",
+        binary = spec.binary,
+        install = spec.install,
+        env = spec.binary_env,
+    );
+}
+
+impl Server {
+    /// Starts a server of `spec` on a free port of 127.0.0.1, with its data in a new
+    /// temporary directory.
+    ///
+    /// # Panics
+    /// When the binary cannot be found (the message says how to install it) or the server
+    /// does not listen within its start timeout.
+    pub fn start(spec: Spec) -> Self {
+        let mut server = Server {
+            binary: find_binary(&spec),
+            port: free_port(),
+            more_ports: (0..spec.more_ports).map(|_| free_port()).collect(),
+            dir: tempfile::tempdir().expect("a temporary directory for the broker's data"),
+            child: None,
+            spec,
+        };
+        server.start_again();
+        server
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        (self.spec.url)(self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// The server's output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Whether the server runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the server (SIGKILL: it flushes nothing).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server as an operator does (SIGTERM): it closes its clients' connections
+    /// and writes what it keeps before it exits. Fails, having killed it, when it does not
+    /// exit within the spec's stop timeout.
+    pub fn stop(&mut self) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let signalled = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + self.spec.stop_timeout;
+        let problem = match signalled {
+            Ok(status) if status.success() => loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => return Ok(()),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Ok(None) => {
+                        break format!("it did not exit within {:?}", self.spec.stop_timeout);
+                    }
+                    Err(err) => break format!("waiting for it failed: {err}"),
+                }
+            },
+            Ok(status) => format!("`kill -TERM` exited with {status}"),
+            Err(err) => format!("`kill -TERM` could not run: {err}"),
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(format!(
+            "{} on port {} did not stop cleanly ({problem}), so it was killed",
+            self.spec.binary, self.port
+        ))
+    }
+
+    /// Starts the server again on the same port and data.
+    ///
+    /// # Panics
+    /// When it is running already, exits, or does not listen within the start timeout.
+    pub fn start_again(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "{} is already running",
+            self.spec.binary
+        );
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("the broker's log file");
+        let err = log.try_clone().expect("the broker's log file");
+        let mut command = Command::new(&self.binary);
+        (self.spec.command)(&mut command, self.port, &self.more_ports, self.dir.path());
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {}: {e}", self.binary.display()));
+        self.child = Some(child);
+
+        let deadline = Instant::now() + self.spec.start_timeout;
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                panic!(
+                    "{} exited ({status}) on port {}:\n{}",
+                    self.spec.binary,
+                    self.port,
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!(
+                    "{} did not listen on port {} within {:?}:\n{}",
+                    self.spec.binary,
+                    self.port,
+                    self.spec.start_timeout,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
