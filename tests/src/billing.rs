@@ -1,21 +1,16 @@
-//! A small app in two processes over NATS: the main process places orders (`sales.place`
+//! A small app in two processes over a broker: the main process places orders (`sales.place`
 //! publishes `sales.order_placed`); group `billing.ledger` of module `billing`, run by process
 //! `billing`, records each order in `billing_ledger` and answers `billing.charged`; group
 //! `sales.status`, in the main process, records the answer in `sales_charged`. Neither table
 //! has a unique key, so a second effect of a message would show as a second row.
 
-use inseam::nats::{Nats, NatsError, NatsOptions};
+use std::sync::Arc;
+
 use inseam::prelude::*;
 use inseam::sql::sqlx::{self, Row as _};
 use inseam::sql::{SqlPool, SqlStore};
+use inseam::transport::Transport;
 use inseam::{BuildError, Routing};
-
-/// Process `billing` runs module `billing`, over NATS; the main process runs the rest.
-pub const ROUTING: &str = r#"
-[processes.billing]
-transport = "nats"
-modules = ["billing"]
-"#;
 
 /// Places order `order`.
 #[derive(Debug, Clone, Serialize, Deserialize, Command)]
@@ -85,20 +80,14 @@ async fn charged(ev: &Envelope<Charged>, ctx: &mut EventContext<'_>) -> Result<(
     record(ctx, "sales_charged", ev.order).await
 }
 
-/// The routing, started as `process` (`main` or `billing`).
-pub fn routing(process: &str) -> Routing {
-    Routing::from_toml(ROUTING)
-        .unwrap_or_else(|error| panic!("{error}"))
-        .this_process(process)
-}
-
-/// The NATS transport at `url`, with timeouts short enough for tests.
-pub async fn nats(url: &str) -> Result<Nats, NatsError> {
-    let options = NatsOptions::from_url(url)?
-        .publish_timeout(std::time::Duration::from_secs(2))
-        .request_timeout(std::time::Duration::from_secs(2))
-        .connection_timeout(std::time::Duration::from_secs(2));
-    Nats::connect_with(options).await
+/// Process `billing` runs module `billing`, over transport `transport`; the main process
+/// runs the rest. Started as `process` (`main` or `billing`).
+pub fn routing(process: &str, transport: &str) -> Routing {
+    Routing::from_toml(&format!(
+        "[processes.billing]\ntransport = \"{transport}\"\nmodules = [\"billing\"]\n"
+    ))
+    .unwrap_or_else(|error| panic!("{error}"))
+    .this_process(process)
 }
 
 /// Creates the table of the module `process` runs.
@@ -116,15 +105,20 @@ pub async fn create_schema(store: &SqlStore, process: &str) -> Result<(), sqlx::
     Ok(())
 }
 
-/// The app as process `process`, over `nats`.
-pub async fn app(store: &SqlStore, nats: Nats, process: &str) -> Result<App, BuildError> {
+/// The app as process `process`, over `transport`.
+pub async fn app(
+    store: &SqlStore,
+    transport: Arc<dyn Transport>,
+    process: &str,
+) -> Result<App, BuildError> {
+    let routing = routing(process, transport.name());
     App::builder()
         .store(store.clone())
         .handler::<place>()
         .handler::<charge>()
         .handler::<charged>()
-        .transport(nats)
-        .routing(routing(process))
+        .transport_arc(transport)
+        .routing(routing)
         .build()
         .await
 }

@@ -4,8 +4,8 @@
 
 pub mod bank;
 pub mod billing;
+pub mod brokers;
 pub mod cart;
-pub mod nats;
 pub mod orders;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
-//! A broker outage under load: two processes of one app (two apps with their own SQLite
-//! databases in this test) over a NATS server of the test's own. Orders keep coming every
-//! 20 ms while the server is down for 35 s; then it starts again on the same port and store.
+//! A broker outage under load, for every broker: two processes of one app (two apps with their
+//! own SQLite databases in this test) over a broker server of the test's own. Orders keep
+//! coming every 20 ms while the server is down for 35 s; then it starts again on the same port
+//! and store.
 //! Nothing is lost and nothing takes effect twice: every order is recorded once by the billing
 //! process and its answer once by the main process, and everything drains. While the server
 //! is down the main process's rows for the transport wait, and its lag shows them.
@@ -10,12 +11,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use inseam::sql::{RelayOptions, SqlStore, SqlStoreOptions};
-use inseam_tests::nats::NatsServer;
+use inseam_tests::brokers::Broker;
 use inseam_tests::{TestDb, billing, eventually};
 
 const OUTAGE: Duration = Duration::from_secs(35);
 const EVERY: Duration = Duration::from_millis(20);
-const TRANSPORT: &str = "transport:nats";
 
 async fn store(db: &TestDb, process: &str) -> SqlStore {
     let relay = RelayOptions {
@@ -29,41 +29,46 @@ async fn store(db: &TestDb, process: &str) -> SqlStore {
     store
 }
 
-/// The transport's waiting rows and the age of the oldest.
-async fn waiting(store: &SqlStore) -> (i64, Duration) {
+/// The rows waiting for `transport`, and the age of the oldest.
+async fn waiting(store: &SqlStore, transport: &str) -> (i64, Duration) {
     let lag = store.lag().await.unwrap();
     lag.groups
         .iter()
-        .find(|g| g.group == TRANSPORT)
+        .find(|g| g.group == transport)
         .map_or((0, Duration::ZERO), |g| {
             (g.pending, g.oldest_age.unwrap_or_default())
         })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_broker_outage_under_load() {
+async fn nats_outage_under_load() {
+    outage_under_load(Broker::Nats).await;
+}
+
+async fn outage_under_load(broker: Broker) {
     let started = Instant::now();
-    let mut server = NatsServer::start();
+    let transport = format!("transport:{}", broker.name());
+    let mut server = broker.start();
     let main_db = TestDb::sqlite();
     let billing_db = TestDb::sqlite();
     let main_store = store(&main_db, "main").await;
     let billing_store = store(&billing_db, "billing").await;
     let main = billing::app(
         &main_store,
-        billing::nats(&server.url()).await.unwrap(),
+        broker.transport(&server.url()).await.unwrap(),
         "main",
     )
     .await
     .unwrap();
     let billing_app = billing::app(
         &billing_store,
-        billing::nats(&server.url()).await.unwrap(),
+        broker.transport(&server.url()).await.unwrap(),
         "billing",
     )
     .await
     .unwrap();
-    assert_eq!(main.groups(), ["sales.status", TRANSPORT]);
-    assert_eq!(billing_app.groups(), ["billing.ledger", TRANSPORT]);
+    assert_eq!(main.groups(), ["sales.status", transport.as_str()]);
+    assert_eq!(billing_app.groups(), ["billing.ledger", transport.as_str()]);
     let main_relay = main.start();
     let billing_relay = billing_app.start();
 
@@ -93,13 +98,15 @@ async fn sqlite_broker_outage_under_load() {
     };
     eventually(
         Duration::from_secs(30),
-        "the first orders answered over NATS",
+        "the first orders answered over the broker",
         || answered(20),
     )
     .await;
 
     // The outage.
-    server.stop();
+    server
+        .stop()
+        .unwrap_or_else(|error| panic!("stopping the broker: {error}"));
     let stopped_at = Instant::now();
     let sent_at_stop = sent.load(Ordering::SeqCst);
     // What was on its way when the server stopped has landed or waits by now.
@@ -107,7 +114,7 @@ async fn sqlite_broker_outage_under_load() {
     let ledger_early = billing::orders(&billing_pool, "billing_ledger").await.len();
     tokio::time::sleep(OUTAGE.saturating_sub(stopped_at.elapsed())).await;
     let sent_during = sent.load(Ordering::SeqCst) - sent_at_stop;
-    let (waiting_at_end, oldest) = waiting(&main_store).await;
+    let (waiting_at_end, oldest) = waiting(&main_store, &transport).await;
     let ledger_late = billing::orders(&billing_pool, "billing_ledger").await.len();
     assert_eq!(
         ledger_late, ledger_early,
@@ -166,7 +173,8 @@ async fn sqlite_broker_outage_under_load() {
     main_relay.shutdown().await;
     billing_relay.shutdown().await;
     eprintln!(
-        "{total} orders, {sent_during} placed during a {OUTAGE:?} outage ({waiting_at_end} rows waiting at its end, the oldest {oldest:?}); drained {drained:?} after the restart; {:?} in all",
+        "{}: {total} orders, {sent_during} placed during a {OUTAGE:?} outage ({waiting_at_end} rows waiting at its end, the oldest {oldest:?}); drained {drained:?} after the restart; {:?} in all",
+        broker.name(),
         started.elapsed()
     );
 }

@@ -1,42 +1,78 @@
-//! The shop in two processes over NATS: the shop binary started twice with `split.toml`, the
-//! second as process `billing` (payments and shipping), each on a SQLite file of its own, over
-//! a `nats-server -js` of the test's own. The demo's three orders end as in one process, with
+//! The shop in two processes over each broker: the shop binary started twice with
+//! `split.toml` (for another broker than NATS, the same file naming that broker's transport),
+//! the second as process `billing` (payments and shipping), each on a SQLite file of its own,
+//! over a broker server of the test's own. The demo's three orders end as in one process, with
 //! the same flows (apart from timing), each process created only its modules' tables, and the
 //! envelopes each process received are, byte for byte, the outbox rows the other wrote.
 
 use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use inseam::sql::SqlStore;
 use inseam::sql::sqlx::{self, Row as _};
-use inseam_tests::nats::NatsServer;
+use inseam_tests::brokers::Broker;
 
 const SHOP: &str = env!("CARGO_BIN_EXE_shop");
 const SPLIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/split.toml");
 
-/// The shop binary with no routing or NATS settings from the caller's environment.
+/// The shop binary with no routing or broker settings from the caller's environment.
 fn shop(db_url: &str) -> Command {
     let mut command = Command::new(SHOP);
     command
         .env("SHOP_DATABASE_URL", db_url)
         .env("RUST_LOG", "warn")
         .env_remove("INSEAM_CONFIG")
-        .env_remove("INSEAM_PROCESS")
-        .env_remove("INSEAM_NATS_URL");
+        .env_remove("INSEAM_PROCESS");
+    for broker in Broker::ALL {
+        command.env_remove(broker.url_env());
+    }
     command
 }
 
-fn split(db_url: &str, nats_url: &str, process: Option<&str>) -> Command {
-    let mut command = shop(db_url);
-    command
-        .env("INSEAM_CONFIG", SPLIT)
-        .env("INSEAM_NATS_URL", nats_url);
-    if let Some(process) = process {
-        command.env("INSEAM_PROCESS", process);
+/// How the split reaches its broker: the routing file and the broker's URL.
+struct Split {
+    broker: Broker,
+    config: PathBuf,
+    url: String,
+}
+
+impl Split {
+    /// `split.toml` as it is for NATS; for another broker, the same file with that broker's
+    /// transport, written in `dir`.
+    fn new(broker: Broker, url: String, dir: &Path) -> Self {
+        let config = if broker == Broker::Nats {
+            PathBuf::from(SPLIT)
+        } else {
+            let text = std::fs::read_to_string(SPLIT).expect("read split.toml");
+            assert!(text.contains("transport = \"nats\""), "{text}");
+            let path = dir.join(format!("split-{}.toml", broker.name()));
+            let text = text.replace(
+                "transport = \"nats\"",
+                &format!("transport = \"{}\"", broker.name()),
+            );
+            std::fs::write(&path, text).expect("write the routing file");
+            path
+        };
+        Split {
+            broker,
+            config,
+            url,
+        }
     }
-    command
+
+    fn command(&self, db_url: &str, process: Option<&str>) -> Command {
+        let mut command = shop(db_url);
+        command
+            .env("INSEAM_CONFIG", &self.config)
+            .env(self.broker.url_env(), &self.url);
+        if let Some(process) = process {
+            command.env("INSEAM_PROCESS", process);
+        }
+        command
+    }
 }
 
 fn text(output: &Output, what: &str) -> String {
@@ -94,8 +130,9 @@ fn without_uuids(line: &str) -> String {
 }
 
 /// Starts the billing process and waits for the line that says it runs.
-fn start_billing(db_url: &str, nats_url: &str) -> Child {
-    let mut child = split(db_url, nats_url, Some("billing"))
+fn start_billing(split: &Split, db_url: &str) -> Child {
+    let mut child = split
+        .command(db_url, Some("billing"))
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the billing process");
@@ -188,9 +225,14 @@ async fn pairs(store: &SqlStore, sql: &'static str) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_split_in_two_processes_over_nats() {
+    the_demo_split_in_two_processes(Broker::Nats).await;
+}
+
+async fn the_demo_split_in_two_processes(broker: Broker) {
     let started = Instant::now();
-    let server = NatsServer::start();
+    let server = broker.start();
     let dir = tempfile::tempdir().unwrap();
+    let split = Split::new(broker, server.url(), dir.path());
     let url = |file: &str| format!("sqlite://{}", dir.path().join(file).display());
 
     // The reference: the demo in one process.
@@ -199,19 +241,24 @@ async fn the_demo_split_in_two_processes_over_nats() {
         "the demo in one process",
     );
 
-    let billing = start_billing(&url("billing.db"), &server.url());
+    let billing = start_billing(&split, &url("billing.db"));
     let demo = Instant::now();
-    let main = split(&url("main.db"), &server.url(), None)
+    let main = split
+        .command(&url("main.db"), None)
         .output()
         .expect("run the demo's main process");
     let demo = demo.elapsed();
     let main = text(&main, "the demo's main process");
     terminate(billing);
 
+    let processes = format!(
+        "process `main` (catalog, inventory, orders, notifications); `billing` (payments, shipping) over {}",
+        broker.name()
+    );
     assert!(
-        main.lines().next().is_some_and(|line| line.contains(
-            "process `main` (catalog, inventory, orders, notifications); `billing` (payments, shipping) over nats"
-        )),
+        main.lines()
+            .next()
+            .is_some_and(|line| line.contains(&processes)),
         "{main}"
     );
     let outcomes: Vec<&str> = main.lines().filter(|l| l.starts_with("order-")).collect();
@@ -224,7 +271,7 @@ async fn the_demo_split_in_two_processes_over_nats() {
         ],
         "{main}"
     );
-    // A command and a query answered by the billing process over NATS request-reply: the
+    // A command and a query answered by the billing process over request-reply: the
     // outputs, and the handler's typed error, as in one process.
     let asked = |text: &str| -> Vec<String> {
         text.lines()

@@ -1,18 +1,19 @@
-//! The outbox over NATS JetStream: relay throughput against raw async-nats publishing, and the
-//! latency from a command's commit to a handler in another process.
+//! The outbox over each broker: relay throughput against the broker's raw client publishing
+//! the same bytes with the same acknowledgements, and the latency from a command's commit to a
+//! handler in another process.
 //!
-//! `cargo bench -p inseam-benches --bench nats` (`-- throughput` or `-- latency` for one part).
-//! It starts its own `nats-server -js` on a free port with its own store directory (the one of
-//! `PATH`, `/usr/sbin` or `NATS_SERVER_BIN`).
+//! `cargo bench -p inseam-benches --bench brokers` runs every broker and both parts; arguments
+//! choose: `-- nats throughput`, `-- latency`, and so on. Each broker is a server of the
+//! bench's own on a free port (`inseam_test_servers`), as in the tests.
 //!
-//! - **Throughput**: an app whose event goes to a group of another process over the NATS
-//!   transport (`Routing`; this is the main process, so it only publishes). `INSEAM_BENCH_EVENTS`
-//!   events (default 20,000) are written to the outbox first, then the relay starts, and the
-//!   time until it has published them all (their rows deleted: the `transport:nats` lag is 0)
-//!   gives messages/s. The raw side publishes the same
-//!   envelope bytes with async-nats, pipelined in batches of the relay's batch size
-//!   (`INSEAM_BENCH_BATCH`, default 1,000), awaiting every acknowledgement. On SQLite, and on
-//!   PostgreSQL when its server answers (`INSEAM_TEST_POSTGRES` or the local one).
+//! - **Throughput**: an app whose event goes to a group of another process over the broker's
+//!   transport (`Routing`; this is the main process, so it only publishes).
+//!   `INSEAM_BENCH_EVENTS` events (default 20,000) are written to the outbox first, then the
+//!   relay starts, and the time until it has published them all (their rows deleted: the
+//!   transport's lag is 0) gives messages/s. The raw side publishes the same envelope bytes
+//!   with the broker's own client, in batches of the relay's batch size (`INSEAM_BENCH_BATCH`,
+//!   default 1,000), awaiting every acknowledgement (see each broker's module). On SQLite, and
+//!   on PostgreSQL when its server answers (`INSEAM_TEST_POSTGRES` or the local one).
 //! - **Latency**: two apps in this process, each with its own SQLite database and connection:
 //!   the main one and the one hosting the group. `INSEAM_BENCH_COMMANDS` commands (default
 //!   1,000) are sent one at a time at `INSEAM_BENCH_RATE` a second (default 200); the remote
@@ -22,20 +23,21 @@
 
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
+mod nats;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use inseam::Routing;
-use inseam::nats::{Nats, NatsOptions};
 use inseam::prelude::*;
 use inseam::sql::sqlx::{self, Row as _};
 use inseam::sql::{RelayOptions, SqlStoreOptions};
-use inseam::transport::Transport as _;
+use inseam::transport::Transport;
 use inseam_test::TestDatabase;
-use inseam_test_servers::{Server as NatsServer, nats as nats_server};
+use inseam_test_servers::Server;
+use inseam_tests::brokers::Broker;
 use tokio::sync::mpsc;
 
 const CHANNEL: &str = "orders.placed";
@@ -111,26 +113,55 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn routing() -> Routing {
-    Routing::from_toml(
-        r#"
-        [processes.billing]
-        transport = "nats"
-        modules = ["billing"]
-        "#,
-    )
+fn routing(broker: Broker) -> Routing {
+    Routing::from_toml(&format!(
+        "[processes.billing]\ntransport = \"{}\"\nmodules = [\"billing\"]\n",
+        broker.name()
+    ))
     .unwrap()
 }
 
-async fn nats(server: &NatsServer, name: &str) -> Nats {
-    let options = NatsOptions::from_url(&server.url())
-        .unwrap()
-        .stream(name.to_uppercase())
-        .prefix(name);
-    Nats::connect_with(options).await.unwrap()
+/// The transport of `broker` connected to `server`, its names (stream, topic, exchange) all
+/// in namespace `name`, so that runs do not meet.
+async fn transport(broker: Broker, server: &Server, name: &str) -> Arc<dyn Transport> {
+    match broker {
+        Broker::Nats => nats::transport(server, name).await,
+    }
 }
 
-async fn app(url: &str, nats: Nats, routing: Routing, seen: Seen, batch: usize) -> (App, SqlStore) {
+/// Publishes `rows` to the channel with `broker`'s own client, as the transport lays them out
+/// in namespace `name`, in batches of `batch`, awaiting every acknowledgement; with the
+/// transport's deduplication id when `ids`. Returns messages/s, timed from the first publish
+/// to the last acknowledgement (connecting and creating the broker's channels not counted).
+async fn raw_publish(
+    broker: Broker,
+    server: &Server,
+    name: &str,
+    rows: &[Row],
+    batch: usize,
+    ids: bool,
+) -> f64 {
+    let elapsed = match broker {
+        Broker::Nats => nats::publish(server, name, rows, batch, ids).await,
+    };
+    assert_eq!(messages(broker, server, name).await, rows.len() as u64);
+    rows.len() as f64 / elapsed.as_secs_f64()
+}
+
+/// How many messages `broker` holds in namespace `name`.
+async fn messages(broker: Broker, server: &Server, name: &str) -> u64 {
+    match broker {
+        Broker::Nats => nats::messages(server, name).await,
+    }
+}
+
+async fn app(
+    url: &str,
+    transport: Arc<dyn Transport>,
+    routing: Routing,
+    seen: Seen,
+    batch: usize,
+) -> (App, SqlStore) {
     let options = SqlStoreOptions::new().relay(RelayOptions {
         batch_size: batch,
         ..RelayOptions::default()
@@ -142,7 +173,7 @@ async fn app(url: &str, nats: Nats, routing: Routing, seen: Seen, batch: usize) 
         .handler::<place_many>()
         .handler::<place>()
         .handler::<ledger>()
-        .transport(nats)
+        .transport_arc(transport)
         .routing(routing)
         .build()
         .await
@@ -161,89 +192,41 @@ async fn pending(store: &SqlStore, group: &str) -> i64 {
         .map_or(0, |g| g.pending)
 }
 
-async fn stream_messages(client: &async_nats::Client, stream: &str) -> u64 {
-    let js = jetstream::new(client.clone());
-    let mut stream = js.get_stream(stream).await.unwrap();
-    stream.info().await.unwrap().state.messages
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// A stored message: its id, key and envelope bytes.
 type Row = (String, String, Bytes);
-
-/// Publishes `rows` with async-nats alone, in pipelined batches of `batch`, awaiting every
-/// acknowledgement; returns messages/s.
-async fn raw_publish(
-    server: &NatsServer,
-    name: &str,
-    rows: &[Row],
-    batch: usize,
-    ids: bool,
-) -> f64 {
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    // The stream the NATS transport provisions.
-    js.create_stream(stream::Config {
-        name: name.to_uppercase(),
-        subjects: vec![format!("{name}.>")],
-        storage: stream::StorageType::File,
-        retention: stream::RetentionPolicy::Limits,
-        discard: stream::DiscardPolicy::Old,
-        duplicate_window: Duration::from_secs(120),
-        num_replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let start = Instant::now();
-    for chunk in rows.chunks(batch) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for (id, key, payload) in chunk {
-            let subject = format!("{name}.{}.{CHANNEL}", fnv1a(key.as_bytes()) % 8);
-            let ack = if ids {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", id.as_str());
-                js.publish_with_headers(subject, headers, payload.clone())
-                    .await
-            } else {
-                js.publish(subject, payload.clone()).await
-            };
-            acks.push(ack.unwrap());
-        }
-        for ack in acks {
-            ack.await.unwrap();
-        }
-    }
-    let elapsed = start.elapsed();
-    assert_eq!(
-        stream_messages(&client, &name.to_uppercase()).await,
-        rows.len() as u64
-    );
-    rows.len() as f64 / elapsed.as_secs_f64()
-}
 
 /// An app whose outbox holds `events` events for the remote group, its relay not started.
 struct Filled {
     app: App,
     store: SqlStore,
-    transport: Nats,
-    stream: String,
+    name: String,
+    group: String,
     events: u64,
     fill: Duration,
     /// What the relay will publish, in its order: id, key, envelope bytes (for the raw side).
     rows: Vec<Row>,
 }
 
-async fn fill(server: &NatsServer, name: &str, url: &str, events: u64, batch: usize) -> Filled {
-    let transport = nats(server, name).await;
+async fn fill(
+    broker: Broker,
+    server: &Server,
+    name: &str,
+    url: &str,
+    events: u64,
+    batch: usize,
+) -> Filled {
+    let transport = transport(broker, server, name).await;
     let (seen, _unused) = mpsc::unbounded_channel();
-    let (app, store) = app(url, transport.clone(), routing(), Seen(seen), batch).await;
-    assert_eq!(app.groups(), ["transport:nats"]);
+    let (app, store) = app(
+        url,
+        Arc::clone(&transport),
+        routing(broker),
+        Seen(seen),
+        batch,
+    )
+    .await;
+    let group = format!("transport:{}", broker.name());
+    assert_eq!(app.groups(), [group.as_str()]);
 
     let filling = Instant::now();
     let per_command = 100;
@@ -252,7 +235,7 @@ async fn fill(server: &NatsServer, name: &str, url: &str, events: u64, batch: us
         app.send(PlaceMany { from, count }).await.unwrap();
     }
     let fill = filling.elapsed();
-    assert_eq!(pending(&store, "transport:nats").await, events as i64);
+    assert_eq!(pending(&store, &group).await, events as i64);
     let rows: Vec<Row> = sqlx::query(
         "SELECT o.message_id, o.msg_key, o.envelope FROM inseam_outbox o
          JOIN inseam_deliveries d ON d.message_id = o.message_id ORDER BY d.id",
@@ -269,13 +252,13 @@ async fn fill(server: &NatsServer, name: &str, url: &str, events: u64, batch: us
         )
     })
     .collect();
-    // The stream exists before the clock starts, as on the raw side.
+    // The broker's channels exist before the clock starts, as on the raw side.
     transport.provision(&[CHANNEL.to_owned()]).await.unwrap();
     Filled {
         app,
         store,
-        transport,
-        stream: name.to_uppercase(),
+        name: name.to_owned(),
+        group,
         events,
         fill,
         rows,
@@ -283,7 +266,7 @@ async fn fill(server: &NatsServer, name: &str, url: &str, events: u64, batch: us
 }
 
 /// Starts the relay and times it publishing everything; returns messages/s and the time.
-async fn drain(filled: &Filled) -> (f64, Duration) {
+async fn drain(broker: Broker, server: &Server, filled: &Filled) -> (f64, Duration) {
     let Filled { app, store, .. } = filled;
     // The relay counts what the broker acknowledged once the rows are deleted: when the count
     // reaches `events`, the lag is 0 (checked below). Polling `lag()` instead (a `COUNT(*)`
@@ -295,42 +278,58 @@ async fn drain(filled: &Filled) -> (f64, Duration) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let drain = start.elapsed();
-    assert_eq!(pending(store, "transport:nats").await, 0);
+    assert_eq!(pending(store, &filled.group).await, 0);
     relay.shutdown().await;
-    assert_eq!(
-        stream_messages(filled.transport.client(), &filled.stream).await,
-        filled.events
-    );
+    assert_eq!(messages(broker, server, &filled.name).await, filled.events);
     (filled.events as f64 / drain.as_secs_f64(), drain)
 }
 
-async fn throughput(server: &NatsServer) {
+async fn throughput(broker: Broker, server: &Server) {
     let events: u64 = env("INSEAM_BENCH_EVENTS", 20_000);
     let batch: usize = env("INSEAM_BENCH_BATCH", 1_000);
     let sqlite = TestDatabase::sqlite().unwrap();
     let mut databases = vec![("SQLite", sqlite)];
     if env("INSEAM_BENCH_POSTGRES", 1) == 1 {
-        match TestDatabase::postgres("bench_nats").await {
+        match TestDatabase::postgres(&format!("bench_{}", broker.name())).await {
             Ok(db) => databases.push(("PostgreSQL", db)),
             Err(error) => eprintln!("PostgreSQL skipped: {error}"),
         }
     }
     for (backend, db) in &databases {
         let name = backend.to_lowercase();
-        let filled = fill(server, &format!("bench_{name}"), db.url(), events, batch).await;
+        let filled = fill(
+            broker,
+            server,
+            &format!("bench_{name}"),
+            db.url(),
+            events,
+            batch,
+        )
+        .await;
         let rows = &filled.rows;
         let bytes: usize = rows.iter().map(|(_, _, b)| b.len()).sum();
         // The raw side runs before and after the relay, so that both meet the same machine.
-        let before = raw_publish(server, &format!("raw_{name}_1"), rows, batch, true).await;
-        let (inseam, took) = drain(&filled).await;
-        let after = raw_publish(server, &format!("raw_{name}_2"), rows, batch, true).await;
-        let bare = raw_publish(server, &format!("raw_{name}_bare"), rows, batch, false).await;
+        let publish = |run: &str, ids: bool| {
+            raw_publish(
+                broker,
+                server,
+                &format!("raw_{name}_{run}"),
+                rows,
+                batch,
+                ids,
+            )
+        };
+        let before = publish("1", true).await;
+        let (inseam, took) = drain(broker, server, &filled).await;
+        let after = publish("2", true).await;
+        let bare = publish("bare", false).await;
         let raw = (before + after) / 2.0;
         println!(
-            "throughput {backend}: {events} events ({} bytes each on average), batch {batch}; \
+            "{} throughput {backend}: {events} events ({} bytes each on average), batch {batch}; \
              outbox filled in {:.2?}; inseam relay {inseam:.0} msg/s ({took:.2?}); \
-             raw with Nats-Msg-Id {before:.0} msg/s before, {after:.0} after; raw without headers {bare:.0} msg/s; \
+             raw with ids {before:.0} msg/s before, {after:.0} after; raw without headers {bare:.0} msg/s; \
              inseam / raw with ids {:.2}x, / raw without headers {:.2}x",
+            broker.name(),
             bytes / rows.len().max(1),
             filled.fill,
             inseam / raw,
@@ -344,7 +343,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn latency(server: &NatsServer) {
+async fn latency(broker: Broker, server: &Server) {
     let commands: u64 = env("INSEAM_BENCH_COMMANDS", 1_000);
     let rate: u64 = env("INSEAM_BENCH_RATE", 200);
     let warm_up = 50;
@@ -353,16 +352,16 @@ async fn latency(server: &NatsServer) {
     let (tx, mut handled) = mpsc::unbounded_channel();
     let (main, _main_store) = app(
         main_db.url(),
-        nats(server, "latency").await,
-        routing(),
+        transport(broker, server, "latency").await,
+        routing(broker),
         Seen(tx.clone()),
         1_000,
     )
     .await;
     let (billing, _billing_store) = app(
         billing_db.url(),
-        nats(server, "latency").await,
-        routing().this_process("billing"),
+        transport(broker, server, "latency").await,
+        routing(broker).this_process("billing"),
         Seen(tx),
         1_000,
     )
@@ -413,8 +412,9 @@ async fn latency(server: &NatsServer) {
     latencies.sort_unstable();
     ages.sort_unstable();
     println!(
-        "latency over {commands} commands at {rate}/s (after {warm_up} warm-up): commit-to-remote-handler p50 {:.2?}, p99 {:.2?}, max {:.2?}; \
+        "{} latency over {commands} commands at {rate}/s (after {warm_up} warm-up): commit-to-remote-handler p50 {:.2?}, p99 {:.2?}, max {:.2?}; \
          envelope time to handler p50 {:.2?}, p99 {:.2?}, max {:.2?}",
+        broker.name(),
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99),
         latencies[latencies.len() - 1],
@@ -438,17 +438,30 @@ async fn main() {
     }
     if env("INSEAM_BENCH_TRACE", 0) == 1 {
         tracing_subscriber::fmt()
-            .with_env_filter("inseam::relay=info,inseam::nats=debug")
+            .with_env_filter("inseam::relay=info,inseam::transport=debug,inseam::nats=debug")
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
             .with_writer(std::io::stderr)
             .init();
     }
-    let all = args.is_empty();
-    let server = nats_server::start();
-    if all || args.iter().any(|a| a == "throughput") {
-        throughput(&server).await;
-    }
-    if all || args.iter().any(|a| a == "latency") {
-        latency(&server).await;
+    let chosen = |names: &[&str]| -> Vec<String> {
+        args.iter()
+            .filter(|a| names.contains(&a.as_str()))
+            .cloned()
+            .collect()
+    };
+    let names: Vec<&str> = Broker::ALL.iter().map(|b| b.name()).collect();
+    let brokers = chosen(&names);
+    let parts = chosen(&["throughput", "latency"]);
+    for &broker in Broker::ALL {
+        if !brokers.is_empty() && !brokers.iter().any(|b| b == broker.name()) {
+            continue;
+        }
+        let server = broker.start();
+        if parts.is_empty() || parts.iter().any(|p| p == "throughput") {
+            throughput(broker, &server).await;
+        }
+        if parts.is_empty() || parts.iter().any(|p| p == "latency") {
+            latency(broker, &server).await;
+        }
     }
 }

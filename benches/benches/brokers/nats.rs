@@ -1,0 +1,80 @@
+//! NATS JetStream: the raw side is async-nats alone, publishing to a stream of the
+//! configuration the transport provisions, pipelined per batch, every acknowledgement awaited,
+//! with `Nats-Msg-Id` (the deduplication the transport asks for) when `ids`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use inseam::nats::{Nats, NatsOptions};
+use inseam::transport::Transport;
+use inseam_test_servers::Server;
+
+use crate::{CHANNEL, Row};
+
+/// The transport's partition of a key (decision 0016).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+pub(crate) async fn transport(server: &Server, name: &str) -> Arc<dyn Transport> {
+    let options = NatsOptions::from_url(&server.url())
+        .unwrap()
+        .stream(name.to_uppercase())
+        .prefix(name);
+    Arc::new(Nats::connect_with(options).await.unwrap())
+}
+
+/// Returns the time the publishing took, from the first publish to the last acknowledgement.
+pub(crate) async fn publish(
+    server: &Server,
+    name: &str,
+    rows: &[Row],
+    batch: usize,
+    ids: bool,
+) -> Duration {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    // The stream the NATS transport provisions.
+    js.create_stream(stream::Config {
+        name: name.to_uppercase(),
+        subjects: vec![format!("{name}.>")],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_secs(120),
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let start = Instant::now();
+    for chunk in rows.chunks(batch) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (id, key, payload) in chunk {
+            let subject = format!("{name}.{}.{CHANNEL}", fnv1a(key.as_bytes()) % 8);
+            let ack = if ids {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", id.as_str());
+                js.publish_with_headers(subject, headers, payload.clone())
+                    .await
+            } else {
+                js.publish(subject, payload.clone()).await
+            };
+            acks.push(ack.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+    start.elapsed()
+}
+
+pub(crate) async fn messages(server: &Server, name: &str) -> u64 {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream(name.to_uppercase()).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}

@@ -1,0 +1,116 @@
+//! The brokers the cross-process tests run over, each a server of the test's own
+//! ([`inseam_test_servers`]), with the transport connected to it and what the tests ask of
+//! it besides. A test over every broker loops over [`Broker::ALL`] or has one test per
+//! broker calling a function that takes a [`Broker`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use inseam::BoxError;
+use inseam::transport::Transport;
+use inseam_test_servers::Server;
+
+/// A broker inseam has a transport for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// NATS JetStream (`inseam::nats`).
+    Nats,
+}
+
+impl Broker {
+    /// Every broker.
+    pub const ALL: &[Broker] = &[Broker::Nats];
+
+    /// The transport's name, which a routing file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Broker::Nats => "nats",
+        }
+    }
+
+    /// The broker whose transport is named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Broker::ALL.iter().copied().find(|b| b.name() == name)
+    }
+
+    /// The environment variable the transport's options read the broker's URL from.
+    pub fn url_env(self) -> &'static str {
+        match self {
+            Broker::Nats => "INSEAM_NATS_URL",
+        }
+    }
+
+    /// Starts a server of the test's own.
+    ///
+    /// # Panics
+    /// When its binary is missing (the message says how to install it) or it does not start.
+    pub fn start(self) -> Server {
+        match self {
+            Broker::Nats => inseam_test_servers::nats::start(),
+        }
+    }
+
+    /// The transport connected to the server at `url`, with timeouts short enough for tests.
+    pub async fn transport(self, url: &str) -> Result<Arc<dyn Transport>, BoxError> {
+        let short = Duration::from_secs(2);
+        match self {
+            Broker::Nats => {
+                let options = inseam::nats::NatsOptions::from_url(url)?
+                    .publish_timeout(short)
+                    .request_timeout(short)
+                    .connection_timeout(short);
+                Ok(Arc::new(inseam::nats::Nats::connect_with(options).await?))
+            }
+        }
+    }
+
+    /// Whether [`redeliveries`](Self::redeliveries) can tell.
+    pub fn counts_redeliveries(self) -> bool {
+        match self {
+            Broker::Nats => true,
+        }
+    }
+
+    /// How many times the broker handed out a message to group `group` again, once the
+    /// group's consumers settled everything (`None` while they have not, or when the broker
+    /// cannot tell: see [`counts_redeliveries`](Self::counts_redeliveries)). `distinct` is how
+    /// many messages the group's channels got.
+    pub async fn redeliveries(self, url: &str, group: &str, distinct: u64) -> Option<u64> {
+        match self {
+            Broker::Nats => nats_redeliveries(url, group, distinct).await,
+        }
+    }
+}
+
+/// NATS: each partition's consumer of the group counts its deliveries, the stream its
+/// messages.
+async fn nats_redeliveries(url: &str, group: &str, distinct: u64) -> Option<u64> {
+    let client = async_nats::connect(url).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("INSEAM").await.ok()?;
+    let messages = stream.info().await.ok()?.state.messages;
+    let mut consumers = stream.consumers();
+    let (mut delivered, mut unsettled, mut partitions) = (0, 0, 0);
+    // NATS 2.9 filters a partition's whole subject space (the group's consumers also get, and
+    // settle, the other channels' messages); later servers filter the group's channels.
+    let mut whole_partition = false;
+    let described = format!("`{group}`");
+    while let Some(info) = consumers.next().await {
+        let info = info.ok()?;
+        if !info
+            .config
+            .description
+            .as_deref()
+            .is_some_and(|d| d.contains(&described))
+        {
+            continue;
+        }
+        partitions += 1;
+        delivered += info.delivered.consumer_sequence;
+        unsettled += info.num_pending + info.num_ack_pending as u64;
+        whole_partition |= info.config.filter_subject.ends_with(".>");
+    }
+    let distinct = if whole_partition { messages } else { distinct };
+    (partitions > 0 && unsettled == 0).then(|| delivered - distinct)
+}
