@@ -309,20 +309,18 @@ async fn throughput(broker: Broker, server: &Server) {
         let rows = &filled.rows;
         let bytes: usize = rows.iter().map(|(_, _, b)| b.len()).sum();
         // The raw side runs before and after the relay, so that both meet the same machine.
-        let publish = |run: &str, ids: bool| {
-            raw_publish(
-                broker,
-                server,
-                &format!("raw_{name}_{run}"),
-                rows,
-                batch,
-                ids,
-            )
-        };
-        let before = publish("1", true).await;
+        let before = raw_publish(broker, server, &format!("raw_{name}_1"), rows, batch, true).await;
         let (inseam, took) = drain(broker, server, &filled).await;
-        let after = publish("2", true).await;
-        let bare = publish("bare", false).await;
+        let after = raw_publish(broker, server, &format!("raw_{name}_2"), rows, batch, true).await;
+        let bare = raw_publish(
+            broker,
+            server,
+            &format!("raw_{name}_bare"),
+            rows,
+            batch,
+            false,
+        )
+        .await;
         let raw = (before + after) / 2.0;
         println!(
             "{} throughput {backend}: {events} events ({} bytes each on average), batch {batch}; \
