@@ -463,7 +463,7 @@ async fn persists_every_write(conn: &mut ConnectionManager) -> bool {
             .await
             .ok()?;
         match value {
-            Value::Map(pairs) => pairs.get(0).and_then(|(_, v)| layout::text(v)),
+            Value::Map(pairs) => pairs.first().and_then(|(_, v)| layout::text(v)),
             other => layout::items(&other)?.get(1).and_then(layout::text),
         }
     };

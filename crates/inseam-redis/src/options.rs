@@ -244,7 +244,7 @@ impl RedisOptions {
                     None => (percent_decode(auth), String::new()),
                 };
                 self.username = (!user.is_empty()).then_some(user);
-                self.password = (!password.is_empty()).then(|| Secret(password));
+                self.password = (!password.is_empty()).then_some(Secret(password));
                 host
             }
             None => authority,
