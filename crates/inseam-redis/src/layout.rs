@@ -98,6 +98,22 @@ pub(crate) fn members_key(prefix: &str, group: &str) -> String {
     format!("{prefix}:members:{group}")
 }
 
+/// The list of `channel`'s requests, which its servers pop.
+pub(crate) fn requests_key(prefix: &str, channel: &str) -> String {
+    format!("{prefix}:rpc:{channel}")
+}
+
+/// The sorted set of `channel`'s live request servers (score: when each one's membership
+/// ends).
+pub(crate) fn servers_key(prefix: &str, channel: &str) -> String {
+    format!("{prefix}:rpc-servers:{channel}")
+}
+
+/// The list of answers to one connection's requests.
+pub(crate) fn replies_key(prefix: &str, connection: Uuid) -> String {
+    format!("{prefix}:replies:{connection}")
+}
+
 /// The consumer that should read `partition`, among `members` sorted by name: partitions are
 /// dealt round-robin. `None` when there is no member.
 pub(crate) fn preferred_member(members: &[String], partition: u16) -> Option<&str> {

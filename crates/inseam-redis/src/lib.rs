@@ -20,6 +20,10 @@
 //!   A message waiting for its redelivery holds back every key of its partition, which the
 //!   transport declares as [`KeyOrder::PerKeyPartitioned`].
 //!
+//! - request-reply goes through a list of requests per channel, popped (`BLPOP`) by the
+//!   channel's servers, and a list of answers per requesting connection; a request nobody
+//!   serves fails at once, one nobody answers after its timeout, both as transient.
+//!
 //! What survives a restart of Redis is what Redis's own persistence keeps (RDB snapshots,
 //! the append-only file and its `appendfsync` policy): the transport declares
 //! `acks_survive_restart` when the server runs with `appendonly yes` and `appendfsync always`.
@@ -52,6 +56,7 @@ mod consumer;
 mod error;
 mod layout;
 mod options;
+mod rpc;
 mod scripts;
 
 use std::collections::HashSet;
@@ -90,6 +95,8 @@ struct Inner {
     options: RedisOptions,
     durable_acks: bool,
     server_version: String,
+    /// This connection's reply list and its reader, from the first request on.
+    replies: tokio::sync::OnceCell<rpc::Replies>,
 }
 
 impl fmt::Debug for Redis {
@@ -169,6 +176,7 @@ impl Redis {
                 options,
                 durable_acks,
                 server_version,
+                replies: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -551,7 +559,7 @@ impl Transport for Redis {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: !self.inner.options.dedup_window.is_zero(),
-            request_reply: false,
+            request_reply: true,
             // An acknowledgement is an `XACK`: it survives a restart when the server wrote it
             // to its append-only file before answering (decision 0019).
             acks_survive_restart: self.inner.durable_acks,
@@ -585,6 +593,51 @@ impl Transport for Redis {
             messages = batch.len(),
         );
         self.publish_batch(batch).instrument(span).await
+    }
+
+    async fn request(
+        &self,
+        channel: &str,
+        payload: bytes::Bytes,
+        timeout: Duration,
+    ) -> std::result::Result<bytes::Bytes, TransportError> {
+        let operation = || format!("send a request on `{channel}`");
+        if let Some(problem) = layout::channel_problem(channel) {
+            return Err(TransportError::permanent(
+                NAME,
+                operation(),
+                format!("channel `{channel}` cannot be used: {problem}"),
+            ));
+        }
+        let inner = &self.inner;
+        let replies = inner
+            .replies
+            .get_or_try_init(|| async { rpc::Replies::start(&inner.client, &inner.options) })
+            .await
+            .map_err(|err| command_error(operation(), err))?;
+        replies
+            .request(&inner.conn, &inner.options, channel, payload, timeout)
+            .await
+    }
+
+    async fn serve(
+        &self,
+        channel: &str,
+    ) -> std::result::Result<Box<dyn inseam_core::transport::Requests>, TransportError> {
+        let operation = || format!("serve requests on `{channel}`");
+        if let Some(problem) = layout::channel_problem(channel) {
+            return Err(TransportError::permanent(
+                NAME,
+                operation(),
+                format!("channel `{channel}` cannot be used: {problem}"),
+            ));
+        }
+        let inner = &self.inner;
+        let requests =
+            rpc::RedisRequests::start(&inner.client, &inner.conn, &inner.options, channel)
+                .await
+                .map_err(|err| command_error(operation(), err))?;
+        Ok(Box::new(requests))
     }
 
     async fn subscribe(

@@ -119,3 +119,22 @@ if oldest == '0-0' then
 end
 return redis.call('XTRIM', KEYS[1], 'MINID', oldest)
 ";
+
+/// Queues a request for a server of its channel, if the channel has a live server. KEYS: the
+/// channel's request list, its servers' sorted set. ARGV: the request (see `rpc`), the
+/// requester's timeout in ms. The request gets its deadline on the server's clock; the list
+/// lives at least that long. Returns 1 when queued, 0 when no server serves the channel.
+pub(crate) const REQUEST: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) == 0 then
+  return 0
+end
+local life = tonumber(ARGV[2])
+redis.call('RPUSH', KEYS[1], string.format('%d', now + life) .. ':' .. ARGV[1])
+if redis.call('PTTL', KEYS[1]) < life then
+  redis.call('PEXPIRE', KEYS[1], life)
+end
+return 1
+";

@@ -59,7 +59,7 @@ impl Harness for RedisHarness {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: true,
-            request_reply: false,
+            request_reply: true,
             // The case's server runs with `appendonly yes` and `appendfsync always`, which the
             // transport reads at connect time.
             acks_survive_restart: true,

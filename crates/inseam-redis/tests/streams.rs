@@ -432,3 +432,101 @@ async fn entries_that_are_not_inseams_are_skipped() {
         "nothing left pending"
     );
 }
+
+async fn request(
+    redis: &Redis,
+    channel: &str,
+    question: &str,
+    timeout: Duration,
+) -> Result<String, inseam_core::transport::TransportError> {
+    redis
+        .request(channel, Bytes::from(question.to_owned()), timeout)
+        .await
+        .map(|answer| String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// A server that stops waiting for requests (its `next` cancelled) leaves the request it had
+/// popped to another server; a server that went away is no longer sent requests; a request
+/// whose sender gave up is not handed to a server that starts afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_to_a_waiting_server_and_never_to_a_gone_one() {
+    let server = server().await;
+    let requester = connect(&server, |o| o).await;
+    let serving = connect(&server, |o| o).await;
+
+    // Nobody serves: refused at once, as transient.
+    let started = Instant::now();
+    let err = request(&requester, "ask", "q0", Duration::from_secs(5))
+        .await
+        .expect_err("nobody serves");
+    assert!(err.transient);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A server whose `next` is cancelled after it popped nothing yet, then another that
+    // answers: the request reaches the one that waits.
+    let mut impatient = serving.serve("ask").await.expect("serve");
+    let _ = tokio::time::timeout(Duration::from_millis(200), impatient.next()).await;
+    let mut patient = serving.serve("ask").await.expect("serve");
+    let answering = tokio::spawn(async move {
+        let request = patient.next().await.expect("a request");
+        let question = String::from_utf8_lossy(&request.payload).into_owned();
+        request
+            .responder
+            .respond(Bytes::from(format!("{question}!")))
+            .await
+            .expect("respond");
+        patient
+    });
+    assert_eq!(
+        request(&requester, "ask", "q1", Duration::from_secs(10))
+            .await
+            .expect("an answer"),
+        "q1!"
+    );
+    let patient = answering.await.expect("the answering task");
+
+    // Both servers gone: refused again (they leave the channel's servers when dropped).
+    drop(impatient);
+    drop(patient);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = request(&requester, "ask", "q2", Duration::from_secs(5))
+        .await
+        .expect_err("nobody serves any more");
+    assert!(err.transient);
+
+    // A request that timed out while its only server did not take it is not handed to a
+    // server that comes later.
+    let _silent = serving.serve("late").await.expect("serve");
+    let err = request(&requester, "late", "stale", Duration::from_millis(300))
+        .await
+        .expect_err("nobody answers");
+    assert!(err.transient);
+    let mut late = serving.serve("late").await.expect("serve");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let asking = tokio::spawn({
+        let requester = requester.clone();
+        async move { request(&requester, "late", "fresh", Duration::from_secs(10)).await }
+    });
+    let first = tokio::time::timeout(Duration::from_secs(5), late.next())
+        .await
+        .expect("a request came")
+        .expect("a request");
+    assert_eq!(
+        &first.payload[..],
+        b"fresh",
+        "the stale request was dropped"
+    );
+    first
+        .responder
+        .respond(Bytes::from_static(b"ok"))
+        .await
+        .expect("respond");
+    assert_eq!(
+        asking.await.expect("the asking task").expect("an answer"),
+        "ok"
+    );
+}
