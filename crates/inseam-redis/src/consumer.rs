@@ -621,15 +621,18 @@ impl PartitionTask {
     /// pending for the ack wait (its holder, gone or not, had that long to settle it).
     async fn claim_pending(&mut self) -> Result<Pending, String> {
         let mut conn = self.shared.conn.clone();
-        let pending: Value = redis::cmd("XPENDING")
+        let pending: redis::RedisResult<Value> = redis::cmd("XPENDING")
             .arg(&self.stream)
             .arg(&self.shared.group)
             .arg("-")
             .arg("+")
             .arg(1)
             .query_async(&mut conn)
-            .await
-            .map_err(|err| format!("could not read its pending messages: {err}"))?;
+            .await;
+        let pending = match pending {
+            Ok(pending) => pending,
+            Err(err) => return Err(self.read_failed("read its pending messages", err).await),
+        };
         let Some(first) = layout::items(&pending)
             .and_then(|entries| entries.first())
             .and_then(layout::items)
@@ -712,7 +715,7 @@ impl PartitionTask {
         let block = renew_at
             .saturating_duration_since(Instant::now())
             .clamp(Duration::from_millis(1), BLOCK_MAX);
-        let read: Value = redis::cmd("XREADGROUP")
+        let read: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.shared.group)
             .arg(&self.shared.token)
@@ -724,8 +727,11 @@ impl PartitionTask {
             .arg(&self.stream)
             .arg(">")
             .query_async(&mut self.reader)
-            .await
-            .map_err(|err| format!("could not read: {err}"))?;
+            .await;
+        let read = match read {
+            Ok(read) => read,
+            Err(err) => return Err(self.read_failed("read", err).await),
+        };
         // [[stream, [entry]]], or nil when nothing came.
         let entry = layout::items(&read)
             .and_then(|streams| streams.first())
@@ -743,6 +749,36 @@ impl PartitionTask {
                 until: Instant::now(),
             },
         }))
+    }
+
+    /// Describes a failed read; when the server no longer knows the group (it restarted
+    /// without persistence, or someone removed the stream), creates it again, from the
+    /// beginning of what the stream holds.
+    async fn read_failed(&self, what: &str, err: redis::RedisError) -> String {
+        if err.code() != Some("NOGROUP") {
+            return format!("could not {what}: {err}");
+        }
+        let mut conn = self.shared.conn.clone();
+        let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(&self.shared.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(_) => tracing::warn!(
+                target: TARGET,
+                group = %self.shared.group,
+                stream = %self.stream,
+                "the server had lost the group's consumer group (a restart without \
+                 persistence?); created it again from the stream's beginning"
+            ),
+            Err(again) if again.code() == Some("BUSYGROUP") => {}
+            Err(again) => return format!("could not {what} ({err}) nor create the group: {again}"),
+        }
+        format!("could not {what}: {err}")
     }
 
     /// An entry for the group, or `None` after acknowledging one the group does not read (a

@@ -72,11 +72,16 @@ async fn consume(consumer: &mut dyn Consumer, count: usize, quiet: Duration) -> 
         if quiet_until.is_none() && labels.len() >= count {
             quiet_until = Some(now + quiet);
         }
-        for message in consumer
-            .fetch(10, Duration::from_millis(100))
-            .await
-            .expect("fetch")
-        {
+        let batch = match consumer.fetch(10, Duration::from_millis(100)).await {
+            Ok(batch) => batch,
+            // What a consumer does: try again (the server restarted, a group was recreated).
+            Err(err) if err.transient => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(err) => panic!("fetch: {err:?}"),
+        };
+        for message in batch {
             labels.push(label(&message));
             message.ack().await.expect("ack");
         }
@@ -528,5 +533,77 @@ async fn requests_go_to_a_waiting_server_and_never_to_a_gone_one() {
     assert_eq!(
         asking.await.expect("the asking task").expect("an answer"),
         "ok"
+    );
+}
+
+/// Credentials from the URL reach the server; without them the connection is refused, and
+/// neither the options nor the transport show the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_url_authenticates_and_stays_hidden() {
+    let server = server().await;
+    let open = connect(&server, |o| o).await;
+    let mut conn = raw(&open).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret-pass")
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET requirepass");
+    let port = server
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+
+    let refused = Redis::connect(&format!("redis://127.0.0.1:{port}")).await;
+    assert!(
+        matches!(refused, Err(RedisError::Connect { .. })),
+        "{refused:?}"
+    );
+
+    let options =
+        RedisOptions::from_url(&format!("redis://:s3cret-pass@127.0.0.1:{port}")).expect("a URL");
+    assert!(!format!("{options:?}").contains("s3cret-pass"));
+    let redis = Redis::connect_with(options).await.expect("authenticated");
+    assert!(!format!("{redis:?}").contains("s3cret-pass"));
+    publish(&redis, &[message("events", Some("k"), "authenticated")]).await;
+    let mut consumer = redis
+        .subscribe(&Subscription::new("g", ["events"]))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        consume(&mut *consumer, 1, Duration::from_millis(200)).await,
+        ["authenticated"]
+    );
+}
+
+/// A server that lost its data (a restart without persistence) has the group created again
+/// by the consumer, which goes on with what is published afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_consumer_group_is_created_again() {
+    let server = server().await;
+    let redis = connect(&server, |o| o.partitions(1)).await;
+    let mut consumer = redis
+        .subscribe(&Subscription::new("g", ["events"]))
+        .await
+        .expect("subscribe");
+    publish(&redis, &[message("events", Some("k"), "before")]).await;
+    assert_eq!(consume(&mut *consumer, 1, Duration::ZERO).await, ["before"]);
+    let mut conn = raw(&redis).await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+    // The layout key went too: publishing works again once provisioned.
+    redis
+        .provision(&["events".to_owned()])
+        .await
+        .expect("provision");
+    publish(&redis, &[message("events", Some("k"), "after")]).await;
+    assert_eq!(
+        consume(&mut *consumer, 1, Duration::from_millis(300)).await,
+        ["after"]
     );
 }
