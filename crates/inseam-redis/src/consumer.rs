@@ -789,14 +789,20 @@ impl PartitionTask {
                 return Ok(Some(entry));
             }
             Ok(Some(entry)) => (entry.id, None),
-            Ok(None) => return Ok(None),
-            Err(problem) => {
-                let id = layout::items(entry)
-                    .and_then(|parts| parts.first())
-                    .and_then(layout::text)
-                    .unwrap_or_default();
-                (id, Some(problem))
+            Ok(None) => {
+                // Deleted while pending (trimmed): Redis 6.2 still lists it, without fields.
+                let id = entry_id(entry);
+                tracing::error!(
+                    target: TARGET,
+                    group = %self.shared.group,
+                    partition = self.partition,
+                    entry = %id,
+                    "a message the group had not acknowledged was trimmed from the stream (see \
+                     the `max_len` option); it is lost to this group"
+                );
+                (id, None)
             }
+            Err(problem) => (entry_id(entry), Some(problem)),
         };
         if let Some(problem) = reason {
             tracing::warn!(
@@ -912,6 +918,14 @@ impl PartitionTask {
             );
         }
     }
+}
+
+/// The id of a stream entry (`[id, fields]`), empty when it has none.
+fn entry_id(entry: &Value) -> String {
+    layout::items(entry)
+        .and_then(|parts| parts.first())
+        .and_then(layout::text)
+        .unwrap_or_default()
 }
 
 /// Applies a settlement to the message in flight; returns whether it was acknowledged.

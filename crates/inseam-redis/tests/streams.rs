@@ -607,3 +607,70 @@ async fn a_lost_consumer_group_is_created_again() {
         ["after"]
     );
 }
+
+/// `max_len` bounds a stream whatever the groups read, at the cost the decision names: a
+/// pending message trimmed away is lost to its group (and logged), and the group goes on with
+/// what the stream still holds, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_len_bounds_the_stream_and_a_trimmed_pending_message_does_not_stall_the_group() {
+    const MORE: usize = 500;
+    let server = server().await;
+    let redis = connect(&server, |o| o.partitions(1).max_len(10)).await;
+    let mut subscription = Subscription::new("g", ["events"]);
+    subscription.ack_wait = Duration::from_millis(500);
+    {
+        let mut dying = redis.subscribe(&subscription).await.expect("subscribe");
+        publish(&redis, &[message("events", Some("k"), "first")]).await;
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < give_up, "the first message did not come");
+            let batch = dying
+                .fetch(1, Duration::from_millis(100))
+                .await
+                .expect("fetch");
+            if let Some(first) = batch.first() {
+                assert_eq!(label(first), "first");
+                break;
+            }
+        }
+        // Dropped holding it, unsettled.
+    }
+    let more: Vec<Outgoing> = (0..MORE)
+        .map(|i| message("events", Some("k"), &i.to_string()))
+        .collect();
+    for chunk in more.chunks(50) {
+        publish(&redis, chunk).await;
+    }
+    let mut conn = raw(&redis).await;
+    let len: usize = redis::cmd("XLEN")
+        .arg("inseam:stream:0")
+        .query_async(&mut conn)
+        .await
+        .expect("XLEN");
+    assert!(len < MORE, "the stream holds {len} entries");
+
+    let mut consumer = redis.subscribe(&subscription).await.expect("subscribe");
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let mut labels: Vec<String> = Vec::new();
+    while labels.last().map(String::as_str) != Some("499") {
+        assert!(Instant::now() < give_up, "came: {labels:?}");
+        for m in consumer
+            .fetch(10, Duration::from_millis(100))
+            .await
+            .unwrap_or_default()
+        {
+            labels.push(label(&m));
+            m.ack().await.expect("ack");
+        }
+    }
+    assert!(!labels.contains(&"first".to_owned()), "{labels:?}");
+    let numbers: Vec<usize> = labels
+        .iter()
+        .map(|l| l.parse().expect("a number"))
+        .collect();
+    assert!(numbers.len() < MORE, "{} came", numbers.len());
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order: {numbers:?}"
+    );
+}
