@@ -2,6 +2,7 @@
 //! a background task that hands its one unsettled message to [`AmqpConsumer::fetch`] and
 //! settles it with the server.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,8 +13,10 @@ use futures_util::StreamExt;
 use inseam_core::transport::{Acker, Consumer, Incoming, TransportError};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -21,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::link::Link;
 use crate::topology::Topology;
-use crate::{NAME, TARGET, layout};
+use crate::{NAME, TARGET, backfill, layout};
 
 /// How often a waiting fetch looks at the connection.
 const CONNECTION_CHECK: Duration = Duration::from_millis(200);
@@ -31,6 +34,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// behind the group's other consumers (if any), so that the group's processes share the
 /// partitions.
 pub(crate) const ROTATE_AFTER: Duration = Duration::from_millis(250);
+/// The headers of a partition's nack record: the message's id and its nacks.
+const NACKS_ID_HEADER: &str = "inseam-message-id";
+const NACKS_HEADER: &str = "inseam-nacks";
+/// How long after the end of a group's history its copied messages are looked for in the
+/// group's queue, to be skipped there.
+const SKIP_FOR: Duration = Duration::from_secs(10);
 
 /// A message handed to the queue of `fetch`, with the flag its task sets once it gave the
 /// message back (its ack wait passed).
@@ -272,28 +281,100 @@ impl PartitionTask {
             .basic_qos(1, BasicQosOptions::default())
             .await
             .map_err(|err| format!("could not set the prefetch: {err}"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|err| format!("could not confirm publishes: {err}"))?;
         topology
             .declare_partition(channel, self.partition)
             .await
             .map_err(|err| format!("could not declare queue `{queue}`: {err}"))?;
+        let history = topology.history_queue(self.partition);
+        let mut in_history = backfill::queue_exists(&self.link, &history)
+            .await
+            .map_err(|_| format!("could not look for queue `{history}`"))?;
         let mut tag = consumer_tag();
-        let mut consumer = self.basic_consume(channel, &queue, &tag).await?;
+        let mut consumer = self
+            .basic_consume(channel, if in_history { &history } else { &queue }, &tag)
+            .await?;
         self.recovered(health);
         *backoff = BACKOFF_MIN;
         let mut active_since: Option<Instant> = None;
+        // Ids of copied messages that may be in the group's queue too, and until when they
+        // are looked for there.
+        let mut skip: HashSet<String> = HashSet::new();
+        let mut skip_until: Option<Instant> = None;
         loop {
             let delivery = match consumer.next().await {
                 Some(Ok(delivery)) => delivery,
                 Some(Err(err)) => return Err(format!("consuming failed: {err}")),
+                None if in_history => {
+                    // The history queue is gone: another consumer of the group went through it.
+                    in_history = false;
+                    tag = consumer_tag();
+                    consumer = self.basic_consume(channel, &queue, &tag).await?;
+                    continue;
+                }
                 None => return Err("the server cancelled the consumer".to_owned()),
             };
             let received = Instant::now();
-            let since = *active_since.get_or_insert(received);
             let delivery_tag = delivery.delivery_tag;
+            let table = delivery.properties.headers().as_ref();
+            let has = |name: &str| table.is_some_and(|t| t.inner().contains_key(name));
+            if in_history && has(backfill::END_HEADER) {
+                // The end of the history: consume the group's queue (first in line, since the
+                // other processes still wait on the history queue), then remove the history.
+                let next_tag = consumer_tag();
+                let next = self.basic_consume(channel, &queue, &next_tag).await?;
+                channel
+                    .basic_ack(delivery_tag, BasicAckOptions::default())
+                    .await
+                    .map_err(|err| format!("acknowledging failed: {err}"))?;
+                if let Err(err) = channel
+                    .queue_delete(history.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                {
+                    return Err(format!("could not delete queue `{history}`: {err}"));
+                }
+                in_history = false;
+                tag = next_tag;
+                consumer = next;
+                skip_until = Some(Instant::now() + SKIP_FOR);
+                continue;
+            }
+            let message_id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned());
+            if in_history && has(backfill::MAYBE_QUEUED_HEADER) {
+                skip.extend(message_id.clone());
+            } else if !in_history
+                && let Some(id) = &message_id
+                && skip.remove(id)
+            {
+                // Handed out from the history already.
+                channel
+                    .basic_ack(delivery_tag, BasicAckOptions::default())
+                    .await
+                    .map_err(|err| format!("acknowledging failed: {err}"))?;
+                continue;
+            }
+            if skip_until.is_some_and(|until| received >= until) {
+                skip.clear();
+                skip_until = None;
+            }
+            let since = *active_since.get_or_insert(received);
+            let copied_channel = table
+                .and_then(|t| t.inner().get(backfill::CHANNEL_HEADER))
+                .and_then(|value| match value {
+                    AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                    _ => None,
+                });
             let routing_key = delivery.routing_key.as_str();
-            let channel_name = layout::channel_of(routing_key)
-                .filter(|name| topology.channels.iter().any(|c| c == name))
-                .map(str::to_owned);
+            let channel_name = copied_channel
+                .or_else(|| layout::channel_of(routing_key).map(str::to_owned))
+                .filter(|name| topology.channels.iter().any(|c| c == name));
             let Some(channel_name) = channel_name else {
                 // Bound for an earlier subscription of the group that read other channels.
                 tracing::debug!(
@@ -308,84 +389,191 @@ impl PartitionTask {
                     .map_err(|err| format!("acknowledging failed: {err}"))?;
                 continue;
             };
-            let headers = delivery.properties.headers().as_ref();
-            let (key, app_headers) = layout::decode_headers(headers);
-            let attempt = layout::attempt(headers, delivery.redelivered);
-            let (settle_tx, settle_rx) = oneshot::channel::<Settling>();
-            let incoming = Incoming {
-                channel: channel_name.clone(),
-                key,
-                headers: app_headers,
-                payload: delivery.data.into(),
-                attempt,
-                acker: Box::new(AmqpAcker {
-                    settle: Mutex::new(Some(settle_tx)),
-                    channel: channel_name,
-                }),
+            let (key, app_headers) = layout::decode_headers(table);
+            let first_attempt = layout::attempt(table, delivery.redelivered);
+            // A message that came before may have been nacked (and held here) by a consumer
+            // that went away: its record says how many times.
+            let mut nacks = match (&message_id, first_attempt > 1) {
+                (Some(id), true) => self.recorded_nacks(channel, id).await?,
+                _ => 0,
             };
-            let given_back = Arc::new(AtomicBool::new(false));
-            let pulled = Pulled {
-                incoming,
-                given_back: Arc::clone(&given_back),
-            };
-            if tx.send(pulled).await.is_err() {
-                // The consumer was dropped; closing the channel gives the message back.
-                return Ok(());
-            }
-            let deadline = received + self.ack_wait;
-            match tokio::time::timeout_at(deadline, settle_rx).await {
-                Ok(Ok((Settle::Ack, reply))) => {
-                    let rotate = since.elapsed() >= ROTATE_AFTER;
-                    let acked = if rotate {
-                        active_since = None;
-                        self.ack_and_step_back(channel, &queue, &mut tag, &mut consumer, delivery_tag)
+            let payload: bytes::Bytes = delivery.data.into();
+            let mut handed_at = received;
+            loop {
+                let (settle_tx, settle_rx) = oneshot::channel::<Settling>();
+                let incoming = Incoming {
+                    channel: channel_name.clone(),
+                    key: key.clone(),
+                    headers: app_headers.clone(),
+                    payload: payload.clone(),
+                    attempt: first_attempt.saturating_add(nacks),
+                    acker: Box::new(AmqpAcker {
+                        settle: Mutex::new(Some(settle_tx)),
+                        channel: channel_name.clone(),
+                    }),
+                };
+                let given_back = Arc::new(AtomicBool::new(false));
+                let pulled = Pulled {
+                    incoming,
+                    given_back: Arc::clone(&given_back),
+                };
+                if tx.send(pulled).await.is_err() {
+                    // The consumer was dropped; closing the channel gives the message back.
+                    return Ok(());
+                }
+                let deadline = handed_at + self.ack_wait;
+                let delay = match tokio::time::timeout_at(deadline, settle_rx).await {
+                    Ok(Ok((Settle::Ack, reply))) => {
+                        // Not while reading the history, nor while copied messages may still
+                        // come from the queue (another process would not skip them).
+                        let rotate = !in_history
+                            && (skip.is_empty() || skip_until.is_none())
+                            && since.elapsed() >= ROTATE_AFTER;
+                        let acked = if rotate {
+                            active_since = None;
+                            self.ack_and_step_back(
+                                channel,
+                                &queue,
+                                &mut tag,
+                                &mut consumer,
+                                delivery_tag,
+                            )
                             .await
-                    } else {
-                        channel
-                            .basic_ack(delivery_tag, BasicAckOptions::default())
-                            .await
-                            .map_err(|err| format!("acknowledging failed: {err}"))
-                    };
-                    match acked {
-                        Ok(()) => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        Err(failure) => {
-                            let _ = reply.send(Err(TransportError::transient(
-                                NAME,
-                                format!("acknowledge a message of `{queue}`"),
-                                failure.clone(),
-                            )));
-                            return Err(failure);
+                        } else {
+                            channel
+                                .basic_ack(delivery_tag, BasicAckOptions::default())
+                                .await
+                                .map_err(|err| format!("acknowledging failed: {err}"))
+                        };
+                        match acked {
+                            Ok(()) => {
+                                let _ = reply.send(Ok(()));
+                                break;
+                            }
+                            Err(failure) => {
+                                let _ = reply.send(Err(TransportError::transient(
+                                    NAME,
+                                    format!("acknowledge a message of `{queue}`"),
+                                    failure.clone(),
+                                )));
+                                return Err(failure);
+                            }
                         }
                     }
-                }
-                Ok(Ok((Settle::Nack(delay), reply))) => {
-                    // Held for the delay (its partition with it), then given back: the queue
-                    // puts it first again and counts the return in `x-delivery-count`.
-                    let _ = reply.send(Ok(()));
-                    tokio::time::sleep(delay).await;
-                    reject(channel, delivery_tag).await?;
-                }
-                Ok(Err(_)) => {
-                    // Dropped unsettled: it comes again after its ack wait, as it would had
-                    // its process died.
-                    tokio::time::sleep_until(deadline).await;
-                    given_back.store(true, Ordering::SeqCst);
-                    reject(channel, delivery_tag).await?;
-                }
-                Err(_) => {
-                    tracing::debug!(
-                        target: TARGET,
-                        queue = %queue,
-                        ack_wait = ?self.ack_wait,
-                        "a message was not settled within its ack wait; it is delivered again"
-                    );
-                    given_back.store(true, Ordering::SeqCst);
-                    reject(channel, delivery_tag).await?;
-                }
+                    Ok(Ok((Settle::Nack(delay), reply))) => {
+                        // Held here for the delay, its partition with it, then handed out
+                        // again: a message given back to a quorum queue goes behind the
+                        // others. The nack counts once its record is on the server.
+                        nacks = nacks.saturating_add(1);
+                        let recorded = self.record_nacks(channel, message_id.as_deref(), nacks).await;
+                        match recorded {
+                            Ok(()) => {
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(failure) => {
+                                let _ = reply.send(Err(TransportError::transient(
+                                    NAME,
+                                    format!("ask again for a message of `{queue}`"),
+                                    failure.clone(),
+                                )));
+                                return Err(failure);
+                            }
+                        }
+                        delay
+                    }
+                    Ok(Err(_)) => {
+                        // Dropped unsettled: it comes again after its ack wait, as it would
+                        // had its process died.
+                        tokio::time::sleep_until(deadline).await;
+                        given_back.store(true, Ordering::SeqCst);
+                        nacks = nacks.saturating_add(1);
+                        self.record_nacks(channel, message_id.as_deref(), nacks).await?;
+                        Duration::ZERO
+                    }
+                    Err(_) => {
+                        tracing::debug!(
+                            target: TARGET,
+                            queue = %queue,
+                            ack_wait = ?self.ack_wait,
+                            "a message was not settled within its ack wait; it is handed out again"
+                        );
+                        given_back.store(true, Ordering::SeqCst);
+                        nacks = nacks.saturating_add(1);
+                        self.record_nacks(channel, message_id.as_deref(), nacks).await?;
+                        Duration::ZERO
+                    }
+                };
+                tokio::time::sleep(delay).await;
+                handed_at = Instant::now();
             }
         }
+    }
+
+    /// Records on the server that the message was nacked (or not settled in time) `nacks`
+    /// times while this consumer held it: the partition's nack record keeps the latest.
+    async fn record_nacks(
+        &self,
+        channel: &Channel,
+        message_id: Option<&str>,
+        nacks: u32,
+    ) -> Result<(), String> {
+        let Some(message_id) = message_id else {
+            return Ok(());
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(
+            NACKS_ID_HEADER.into(),
+            AMQPValue::LongString(message_id.into()),
+        );
+        headers.insert(NACKS_HEADER.into(), AMQPValue::LongUInt(nacks));
+        let record = self.topology.nack_record(self.partition);
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                record.as_str().into(),
+                BasicPublishOptions::default(),
+                &[],
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .map_err(|err| format!("could not record a nack: {err}"))?
+            .await
+            .map_err(|err| format!("could not record a nack: {err}"))?;
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            _ => Err("the server did not confirm a nack's record".to_owned()),
+        }
+    }
+
+    /// How many times the message was nacked by consumers of the group before, from the
+    /// partition's nack record (0 when the record is of another message).
+    async fn recorded_nacks(&self, channel: &Channel, message_id: &str) -> Result<u32, String> {
+        let record = self.topology.nack_record(self.partition);
+        let got = channel
+            .basic_get(record.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|err| format!("could not read the nack record: {err}"))?;
+        let Some(got) = got else {
+            return Ok(0);
+        };
+        let table = got.delivery.properties.headers().as_ref();
+        let field = |name: &str| table.and_then(|t| t.inner().get(name)).cloned();
+        let nacks = match (field(NACKS_ID_HEADER), field(NACKS_HEADER)) {
+            (Some(AMQPValue::LongString(id)), Some(AMQPValue::LongUInt(nacks)))
+                if id.as_bytes() == message_id.as_bytes() =>
+            {
+                nacks
+            }
+            _ => 0,
+        };
+        // The record stays for the next reader.
+        channel
+            .basic_reject(got.delivery.delivery_tag, BasicRejectOptions { requeue: true })
+            .await
+            .map_err(|err| format!("could not keep the nack record: {err}"))?;
+        Ok(nacks)
     }
 
     async fn basic_consume(
@@ -463,14 +651,6 @@ impl PartitionTask {
             );
         }
     }
-}
-
-/// Gives a message back to its queue.
-async fn reject(channel: &Channel, delivery_tag: u64) -> Result<(), String> {
-    channel
-        .basic_reject(delivery_tag, BasicRejectOptions { requeue: true })
-        .await
-        .map_err(|err| format!("giving a message back failed: {err}"))
 }
 
 fn consumer_tag() -> String {

@@ -45,6 +45,7 @@
 
 #![warn(missing_docs)]
 
+mod backfill;
 mod consumer;
 mod error;
 mod layout;
@@ -478,9 +479,20 @@ impl Transport for Amqp {
                 .channel()
                 .await
                 .map_err(|err| TransportError::transient(NAME, operation(), err))?;
-            let declared = topology::declare_exchange(&channel, exchange)
+            let mut declared = topology::declare_exchange(&channel, exchange)
                 .await
                 .map_err(|err| lapin_error(operation(), err));
+            if let (Ok(()), Some(max_age)) = (&declared, self.inner.options.history) {
+                let prefix = &self.inner.options.prefix;
+                declared = topology::declare_history(&channel, exchange, prefix, max_age)
+                    .await
+                    .map_err(|err| {
+                        lapin_error(
+                            format!("declare stream `{}`", topology::history_stream(prefix)),
+                            err,
+                        )
+                    });
+            }
             let _ = channel.close(200, "inseam: provisioned".into()).await;
             declared
         })
@@ -544,35 +556,9 @@ impl Transport for Amqp {
                 .map_err(|err| TransportError::permanent(NAME, operation(), err))?,
         );
         // The queues and bindings exist once this returns: messages published from now on
-        // reach the group, even before its consumer takes them.
-        let timeout = options.request_timeout;
-        let declared = tokio::time::timeout(timeout, async {
-            let channel = link
-                .channel()
-                .await
-                .map_err(|err| TransportError::transient(NAME, operation(), err))?;
-            let mut declared = Ok(());
-            for partition in 0..topology.partitions {
-                if let Err(err) = topology.declare_partition(&channel, partition).await {
-                    declared = Err(lapin_error(
-                        format!("declare queue `{}`", topology.queue(partition)),
-                        err,
-                    ));
-                    break;
-                }
-            }
-            let _ = channel.close(200, "inseam: declared".into()).await;
-            declared
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(TransportError::transient(
-                NAME,
-                operation(),
-                format!("the server did not answer within {timeout:?}"),
-            ))
-        });
-        if let Err(error) = declared {
+        // reach the group, even before its consumer takes them; and a group new to the
+        // server has its history to read first.
+        if let Err(error) = backfill::set_up(&link, &topology, options.request_timeout).await {
             link.close().await;
             return Err(error);
         }

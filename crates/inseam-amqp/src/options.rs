@@ -60,6 +60,7 @@ pub struct AmqpOptions {
     pub(crate) partitions: u16,
     pub(crate) publish_timeout: Duration,
     pub(crate) quorum: bool,
+    pub(crate) history: Option<Duration>,
 }
 
 impl Default for AmqpOptions {
@@ -81,6 +82,7 @@ impl Default for AmqpOptions {
             partitions: 8,
             publish_timeout: Duration::from_secs(5),
             quorum: true,
+            history: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -344,6 +346,22 @@ impl AmqpOptions {
         self
     }
 
+    /// How long the history stream keeps messages (default 7 days), or `None` for no
+    /// history stream.
+    ///
+    /// RabbitMQ keeps a message only for the queues bound when it was published. So that a
+    /// group new to the server gets the messages published before its first subscription
+    /// (as inseam expects: a publishing process may start, and commit events, before the
+    /// consuming one), every message also goes to a stream, and a group's first subscription
+    /// copies the stream's messages of its channels into queues it reads first (decision
+    /// 0020). Without a history, a new group gets only what is published after its first
+    /// subscription; with one, only what the stream still has. Every process of an exchange
+    /// must use the same setting: the stream keeps the age it was declared with.
+    pub fn history(mut self, max_age: Option<Duration>) -> Self {
+        self.history = max_age;
+        self
+    }
+
     /// Checks the options against each other and RabbitMQ's naming rules.
     pub(crate) fn validate(&self) -> Result<()> {
         if let Some(problem) = layout::name_problem(&self.exchange) {
@@ -373,6 +391,9 @@ impl AmqpOptions {
         if self.servers.is_empty() {
             return Err(AmqpError::config("servers", "no server URL"));
         }
+        if self.history.is_some_and(|age| age.as_secs() == 0) {
+            return Err(AmqpError::config("history", "it is shorter than a second"));
+        }
         Ok(())
     }
 }
@@ -394,6 +415,7 @@ impl fmt::Debug for AmqpOptions {
             .field("partitions", &self.partitions)
             .field("publish_timeout", &self.publish_timeout)
             .field("quorum", &self.quorum)
+            .field("history", &self.history)
             .finish()
     }
 }
