@@ -22,8 +22,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use inseam_core::transport::TransportError;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -52,7 +52,11 @@ const COPY_PREFETCH: u16 = 256;
 
 /// Declares the group's queues and bindings; for a group the server did not have, first
 /// copies its history (see the module documentation). Idempotent.
-pub(crate) async fn set_up(link: &Link, topology: &Topology, timeout: Duration) -> Result<(), TransportError> {
+pub(crate) async fn set_up(
+    link: &Link,
+    topology: &Topology,
+    timeout: Duration,
+) -> Result<(), TransportError> {
     let operation = || format!("set up group `{}`", topology.group);
     let deadline = Instant::now() + timeout;
     let lock = acquire_lock(link, topology, deadline).await?;
@@ -87,7 +91,11 @@ fn is_soft(err: &lapin::Error, soft: AMQPSoftError) -> bool {
 
 /// Declares the group's exclusive setup queue on a channel of its own, waiting while another
 /// connection holds it.
-async fn acquire_lock(link: &Link, topology: &Topology, deadline: Instant) -> Result<Channel, TransportError> {
+async fn acquire_lock(
+    link: &Link,
+    topology: &Topology,
+    deadline: Instant,
+) -> Result<Channel, TransportError> {
     let name = topology.setup_lock();
     let operation = || format!("set up group `{}`", topology.group);
     loop {
@@ -108,7 +116,9 @@ async fn acquire_lock(link: &Link, topology: &Topology, deadline: Instant) -> Re
             .await;
         match declared {
             Ok(_) => return Ok(channel),
-            Err(err) if is_soft(&err, AMQPSoftError::RESOURCELOCKED) && Instant::now() < deadline => {
+            Err(err)
+                if is_soft(&err, AMQPSoftError::RESOURCELOCKED) && Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(err) => return Err(lapin_error(operation(), err)),
@@ -119,7 +129,10 @@ async fn acquire_lock(link: &Link, topology: &Topology, deadline: Instant) -> Re
 /// Whether queue `name` exists (a passive declaration, on a channel of its own since a
 /// refusal closes the channel).
 pub(crate) async fn queue_exists(link: &Link, name: &str) -> Result<bool, Failure> {
-    let channel = link.channel().await.map_err(|err| Failure::Other(err.to_string()))?;
+    let channel = link
+        .channel()
+        .await
+        .map_err(|err| Failure::Other(err.to_string()))?;
     let declared = channel
         .queue_declare(
             name.into(),
@@ -141,13 +154,18 @@ pub(crate) async fn queue_exists(link: &Link, name: &str) -> Result<bool, Failur
 async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> Result<(), Failure> {
     let first_queue = topology.queue(0);
     let new_group = !queue_exists(link, &first_queue).await?;
-    let channel = link.channel().await.map_err(|err| Failure::Other(err.to_string()))?;
+    let channel = link
+        .channel()
+        .await
+        .map_err(|err| Failure::Other(err.to_string()))?;
     let outcome = async {
         let Some(max_age) = topology.history.filter(|_| new_group) else {
             for partition in 0..topology.partitions {
                 tokio::time::timeout(timeout, topology.declare_partition(&channel, partition))
                     .await
-                    .map_err(|_| Failure::Other(format!("the server did not answer within {timeout:?}")))?
+                    .map_err(|_| {
+                        Failure::Other(format!("the server did not answer within {timeout:?}"))
+                    })?
                     .map_err(at(format!("declare queue `{}`", topology.queue(partition))))?;
             }
             return Ok(());
@@ -163,7 +181,10 @@ async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> R
             topology
                 .declare_history_queue(&channel, partition)
                 .await
-                .map_err(at(format!("declare queue `{}`", topology.history_queue(partition))))?;
+                .map_err(at(format!(
+                    "declare queue `{}`",
+                    topology.history_queue(partition)
+                )))?;
         }
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -205,7 +226,10 @@ async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> R
 
 async fn fence(channel: &Channel, exchange: &str, id: &str) -> Result<(), Failure> {
     let mut headers = FieldTable::default();
-    headers.insert(FENCE_HEADER.into(), AMQPValue::LongString(LongString::from(id)));
+    headers.insert(
+        FENCE_HEADER.into(),
+        AMQPValue::LongString(LongString::from(id)),
+    );
     publish_confirmed(
         channel,
         exchange,
@@ -239,7 +263,9 @@ async fn publish_confirmed(
         .map_err(at("publish"))?;
     match confirm {
         Confirmation::Ack(_) => Ok(()),
-        _ => Err(Failure::Other("the server did not confirm a publish".to_owned())),
+        _ => Err(Failure::Other(
+            "the server did not confirm a publish".to_owned(),
+        )),
     }
 }
 
@@ -254,7 +280,10 @@ async fn copy(
     timeout: Duration,
 ) -> Result<usize, Failure> {
     let stream = topology::history_stream(&topology.prefix);
-    let reader = link.channel().await.map_err(|err| Failure::Other(err.to_string()))?;
+    let reader = link
+        .channel()
+        .await
+        .map_err(|err| Failure::Other(err.to_string()))?;
     reader
         .basic_qos(COPY_PREFETCH, BasicQosOptions::default())
         .await
@@ -280,7 +309,9 @@ async fn copy(
     loop {
         let delivery = match tokio::time::timeout(timeout, deliveries.next()).await {
             Ok(Some(Ok(delivery))) => delivery,
-            Ok(Some(Err(err))) => return Err(Failure::Lapin(format!("read stream `{stream}`"), err)),
+            Ok(Some(Err(err))) => {
+                return Err(Failure::Lapin(format!("read stream `{stream}`"), err));
+            }
             Ok(None) => return Err(Failure::Other(format!("reading stream `{stream}` stopped"))),
             Err(_) => {
                 return Err(Failure::Other(format!(
@@ -296,7 +327,9 @@ async fn copy(
         let fence = headers
             .and_then(|h| h.inner().get(FENCE_HEADER))
             .and_then(|v| match v {
-                AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
                 _ => None,
             });
         match fence.as_deref() {
@@ -360,7 +393,11 @@ async fn copy(
     for confirm in confirms {
         match confirm.await.map_err(at("copy a message"))? {
             Confirmation::Ack(_) => {}
-            _ => return Err(Failure::Other("the server did not confirm a copy".to_owned())),
+            _ => {
+                return Err(Failure::Other(
+                    "the server did not confirm a copy".to_owned(),
+                ));
+            }
         }
     }
     Ok(copied)

@@ -11,13 +11,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use inseam_core::transport::{Acker, Consumer, Incoming, TransportError};
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
-};
-use lapin::{BasicProperties, Confirmation};
-use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Confirmation};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -163,7 +163,10 @@ impl AmqpConsumer {
                 },
                 None => return,
             };
-            let Pulled { incoming, given_back } = incoming;
+            let Pulled {
+                incoming,
+                given_back,
+            } = incoming;
             if given_back.load(Ordering::SeqCst) {
                 tracing::debug!(
                     target: TARGET,
@@ -368,7 +371,9 @@ impl PartitionTask {
             let copied_channel = table
                 .and_then(|t| t.inner().get(backfill::CHANNEL_HEADER))
                 .and_then(|value| match value {
-                    AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                    AMQPValue::LongString(s) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
                     _ => None,
                 });
             let routing_key = delivery.routing_key.as_str();
@@ -465,7 +470,9 @@ impl PartitionTask {
                         // again: a message given back to a quorum queue goes behind the
                         // others. The nack counts once its record is on the server.
                         nacks = nacks.saturating_add(1);
-                        let recorded = self.record_nacks(channel, message_id.as_deref(), nacks).await;
+                        let recorded = self
+                            .record_nacks(channel, message_id.as_deref(), nacks)
+                            .await;
                         match recorded {
                             Ok(()) => {
                                 let _ = reply.send(Ok(()));
@@ -487,7 +494,8 @@ impl PartitionTask {
                         tokio::time::sleep_until(deadline).await;
                         given_back.store(true, Ordering::SeqCst);
                         nacks = nacks.saturating_add(1);
-                        self.record_nacks(channel, message_id.as_deref(), nacks).await?;
+                        self.record_nacks(channel, message_id.as_deref(), nacks)
+                            .await?;
                         Duration::ZERO
                     }
                     Err(_) => {
@@ -499,7 +507,8 @@ impl PartitionTask {
                         );
                         given_back.store(true, Ordering::SeqCst);
                         nacks = nacks.saturating_add(1);
-                        self.record_nacks(channel, message_id.as_deref(), nacks).await?;
+                        self.record_nacks(channel, message_id.as_deref(), nacks)
+                            .await?;
                         Duration::ZERO
                     }
                 };
@@ -570,7 +579,10 @@ impl PartitionTask {
         };
         // The record stays for the next reader.
         channel
-            .basic_reject(got.delivery.delivery_tag, BasicRejectOptions { requeue: true })
+            .basic_reject(
+                got.delivery.delivery_tag,
+                BasicRejectOptions { requeue: true },
+            )
             .await
             .map_err(|err| format!("could not keep the nack record: {err}"))?;
         Ok(nacks)

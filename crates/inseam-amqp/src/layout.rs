@@ -196,7 +196,9 @@ fn count(value: &AMQPValue) -> Option<u64> {
 /// The key and application headers of a received message, in their published order. A
 /// message from a publisher other than inseam (no ordered list) gets its table's entries by
 /// name, without the server's and the transport's.
-pub(crate) fn decode_headers(table: Option<&FieldTable>) -> (Option<String>, Vec<(String, String)>) {
+pub(crate) fn decode_headers(
+    table: Option<&FieldTable>,
+) -> (Option<String>, Vec<(String, String)>) {
     let Some(table) = table else {
         return (None, Vec::new());
     };
@@ -324,7 +326,10 @@ mod tests {
         let (key, decoded) = decode_headers(Some(&table));
         assert_eq!(key.as_deref(), Some("clé\n 🦀 "));
         assert_eq!(decoded, headers);
-        assert_eq!(decode_headers(Some(&encode_headers(None, &[]))), (None, vec![]));
+        assert_eq!(
+            decode_headers(Some(&encode_headers(None, &[]))),
+            (None, vec![])
+        );
         assert_eq!(decode_headers(None), (None, vec![]));
     }
 

@@ -163,15 +163,17 @@ impl Amqp {
         Ok(channel)
     }
 
-    async fn publish_batch(&self, batch: &[Outgoing]) -> Vec<std::result::Result<(), TransportError>> {
+    async fn publish_batch(
+        &self,
+        batch: &[Outgoing],
+    ) -> Vec<std::result::Result<(), TransportError>> {
         let options = &self.inner.options;
         let deadline = Instant::now() + options.publish_timeout;
         let mut outcomes: Vec<Option<std::result::Result<(), TransportError>>> =
             batch.iter().map(|_| None).collect();
         // One batch at a time on the channel: its messages go out in order, and a confirm
         // belongs to one batch.
-        let mut slot = match tokio::time::timeout_at(deadline, self.inner.publishing.lock()).await
-        {
+        let mut slot = match tokio::time::timeout_at(deadline, self.inner.publishing.lock()).await {
             Ok(slot) => slot,
             Err(_) => {
                 return batch
@@ -180,32 +182,31 @@ impl Amqp {
                     .collect();
             }
         };
-        let channel = match tokio::time::timeout_at(deadline, self.publishing_channel(&mut slot))
-            .await
-        {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(error)) => {
-                let transient = error.transient;
-                let reason = error_text(&error);
-                return batch
-                    .iter()
-                    .map(|message| {
-                        let operation = publish_operation(message);
-                        Err(if transient {
-                            TransportError::transient(NAME, operation, reason.clone())
-                        } else {
-                            TransportError::permanent(NAME, operation, reason.clone())
+        let channel =
+            match tokio::time::timeout_at(deadline, self.publishing_channel(&mut slot)).await {
+                Ok(Ok(channel)) => channel,
+                Ok(Err(error)) => {
+                    let transient = error.transient;
+                    let reason = error_text(&error);
+                    return batch
+                        .iter()
+                        .map(|message| {
+                            let operation = publish_operation(message);
+                            Err(if transient {
+                                TransportError::transient(NAME, operation, reason.clone())
+                            } else {
+                                TransportError::permanent(NAME, operation, reason.clone())
+                            })
                         })
-                    })
-                    .collect();
-            }
-            Err(_) => {
-                return batch
-                    .iter()
-                    .map(|message| Err(timed_out(publish_operation(message), options)))
-                    .collect();
-            }
-        };
+                        .collect();
+                }
+                Err(_) => {
+                    return batch
+                        .iter()
+                        .map(|message| Err(timed_out(publish_operation(message), options)))
+                        .collect();
+                }
+            };
 
         // Keys with a message that failed before it was sent: later messages of the key stay
         // back so that a retry cannot land behind them.
@@ -335,8 +336,7 @@ fn publish_operation(message: &Outgoing) -> String {
 /// The error's own text and its sources', for reporting it again under another operation.
 fn error_text(error: &TransportError) -> String {
     let mut text = String::new();
-    let mut source: Option<&(dyn std::error::Error + 'static)> =
-        std::error::Error::source(error);
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
     while let Some(err) = source {
         if !text.is_empty() {
             text.push_str(": ");

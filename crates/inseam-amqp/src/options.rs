@@ -528,7 +528,10 @@ mod tests {
     #[test]
     fn environment_variables_fill_every_option() {
         let options = AmqpOptions::from_env_vars(vars(&[
-            ("INSEAM_AMQP_URL", "amqps://r1:5671/shop,amqps://r2:5671/shop"),
+            (
+                "INSEAM_AMQP_URL",
+                "amqps://r1:5671/shop,amqps://r2:5671/shop",
+            ),
             ("INSEAM_AMQP_USER", "svc"),
             ("INSEAM_AMQP_PASSWORD", "pw-secret"),
             ("INSEAM_AMQP_TLS_CA", "/etc/ca.pem"),

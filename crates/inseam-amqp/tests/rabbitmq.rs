@@ -101,7 +101,14 @@ async fn nothing_more(consumer: &mut dyn Consumer, wait: Duration) {
 async fn names_a_routing_key_cannot_carry_are_refused_as_permanent() {
     let url = vhost().await;
     let amqp = connect(&url).await;
-    for channel in ["", "orders.#", "orders.*", "orders..placed", ".orders", "order placed"] {
+    for channel in [
+        "",
+        "orders.#",
+        "orders.*",
+        "orders..placed",
+        ".orders",
+        "order placed",
+    ] {
         let error = amqp
             .provision(&[channel.to_owned()])
             .await
@@ -146,7 +153,9 @@ async fn provisioning_and_subscribing_again_change_nothing() {
     let amqp = connect(&url).await;
     let channel = "stock.reserved".to_owned();
     for _ in 0..3 {
-        amqp.provision(std::slice::from_ref(&channel)).await.unwrap();
+        amqp.provision(std::slice::from_ref(&channel))
+            .await
+            .unwrap();
     }
     let group = Subscription::new("stock", [channel.clone()]);
     // The first subscription sets the group up; the later ones find it.
@@ -169,7 +178,9 @@ async fn a_nacked_message_left_by_a_crashed_consumer_keeps_its_attempts() {
     let url = vhost().await;
     let amqp = connect(&url).await;
     let channel = "payments.captured".to_owned();
-    amqp.provision(std::slice::from_ref(&channel)).await.unwrap();
+    amqp.provision(std::slice::from_ref(&channel))
+        .await
+        .unwrap();
     let group = Subscription::new("ledger", [channel.clone()]);
     drop(amqp.subscribe(&group).await.unwrap());
     publish_ok(
@@ -189,7 +200,11 @@ async fn a_nacked_message_left_by_a_crashed_consumer_keeps_its_attempts() {
         // Nacked twice, then held when the consumer and its connection go away.
         while attempts.len() < 3 {
             assert!(Instant::now() < give_up, "attempts so far: {attempts:?}");
-            for message in consumer.fetch(4, Duration::from_millis(100)).await.unwrap_or_default() {
+            for message in consumer
+                .fetch(4, Duration::from_millis(100))
+                .await
+                .unwrap_or_default()
+            {
                 assert_eq!(label(&message), "first", "the later message waits");
                 attempts.push(message.attempt);
                 if attempts.len() < 3 {
@@ -208,7 +223,11 @@ async fn a_nacked_message_left_by_a_crashed_consumer_keeps_its_attempts() {
     let give_up = Instant::now() + Duration::from_secs(30);
     while came.len() < 2 {
         assert!(Instant::now() < give_up, "came so far: {came:?}");
-        for message in consumer.fetch(4, Duration::from_millis(100)).await.unwrap_or_default() {
+        for message in consumer
+            .fetch(4, Duration::from_millis(100))
+            .await
+            .unwrap_or_default()
+        {
             came.push((label(&message), message.attempt));
             message.ack().await.unwrap();
         }
@@ -252,8 +271,16 @@ async fn key_order_holds_across_consumers_when_one_dies_holding_messages() {
         let mut held = Vec::new();
         let give_up = Instant::now() + Duration::from_secs(30);
         while held.len() < 3 {
-            assert!(Instant::now() < give_up, "nothing came to the dying consumer");
-            held.extend(consumer.fetch(3, Duration::from_millis(100)).await.unwrap_or_default());
+            assert!(
+                Instant::now() < give_up,
+                "nothing came to the dying consumer"
+            );
+            held.extend(
+                consumer
+                    .fetch(3, Duration::from_millis(100))
+                    .await
+                    .unwrap_or_default(),
+            );
         }
     }
 
@@ -314,11 +341,19 @@ async fn publishing_and_consuming_resume_after_the_server_restarts() {
     let url = node.url();
     let amqp = connect(&url).await;
     let channel = "invoices.issued".to_owned();
-    amqp.provision(std::slice::from_ref(&channel)).await.unwrap();
+    amqp.provision(std::slice::from_ref(&channel))
+        .await
+        .unwrap();
     let group = Subscription::new("mailer", [channel.clone()]);
     let mut consumer = amqp.subscribe(&group).await.unwrap();
     let before: Vec<Outgoing> = (0..10)
-        .map(|i| message(&channel, Some(&format!("k{}", i % 3)), &format!("before-{i}")))
+        .map(|i| {
+            message(
+                &channel,
+                Some(&format!("k{}", i % 3)),
+                &format!("before-{i}"),
+            )
+        })
         .collect();
     publish_ok(&amqp, &before).await;
     assert_eq!(take(&mut *consumer, 10).await.len(), 10);
@@ -329,7 +364,9 @@ async fn publishing_and_consuming_resume_after_the_server_restarts() {
     })
     .await
     .expect("the node stopped");
-    let outcomes = amqp.publish(&[message(&channel, Some("k0"), "during")]).await;
+    let outcomes = amqp
+        .publish(&[message(&channel, Some("k0"), "during")])
+        .await;
     assert!(
         matches!(&outcomes[..], [Err(error)] if error.transient),
         "{outcomes:?}"
@@ -344,7 +381,13 @@ async fn publishing_and_consuming_resume_after_the_server_restarts() {
     // Every message goes out after the restart, not just the first: one at a time, then in
     // batches, with nothing else than the first publish retried.
     let after: Vec<Outgoing> = (0..300)
-        .map(|i| message(&channel, Some(&format!("k{}", i % 7)), &format!("after-{i}")))
+        .map(|i| {
+            message(
+                &channel,
+                Some(&format!("k{}", i % 7)),
+                &format!("after-{i}"),
+            )
+        })
         .collect();
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
