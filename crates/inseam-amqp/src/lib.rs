@@ -51,6 +51,7 @@ mod error;
 mod layout;
 mod link;
 mod options;
+mod rpc;
 mod topology;
 
 use std::collections::HashSet;
@@ -451,7 +452,7 @@ impl Transport for Amqp {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: false,
-            request_reply: false,
+            request_reply: true,
             // A quorum queue commits an acknowledgement to its log before it forgets the
             // message; an acknowledged message is gone after a restart.
             acks_survive_restart: true,
@@ -517,6 +518,35 @@ impl Transport for Amqp {
             messages = batch.len(),
         );
         self.publish_batch(batch).instrument(span).await
+    }
+
+    async fn request(
+        &self,
+        channel: &str,
+        payload: bytes::Bytes,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<bytes::Bytes, TransportError> {
+        let operation = || format!("send a request on `{channel}`");
+        let queue = rpc::request_queue(&self.inner.options.prefix, channel, operation)?;
+        rpc::request(&self.inner.link, &queue, payload, timeout, operation).await
+    }
+
+    async fn serve(
+        &self,
+        channel: &str,
+    ) -> std::result::Result<Box<dyn inseam_core::transport::Requests>, TransportError> {
+        let operation = || format!("serve requests on `{channel}`");
+        let queue = rpc::request_queue(&self.inner.options.prefix, channel, operation)?;
+        let timeout = self.inner.options.request_timeout;
+        tokio::time::timeout(timeout, rpc::serve(&self.inner.link, &queue, operation))
+            .await
+            .unwrap_or_else(|_| {
+                Err(TransportError::transient(
+                    NAME,
+                    operation(),
+                    format!("the server did not answer within {timeout:?}"),
+                ))
+            })
     }
 
     async fn subscribe(

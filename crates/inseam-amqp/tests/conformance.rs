@@ -73,7 +73,7 @@ impl Harness for AmqpHarness {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: false,
-            request_reply: false,
+            request_reply: true,
             acks_survive_restart: true,
         }
     }
