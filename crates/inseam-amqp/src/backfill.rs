@@ -47,6 +47,8 @@ pub(crate) const MAYBE_QUEUED_HEADER: &str = "inseam-maybe-queued";
 pub(crate) const CHANNEL_HEADER: &str = "inseam-channel";
 /// How long after binding the group's queues fence F1 is published.
 const GRACE: Duration = Duration::from_millis(500);
+/// How long a subscription waits for another connection setting up the same group.
+const LOCK_WAIT: Duration = Duration::from_secs(60);
 /// How many stream messages are read ahead while copying.
 const COPY_PREFETCH: u16 = 256;
 
@@ -58,7 +60,8 @@ pub(crate) async fn set_up(
     timeout: Duration,
 ) -> Result<(), TransportError> {
     let operation = || format!("set up group `{}`", topology.group);
-    let deadline = Instant::now() + timeout;
+    // Another process may be copying a long history meanwhile.
+    let deadline = Instant::now() + timeout.max(LOCK_WAIT);
     let lock = acquire_lock(link, topology, deadline).await?;
     let outcome = set_up_locked(link, topology, timeout).await;
     let lock_name = topology.setup_lock();
