@@ -417,3 +417,62 @@ async fn publishing_and_consuming_resume_after_the_server_restarts() {
     drop(amqp);
     drop(node);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_group_gets_what_was_published_before_and_during_its_first_subscription() {
+    const COUNT: usize = 400;
+    const KEYS: usize = 5;
+    let url = vhost().await;
+    let amqp = connect(&url).await;
+    let channel = "catalog.priced".to_owned();
+    amqp.provision(std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    let messages: Vec<Outgoing> = (0..COUNT)
+        .map(|i| {
+            message(
+                &channel,
+                Some(&format!("k{}", i % KEYS)),
+                &format!("{}/{}", i % KEYS, i / KEYS),
+            )
+        })
+        .collect();
+    // Published one by one while the group sets itself up (its fences and its 500 ms grace
+    // fall in the middle of the publishing).
+    let publisher = {
+        let amqp = amqp.clone();
+        let messages = messages.clone();
+        tokio::spawn(async move {
+            for message in &messages {
+                publish_ok(&amqp, std::slice::from_ref(message)).await;
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let subscriber = connect(&url).await;
+    let mut consumer = subscriber
+        .subscribe(&Subscription::new("pricing", [channel.clone()]))
+        .await
+        .unwrap();
+    publisher.await.expect("the publisher");
+
+    let labels = take(&mut *consumer, COUNT).await;
+    nothing_more(&mut *consumer, Duration::from_secs(2)).await;
+    let mut per_key: HashMap<usize, Vec<usize>> = HashMap::new();
+    for text in &labels {
+        let (key, number) = text.split_once('/').expect("k/n");
+        per_key
+            .entry(key.parse().expect("k"))
+            .or_default()
+            .push(number.parse().expect("n"));
+    }
+    for key in 0..KEYS {
+        let expected: Vec<usize> = (0..COUNT / KEYS).collect();
+        assert_eq!(
+            per_key.get(&key),
+            Some(&expected),
+            "key {key}: each once, in order"
+        );
+    }
+}
