@@ -17,9 +17,15 @@
 //!   channels a group reads. A message waiting for its redelivery holds back every key of
 //!   its partition, which the transport declares as [`KeyOrder::PerKeyPartitioned`], with
 //!   [`Transport::partition`] telling a key's partition;
-//! - a nacked message is held for its delay, then given back to the queue, which puts it
-//!   first again and counts it (`x-delivery-count`, the attempt); the transport gives back
-//!   a message not settled within the subscription's ack wait the same way.
+//! - a nacked message stays unacknowledged (a quorum queue would put a message given back
+//!   behind the others): the consumer holds it for the delay, its partition with it, and hands
+//!   it out again with its attempt raised; each such nack is recorded on the server first, so
+//!   that a message left by a consumer that died comes to the next one with the right attempt
+//!   (`x-delivery-count`, plus the recorded nacks). A message not settled within the
+//!   subscription's ack wait is handed out again the same way;
+//! - a group new to the server first gets what was published before, copied from a history
+//!   stream that keeps every message for 7 days ([`AmqpOptions::history`]);
+//! - request-reply goes through a queue per request channel, answers through direct reply-to.
 //!
 //! ```no_run
 //! use inseam_core::transport::{Consumer, Subscription, Transport};
