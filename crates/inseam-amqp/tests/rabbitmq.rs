@@ -476,3 +476,58 @@ async fn a_new_group_gets_what_was_published_before_and_during_its_first_subscri
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_consumer_moves_on_from_the_history_and_takes_over() {
+    let url = vhost().await;
+    let amqp = connect(&url).await;
+    let channel = "carts.checked_out".to_owned();
+    amqp.provision(std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    let before: Vec<Outgoing> = (0..20)
+        .map(|i| message(&channel, Some(&format!("c{i}")), &format!("before-{i}")))
+        .collect();
+    publish_ok(&amqp, &before).await;
+
+    // Two processes of a new group: one sets it up (copying the history), both read it.
+    let group = Subscription::new("checkout", [channel.clone()]);
+    let first = connect(&url).await;
+    let mut first_consumer = first.subscribe(&group).await.unwrap();
+    let second = connect(&url).await;
+    let mut second_consumer = second.subscribe(&group).await.unwrap();
+    let mut labels = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while labels.len() < 20 {
+        assert!(Instant::now() < give_up, "came so far: {labels:?}");
+        for consumer in [&mut first_consumer, &mut second_consumer] {
+            for message in consumer
+                .fetch(8, Duration::from_millis(50))
+                .await
+                .unwrap_or_default()
+            {
+                labels.push(label(&message));
+                message.ack().await.unwrap();
+            }
+        }
+    }
+    labels.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("before-{i}")).collect();
+    expected.sort();
+    assert_eq!(labels, expected);
+
+    // The first process goes away; the second, which may have waited on the history queues
+    // while the first read them, takes every partition over.
+    drop(first_consumer);
+    drop(first);
+    let after: Vec<Outgoing> = (0..40)
+        .map(|i| message(&channel, Some(&format!("c{i}")), &format!("after-{i}")))
+        .collect();
+    publish_ok(&amqp, &after).await;
+    let mut labels = take(&mut *second_consumer, 40).await;
+    nothing_more(&mut *second_consumer, Duration::from_secs(1)).await;
+    labels.sort();
+    let mut expected: Vec<String> = (0..40).map(|i| format!("after-{i}")).collect();
+    expected.sort();
+    assert_eq!(labels, expected);
+}
