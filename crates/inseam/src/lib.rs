@@ -54,6 +54,10 @@ pub use inseam_core::{
     registry, routing, saga, store, transport, upcast,
 };
 
+/// The RabbitMQ (AMQP 0.9.1) transport (feature `amqp`): a group's events consumed durably in
+/// another process, in per-key order.
+#[cfg(feature = "amqp")]
+pub use inseam_amqp as amqp;
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
 /// The NATS JetStream transport (feature `nats`): a group's events consumed durably in another
 /// process, in per-key order.
