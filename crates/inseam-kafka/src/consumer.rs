@@ -35,9 +35,8 @@ const POLL: Duration = Duration::from_millis(50);
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// How long a consumer-side failure is reported by an empty fetch.
 const FAILURE_SHOWN: Duration = Duration::from_secs(5);
-/// The offset metadata that records how often the message at the committed offset was
-/// handed out: `inseam-handed=<n>`.
-const HANDED_PREFIX: &str = "inseam-handed=";
+/// How many low bits of a delivery-count commit hold the count (the offset is above them).
+const COUNT_BITS: u32 = 16;
 
 /// The settled offsets of one partition: the first unsettled offset is where the group
 /// resumes, so a commit is never past a message in flight, whatever came after it.
@@ -101,8 +100,8 @@ struct PartitionState {
     out: Option<Out>,
     not_before: Option<Instant>,
     paused: bool,
-    /// The last committed offset and handed count.
-    committed: Option<(i64, u32)>,
+    /// The last committed offset.
+    committed: Option<i64>,
 }
 
 impl PartitionState {
@@ -120,15 +119,6 @@ impl PartitionState {
         }
     }
 
-    /// The offset to commit and the metadata that goes with it.
-    fn commit_point(&self) -> Option<(i64, u32)> {
-        let position = self.progress.position()?;
-        let handed = match self.queue.front() {
-            Some(head) if head.offset == position => self.head_handed,
-            _ => 0,
-        };
-        Some((position, handed))
-    }
 }
 
 #[derive(Default)]
@@ -201,18 +191,14 @@ impl Core {
                 let Some(current) = state.partitions.get(partition) else {
                     continue;
                 };
-                let Some((position, handed)) = current.commit_point() else {
+                let Some(position) = current.progress.position() else {
                     continue;
                 };
-                if current.committed == Some((position, handed)) {
+                if current.committed == Some(position) {
                     continue;
                 }
-                let mut element = list.add_partition(&self.topic, *partition);
-                element.set_offset(Offset::Offset(position))?;
-                if handed > 0 {
-                    element.set_metadata(format!("{HANDED_PREFIX}{handed}"));
-                }
-                planned.push((*partition, current.generation, (position, handed)));
+                list.add_partition_offset(&self.topic, *partition, Offset::Offset(position))?;
+                planned.push((*partition, current.generation, position));
             }
         }
         if planned.is_empty() {
@@ -298,6 +284,10 @@ impl ConsumerContext for Context {
 pub(crate) struct Shared {
     pub(crate) core: Arc<Core>,
     pub(crate) consumer: BaseConsumer<Context>,
+    /// A client of the group's companion group (`<topic>.<group>.deliveries`), which never
+    /// subscribes: its committed offset for a partition records which message of the
+    /// partition was last handed out, and how often (`offset << 16 | count`).
+    pub(crate) deliveries: BaseConsumer<crate::Logs>,
 }
 
 impl Shared {
@@ -311,6 +301,28 @@ impl Shared {
             Ok(Err(error)) => Err(format!("the offset commit did not run: {error}")),
             Err(_) => Err(format!(
                 "the brokers did not confirm the offset commit within {timeout:?}"
+            )),
+        }
+    }
+
+    /// Records, in the companion group, how often each of `handed` (partition, offset,
+    /// count) was handed out, waiting at most the request timeout.
+    async fn record_handed(self: Arc<Self>, handed: Vec<(i32, i64, u32)>) -> Result<(), String> {
+        let timeout = self.core.request_timeout;
+        let task = tokio::task::spawn_blocking(move || {
+            let mut list = TopicPartitionList::new();
+            for (partition, offset, count) in handed {
+                let encoded = (offset << COUNT_BITS) | i64::from(count.min((1 << COUNT_BITS) - 1));
+                list.add_partition_offset(&self.core.topic, partition, Offset::Offset(encoded))?;
+            }
+            self.deliveries.commit(&list, CommitMode::Sync)
+        });
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(error))) => Err(format!("the delivery count commit failed: {error}")),
+            Ok(Err(error)) => Err(format!("the delivery count commit did not run: {error}")),
+            Err(_) => Err(format!(
+                "the brokers did not confirm the delivery count within {timeout:?}"
             )),
         }
     }
@@ -346,8 +358,9 @@ impl Shared {
         tracing::debug!(target: TARGET, group = %self.core.group, "Kafka consumer stopping");
     }
 
-    /// Reads, for newly assigned partitions, how often their committed message was handed
-    /// out by an earlier member (the offset metadata), so its attempts go on counting.
+    /// Reads, for newly assigned partitions, which message an earlier member of the group
+    /// handed out last and how often (the companion group's offsets), so that its attempts
+    /// go on counting.
     fn read_handed_before(&self) {
         let pending: Vec<(i32, u64)> = {
             let state = self.core.state();
@@ -366,25 +379,23 @@ impl Shared {
             list.add_partition(&self.core.topic, *partition);
         }
         let read = self
-            .consumer
+            .deliveries
             .committed_offsets(list, self.core.request_timeout);
         let mut state = self.core.state();
         match read {
             Ok(list) => {
                 for element in list.elements() {
-                    let handed = match (element.offset(), element.metadata().strip_prefix(HANDED_PREFIX)) {
-                        (Offset::Offset(offset), Some(count)) => {
-                            count.parse::<u32>().ok().map(|count| (offset, count))
-                        }
+                    let handed = match element.offset() {
+                        Offset::Offset(encoded) if encoded >= 0 => Some((
+                            encoded >> COUNT_BITS,
+                            u32::try_from(encoded & ((1 << COUNT_BITS) - 1)).unwrap_or(0),
+                        )),
                         _ => None,
                     };
                     if let Some(current) = state.partitions.get_mut(&element.partition())
                         && matches!(current.handed_before, Handed::Unknown { .. })
                     {
                         current.handed_before = Handed::Known(handed);
-                        if let Offset::Offset(offset) = element.offset() {
-                            current.committed = Some((offset, handed.map_or(0, |(_, n)| n)));
-                        }
                     }
                 }
             }
@@ -529,9 +540,9 @@ impl KafkaConsumer {
         }
     }
 
-    /// Hands out the head of each ready partition, up to `max`; returns the partitions whose
-    /// handed count must be committed.
-    fn take(&self, max: usize) -> (Vec<Incoming>, Vec<i32>, Option<Instant>) {
+    /// Hands out the head of each ready partition, up to `max`; returns what was handed
+    /// out (partition, offset, count), to record, and when to look again.
+    fn take(&self, max: usize) -> (Vec<Incoming>, Vec<(i32, i64, u32)>, Option<Instant>) {
         let core = &self.shared.core;
         let now = Instant::now();
         let mut state = core.state();
@@ -600,7 +611,7 @@ impl KafkaConsumer {
                     token,
                 }),
             });
-            handed.push(partition);
+            handed.push((partition, head.offset, current.head_handed));
             state.next_token = token + 1;
         }
         (out, handed, wake)
@@ -625,9 +636,9 @@ impl Consumer for KafkaConsumer {
             }
             let (out, handed, wake) = self.take(max);
             if !out.is_empty() {
-                // How often each message was handed out goes with the committed offset, so
-                // that the member that gets its partition next counts on.
-                if let Err(error) = Arc::clone(&self.shared).commit(handed).await {
+                // How often each message was handed out is recorded in the companion group,
+                // so that the member that gets its partition next counts on.
+                if let Err(error) = Arc::clone(&self.shared).record_handed(handed).await {
                     tracing::debug!(target: TARGET, group = %core.group, error = %error, "could not record the delivery count");
                 }
                 return Ok(out);

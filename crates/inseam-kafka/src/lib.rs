@@ -109,6 +109,8 @@ impl ClientContext for Logs {
     }
 }
 
+impl rdkafka::consumer::ConsumerContext for Logs {}
+
 /// The Kafka transport. Cloning it shares the producer.
 #[derive(Clone)]
 pub struct Kafka {
@@ -186,12 +188,16 @@ impl Kafka {
         Arc::clone(&producer)
     }
 
-    /// Replaces a producer that librdkafka declared failed for good.
-    fn renew_producer_if_failed(&self, producer: &Arc<FutureProducer<Logs>>) {
-        let Some((code, reason)) = producer.client().fatal_error() else {
-            return;
+    /// Replaces a producer that librdkafka declared failed for good, or that the brokers
+    /// fenced (`fenced`): its idempotence state is no longer accepted, so only a new producer
+    /// (a new producer id) can publish again.
+    fn renew_producer_if_failed(&self, producer: &Arc<FutureProducer<Logs>>, fenced: bool) {
+        let reason = match producer.client().fatal_error() {
+            Some((code, reason)) => format!("{code:?}: {reason}"),
+            None if fenced => "the brokers fenced its producer id".to_owned(),
+            None => return,
         };
-        tracing::warn!(target: TARGET, code = ?code, reason = %reason, "the Kafka producer failed for good; creating a new one");
+        tracing::warn!(target: TARGET, reason = %reason, "the Kafka producer cannot publish any more; creating a new one");
         match Kafka::new_producer(&self.inner.options) {
             Ok(fresh) => {
                 let mut current = self
@@ -362,11 +368,24 @@ impl Kafka {
                 }
             }
         }
+        let mut fenced = false;
         for (index, delivery) in pending {
             let operation = || format!("publish to `{}`", batch[index].channel);
             outcomes[index] = Some(match tokio::time::timeout_at(deadline, delivery).await {
                 Ok(Ok(Ok(_))) => Ok(()),
-                Ok(Ok(Err((error, _)))) => Err(produce_error(operation(), error)),
+                Ok(Ok(Err((error, _)))) => {
+                    fenced |= matches!(
+                        error.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::ProducerFenced
+                                | RDKafkaErrorCode::InvalidProducerEpoch
+                                | RDKafkaErrorCode::UnknownProducerId
+                                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                                | RDKafkaErrorCode::Fatal
+                        )
+                    );
+                    Err(produce_error(operation(), error))
+                }
                 Ok(Err(_)) => Err(TransportError::transient(
                     NAME,
                     operation(),
@@ -382,7 +401,7 @@ impl Kafka {
                 )),
             });
         }
-        self.renew_producer_if_failed(&producer);
+        self.renew_producer_if_failed(&producer, fenced);
         outcomes
             .into_iter()
             .map(|outcome| {
@@ -554,9 +573,17 @@ impl Transport for Kafka {
         kafka_consumer
             .subscribe(&[options.topic.as_str()])
             .map_err(|error| TransportError::transient(NAME, operation(), error))?;
+        let mut companion = options.client_config();
+        companion
+            .set("group.id", format!("{}.{group}.deliveries", options.topic))
+            .set("enable.auto.commit", "false");
+        let deliveries: rdkafka::consumer::BaseConsumer<Logs> = companion
+            .create_with_context(Logs)
+            .map_err(|error| TransportError::permanent(NAME, operation(), error))?;
         let shared = Arc::new(consumer::Shared {
             core,
             consumer: kafka_consumer,
+            deliveries,
         });
         let running = Arc::clone(&shared);
         std::thread::Builder::new()
