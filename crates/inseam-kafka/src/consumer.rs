@@ -177,8 +177,15 @@ impl Core {
         self.notify.notify_waiters();
     }
 
-    /// Commits the progress of `partitions` that is not committed yet (blocking).
-    fn commit(&self, consumer: &BaseConsumer<Context>, partitions: &[i32]) -> KafkaResult<()> {
+    /// Commits the progress of `partitions` (every assigned partition when `None`) that is
+    /// not committed yet (blocking). Concurrent acknowledgements share commits: one that
+    /// waited for the lock finds its progress committed by the commit before it, if that
+    /// commit saw it.
+    fn commit(
+        &self,
+        consumer: &BaseConsumer<Context>,
+        partitions: Option<&[i32]>,
+    ) -> KafkaResult<()> {
         let _serial = self
             .commit_lock
             .lock()
@@ -187,7 +194,9 @@ impl Core {
         let mut planned = Vec::new();
         {
             let state = self.state();
-            for partition in partitions {
+            let mut all: Vec<i32> = state.partitions.keys().copied().collect();
+            all.sort_unstable();
+            for partition in partitions.unwrap_or(&all) {
                 let Some(current) = state.partitions.get(partition) else {
                     continue;
                 };
@@ -237,7 +246,7 @@ impl ConsumerContext for Context {
         if let Rebalance::Revoke(list) = rebalance {
             // What was settled is committed before another member takes the partitions.
             let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-            if let Err(error) = self.core.commit(consumer, &partitions) {
+            if let Err(error) = self.core.commit(consumer, Some(&partitions)) {
                 tracing::debug!(target: TARGET, group = %self.core.group, error = %error, "could not commit before a rebalance");
             }
         }
@@ -291,10 +300,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Commits `partitions` on a blocking thread, waiting at most the request timeout.
-    async fn commit(self: Arc<Self>, partitions: Vec<i32>) -> Result<(), String> {
+    /// Commits the member's progress on a blocking thread, waiting at most the request
+    /// timeout.
+    async fn commit(self: Arc<Self>) -> Result<(), String> {
         let timeout = self.core.request_timeout;
-        let task = tokio::task::spawn_blocking(move || self.core.commit(&self.consumer, &partitions));
+        let task = tokio::task::spawn_blocking(move || self.core.commit(&self.consumer, None));
         match tokio::time::timeout(timeout, task).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(error))) => Err(format!("the offset commit failed: {error}")),
@@ -349,8 +359,7 @@ impl Shared {
             self.resume_drained();
             if last_commit.elapsed() >= COMMIT_EVERY {
                 last_commit = std::time::Instant::now();
-                let partitions: Vec<i32> = self.core.state().partitions.keys().copied().collect();
-                if let Err(error) = self.core.commit(&self.consumer, &partitions) {
+                if let Err(error) = self.core.commit(&self.consumer, None) {
                     tracing::debug!(target: TARGET, group = %self.core.group, error = %error, "periodic offset commit failed");
                 }
             }
@@ -708,9 +717,8 @@ impl Acker for KafkaAcker {
             }
         }
         shared.core.notify.notify_waiters();
-        let partition = self.partition;
         Arc::clone(&shared)
-            .commit(vec![partition])
+            .commit()
             .await
             .map_err(|why| TransportError::transient(NAME, self.operation("acknowledge"), why))
     }

@@ -20,9 +20,9 @@
 //!   of its partition with it, which the transport declares as
 //!   [`KeyOrder::PerKeyPartitioned`], with [`Transport::partition`] telling a key's
 //!   partition;
-//! - Kafka has no delivery count: the member counts, and records the count of the message at
-//!   the committed offset in the offset's metadata, so the next member of the group counts
-//!   on.
+//! - Kafka has no delivery count: the member counts, and records the count of the message it
+//!   hands out in a companion consumer group (`<topic>.<group>.deliveries`), so the next
+//!   member of the group counts on.
 //!
 //! ```no_run
 //! use inseam_core::transport::{Consumer, Subscription, Transport};
@@ -325,6 +325,22 @@ impl Kafka {
                 message.message_id,
                 options.partitions,
             );
+            // A message refused for what it is fails as permanent, wherever it is.
+            let prepared = match layout::channel_problem(&message.channel) {
+                Some(problem) => Err(format!(
+                    "channel `{}` cannot be carried: {problem}",
+                    message.channel
+                )),
+                None => layout::encode_headers(&message.channel, message.message_id, &message.headers),
+            };
+            let headers = match prepared {
+                Ok(headers) => headers,
+                Err(problem) => {
+                    outcomes[index] = Some(Err(TransportError::permanent(NAME, operation(), problem)));
+                    failed.insert(partition);
+                    continue;
+                }
+            };
             if failed.contains(&partition) {
                 outcomes[index] = Some(Err(TransportError::transient(
                     NAME,
@@ -333,25 +349,6 @@ impl Kafka {
                 )));
                 continue;
             }
-            if let Some(problem) = layout::channel_problem(&message.channel) {
-                outcomes[index] = Some(Err(TransportError::permanent(
-                    NAME,
-                    operation(),
-                    format!("channel `{}` cannot be carried: {problem}", message.channel),
-                )));
-                failed.insert(partition);
-                continue;
-            }
-            let headers =
-                match layout::encode_headers(&message.channel, message.message_id, &message.headers) {
-                    Ok(headers) => headers,
-                    Err(problem) => {
-                        outcomes[index] =
-                            Some(Err(TransportError::permanent(NAME, operation(), problem)));
-                        failed.insert(partition);
-                        continue;
-                    }
-                };
             let record = FutureRecord::<[u8], [u8]>::to(&options.topic)
                 .partition(i32::from(partition))
                 .payload(&message.payload[..])
