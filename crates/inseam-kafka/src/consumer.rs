@@ -213,7 +213,10 @@ impl Core {
         if planned.is_empty() {
             return Ok(());
         }
-        consumer.commit(&list, CommitMode::Sync)?;
+        let started = std::time::Instant::now();
+        let committed = consumer.commit(&list, CommitMode::Sync);
+        tracing::debug!(target: TARGET, group = %self.group, took = ?started.elapsed(), ok = committed.is_ok(), "offset commit");
+        committed?;
         let mut state = self.state();
         for (partition, generation, point) in planned {
             if let Some(current) = state.partitions.get_mut(&partition)

@@ -6,6 +6,7 @@
 mod support;
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use inseam_conformance::{BoxError, Harness, async_trait};
 use inseam_core::transport::{Capabilities, KeyOrder, Transport};
@@ -42,8 +43,12 @@ impl KafkaHarness {
 #[async_trait]
 impl Harness for KafkaHarness {
     async fn transport(&self) -> Arc<dyn Transport> {
+        // tansu on S3 in moto answers an offset commit in about 100 ms, and in seconds when
+        // members of a group commit at once (each commit rewrites the group's object in S3
+        // with a conditional put, retried on conflict): acknowledgements get 30 s, not 5.
         let options = KafkaOptions::from_url(&self.url)
-            .unwrap_or_else(|err| panic!("`{}` is not a Kafka URL: {err}", self.url));
+            .unwrap_or_else(|err| panic!("`{}` is not a Kafka URL: {err}", self.url))
+            .request_timeout(Duration::from_secs(30));
         match Kafka::connect_with(options) {
             Ok(kafka) => Arc::new(kafka),
             Err(err) => panic!("could not set up the Kafka transport: {err}"),
@@ -76,6 +81,11 @@ impl Harness for KafkaHarness {
 }
 
 async fn harness() -> KafkaHarness {
+    // `RUST_LOG=inseam::kafka=debug` shows the transport's and librdkafka's logs.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let server = tokio::task::spawn_blocking(KafkaServer::start)
         .await
         .unwrap_or_else(|err| panic!("the case's Kafka broker did not start: {err}"));
