@@ -118,7 +118,6 @@ impl PartitionState {
             committed: None,
         }
     }
-
 }
 
 #[derive(Default)]
@@ -351,7 +350,10 @@ impl Shared {
             match self.consumer.poll(POLL) {
                 Some(Ok(message)) => self.receive(&message),
                 Some(Err(error)) => {
-                    let fatal = matches!(error, rdkafka::error::KafkaError::MessageConsumptionFatal(_));
+                    let fatal = matches!(
+                        error,
+                        rdkafka::error::KafkaError::MessageConsumptionFatal(_)
+                    );
                     if fatal {
                         self.core.state().fatal = Some(error.to_string());
                     }
@@ -661,7 +663,11 @@ impl Consumer for KafkaConsumer {
                 if let Some((failure, at)) = &state.failure
                     && at.elapsed() < FAILURE_SHOWN
                 {
-                    return Err(TransportError::transient(NAME, operation(), failure.clone()));
+                    return Err(TransportError::transient(
+                        NAME,
+                        operation(),
+                        failure.clone(),
+                    ));
                 }
                 return Ok(Vec::new());
             }
@@ -682,7 +688,10 @@ struct KafkaAcker {
 
 impl KafkaAcker {
     fn operation(&self, what: &str) -> String {
-        format!("{what} the message at offset {} of partition {}", self.offset, self.partition)
+        format!(
+            "{what} the message at offset {} of partition {}",
+            self.offset, self.partition
+        )
     }
 
     fn gone(&self, what: &str, why: &str) -> TransportError {
@@ -711,7 +720,11 @@ impl Acker for KafkaAcker {
                     "its partition went to another member of the group, which delivers it again",
                 ));
             };
-            if current.queue.front().is_some_and(|head| head.offset == self.offset) {
+            if current
+                .queue
+                .front()
+                .is_some_and(|head| head.offset == self.offset)
+            {
                 current.queue.pop_front();
                 current.progress.settle(self.offset);
                 current.head_handed = 0;
@@ -737,7 +750,10 @@ impl Acker for KafkaAcker {
                 .partitions
                 .get_mut(&self.partition)
                 .filter(|p| p.generation == self.generation)
-                && current.out.as_ref().is_some_and(|out| out.token == self.token)
+                && current
+                    .out
+                    .as_ref()
+                    .is_some_and(|out| out.token == self.token)
             {
                 current.out = None;
                 current.not_before = Some(Instant::now() + delay);

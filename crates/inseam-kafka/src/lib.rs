@@ -167,7 +167,10 @@ impl Kafka {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
-            .set("message.timeout.ms", options::millis(options.publish_timeout))
+            .set(
+                "message.timeout.ms",
+                options::millis(options.publish_timeout),
+            )
             .set("linger.ms", "2");
         config
             .create_with_context(Logs)
@@ -307,7 +310,10 @@ impl Kafka {
         }
     }
 
-    async fn publish_batch(&self, batch: &[Outgoing]) -> Vec<std::result::Result<(), TransportError>> {
+    async fn publish_batch(
+        &self,
+        batch: &[Outgoing],
+    ) -> Vec<std::result::Result<(), TransportError>> {
         let options = &self.inner.options;
         let producer = self.producer();
         // librdkafka fails a queued message after `message.timeout.ms`; a little more here.
@@ -331,12 +337,15 @@ impl Kafka {
                     "channel `{}` cannot be carried: {problem}",
                     message.channel
                 )),
-                None => layout::encode_headers(&message.channel, message.message_id, &message.headers),
+                None => {
+                    layout::encode_headers(&message.channel, message.message_id, &message.headers)
+                }
             };
             let headers = match prepared {
                 Ok(headers) => headers,
                 Err(problem) => {
-                    outcomes[index] = Some(Err(TransportError::permanent(NAME, operation(), problem)));
+                    outcomes[index] =
+                        Some(Err(TransportError::permanent(NAME, operation(), problem)));
                     failed.insert(partition);
                     continue;
                 }
@@ -560,8 +569,14 @@ impl Transport for Kafka {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", options::millis(options.session_timeout))
-            .set("heartbeat.interval.ms", options::millis(options.heartbeat_interval));
+            .set(
+                "session.timeout.ms",
+                options::millis(options.session_timeout),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                options::millis(options.heartbeat_interval),
+            );
         let kafka_consumer: rdkafka::consumer::BaseConsumer<consumer::Context> = config
             .create_with_context(consumer::Context {
                 core: Arc::clone(&core),

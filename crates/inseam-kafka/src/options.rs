@@ -87,8 +87,8 @@ impl Default for KafkaOptions {
             replication: 1,
             publish_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
-            session_timeout: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(45),
+            heartbeat_interval: Duration::from_secs(3),
             extra: Vec::new(),
         }
     }
@@ -240,7 +240,9 @@ impl KafkaOptions {
                 Some(other) => {
                     return Err(KafkaError::config(
                         option,
-                        format!("`{other}://` is not a Kafka URL scheme (use kafka:// or kafka+ssl://)"),
+                        format!(
+                            "`{other}://` is not a Kafka URL scheme (use kafka:// or kafka+ssl://)"
+                        ),
                     ));
                 }
             };
@@ -409,7 +411,7 @@ impl KafkaOptions {
     }
 
     /// How long a consumer may go silent before its group gives its partitions to the other
-    /// consumers (default 10 s; `session.timeout.ms`, within the brokers' allowed range): a
+    /// consumers (default 45 s, as Kafka's; `session.timeout.ms`, within the brokers' allowed range): a
     /// crashed process's unsettled messages come again after it.
     pub fn session_timeout(mut self, timeout: Duration) -> Self {
         self.session_timeout = timeout;
@@ -417,7 +419,7 @@ impl KafkaOptions {
     }
 
     /// How often a consumer tells its group it is alive, and so how soon it learns of a
-    /// rebalance (default 1 s; `heartbeat.interval.ms`).
+    /// rebalance (default 3 s; `heartbeat.interval.ms`).
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.heartbeat_interval = interval;
         self
@@ -489,7 +491,10 @@ impl KafkaOptions {
         config
             .set("bootstrap.servers", self.brokers.join(","))
             .set("client.id", &self.client_id)
-            .set("socket.timeout.ms", millis(self.request_timeout.max(Duration::from_secs(10))))
+            .set(
+                "socket.timeout.ms",
+                millis(self.request_timeout.max(Duration::from_secs(10))),
+            )
             .set("log.connection.close", "false");
         let protocol = match (self.tls, self.user.is_some()) {
             (false, false) => "plaintext",
@@ -524,9 +529,17 @@ pub(crate) fn millis(duration: Duration) -> String {
 /// Whether a librdkafka setting's value must not be shown.
 fn looks_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "secret", "token", "oauthbearer", "ssl.key", "jaas", "keystore"]
-        .iter()
-        .any(|word| key.contains(word))
+    [
+        "password",
+        "secret",
+        "token",
+        "oauthbearer",
+        "ssl.key",
+        "jaas",
+        "keystore",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
 }
 
 impl fmt::Debug for KafkaOptions {

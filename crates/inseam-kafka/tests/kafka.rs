@@ -42,7 +42,10 @@ fn urls_give_brokers_credentials_and_tls() {
     assert_eq!(options.broker_list(), ["k1:9093", "k2:9092", "[::1]:9094"]);
     let shown = format!("{options:?}");
     assert!(shown.contains("al@ice"), "{shown}");
-    assert!(!shown.contains("p:ss") && !shown.contains("p%3Ass"), "{shown}");
+    assert!(
+        !shown.contains("p:ss") && !shown.contains("p%3Ass"),
+        "{shown}"
+    );
     assert!(shown.contains("tls: false"), "{shown}");
 
     let secure = KafkaOptions::from_url("kafka+ssl://k1:9093").unwrap_or_else(|e| panic!("{e}"));
@@ -52,7 +55,10 @@ fn urls_give_brokers_credentials_and_tls() {
         ("http://k1:9092", "scheme"),
         ("kafka://k1:9092,kafka+ssl://k2:9092", "mix"),
         ("kafka://user@k1:9092", "password"),
-        ("kafka://a:b@k1:9092,kafka://c:d@k2:9092", "different credentials"),
+        (
+            "kafka://a:b@k1:9092,kafka://c:d@k2:9092",
+            "different credentials",
+        ),
         ("k1:notaport", "port"),
         (" , ", "no broker"),
     ] {
@@ -92,15 +98,30 @@ fn environment_variables_are_read_and_checked() {
 
     for (pairs, option) in [
         (&[("INSEAM_KAFKA_USER", "app")][..], "INSEAM_KAFKA_USER"),
-        (&[("INSEAM_KAFKA_PASSWORD", "x")][..], "INSEAM_KAFKA_PASSWORD"),
-        (&[("INSEAM_KAFKA_TLS_CERT", "c.pem")][..], "INSEAM_KAFKA_TLS_CERT"),
-        (&[("INSEAM_KAFKA_PARTITIONS", "many")][..], "INSEAM_KAFKA_PARTITIONS"),
+        (
+            &[("INSEAM_KAFKA_PASSWORD", "x")][..],
+            "INSEAM_KAFKA_PASSWORD",
+        ),
+        (
+            &[("INSEAM_KAFKA_TLS_CERT", "c.pem")][..],
+            "INSEAM_KAFKA_TLS_CERT",
+        ),
+        (
+            &[("INSEAM_KAFKA_PARTITIONS", "many")][..],
+            "INSEAM_KAFKA_PARTITIONS",
+        ),
         (&[("INSEAM_KAFKA_PARTITIONS", "0")][..], "partitions"),
         (&[("INSEAM_KAFKA_PARTITIONS", "2000")][..], "partitions"),
         (&[("INSEAM_KAFKA_TLS", "maybe")][..], "INSEAM_KAFKA_TLS"),
         (&[("INSEAM_KAFKA_TOPIC", "a topic")][..], "topic"),
-        (&[("INSEAM_KAFKA_SASL_MECHANISM", "GSSAPI")][..], "sasl_mechanism"),
-        (&[("INSEAM_KAFKA_PUBLISH_TIMEOUT", "soon")][..], "INSEAM_KAFKA_PUBLISH_TIMEOUT"),
+        (
+            &[("INSEAM_KAFKA_SASL_MECHANISM", "GSSAPI")][..],
+            "sasl_mechanism",
+        ),
+        (
+            &[("INSEAM_KAFKA_PUBLISH_TIMEOUT", "soon")][..],
+            "INSEAM_KAFKA_PUBLISH_TIMEOUT",
+        ),
     ] {
         match KafkaOptions::from_env_vars(vars(pairs)) {
             Err(error) => assert_eq!(config_option(error), option, "{pairs:?}"),
@@ -124,7 +145,10 @@ fn secret_librdkafka_settings_are_redacted() {
 #[test]
 fn invalid_options_are_refused_when_connecting() {
     let error = Kafka::connect_with(KafkaOptions::new().topic("no/slash")).map(|_| ());
-    assert_eq!(config_option(error.err().unwrap_or_else(|| panic!("accepted"))), "topic");
+    assert_eq!(
+        config_option(error.err().unwrap_or_else(|| panic!("accepted"))),
+        "topic"
+    );
     let error = Kafka::connect_with(
         KafkaOptions::new()
             .session_timeout(Duration::from_secs(1))
@@ -168,7 +192,10 @@ fn bad_channels_and_reserved_headers_are_refused_as_permanent() {
         let kafka = connect(&server, 8);
         let refused = kafka.provision(&[String::new()]).await;
         assert!(matches!(refused, Err(ref e) if !e.transient), "{refused:?}");
-        match kafka.subscribe(&Subscription::new("g", ["ok", "bad\u{0}"])).await {
+        match kafka
+            .subscribe(&Subscription::new("g", ["ok", "bad\u{0}"]))
+            .await
+        {
             Err(error) => assert!(!error.transient, "{error:?}"),
             Ok(_) => panic!("a channel with a NUL was accepted"),
         }
@@ -182,7 +209,9 @@ fn bad_channels_and_reserved_headers_are_refused_as_permanent() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let mut reserved = message("ok", Some("k"), "reserved");
-        reserved.headers.push(("inseam-channel".to_owned(), "other".to_owned()));
+        reserved
+            .headers
+            .push(("inseam-channel".to_owned(), "other".to_owned()));
         let batch = [
             message("", Some("k"), "no channel"),
             reserved,
@@ -192,9 +221,21 @@ fn bad_channels_and_reserved_headers_are_refused_as_permanent() {
         ];
         let outcomes = kafka.publish(&batch).await;
         assert_eq!(outcomes.len(), 4);
-        assert!(matches!(&outcomes[0], Err(e) if !e.transient), "{:?}", outcomes[0]);
-        assert!(matches!(&outcomes[1], Err(e) if !e.transient), "{:?}", outcomes[1]);
-        assert!(matches!(&outcomes[2], Err(e) if e.transient), "{:?}", outcomes[2]);
+        assert!(
+            matches!(&outcomes[0], Err(e) if !e.transient),
+            "{:?}",
+            outcomes[0]
+        );
+        assert!(
+            matches!(&outcomes[1], Err(e) if !e.transient),
+            "{:?}",
+            outcomes[1]
+        );
+        assert!(
+            matches!(&outcomes[2], Err(e) if e.transient),
+            "{:?}",
+            outcomes[2]
+        );
         // A key of another partition goes through.
         let other = kafka.partition("other-key-1");
         if other != kafka.partition("k") {
@@ -229,7 +270,10 @@ fn provisioning_is_idempotent_and_checks_the_partition_count() {
             Err(error) => {
                 assert!(!error.transient, "{error:?}");
                 let chain = format!("{:?}", std::error::Error::source(&error));
-                assert!(chain.contains("6 partitions") && chain.contains("say 8"), "{chain}");
+                assert!(
+                    chain.contains("6 partitions") && chain.contains("say 8"),
+                    "{chain}"
+                );
             }
             Ok(()) => panic!("a topic of 6 partitions was accepted for 8"),
         }
@@ -245,7 +289,10 @@ fn records_land_in_the_partition_the_transport_names() {
             .provision(&["c".to_owned()])
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let keys: Vec<String> = (0..40).map(|i| format!("order-{i}")).chain(["clé-🦀".to_owned(), String::new()]).collect();
+        let keys: Vec<String> = (0..40)
+            .map(|i| format!("order-{i}"))
+            .chain(["clé-🦀".to_owned(), String::new()])
+            .collect();
         let batch: Vec<Outgoing> = keys.iter().map(|k| message("c", Some(k), k)).collect();
         for outcome in kafka.publish(&batch).await {
             outcome.unwrap_or_else(|e| panic!("{e}"));
@@ -267,7 +314,10 @@ fn records_land_in_the_partition_the_transport_names() {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         tokio::task::block_in_place(|| {
             while seen < keys.len() {
-                assert!(std::time::Instant::now() < deadline, "only {seen} records came");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "only {seen} records came"
+                );
                 let Some(record) = reader.poll(Duration::from_millis(200)) else {
                     continue;
                 };
@@ -293,8 +343,9 @@ async fn committed(server: &KafkaServer, group: &str, partition: i32) -> Offset 
         .unwrap_or_else(|e| panic!("{e}"));
     let mut list = TopicPartitionList::new();
     list.add_partition("inseam", partition);
-    let read = tokio::task::block_in_place(|| reader.committed_offsets(list, Duration::from_secs(5)))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let read =
+        tokio::task::block_in_place(|| reader.committed_offsets(list, Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("{e}"));
     read.elements()[0].offset()
 }
 
@@ -306,7 +357,11 @@ async fn fetch_one(consumer: &mut dyn Consumer) -> inseam_core::transport::Incom
             .fetch(10, Duration::from_millis(200))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(batch.len() <= 1, "{} messages of one partition came at once", batch.len());
+        assert!(
+            batch.len() <= 1,
+            "{} messages of one partition came at once",
+            batch.len()
+        );
         if let Some(message) = batch.pop() {
             return message;
         }
@@ -327,7 +382,11 @@ fn no_offset_is_committed_past_a_message_in_flight() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let key = "order-7";
-        let partition = i32::from(kafka.partition(key).unwrap_or_else(|| panic!("no partition")));
+        let partition = i32::from(
+            kafka
+                .partition(key)
+                .unwrap_or_else(|| panic!("no partition")),
+        );
         let batch = [
             message("read", Some(key), "1"),
             message("skipped", Some(key), "2"),
@@ -361,13 +420,22 @@ fn no_offset_is_committed_past_a_message_in_flight() {
         );
 
         first.ack().await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(committed(&server, "offsets", partition).await, Offset::Offset(3));
+        assert_eq!(
+            committed(&server, "offsets", partition).await,
+            Offset::Offset(3)
+        );
 
         let fourth = fetch_one(&mut *consumer).await;
         assert_eq!(fourth.payload, "4");
-        assert_eq!(committed(&server, "offsets", partition).await, Offset::Offset(3));
+        assert_eq!(
+            committed(&server, "offsets", partition).await,
+            Offset::Offset(3)
+        );
         fourth.ack().await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(committed(&server, "offsets", partition).await, Offset::Offset(4));
+        assert_eq!(
+            committed(&server, "offsets", partition).await,
+            Offset::Offset(4)
+        );
     });
 }
 
@@ -383,7 +451,10 @@ fn a_nacked_message_holds_back_its_partition_for_the_delay() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         for outcome in kafka
-            .publish(&[message("c", Some("k"), "first"), message("c", Some("k"), "second")])
+            .publish(&[
+                message("c", Some("k"), "first"),
+                message("c", Some("k"), "second"),
+            ])
             .await
         {
             outcome.unwrap_or_else(|e| panic!("{e}"));
@@ -395,13 +466,23 @@ fn a_nacked_message_holds_back_its_partition_for_the_delay() {
         let first = fetch_one(&mut *consumer).await;
         assert_eq!((first.payload.as_ref(), first.attempt), (&b"first"[..], 1));
         let nacked = tokio::time::Instant::now();
-        first.nack(Duration::from_millis(800)).await.unwrap_or_else(|e| panic!("{e}"));
+        first
+            .nack(Duration::from_millis(800))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let again = fetch_one(&mut *consumer).await;
-        assert!(nacked.elapsed() >= Duration::from_millis(800), "{:?}", nacked.elapsed());
+        assert!(
+            nacked.elapsed() >= Duration::from_millis(800),
+            "{:?}",
+            nacked.elapsed()
+        );
         assert_eq!((again.payload.as_ref(), again.attempt), (&b"first"[..], 2));
         again.ack().await.unwrap_or_else(|e| panic!("{e}"));
         let second = fetch_one(&mut *consumer).await;
-        assert_eq!((second.payload.as_ref(), second.attempt), (&b"second"[..], 1));
+        assert_eq!(
+            (second.payload.as_ref(), second.attempt),
+            (&b"second"[..], 1)
+        );
         second.ack().await.unwrap_or_else(|e| panic!("{e}"));
     });
 }

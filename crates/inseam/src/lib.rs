@@ -54,11 +54,11 @@ pub use inseam_core::{
     registry, routing, saga, store, transport, upcast,
 };
 
-pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
 /// The Kafka transport (feature `kafka`): a group's events consumed durably in another process,
 /// in per-key order.
 #[cfg(feature = "kafka")]
 pub use inseam_kafka as kafka;
+pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
 /// The NATS JetStream transport (feature `nats`): a group's events consumed durably in another
 /// process, in per-key order.
 #[cfg(feature = "nats")]
