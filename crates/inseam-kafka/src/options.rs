@@ -87,8 +87,8 @@ impl Default for KafkaOptions {
             replication: 1,
             publish_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
-            session_timeout: Duration::from_secs(45),
-            heartbeat_interval: Duration::from_secs(3),
+            session_timeout: Duration::from_secs(20),
+            heartbeat_interval: Duration::from_secs(1),
             extra: Vec::new(),
         }
     }
@@ -411,7 +411,7 @@ impl KafkaOptions {
     }
 
     /// How long a consumer may go silent before its group gives its partitions to the other
-    /// consumers (default 45 s, as Kafka's; `session.timeout.ms`, within the brokers' allowed range): a
+    /// consumers (default 20 s; `session.timeout.ms`, within the brokers' allowed range): a
     /// crashed process's unsettled messages come again after it.
     pub fn session_timeout(mut self, timeout: Duration) -> Self {
         self.session_timeout = timeout;
@@ -419,7 +419,7 @@ impl KafkaOptions {
     }
 
     /// How often a consumer tells its group it is alive, and so how soon it learns of a
-    /// rebalance (default 3 s; `heartbeat.interval.ms`).
+    /// rebalance (default 1 s; `heartbeat.interval.ms`).
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.heartbeat_interval = interval;
         self
