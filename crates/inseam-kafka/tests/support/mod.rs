@@ -248,8 +248,7 @@ fn create_bucket(port: u16) {
 
 impl Drop for KafkaServer {
     fn drop(&mut self) {
-        for child in [self.child.take(), self.s3.take()].into_iter().flatten() {
-            let mut child = child;
+        for mut child in [self.child.take(), self.s3.take()].into_iter().flatten() {
             let _ = child.kill();
             let _ = child.wait();
         }
