@@ -67,6 +67,9 @@ impl Progress {
     }
 }
 
+/// A message handed out: its partition, its offset, and how often it was handed out.
+type Handout = (i32, i64, u32);
+
 /// A record waiting in its partition's queue (the head may be out).
 struct Buffered {
     offset: i64,
@@ -319,7 +322,7 @@ impl Shared {
 
     /// Records, in the companion group, how often each of `handed` (partition, offset,
     /// count) was handed out, waiting at most the request timeout.
-    async fn record_handed(self: Arc<Self>, handed: Vec<(i32, i64, u32)>) -> Result<(), String> {
+    async fn record_handed(self: Arc<Self>, handed: Vec<Handout>) -> Result<(), String> {
         let timeout = self.core.request_timeout;
         let task = tokio::task::spawn_blocking(move || {
             let mut list = TopicPartitionList::new();
@@ -556,7 +559,7 @@ impl KafkaConsumer {
 
     /// Hands out the head of each ready partition, up to `max`; returns what was handed
     /// out (partition, offset, count), to record, and when to look again.
-    fn take(&self, max: usize) -> (Vec<Incoming>, Vec<(i32, i64, u32)>, Option<Instant>) {
+    fn take(&self, max: usize) -> (Vec<Incoming>, Vec<Handout>, Option<Instant>) {
         let core = &self.shared.core;
         let now = Instant::now();
         let mut state = core.state();
