@@ -58,6 +58,10 @@ pub use inseam_core::{
 /// another process, in per-key order.
 #[cfg(feature = "amqp")]
 pub use inseam_amqp as amqp;
+/// The Kafka transport (feature `kafka`): a group's events consumed durably in another process,
+/// in per-key order.
+#[cfg(feature = "kafka")]
+pub use inseam_kafka as kafka;
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
 /// The NATS JetStream transport (feature `nats`): a group's events consumed durably in another
 /// process, in per-key order.
