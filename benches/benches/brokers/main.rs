@@ -129,10 +129,64 @@ async fn transport(broker: Broker, server: &Server, name: &str) -> Arc<dyn Trans
     }
 }
 
+/// The CPU time process `pid` (every thread of it) has used, from `/proc/<pid>/stat` (clock
+/// ticks of 10 ms); zero where it cannot be read.
+fn cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command's closing parenthesis, from field 3 (state): utime and
+    // stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The CPU time of this process and of the broker's server so far.
+fn cpu_now(server: &Server) -> (Duration, Duration) {
+    (
+        cpu(std::process::id()),
+        server.pid().map_or(Duration::ZERO, cpu),
+    )
+}
+
+/// One side's run: messages/s, and CPU per message in this process (the relay and the
+/// database for inseam, the client for raw) and in the broker's server.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    rate: f64,
+    here: Duration,
+    broker: Duration,
+}
+
+impl Run {
+    fn measure(
+        events: u64,
+        elapsed: Duration,
+        before: (Duration, Duration),
+        after: (Duration, Duration),
+    ) -> Self {
+        let per = |d: Duration| d / u32::try_from(events.max(1)).unwrap_or(u32::MAX);
+        Run {
+            rate: events as f64 / elapsed.as_secs_f64(),
+            here: per(after.0.saturating_sub(before.0)),
+            broker: per(after.1.saturating_sub(before.1)),
+        }
+    }
+}
+
 /// Publishes `rows` to the channel with `broker`'s own client, as the transport lays them out
 /// in namespace `name`, in batches of `batch`, awaiting every acknowledgement; with the
-/// transport's deduplication id when `ids`. Returns messages/s, timed from the first publish
-/// to the last acknowledgement (connecting and creating the broker's channels not counted).
+/// transport's deduplication id when `ids`. Timed from the first publish to the last
+/// acknowledgement (connecting and creating the broker's channels not counted); CPU counted
+/// around the whole call.
 async fn raw_publish(
     broker: Broker,
     server: &Server,
@@ -140,12 +194,14 @@ async fn raw_publish(
     rows: &[Row],
     batch: usize,
     ids: bool,
-) -> f64 {
+) -> Run {
+    let cpu_before = cpu_now(server);
     let elapsed = match broker {
         Broker::Nats => nats::publish(server, name, rows, batch, ids).await,
     };
+    let cpu_after = cpu_now(server);
     assert_eq!(messages(broker, server, name).await, rows.len() as u64);
-    rows.len() as f64 / elapsed.as_secs_f64()
+    Run::measure(rows.len() as u64, elapsed, cpu_before, cpu_after)
 }
 
 /// How many messages `broker` holds in namespace `name`.
@@ -265,23 +321,28 @@ async fn fill(
     }
 }
 
-/// Starts the relay and times it publishing everything; returns messages/s and the time.
-async fn drain(broker: Broker, server: &Server, filled: &Filled) -> (f64, Duration) {
+/// Starts the relay and times it publishing everything; returns the run and the time.
+async fn drain(broker: Broker, server: &Server, filled: &Filled) -> (Run, Duration) {
     let Filled { app, store, .. } = filled;
     // The relay counts what the broker acknowledged once the rows are deleted: when the count
     // reaches `events`, the lag is 0 (checked below). Polling `lag()` instead (a `COUNT(*)`
     // over the deliveries every few milliseconds) would take a core from the relay.
     let published = store.relay_stats().published;
+    let cpu_before = cpu_now(server);
     let start = Instant::now();
     let relay = app.start();
     while store.relay_stats().published - published < filled.events {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let drain = start.elapsed();
+    let cpu_after = cpu_now(server);
     assert_eq!(pending(store, &filled.group).await, 0);
     relay.shutdown().await;
     assert_eq!(messages(broker, server, &filled.name).await, filled.events);
-    (filled.events as f64 / drain.as_secs_f64(), drain)
+    (
+        Run::measure(filled.events, drain, cpu_before, cpu_after),
+        drain,
+    )
 }
 
 async fn throughput(broker: Broker, server: &Server) {
@@ -321,17 +382,28 @@ async fn throughput(broker: Broker, server: &Server) {
             false,
         )
         .await;
-        let raw = (before + after) / 2.0;
+        let raw = (before.rate + after.rate) / 2.0;
         println!(
             "{} throughput {backend}: {events} events ({} bytes each on average), batch {batch}; \
-             outbox filled in {:.2?}; inseam relay {inseam:.0} msg/s ({took:.2?}); \
-             raw with ids {before:.0} msg/s before, {after:.0} after; raw without headers {bare:.0} msg/s; \
-             inseam / raw with ids {:.2}x, / raw without headers {:.2}x",
+             outbox filled in {:.2?}; inseam relay {:.0} msg/s ({took:.2?}); \
+             raw with ids {:.0} msg/s before, {:.0} after; raw without headers {:.0} msg/s; \
+             inseam / raw with ids {:.2}x, / raw without headers {:.2}x; \
+             CPU per message, this process + broker: inseam {:.1?} + {:.1?}, raw with ids {:.1?} + {:.1?} and {:.1?} + {:.1?}",
             broker.name(),
             bytes / rows.len().max(1),
             filled.fill,
-            inseam / raw,
-            inseam / bare,
+            inseam.rate,
+            before.rate,
+            after.rate,
+            bare.rate,
+            inseam.rate / raw,
+            inseam.rate / bare.rate,
+            inseam.here,
+            inseam.broker,
+            before.here,
+            before.broker,
+            after.here,
+            after.broker,
         );
     }
 }
