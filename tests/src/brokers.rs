@@ -16,16 +16,19 @@ use inseam_test_servers::Server;
 pub enum Broker {
     /// NATS JetStream (`inseam::nats`).
     Nats,
+    /// Redis Streams (`inseam::redis`).
+    Redis,
 }
 
 impl Broker {
     /// Every broker.
-    pub const ALL: &[Broker] = &[Broker::Nats];
+    pub const ALL: &[Broker] = &[Broker::Nats, Broker::Redis];
 
     /// The transport's name, which a routing file names.
     pub fn name(self) -> &'static str {
         match self {
             Broker::Nats => "nats",
+            Broker::Redis => "redis",
         }
     }
 
@@ -38,6 +41,7 @@ impl Broker {
     pub fn url_env(self) -> &'static str {
         match self {
             Broker::Nats => "INSEAM_NATS_URL",
+            Broker::Redis => "INSEAM_REDIS_URL",
         }
     }
 
@@ -48,6 +52,7 @@ impl Broker {
     pub fn start(self) -> Server {
         match self {
             Broker::Nats => inseam_test_servers::nats::start(),
+            Broker::Redis => inseam_test_servers::redis::start(),
         }
     }
 
@@ -62,6 +67,16 @@ impl Broker {
                     .connection_timeout(short);
                 Ok(Arc::new(inseam::nats::Nats::connect_with(options).await?))
             }
+            Broker::Redis => {
+                // A consumer killed holding partitions keeps them for the lease's life: 1 s
+                // here (5 s by default) lets the next process take over within its run.
+                let options = inseam::redis::RedisOptions::from_url(url)?
+                    .publish_timeout(short)
+                    .request_timeout(short)
+                    .connection_timeout(short)
+                    .lease_ttl(Duration::from_secs(1));
+                Ok(Arc::new(inseam::redis::Redis::connect_with(options).await?))
+            }
         }
     }
 
@@ -69,6 +84,9 @@ impl Broker {
     pub fn counts_redeliveries(self) -> bool {
         match self {
             Broker::Nats => true,
+            // Redis keeps an entry's delivery count only while it is pending (`XPENDING`)
+            // and forgets it with the `XACK`; nothing counts a group's deliveries in all.
+            Broker::Redis => false,
         }
     }
 
@@ -79,6 +97,7 @@ impl Broker {
     pub async fn redeliveries(self, url: &str, group: &str, distinct: u64) -> Option<u64> {
         match self {
             Broker::Nats => nats_redeliveries(url, group, distinct).await,
+            Broker::Redis => None,
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use inseam::sql::{RelayOptions, SqlStore, SqlStoreOptions};
@@ -35,6 +35,11 @@ fn billing_process(broker: Broker, url: &str, db_url: &str) -> Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_consumer_killed() {
     consumer_killed(Broker::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_consumer_killed() {
+    consumer_killed(Broker::Redis).await;
 }
 
 async fn consumer_killed(broker: Broker) {
@@ -68,13 +73,20 @@ async fn consumer_killed(broker: Broker) {
     let billing_pool = billing_store.pool().clone();
 
     let sent = Arc::new(AtomicI64::new(0));
+    // Stopped by a flag, not by aborting the task: an abort can land after a `send` committed
+    // and before `sent` counts it, leaving an order the test does not expect.
+    let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn({
+        let stop = Arc::clone(&stop);
         let main = main.clone();
         let sent = Arc::clone(&sent);
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             loop {
                 tick.tick().await;
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let order = sent.load(Ordering::SeqCst);
                 main.send(billing::Place { order }).await.unwrap();
                 sent.store(order + 1, Ordering::SeqCst);
@@ -99,7 +111,7 @@ async fn consumer_killed(broker: Broker) {
             busy += 1;
         }
     }
-    load.abort();
+    stop.store(true, Ordering::SeqCst);
     if let Err(error) = load.await
         && error.is_panic()
     {

@@ -7,7 +7,7 @@
 //! is down the main process's rows for the transport wait, and its lag shows them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use inseam::sql::{RelayOptions, SqlStore, SqlStoreOptions};
@@ -45,6 +45,11 @@ async fn nats_outage_under_load() {
     outage_under_load(Broker::Nats).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_under_load() {
+    outage_under_load(Broker::Redis).await;
+}
+
 async fn outage_under_load(broker: Broker) {
     let started = Instant::now();
     let transport = format!("transport:{}", broker.name());
@@ -74,13 +79,20 @@ async fn outage_under_load(broker: Broker) {
 
     // Orders every 20 ms, for the whole test; each `send` commits in the main database only.
     let sent = Arc::new(AtomicI64::new(0));
+    // Stopped by a flag, not by aborting the task: an abort can land after a `send` committed
+    // and before `sent` counts it, leaving an order the test does not expect.
+    let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn({
+        let stop = Arc::clone(&stop);
         let main = main.clone();
         let sent = Arc::clone(&sent);
         async move {
             let mut tick = tokio::time::interval(EVERY);
             loop {
                 tick.tick().await;
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let order = sent.load(Ordering::SeqCst);
                 main.send(billing::Place { order }).await.unwrap();
                 sent.store(order + 1, Ordering::SeqCst);
@@ -138,7 +150,7 @@ async fn outage_under_load(broker: Broker) {
     server.start_again();
     let restarted_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    load.abort();
+    stop.store(true, Ordering::SeqCst);
     if let Err(error) = load.await
         && error.is_panic()
     {

@@ -24,6 +24,7 @@
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
 mod nats;
+mod redis;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -126,6 +127,7 @@ fn routing(broker: Broker) -> Routing {
 async fn transport(broker: Broker, server: &Server, name: &str) -> Arc<dyn Transport> {
     match broker {
         Broker::Nats => nats::transport(server, name).await,
+        Broker::Redis => redis::transport(server, name).await,
     }
 }
 
@@ -198,6 +200,7 @@ async fn raw_publish(
     let cpu_before = cpu_now(server);
     let elapsed = match broker {
         Broker::Nats => nats::publish(server, name, rows, batch, ids).await,
+        Broker::Redis => redis::publish(server, name, rows, batch, ids).await,
     };
     let cpu_after = cpu_now(server);
     assert_eq!(messages(broker, server, name).await, rows.len() as u64);
@@ -208,6 +211,7 @@ async fn raw_publish(
 async fn messages(broker: Broker, server: &Server, name: &str) -> u64 {
     match broker {
         Broker::Nats => nats::messages(server, name).await,
+        Broker::Redis => redis::messages(server, name).await,
     }
 }
 
@@ -508,7 +512,9 @@ async fn main() {
     }
     if env("INSEAM_BENCH_TRACE", 0) == 1 {
         tracing_subscriber::fmt()
-            .with_env_filter("inseam::relay=info,inseam::transport=debug,inseam::nats=debug")
+            .with_env_filter(
+                "inseam::relay=info,inseam::transport=debug,inseam::nats=debug,inseam::redis=debug",
+            )
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
             .with_writer(std::io::stderr)
             .init();

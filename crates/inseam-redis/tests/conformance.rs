@@ -1,9 +1,7 @@
 //! The conformance suite against the Redis transport. Each case gets a `redis-server` of its
-//! own (a free port of 127.0.0.1, an append-only file with `appendfsync always` in a temporary
-//! directory, killed when the case ends), since the outage case stops its broker; the server
-//! is started again on the same port and data.
-
-mod support;
+//! own (`inseam_test_servers::redis`: a free port of 127.0.0.1, an append-only file with
+//! `appendfsync always` in a temporary directory, killed when the case ends), since the outage
+//! case stops its broker; the server is started again on the same port and data.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -11,7 +9,7 @@ use inseam_conformance::{BoxError, Harness, async_trait};
 use inseam_core::transport::{Capabilities, KeyOrder, Transport};
 use inseam_redis::{Redis, RedisOptions};
 
-use support::RedisServer;
+use inseam_test_servers::{Server as RedisServer, redis as redis_server};
 
 /// The transport's default partition count, which the harness leaves as it is.
 const PARTITIONS: u16 = 8;
@@ -67,7 +65,7 @@ impl Harness for RedisHarness {
     }
 
     async fn stop_broker(&self) -> Result<(), BoxError> {
-        self.with_server(RedisServer::shut_down)
+        self.with_server(RedisServer::stop)
             .await?
             .map_err(Into::into)
     }
@@ -78,7 +76,7 @@ impl Harness for RedisHarness {
 }
 
 async fn harness() -> RedisHarness {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
+    let server = tokio::task::spawn_blocking(redis_server::start)
         .await
         .unwrap_or_else(|err| panic!("the case's Redis server did not start: {err}"));
     RedisHarness {

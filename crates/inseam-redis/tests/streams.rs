@@ -1,9 +1,7 @@
 //! What the conformance suite does not cover: refused names, provisioning and the recorded
 //! layout, the partition leases under several consumers, trimming, deduplication turned off,
 //! what the transport reads of the server's persistence, and entries that are not inseam's.
-//! Each test starts its own `redis-server` (see `support`).
-
-mod support;
+//! Each test starts its own `redis-server` (`inseam_test_servers::redis`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,10 +13,10 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use support::RedisServer;
+use inseam_test_servers::{Server as RedisServer, redis as redis_server};
 
 async fn server() -> RedisServer {
-    tokio::task::spawn_blocking(RedisServer::start)
+    tokio::task::spawn_blocking(redis_server::start)
         .await
         .expect("the test's Redis server did not start")
 }

@@ -2,7 +2,7 @@
 //! in a temporary directory, stopped (cleanly or killed) and started again on the same port
 //! and storage, and killed when dropped. The machine's own servers are never touched.
 //!
-//! One [`Server`] runs any broker; a [`Spec`] says how (see [`nats`]). The transport crates'
+//! One [`Server`] runs any broker; a [`Spec`] says how (see [`nats`], [`redis`]). The transport crates'
 //! tests, the workspace's cross-process tests and the benchmarks all start their brokers here.
 //!
 //! A broker binary that cannot be found makes [`Server::start`] panic with a message naming
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod nats;
+pub mod redis;
 
 /// How to find, start and reach one broker.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +37,10 @@ pub struct Spec {
     pub more_ports: usize,
     /// The client URL of a server on `port`.
     pub url: fn(u16) -> String,
-    /// How long it may take to listen.
+    /// Whether a server listening on `port` is ready for clients; `None` when listening is
+    /// enough. (Redis listens while it reads its data back and answers `LOADING` meanwhile.)
+    pub ready: Option<fn(u16) -> bool>,
+    /// How long it may take to listen (and be ready).
     pub start_timeout: Duration,
     /// How long a clean stop may take before the server is killed.
     pub stop_timeout: Duration,
@@ -209,7 +213,8 @@ impl Server {
     /// Starts the server again on the same port and data.
     ///
     /// # Panics
-    /// When it is running already, exits, or does not listen within the start timeout.
+    /// When it is running already, exits, or does not listen (and, when its spec says how to
+    /// tell, is not ready) within the start timeout.
     pub fn start_again(&mut self) {
         assert!(
             self.child.is_none(),
@@ -234,7 +239,9 @@ impl Server {
 
         let deadline = Instant::now() + self.spec.start_timeout;
         loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && self.spec.ready.is_none_or(|ready| ready(self.port))
+            {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -249,8 +256,13 @@ impl Server {
             if Instant::now() > deadline {
                 self.kill();
                 panic!(
-                    "{} did not listen on port {} within {:?}:\n{}",
+                    "{} did not {} on port {} within {:?}:\n{}",
                     self.spec.binary,
+                    if self.spec.ready.is_some() {
+                        "get ready"
+                    } else {
+                        "listen"
+                    },
                     self.port,
                     self.spec.start_timeout,
                     self.log()

@@ -21,6 +21,7 @@ pub const SPEC: Spec = Spec {
     command,
     more_ports: 0,
     url,
+    ready: None,
     start_timeout: Duration::from_secs(10),
     stop_timeout: Duration::from_secs(10),
 };
