@@ -16,16 +16,19 @@ use inseam_test_servers::Server;
 pub enum Broker {
     /// NATS JetStream (`inseam::nats`).
     Nats,
+    /// RabbitMQ (`inseam::amqp`).
+    Amqp,
 }
 
 impl Broker {
     /// Every broker.
-    pub const ALL: &[Broker] = &[Broker::Nats];
+    pub const ALL: &[Broker] = &[Broker::Nats, Broker::Amqp];
 
     /// The transport's name, which a routing file names.
     pub fn name(self) -> &'static str {
         match self {
             Broker::Nats => "nats",
+            Broker::Amqp => "amqp",
         }
     }
 
@@ -38,6 +41,7 @@ impl Broker {
     pub fn url_env(self) -> &'static str {
         match self {
             Broker::Nats => "INSEAM_NATS_URL",
+            Broker::Amqp => "INSEAM_AMQP_URL",
         }
     }
 
@@ -48,6 +52,7 @@ impl Broker {
     pub fn start(self) -> Server {
         match self {
             Broker::Nats => inseam_test_servers::nats::start(),
+            Broker::Amqp => inseam_test_servers::amqp::start(),
         }
     }
 
@@ -62,6 +67,13 @@ impl Broker {
                     .connection_timeout(short);
                 Ok(Arc::new(inseam::nats::Nats::connect_with(options).await?))
             }
+            Broker::Amqp => {
+                let options = inseam::amqp::AmqpOptions::from_url(url)?
+                    .publish_timeout(short)
+                    .request_timeout(short)
+                    .connection_timeout(short);
+                Ok(Arc::new(inseam::amqp::Amqp::connect_with(options).await?))
+            }
         }
     }
 
@@ -69,6 +81,10 @@ impl Broker {
     pub fn counts_redeliveries(self) -> bool {
         match self {
             Broker::Nats => true,
+            // RabbitMQ counts a queue's redeliveries only in the management plugin's
+            // statistics (not over AMQP, and the test's node runs no plugins); a message
+            // handed out again carries its `x-delivery-count` to its consumer alone.
+            Broker::Amqp => false,
         }
     }
 
@@ -79,6 +95,7 @@ impl Broker {
     pub async fn redeliveries(self, url: &str, group: &str, distinct: u64) -> Option<u64> {
         match self {
             Broker::Nats => nats_redeliveries(url, group, distinct).await,
+            Broker::Amqp => None,
         }
     }
 }

@@ -23,6 +23,7 @@
 
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
+mod amqp;
 mod nats;
 
 use std::collections::HashMap;
@@ -126,6 +127,7 @@ fn routing(broker: Broker) -> Routing {
 async fn transport(broker: Broker, server: &Server, name: &str) -> Arc<dyn Transport> {
     match broker {
         Broker::Nats => nats::transport(server, name).await,
+        Broker::Amqp => amqp::transport(server, name).await,
     }
 }
 
@@ -143,6 +145,7 @@ async fn raw_publish(
 ) -> f64 {
     let elapsed = match broker {
         Broker::Nats => nats::publish(server, name, rows, batch, ids).await,
+        Broker::Amqp => amqp::publish(server, name, rows, batch, ids).await,
     };
     assert_eq!(messages(broker, server, name).await, rows.len() as u64);
     rows.len() as f64 / elapsed.as_secs_f64()
@@ -152,6 +155,7 @@ async fn raw_publish(
 async fn messages(broker: Broker, server: &Server, name: &str) -> u64 {
     match broker {
         Broker::Nats => nats::messages(server, name).await,
+        Broker::Amqp => amqp::messages(server, name).await,
     }
 }
 
@@ -436,7 +440,7 @@ async fn main() {
     }
     if env("INSEAM_BENCH_TRACE", 0) == 1 {
         tracing_subscriber::fmt()
-            .with_env_filter("inseam::relay=info,inseam::transport=debug,inseam::nats=debug")
+            .with_env_filter("inseam::relay=info,inseam::transport=debug,inseam::nats=debug,inseam::amqp=debug")
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
             .with_writer(std::io::stderr)
             .init();

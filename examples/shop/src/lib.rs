@@ -64,9 +64,12 @@ pub enum ShopError {
     /// The NATS transport could not be set up.
     #[error("the NATS transport could not be set up")]
     Nats(#[source] inseam::nats::NatsError),
+    /// The RabbitMQ transport could not be set up.
+    #[error("the RabbitMQ transport could not be set up")]
+    Amqp(#[source] inseam::amqp::AmqpError),
     /// The routing names a transport the shop does not know.
     #[error(
-        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats`)"
+        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats` and `amqp`)"
     )]
     UnknownTransport {
         /// The process the routing declares.
@@ -92,7 +95,9 @@ pub const MODULES: [&str; 6] = [
 /// the routing file named by `INSEAM_CONFIG` (every process gets the same file) and the name
 /// of this process from `INSEAM_PROCESS` (the main process when unset), and connects the
 /// transports the file names: `nats`, at `INSEAM_NATS_URL` (default `nats://127.0.0.1:4222`;
-/// the other `INSEAM_NATS_*` variables of [`NatsOptions::from_env`] apply).
+/// the other `INSEAM_NATS_*` variables of [`NatsOptions::from_env`] apply), and `amqp`
+/// (RabbitMQ), at `INSEAM_AMQP_URL` (default `amqp://127.0.0.1:5672/%2f`; the other
+/// `INSEAM_AMQP_*` variables of [`AmqpOptions::from_env`] apply).
 ///
 /// The shop's modules reach payments and shipping only through durable commands and events,
 /// so those two can run in another process (`split.toml`). Catalog, inventory and orders
@@ -100,6 +105,7 @@ pub const MODULES: [&str; 6] = [
 /// polls, the HTTP API), which cannot cross processes yet: they stay in the main process.
 ///
 /// [`NatsOptions::from_env`]: inseam::nats::NatsOptions::from_env
+/// [`AmqpOptions::from_env`]: inseam::amqp::AmqpOptions::from_env
 #[derive(Debug, Clone, Default)]
 pub struct Deployment {
     routing: Routing,
@@ -117,7 +123,8 @@ impl Deployment {
         Deployment::connect(Routing::from_env()?).await
     }
 
-    /// Connects the transports `routing` names (NATS options from the environment).
+    /// Connects the transports `routing` names (NATS and RabbitMQ options from the
+    /// environment).
     pub async fn connect(routing: Routing) -> Result<Self, ShopError> {
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         let mut connected: Vec<&str> = Vec::new();
@@ -135,6 +142,15 @@ impl Deployment {
                         .await
                         .map_err(ShopError::Nats)?;
                     transports.push(Arc::new(nats));
+                }
+                "amqp" => {
+                    let options = inseam::amqp::AmqpOptions::from_env()
+                        .map_err(ShopError::Amqp)?
+                        .client_name(format!("inseam shop, process {}", routing.current()));
+                    let amqp = inseam::amqp::Amqp::connect_with(options)
+                        .await
+                        .map_err(ShopError::Amqp)?;
+                    transports.push(Arc::new(amqp));
                 }
                 other => {
                     return Err(ShopError::UnknownTransport {
