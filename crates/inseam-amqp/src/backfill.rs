@@ -161,9 +161,11 @@ pub(crate) async fn queue_exists(link: &Link, name: &str) -> Result<bool, Failur
 async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> Result<(), Failure> {
     let first_queue = topology.queue(0);
     let marker = topology.copying_marker();
-    // A setup that died while copying the history: copy it again.
-    let unfinished = topology.history.is_some() && queue_exists(link, &marker).await?;
-    let new_group = unfinished || !queue_exists(link, &first_queue).await?;
+    let exists = queue_exists(link, &first_queue).await?;
+    // A setup that died while copying the history: copy it again. (One that died before
+    // declaring the group's queues copied nothing yet.)
+    let unfinished = exists && topology.history.is_some() && queue_exists(link, &marker).await?;
+    let new_group = unfinished || !exists;
     let channel = link
         .channel()
         .await
