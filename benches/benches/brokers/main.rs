@@ -440,7 +440,9 @@ async fn main() {
     }
     if env("INSEAM_BENCH_TRACE", 0) == 1 {
         tracing_subscriber::fmt()
-            .with_env_filter("inseam::relay=info,inseam::transport=debug,inseam::nats=debug,inseam::amqp=debug")
+            .with_env_filter(
+                "inseam::relay=info,inseam::transport=debug,inseam::nats=debug,inseam::amqp=debug",
+            )
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
             .with_writer(std::io::stderr)
             .init();

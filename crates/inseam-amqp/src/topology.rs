@@ -126,7 +126,10 @@ impl Topology {
     /// and has not finished": declared before the copy starts, deleted once every history
     /// queue has its end marker. A setup that finds it redoes the copy (its process died).
     pub(crate) fn copying_marker(&self) -> String {
-        format!("{}.copying", layout::queue_name(&self.prefix, &self.group, 0))
+        format!(
+            "{}.copying",
+            layout::queue_name(&self.prefix, &self.group, 0)
+        )
     }
 
     /// Declares the group's history queue of `partition`.

@@ -77,9 +77,7 @@ impl Harness for AmqpHarness {
     }
 
     async fn stop_broker(&self) -> Result<(), BoxError> {
-        self.with_node(RabbitNode::stop)
-            .await?
-            .map_err(Into::into)
+        self.with_node(RabbitNode::stop).await?.map_err(Into::into)
     }
 
     async fn start_broker(&self) -> Result<(), BoxError> {
