@@ -18,17 +18,20 @@ pub enum Broker {
     Nats,
     /// Redis Streams (`inseam::redis`).
     Redis,
+    /// RabbitMQ (`inseam::amqp`).
+    Amqp,
 }
 
 impl Broker {
     /// Every broker.
-    pub const ALL: &[Broker] = &[Broker::Nats, Broker::Redis];
+    pub const ALL: &[Broker] = &[Broker::Nats, Broker::Redis, Broker::Amqp];
 
     /// The transport's name, which a routing file names.
     pub fn name(self) -> &'static str {
         match self {
             Broker::Nats => "nats",
             Broker::Redis => "redis",
+            Broker::Amqp => "amqp",
         }
     }
 
@@ -42,6 +45,7 @@ impl Broker {
         match self {
             Broker::Nats => "INSEAM_NATS_URL",
             Broker::Redis => "INSEAM_REDIS_URL",
+            Broker::Amqp => "INSEAM_AMQP_URL",
         }
     }
 
@@ -53,6 +57,7 @@ impl Broker {
         match self {
             Broker::Nats => inseam_test_servers::nats::start(),
             Broker::Redis => inseam_test_servers::redis::start(),
+            Broker::Amqp => inseam_test_servers::amqp::start(),
         }
     }
 
@@ -77,6 +82,13 @@ impl Broker {
                     .lease_ttl(Duration::from_secs(1));
                 Ok(Arc::new(inseam::redis::Redis::connect_with(options).await?))
             }
+            Broker::Amqp => {
+                let options = inseam::amqp::AmqpOptions::from_url(url)?
+                    .publish_timeout(short)
+                    .request_timeout(short)
+                    .connection_timeout(short);
+                Ok(Arc::new(inseam::amqp::Amqp::connect_with(options).await?))
+            }
         }
     }
 
@@ -87,6 +99,10 @@ impl Broker {
             // Redis keeps an entry's delivery count only while it is pending (`XPENDING`)
             // and forgets it with the `XACK`; nothing counts a group's deliveries in all.
             Broker::Redis => false,
+            // RabbitMQ counts a queue's redeliveries only in the management plugin's
+            // statistics (not over AMQP, and the test's node runs no plugins); a message
+            // handed out again carries its `x-delivery-count` to its consumer alone.
+            Broker::Amqp => false,
         }
     }
 
@@ -98,6 +114,7 @@ impl Broker {
         match self {
             Broker::Nats => nats_redeliveries(url, group, distinct).await,
             Broker::Redis => None,
+            Broker::Amqp => None,
         }
     }
 }

@@ -42,6 +42,11 @@ async fn redis_consumer_killed() {
     consumer_killed(Broker::Redis).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_consumer_killed() {
+    consumer_killed(Broker::Amqp).await;
+}
+
 async fn consumer_killed(broker: Broker) {
     let started = Instant::now();
     let server = broker.start();

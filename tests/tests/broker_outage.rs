@@ -50,6 +50,11 @@ async fn redis_outage_under_load() {
     outage_under_load(Broker::Redis).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_outage_under_load() {
+    outage_under_load(Broker::Amqp).await;
+}
+
 async fn outage_under_load(broker: Broker) {
     let started = Instant::now();
     let transport = format!("transport:{}", broker.name());

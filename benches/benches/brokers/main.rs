@@ -23,6 +23,7 @@
 
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
+mod amqp;
 mod nats;
 mod redis;
 
@@ -128,6 +129,7 @@ async fn transport(broker: Broker, server: &Server, name: &str) -> Arc<dyn Trans
     match broker {
         Broker::Nats => nats::transport(server, name).await,
         Broker::Redis => redis::transport(server, name).await,
+        Broker::Amqp => amqp::transport(server, name).await,
     }
 }
 
@@ -201,6 +203,7 @@ async fn raw_publish(
     let elapsed = match broker {
         Broker::Nats => nats::publish(server, name, rows, batch, ids).await,
         Broker::Redis => redis::publish(server, name, rows, batch, ids).await,
+        Broker::Amqp => amqp::publish(server, name, rows, batch, ids).await,
     };
     let cpu_after = cpu_now(server);
     assert_eq!(messages(broker, server, name).await, rows.len() as u64);
@@ -212,6 +215,7 @@ async fn messages(broker: Broker, server: &Server, name: &str) -> u64 {
     match broker {
         Broker::Nats => nats::messages(server, name).await,
         Broker::Redis => redis::messages(server, name).await,
+        Broker::Amqp => amqp::messages(server, name).await,
     }
 }
 
@@ -513,7 +517,7 @@ async fn main() {
     if env("INSEAM_BENCH_TRACE", 0) == 1 {
         tracing_subscriber::fmt()
             .with_env_filter(
-                "inseam::relay=info,inseam::transport=debug,inseam::nats=debug,inseam::redis=debug",
+                "inseam::relay=info,inseam::transport=debug,inseam::nats=debug,inseam::redis=debug,inseam::amqp=debug",
             )
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
             .with_writer(std::io::stderr)

@@ -15,7 +15,11 @@
 //!    the group's queue too (a consumer skips them there), and each history queue gets an end
 //!    marker.
 //!
-//! One connection at a time sets a group up: it holds an exclusive queue meanwhile.
+//! One connection at a time sets a group up: it holds an exclusive queue meanwhile. A setup
+//! whose process dies part way leaves a durable marker queue (declared before step 1, deleted
+//! after the end markers): the next setup finds it and copies again, after purging the
+//! history queues, marking every copied message as possibly in the group's queue (the group's
+//! queues may have been bound for a while).
 
 use std::time::Duration;
 
@@ -23,7 +27,7 @@ use futures_util::StreamExt;
 use inseam_core::transport::TransportError;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -156,7 +160,12 @@ pub(crate) async fn queue_exists(link: &Link, name: &str) -> Result<bool, Failur
 
 async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> Result<(), Failure> {
     let first_queue = topology.queue(0);
-    let new_group = !queue_exists(link, &first_queue).await?;
+    let marker = topology.copying_marker();
+    let exists = queue_exists(link, &first_queue).await?;
+    // A setup that died while copying the history: copy it again. (One that died before
+    // declaring the group's queues copied nothing yet.)
+    let unfinished = exists && topology.history.is_some() && queue_exists(link, &marker).await?;
+    let new_group = unfinished || !exists;
     let channel = link
         .channel()
         .await
@@ -173,7 +182,22 @@ async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> R
             }
             return Ok(());
         };
-        tracing::info!(target: TARGET, group = %topology.group, "a new group: copying its history");
+        if unfinished {
+            tracing::info!(target: TARGET, group = %topology.group, "an earlier copy of the group's history did not finish: copying it again");
+        } else {
+            tracing::info!(target: TARGET, group = %topology.group, "a new group: copying its history");
+        }
+        channel
+            .queue_declare(
+                marker.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(at(format!("declare queue `{marker}`")))?;
         topology::declare_exchange(&channel, &topology.exchange)
             .await
             .map_err(at("declare the exchange"))?;
@@ -188,6 +212,19 @@ async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> R
                     "declare queue `{}`",
                     topology.history_queue(partition)
                 )))?;
+            if unfinished {
+                // What the earlier copy left; messages a consumer holds stay with it.
+                channel
+                    .queue_purge(
+                        topology.history_queue(partition).as_str().into(),
+                        QueuePurgeOptions::default(),
+                    )
+                    .await
+                    .map_err(at(format!(
+                        "purge queue `{}`",
+                        topology.history_queue(partition)
+                    )))?;
+            }
         }
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -204,7 +241,15 @@ async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> R
         tokio::time::sleep(GRACE).await;
         let last_fence = uuid::Uuid::now_v7().to_string();
         fence(&channel, &topology.exchange, &last_fence).await?;
-        let copied = copy(link, &channel, topology, &first_fence, &last_fence, timeout).await?;
+        let copied = copy(
+            link,
+            &channel,
+            topology,
+            (&first_fence, &last_fence),
+            unfinished,
+            timeout,
+        )
+        .await?;
         for partition in 0..topology.partitions {
             let mut headers = FieldTable::default();
             headers.insert(END_HEADER.into(), AMQPValue::Boolean(true));
@@ -219,6 +264,10 @@ async fn set_up_locked(link: &Link, topology: &Topology, timeout: Duration) -> R
             )
             .await?;
         }
+        channel
+            .queue_delete(marker.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(at(format!("delete queue `{marker}`")))?;
         tracing::info!(target: TARGET, group = %topology.group, copied, "history copied");
         Ok(())
     }
@@ -272,14 +321,15 @@ async fn publish_confirmed(
     }
 }
 
-/// Copies the stream's messages of the group's channels, from its start to `last_fence`, to
-/// the history queues. Returns how many it copied.
+/// Copies the stream's messages of the group's channels, from its start to the second of
+/// `fences`, to the history queues, those after the first fence (or all, when `all_maybe_queued`)
+/// marked as possibly in the group's queue too. Returns how many it copied.
 async fn copy(
     link: &Link,
     publisher: &Channel,
     topology: &Topology,
-    first_fence: &str,
-    last_fence: &str,
+    (first_fence, last_fence): (&str, &str),
+    all_maybe_queued: bool,
     timeout: Duration,
 ) -> Result<usize, Failure> {
     let stream = topology::history_stream(&topology.prefix);
@@ -306,7 +356,7 @@ async fn copy(
         )
         .await
         .map_err(at(format!("read stream `{stream}`")))?;
-    let mut maybe_queued = false;
+    let mut maybe_queued = all_maybe_queued;
     let mut copied = 0;
     let mut confirms = Vec::new();
     loop {

@@ -326,13 +326,13 @@ impl PartitionTask {
             let has = |name: &str| table.is_some_and(|t| t.inner().contains_key(name));
             if in_history && has(backfill::END_HEADER) {
                 // The end of the history: consume the group's queue (first in line, since the
-                // other processes still wait on the history queue), then remove the history.
+                // other processes still wait on the history queue), then remove the history
+                // with its marker, which is not acknowledged (it goes with the queue): a
+                // process that dies before the deletion leaves the marker to the next
+                // consumer, never an empty history queue that would hold its partition
+                // forever.
                 let next_tag = consumer_tag();
                 let next = self.basic_consume(channel, &queue, &next_tag).await?;
-                channel
-                    .basic_ack(delivery_tag, BasicAckOptions::default())
-                    .await
-                    .map_err(|err| format!("acknowledging failed: {err}"))?;
                 if let Err(err) = channel
                     .queue_delete(history.as_str().into(), QueueDeleteOptions::default())
                     .await

@@ -122,6 +122,16 @@ impl Topology {
         format!("{}.setup", layout::queue_name(&self.prefix, &self.group, 0))
     }
 
+    /// The queue whose existence stands for "a setup of the group began copying its history
+    /// and has not finished": declared before the copy starts, deleted once every history
+    /// queue has its end marker. A setup that finds it redoes the copy (its process died).
+    pub(crate) fn copying_marker(&self) -> String {
+        format!(
+            "{}.copying",
+            layout::queue_name(&self.prefix, &self.group, 0)
+        )
+    }
+
     /// Declares the group's history queue of `partition`.
     pub(crate) async fn declare_history_queue(
         &self,

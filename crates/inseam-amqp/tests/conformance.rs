@@ -5,15 +5,13 @@
 //! machine's broker), each case in a virtual host of its own. The outage case, which stops
 //! its broker, gets a node of its own, started again on the same ports and database.
 
-mod support;
-
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use inseam_amqp::{Amqp, AmqpOptions};
 use inseam_conformance::{BoxError, Harness, async_trait};
 use inseam_core::transport::{Capabilities, KeyOrder, Transport};
 
-use support::RabbitNode;
+use inseam_test_servers::{Server as RabbitNode, amqp as rabbit};
 
 /// The transport's default partition count, which the harness leaves as it is.
 const PARTITIONS: u16 = 8;
@@ -79,9 +77,7 @@ impl Harness for AmqpHarness {
     }
 
     async fn stop_broker(&self) -> Result<(), BoxError> {
-        self.with_node(RabbitNode::shut_down)
-            .await?
-            .map_err(Into::into)
+        self.with_node(RabbitNode::stop).await?.map_err(Into::into)
     }
 
     async fn start_broker(&self) -> Result<(), BoxError> {
@@ -93,15 +89,15 @@ impl Harness for AmqpHarness {
 async fn shared_harness() -> AmqpHarness {
     tokio::task::spawn_blocking(|| {
         let node = SHARED.get_or_init(|| {
-            let node = RabbitNode::start();
-            node.stop_when_gone(std::process::id());
+            let node = rabbit::start();
+            node.stop_when_gone();
             node
         });
         let vhost = format!("case-{}", uuid::Uuid::now_v7().simple());
-        node.add_vhost(&vhost)
+        rabbit::add_vhost(node, &vhost)
             .unwrap_or_else(|err| panic!("could not add the case's virtual host: {err}"));
         AmqpHarness {
-            url: node.vhost_url(&vhost),
+            url: rabbit::vhost_url(node, &vhost),
             node: Node::Shared,
         }
     })
@@ -111,7 +107,7 @@ async fn shared_harness() -> AmqpHarness {
 
 /// A node of the case's own.
 async fn own_harness() -> AmqpHarness {
-    let node = tokio::task::spawn_blocking(RabbitNode::start)
+    let node = tokio::task::spawn_blocking(rabbit::start)
         .await
         .unwrap_or_else(|err| panic!("the case's RabbitMQ node did not start: {err}"));
     AmqpHarness {

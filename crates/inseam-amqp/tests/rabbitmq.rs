@@ -4,8 +4,6 @@
 //! and consuming again after the server restarts. Each test runs in a virtual host of its own
 //! on a node the test process starts, except the restart test, which has a node of its own.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -13,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use inseam_amqp::{Amqp, AmqpOptions};
 use inseam_core::transport::{Consumer, Incoming, Outgoing, Subscription, Transport};
-use support::RabbitNode;
+use inseam_test_servers::{Server as RabbitNode, amqp as rabbit};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -23,13 +21,13 @@ static SHARED: OnceLock<RabbitNode> = OnceLock::new();
 async fn vhost() -> String {
     tokio::task::spawn_blocking(|| {
         let node = SHARED.get_or_init(|| {
-            let node = RabbitNode::start();
-            node.stop_when_gone(std::process::id());
+            let node = rabbit::start();
+            node.stop_when_gone();
             node
         });
         let vhost = format!("test-{}", Uuid::now_v7().simple());
-        node.add_vhost(&vhost).expect("a virtual host");
-        node.vhost_url(&vhost)
+        rabbit::add_vhost(node, &vhost).expect("a virtual host");
+        rabbit::vhost_url(node, &vhost)
     })
     .await
     .expect("the shared RabbitMQ node")
@@ -335,7 +333,7 @@ async fn key_order_holds_across_consumers_when_one_dies_holding_messages() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn publishing_and_consuming_resume_after_the_server_restarts() {
-    let mut node = tokio::task::spawn_blocking(RabbitNode::start)
+    let mut node = tokio::task::spawn_blocking(rabbit::start)
         .await
         .expect("a RabbitMQ node");
     let url = node.url();
@@ -359,7 +357,7 @@ async fn publishing_and_consuming_resume_after_the_server_restarts() {
     assert_eq!(take(&mut *consumer, 10).await.len(), 10);
 
     let mut node = tokio::task::spawn_blocking(move || {
-        node.shut_down().expect("a clean stop");
+        node.stop().expect("a clean stop");
         node
     })
     .await

@@ -67,9 +67,12 @@ pub enum ShopError {
     /// The Redis transport could not be set up.
     #[error("the Redis transport could not be set up")]
     Redis(#[source] inseam::redis::RedisError),
+    /// The RabbitMQ transport could not be set up.
+    #[error("the RabbitMQ transport could not be set up")]
+    Amqp(#[source] inseam::amqp::AmqpError),
     /// The routing names a transport the shop does not know.
     #[error(
-        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats` and `redis`)"
+        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats`, `redis` and `amqp`)"
     )]
     UnknownTransport {
         /// The process the routing declares.
@@ -95,9 +98,11 @@ pub const MODULES: [&str; 6] = [
 /// the routing file named by `INSEAM_CONFIG` (every process gets the same file) and the name
 /// of this process from `INSEAM_PROCESS` (the main process when unset), and connects the
 /// transports the file names: `nats`, at `INSEAM_NATS_URL` (default `nats://127.0.0.1:4222`;
-/// the other `INSEAM_NATS_*` variables of [`NatsOptions::from_env`] apply), and `redis`, at
+/// the other `INSEAM_NATS_*` variables of [`NatsOptions::from_env`] apply), `redis`, at
 /// `INSEAM_REDIS_URL` (default `redis://127.0.0.1:6379`; the other `INSEAM_REDIS_*` variables
-/// of [`RedisOptions::from_env`] apply).
+/// of [`RedisOptions::from_env`] apply), and `amqp` (RabbitMQ), at `INSEAM_AMQP_URL` (default
+/// `amqp://127.0.0.1:5672/%2f`; the other `INSEAM_AMQP_*` variables of
+/// [`AmqpOptions::from_env`] apply).
 ///
 /// The shop's modules reach payments and shipping only through durable commands and events,
 /// so those two can run in another process (`split.toml`). Catalog, inventory and orders
@@ -106,6 +111,7 @@ pub const MODULES: [&str; 6] = [
 ///
 /// [`NatsOptions::from_env`]: inseam::nats::NatsOptions::from_env
 /// [`RedisOptions::from_env`]: inseam::redis::RedisOptions::from_env
+/// [`AmqpOptions::from_env`]: inseam::amqp::AmqpOptions::from_env
 #[derive(Debug, Clone, Default)]
 pub struct Deployment {
     routing: Routing,
@@ -123,7 +129,7 @@ impl Deployment {
         Deployment::connect(Routing::from_env()?).await
     }
 
-    /// Connects the transports `routing` names (NATS and Redis options from the environment).
+    /// Connects the transports `routing` names (their options from the environment).
     pub async fn connect(routing: Routing) -> Result<Self, ShopError> {
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         let mut connected: Vec<&str> = Vec::new();
@@ -149,6 +155,15 @@ impl Deployment {
                         .await
                         .map_err(ShopError::Redis)?;
                     transports.push(Arc::new(redis));
+                }
+                "amqp" => {
+                    let options = inseam::amqp::AmqpOptions::from_env()
+                        .map_err(ShopError::Amqp)?
+                        .client_name(format!("inseam shop, process {}", routing.current()));
+                    let amqp = inseam::amqp::Amqp::connect_with(options)
+                        .await
+                        .map_err(ShopError::Amqp)?;
+                    transports.push(Arc::new(amqp));
                 }
                 other => {
                     return Err(ShopError::UnknownTransport {

@@ -14,7 +14,8 @@
 //! With `INSEAM_CONFIG=examples/shop/split.toml`, the demo and `serve` run the main process
 //! of a shop split in two over NATS (`INSEAM_NATS_URL`, default `nats://127.0.0.1:4222`), or
 //! over Redis with `transport = "redis"` in the file (`INSEAM_REDIS_URL`, default
-//! `redis://127.0.0.1:6379`);
+//! `redis://127.0.0.1:6379`), over RabbitMQ with `transport = "amqp"` (`INSEAM_AMQP_URL`,
+//! default `amqp://127.0.0.1:5672/%2f`);
 //! the same command with `INSEAM_PROCESS=billing` runs the billing process (payments and
 //! shipping) on a database of its own until Ctrl-C or SIGTERM.
 

@@ -233,6 +233,11 @@ async fn the_demo_split_in_two_processes_over_redis() {
     the_demo_split_in_two_processes(Broker::Redis).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_split_in_two_processes_over_amqp() {
+    the_demo_split_in_two_processes(Broker::Amqp).await;
+}
+
 async fn the_demo_split_in_two_processes(broker: Broker) {
     let started = Instant::now();
     let server = broker.start();

@@ -2,7 +2,7 @@
 //! in a temporary directory, stopped (cleanly or killed) and started again on the same port
 //! and storage, and killed when dropped. The machine's own servers are never touched.
 //!
-//! One [`Server`] runs any broker; a [`Spec`] says how (see [`nats`], [`redis`]). The transport crates'
+//! One [`Server`] runs any broker; a [`Spec`] says how (see [`nats`], [`redis`], [`amqp`]). The transport crates'
 //! tests, the workspace's cross-process tests and the benchmarks all start their brokers here.
 //!
 //! A broker binary that cannot be found makes [`Server::start`] panic with a message naming
@@ -10,12 +10,14 @@
 
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod amqp;
 pub mod nats;
 pub mod redis;
 
@@ -30,6 +32,12 @@ pub struct Spec {
     pub places: &'static [&'static str],
     /// How to install it, for the message when it is missing.
     pub install: &'static str,
+    /// How to find the binary: [`find_binary`] for most brokers.
+    pub find: fn(&Spec) -> PathBuf,
+    /// Whether the binary is a script that runs the server as its child: it then runs in a
+    /// process group of its own, which [`Server::kill`] kills whole ([`Server::stop`] still
+    /// signals the script alone, which stops its child).
+    pub process_group: bool,
     /// The arguments and environment of the server on `port` (and `ports`, more free ports
     /// for what else it listens on), keeping its data in `dir`.
     pub command: fn(&mut Command, u16, &[u16], &Path),
@@ -119,7 +127,7 @@ impl Server {
     /// does not listen within its start timeout.
     pub fn start(spec: Spec) -> Self {
         let mut server = Server {
-            binary: find_binary(&spec),
+            binary: (spec.find)(&spec),
             port: free_port(),
             more_ports: (0..spec.more_ports).map(|_| free_port()).collect(),
             dir: tempfile::tempdir().expect("a temporary directory for the broker's data"),
@@ -140,9 +148,53 @@ impl Server {
         self.port
     }
 
+    /// The more ports the spec asked for.
+    pub fn more_ports(&self) -> &[u16] {
+        &self.more_ports
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The binary the server runs.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// The spec the server was started with.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Makes the server stop (cleanly, then killed after its stop timeout) and its directory
+    /// go once this process is gone: for a server kept in a `static`, which is never dropped.
+    pub fn stop_when_gone(&self) {
+        let Some(child) = &self.child else {
+            return;
+        };
+        let target = if self.spec.process_group {
+            format!("-- -{}", child.id())
+        } else {
+            child.id().to_string()
+        };
+        let script = format!(
+            "while kill -0 {test} 2>/dev/null; do sleep 1; done; kill -TERM {pid} 2>/dev/null; \
+             i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt {wait} ]; do sleep 1; i=$((i+1)); done; \
+             kill -KILL {target} 2>/dev/null; rm -rf \"$0\"",
+            test = std::process::id(),
+            pid = child.id(),
+            wait = self.spec.stop_timeout.as_secs().max(1),
+        );
+        let _ = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
     }
 
     fn log_path(&self) -> PathBuf {
@@ -167,6 +219,14 @@ impl Server {
     /// Kills the server (SIGKILL: it flushes nothing).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if self.spec.process_group {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -229,6 +289,9 @@ impl Server {
         let err = log.try_clone().expect("the broker's log file");
         let mut command = Command::new(&self.binary);
         (self.spec.command)(&mut command, self.port, &self.more_ports, self.dir.path());
+        if self.spec.process_group {
+            command.process_group(0);
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(log)

@@ -18,6 +18,8 @@ pub const SPEC: Spec = Spec {
     binary_env: "NATS_SERVER_BIN",
     places: &["/usr/sbin/nats-server", "/usr/local/bin/nats-server"],
     install: "Debian/Ubuntu: `apt-get install nats-server`; 2.9 or later",
+    find: crate::find_binary,
+    process_group: false,
     command,
     more_ports: 0,
     url,
