@@ -28,6 +28,7 @@ pub const SPEC: Spec = Spec {
     command,
     more_ports: 1,
     url,
+    ready: None,
     // The Erlang VM and the boot steps take seconds, more on a loaded machine.
     start_timeout: Duration::from_secs(60),
     stop_timeout: Duration::from_secs(30),

@@ -21,6 +21,8 @@ pub const SPEC: Spec = Spec {
     binary_env: "REDIS_SERVER_BIN",
     places: &["/usr/bin/redis-server", "/usr/local/bin/redis-server"],
     install: "Debian/Ubuntu: `apt-get install redis-server`; 6.2 or later",
+    find: crate::find_binary,
+    process_group: false,
     command,
     more_ports: 0,
     url,
