@@ -11,21 +11,28 @@ use inseam::BoxError;
 use inseam::transport::Transport;
 use inseam_test_servers::Server;
 
+/// How long a Kafka group waits for a silent member (a killed process) before it hands its
+/// partitions to the others.
+const KAFKA_SESSION_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A broker inseam has a transport for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broker {
     /// NATS JetStream (`inseam::nats`).
     Nats,
+    /// Kafka (`inseam::kafka`), on a tansu broker storing in S3.
+    Kafka,
 }
 
 impl Broker {
     /// Every broker.
-    pub const ALL: &[Broker] = &[Broker::Nats];
+    pub const ALL: &[Broker] = &[Broker::Nats, Broker::Kafka];
 
     /// The transport's name, which a routing file names.
     pub fn name(self) -> &'static str {
         match self {
             Broker::Nats => "nats",
+            Broker::Kafka => "kafka",
         }
     }
 
@@ -38,6 +45,7 @@ impl Broker {
     pub fn url_env(self) -> &'static str {
         match self {
             Broker::Nats => "INSEAM_NATS_URL",
+            Broker::Kafka => "INSEAM_KAFKA_URL",
         }
     }
 
@@ -48,6 +56,7 @@ impl Broker {
     pub fn start(self) -> Server {
         match self {
             Broker::Nats => inseam_test_servers::nats::start(),
+            Broker::Kafka => inseam_test_servers::kafka::start(),
         }
     }
 
@@ -62,6 +71,17 @@ impl Broker {
                     .connection_timeout(short);
                 Ok(Arc::new(inseam::nats::Nats::connect_with(options).await?))
             }
+            Broker::Kafka => {
+                // tansu on S3 in moto answers an offset commit in about 100 ms, and in
+                // seconds when members of a group commit at once (each commit rewrites the
+                // group's object in S3): acknowledgements get 10 s. A killed process's
+                // partitions go to another member after the session timeout.
+                let options = inseam::kafka::KafkaOptions::from_url(url)?
+                    .publish_timeout(Duration::from_secs(5))
+                    .request_timeout(Duration::from_secs(10))
+                    .session_timeout(KAFKA_SESSION_TIMEOUT);
+                Ok(Arc::new(inseam::kafka::Kafka::connect_with(options)?))
+            }
         }
     }
 
@@ -69,6 +89,10 @@ impl Broker {
     pub fn counts_redeliveries(self) -> bool {
         match self {
             Broker::Nats => true,
+            // Kafka counts no deliveries: the transport records in a companion group only
+            // which message of a partition was handed out last and how often, not how many
+            // messages were handed out again.
+            Broker::Kafka => false,
         }
     }
 
@@ -79,6 +103,7 @@ impl Broker {
     pub async fn redeliveries(self, url: &str, group: &str, distinct: u64) -> Option<u64> {
         match self {
             Broker::Nats => nats_redeliveries(url, group, distinct).await,
+            Broker::Kafka => None,
         }
     }
 }

@@ -37,6 +37,11 @@ async fn nats_consumer_killed() {
     consumer_killed(Broker::Nats).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_consumer_killed() {
+    consumer_killed(Broker::Kafka).await;
+}
+
 async fn consumer_killed(broker: Broker) {
     let started = Instant::now();
     let server = broker.start();

@@ -45,6 +45,11 @@ async fn nats_outage_under_load() {
     outage_under_load(Broker::Nats).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_outage_under_load() {
+    outage_under_load(Broker::Kafka).await;
+}
+
 async fn outage_under_load(broker: Broker) {
     let started = Instant::now();
     let transport = format!("transport:{}", broker.name());

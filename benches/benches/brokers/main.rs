@@ -23,6 +23,7 @@
 
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
+mod kafka;
 mod nats;
 
 use std::collections::HashMap;
@@ -126,6 +127,7 @@ fn routing(broker: Broker) -> Routing {
 async fn transport(broker: Broker, server: &Server, name: &str) -> Arc<dyn Transport> {
     match broker {
         Broker::Nats => nats::transport(server, name).await,
+        Broker::Kafka => kafka::transport(server, name).await,
     }
 }
 
@@ -143,6 +145,7 @@ async fn raw_publish(
 ) -> f64 {
     let elapsed = match broker {
         Broker::Nats => nats::publish(server, name, rows, batch, ids).await,
+        Broker::Kafka => kafka::publish(server, name, rows, batch, ids).await,
     };
     assert_eq!(messages(broker, server, name).await, rows.len() as u64);
     rows.len() as f64 / elapsed.as_secs_f64()
@@ -152,6 +155,7 @@ async fn raw_publish(
 async fn messages(broker: Broker, server: &Server, name: &str) -> u64 {
     match broker {
         Broker::Nats => nats::messages(server, name).await,
+        Broker::Kafka => kafka::messages(server, name).await,
     }
 }
 

@@ -12,9 +12,9 @@
 //! queries and events only, so any of them can later move behind a broker.
 //!
 //! By default one process runs every module. A [`Deployment`] read from the environment
-//! (`INSEAM_CONFIG`, `INSEAM_PROCESS`, `INSEAM_NATS_URL`) runs some of them in another process
-//! of the same binary over NATS; `split.toml` moves payments and shipping to process
-//! `billing`. Each process has a database of its own and creates the tables of the modules it
+//! (`INSEAM_CONFIG`, `INSEAM_PROCESS`, `INSEAM_NATS_URL` or `INSEAM_KAFKA_URL`) runs some of
+//! them in another process of the same binary over NATS or Kafka; `split.toml` moves payments
+//! and shipping to process `billing`. Each process has a database of its own and creates the tables of the modules it
 //! runs only.
 
 pub mod catalog;
@@ -64,9 +64,12 @@ pub enum ShopError {
     /// The NATS transport could not be set up.
     #[error("the NATS transport could not be set up")]
     Nats(#[source] inseam::nats::NatsError),
+    /// The Kafka transport could not be set up.
+    #[error("the Kafka transport could not be set up")]
+    Kafka(#[source] inseam::kafka::KafkaError),
     /// The routing names a transport the shop does not know.
     #[error(
-        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats`)"
+        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats` and `kafka`)"
     )]
     UnknownTransport {
         /// The process the routing declares.
@@ -92,7 +95,9 @@ pub const MODULES: [&str; 6] = [
 /// the routing file named by `INSEAM_CONFIG` (every process gets the same file) and the name
 /// of this process from `INSEAM_PROCESS` (the main process when unset), and connects the
 /// transports the file names: `nats`, at `INSEAM_NATS_URL` (default `nats://127.0.0.1:4222`;
-/// the other `INSEAM_NATS_*` variables of [`NatsOptions::from_env`] apply).
+/// the other `INSEAM_NATS_*` variables of [`NatsOptions::from_env`] apply), and `kafka`, at
+/// `INSEAM_KAFKA_URL` (default `127.0.0.1:9092`; the other `INSEAM_KAFKA_*` variables of
+/// [`KafkaOptions::from_env`] apply).
 ///
 /// The shop's modules reach payments and shipping only through durable commands and events,
 /// so those two can run in another process (`split.toml`). Catalog, inventory and orders
@@ -100,6 +105,7 @@ pub const MODULES: [&str; 6] = [
 /// polls, the HTTP API), which cannot cross processes yet: they stay in the main process.
 ///
 /// [`NatsOptions::from_env`]: inseam::nats::NatsOptions::from_env
+/// [`KafkaOptions::from_env`]: inseam::kafka::KafkaOptions::from_env
 #[derive(Debug, Clone, Default)]
 pub struct Deployment {
     routing: Routing,
@@ -117,7 +123,8 @@ impl Deployment {
         Deployment::connect(Routing::from_env()?).await
     }
 
-    /// Connects the transports `routing` names (NATS options from the environment).
+    /// Connects the transports `routing` names (NATS and Kafka options from the
+    /// environment).
     pub async fn connect(routing: Routing) -> Result<Self, ShopError> {
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         let mut connected: Vec<&str> = Vec::new();
@@ -135,6 +142,14 @@ impl Deployment {
                         .await
                         .map_err(ShopError::Nats)?;
                     transports.push(Arc::new(nats));
+                }
+                "kafka" => {
+                    let options = inseam::kafka::KafkaOptions::from_env()
+                        .map_err(ShopError::Kafka)?
+                        .client_id(format!("inseam-shop-{}", routing.current()));
+                    let kafka =
+                        inseam::kafka::Kafka::connect_with(options).map_err(ShopError::Kafka)?;
+                    transports.push(Arc::new(kafka));
                 }
                 other => {
                     return Err(ShopError::UnknownTransport {
@@ -255,7 +270,7 @@ pub async fn app_for(
 
 /// The split the shop is documented for, `examples/shop/split.toml`: `payments` and
 /// `shipping` run in process `billing`, which the main process reaches over NATS (and
-/// `billing` the main one). The catalog renders it from here.
+/// `billing` the main one); with `transport = "kafka"`, over Kafka. The catalog renders it from here.
 pub const SPLIT: &str = include_str!("../split.toml");
 
 /// The shop's message catalog, as the files under `examples/shop/docs/`: `catalog.md`

@@ -228,6 +228,11 @@ async fn the_demo_split_in_two_processes_over_nats() {
     the_demo_split_in_two_processes(Broker::Nats).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_split_in_two_processes_over_kafka() {
+    the_demo_split_in_two_processes(Broker::Kafka).await;
+}
+
 async fn the_demo_split_in_two_processes(broker: Broker) {
     let started = Instant::now();
     let server = broker.start();
