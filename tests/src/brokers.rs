@@ -11,6 +11,10 @@ use inseam::BoxError;
 use inseam::transport::Transport;
 use inseam_test_servers::Server;
 
+/// How long a Kafka group waits for a silent member (a killed process) before it hands its
+/// partitions to the others.
+const KAFKA_SESSION_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A broker inseam has a transport for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broker {
@@ -20,11 +24,13 @@ pub enum Broker {
     Redis,
     /// RabbitMQ (`inseam::amqp`).
     Amqp,
+    /// Kafka (`inseam::kafka`), on a tansu broker storing in S3.
+    Kafka,
 }
 
 impl Broker {
     /// Every broker.
-    pub const ALL: &[Broker] = &[Broker::Nats, Broker::Redis, Broker::Amqp];
+    pub const ALL: &[Broker] = &[Broker::Nats, Broker::Redis, Broker::Amqp, Broker::Kafka];
 
     /// The transport's name, which a routing file names.
     pub fn name(self) -> &'static str {
@@ -32,6 +38,7 @@ impl Broker {
             Broker::Nats => "nats",
             Broker::Redis => "redis",
             Broker::Amqp => "amqp",
+            Broker::Kafka => "kafka",
         }
     }
 
@@ -46,6 +53,7 @@ impl Broker {
             Broker::Nats => "INSEAM_NATS_URL",
             Broker::Redis => "INSEAM_REDIS_URL",
             Broker::Amqp => "INSEAM_AMQP_URL",
+            Broker::Kafka => "INSEAM_KAFKA_URL",
         }
     }
 
@@ -58,6 +66,7 @@ impl Broker {
             Broker::Nats => inseam_test_servers::nats::start(),
             Broker::Redis => inseam_test_servers::redis::start(),
             Broker::Amqp => inseam_test_servers::amqp::start(),
+            Broker::Kafka => inseam_test_servers::kafka::start(),
         }
     }
 
@@ -89,6 +98,17 @@ impl Broker {
                     .connection_timeout(short);
                 Ok(Arc::new(inseam::amqp::Amqp::connect_with(options).await?))
             }
+            Broker::Kafka => {
+                // tansu on S3 in moto answers an offset commit in about 100 ms, and in
+                // seconds when members of a group commit at once (each commit rewrites the
+                // group's object in S3): acknowledgements get 10 s. A killed process's
+                // partitions go to another member after the session timeout.
+                let options = inseam::kafka::KafkaOptions::from_url(url)?
+                    .publish_timeout(Duration::from_secs(5))
+                    .request_timeout(Duration::from_secs(10))
+                    .session_timeout(KAFKA_SESSION_TIMEOUT);
+                Ok(Arc::new(inseam::kafka::Kafka::connect_with(options)?))
+            }
         }
     }
 
@@ -103,6 +123,10 @@ impl Broker {
             // statistics (not over AMQP, and the test's node runs no plugins); a message
             // handed out again carries its `x-delivery-count` to its consumer alone.
             Broker::Amqp => false,
+            // Kafka counts no deliveries: the transport records in a companion group only
+            // which message of a partition was handed out last and how often, not how many
+            // messages were handed out again.
+            Broker::Kafka => false,
         }
     }
 
@@ -115,6 +139,7 @@ impl Broker {
             Broker::Nats => nats_redeliveries(url, group, distinct).await,
             Broker::Redis => None,
             Broker::Amqp => None,
+            Broker::Kafka => None,
         }
     }
 }

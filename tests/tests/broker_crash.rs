@@ -47,6 +47,12 @@ async fn amqp_consumer_killed() {
     consumer_killed(Broker::Amqp).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "not yet run on Kafka: the Kafka outage test fails first (issue 15 note)"]
+async fn kafka_consumer_killed() {
+    consumer_killed(Broker::Kafka).await;
+}
+
 async fn consumer_killed(broker: Broker) {
     let started = Instant::now();
     let server = broker.start();

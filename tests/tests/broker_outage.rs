@@ -55,6 +55,12 @@ async fn amqp_outage_under_load() {
     outage_under_load(Broker::Amqp).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails on tansu: the first orders do not get through within 30 s (issue 15 note)"]
+async fn kafka_outage_under_load() {
+    outage_under_load(Broker::Kafka).await;
+}
+
 async fn outage_under_load(broker: Broker) {
     let started = Instant::now();
     let transport = format!("transport:{}", broker.name());

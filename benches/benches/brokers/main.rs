@@ -24,6 +24,7 @@
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
 mod amqp;
+mod kafka;
 mod nats;
 mod redis;
 
@@ -130,6 +131,7 @@ async fn transport(broker: Broker, server: &Server, name: &str) -> Arc<dyn Trans
         Broker::Nats => nats::transport(server, name).await,
         Broker::Redis => redis::transport(server, name).await,
         Broker::Amqp => amqp::transport(server, name).await,
+        Broker::Kafka => kafka::transport(server, name).await,
     }
 }
 
@@ -204,6 +206,7 @@ async fn raw_publish(
         Broker::Nats => nats::publish(server, name, rows, batch, ids).await,
         Broker::Redis => redis::publish(server, name, rows, batch, ids).await,
         Broker::Amqp => amqp::publish(server, name, rows, batch, ids).await,
+        Broker::Kafka => kafka::publish(server, name, rows, batch, ids).await,
     };
     let cpu_after = cpu_now(server);
     assert_eq!(messages(broker, server, name).await, rows.len() as u64);
@@ -216,6 +219,7 @@ async fn messages(broker: Broker, server: &Server, name: &str) -> u64 {
         Broker::Nats => nats::messages(server, name).await,
         Broker::Redis => redis::messages(server, name).await,
         Broker::Amqp => amqp::messages(server, name).await,
+        Broker::Kafka => kafka::messages(server, name).await,
     }
 }
 

@@ -22,7 +22,13 @@
 //!   partition;
 //! - Kafka has no delivery count: the member counts, and records the count of the message it
 //!   hands out in a companion consumer group (`<topic>.<group>.deliveries`), so the next
-//!   member of the group counts on.
+//!   member of the group counts on;
+//! - request-reply works as Spring's `ReplyingKafkaTemplate`: requests go to a requests topic
+//!   (`<topic>.requests`, the channel in a header) read by each channel's consumer group of
+//!   servers (`<topic>.requests.<channel>`), answers to a reply topic of the requesting
+//!   transport (`<topic>.replies.<uuid>`, one partition, deleted when the transport is
+//!   dropped), matched by a correlation id header; a request nobody answers fails as
+//!   transient at its timeout.
 //!
 //! ```no_run
 //! use inseam_core::transport::{Consumer, Subscription, Transport};
@@ -52,6 +58,7 @@ mod consumer;
 mod error;
 mod layout;
 mod options;
+mod rpc;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -60,7 +67,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use inseam_core::transport::{
-    Capabilities, Consumer, KeyOrder, Outgoing, Subscription, Transport, TransportError,
+    Capabilities, Consumer, KeyOrder, Outgoing, Requests, Subscription, Transport, TransportError,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
@@ -122,6 +129,8 @@ struct Inner {
     producer: RwLock<Arc<FutureProducer<Logs>>>,
     admin: AdminClient<Logs>,
     options: KafkaOptions,
+    /// The reply topic and its reader, from the first request on.
+    replies: tokio::sync::OnceCell<rpc::Replies>,
 }
 
 impl fmt::Debug for Kafka {
@@ -157,6 +166,7 @@ impl Kafka {
                 producer: RwLock::new(Arc::new(producer)),
                 admin,
                 options,
+                replies: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -489,7 +499,9 @@ impl Transport for Kafka {
             // The idempotent producer drops only its own retries, not a second publish of
             // a message id by the relay.
             deduplicates: false,
-            request_reply: false,
+            // Requests through a requests topic, answers through the requester's reply
+            // topic (see `rpc`).
+            request_reply: true,
             // An acknowledgement returns once the group coordinator confirmed the offset
             // commit, which Kafka keeps in its replicated offsets log.
             acks_survive_restart: true,
@@ -521,6 +533,22 @@ impl Transport for Kafka {
             messages = batch.len(),
         );
         self.publish_batch(batch).instrument(span).await
+    }
+
+    async fn request(
+        &self,
+        channel: &str,
+        payload: bytes::Bytes,
+        timeout: Duration,
+    ) -> std::result::Result<bytes::Bytes, TransportError> {
+        let span = tracing::debug_span!(target: TARGET, "request", channel = %channel);
+        self.send_request(channel, payload, timeout)
+            .instrument(span)
+            .await
+    }
+
+    async fn serve(&self, channel: &str) -> std::result::Result<Box<dyn Requests>, TransportError> {
+        self.serve_requests(channel).await
     }
 
     async fn subscribe(

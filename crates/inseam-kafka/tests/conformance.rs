@@ -3,8 +3,6 @@
 //! the case ends), since the outage case stops its broker; the broker is started again on the
 //! same port and storage.
 
-mod support;
-
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -12,7 +10,7 @@ use inseam_conformance::{BoxError, Harness, async_trait};
 use inseam_core::transport::{Capabilities, KeyOrder, Transport};
 use inseam_kafka::{Kafka, KafkaOptions};
 
-use support::KafkaServer;
+use inseam_test_servers::{Server as KafkaServer, kafka as kafka_server};
 
 /// The transport's default partition count, which the harness leaves as it is.
 const PARTITIONS: u16 = 8;
@@ -64,13 +62,13 @@ impl Harness for KafkaHarness {
             native_delayed_delivery: false,
             native_dead_letters: false,
             deduplicates: false,
-            request_reply: false,
+            request_reply: true,
             acks_survive_restart: true,
         }
     }
 
     async fn stop_broker(&self) -> Result<(), BoxError> {
-        self.with_server(KafkaServer::shut_down)
+        self.with_server(KafkaServer::stop)
             .await?
             .map_err(Into::into)
     }
@@ -86,7 +84,7 @@ async fn harness() -> KafkaHarness {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let server = tokio::task::spawn_blocking(KafkaServer::start)
+    let server = tokio::task::spawn_blocking(kafka_server::start)
         .await
         .unwrap_or_else(|err| panic!("the case's Kafka broker did not start: {err}"));
     KafkaHarness {

@@ -2,17 +2,15 @@
 //! records really land, and offsets never committed past a message in flight. Each test that
 //! needs a broker starts its own `tansu` (see `support`).
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
 use inseam_core::transport::{Consumer, Outgoing, Subscription, Transport};
 use inseam_kafka::{Kafka, KafkaError, KafkaOptions};
+use inseam_test_servers::{Server as KafkaServer, kafka as kafka_server};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use support::KafkaServer;
 use uuid::Uuid;
 
 fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -187,7 +185,7 @@ fn connect(server: &KafkaServer, partitions: u16) -> Kafka {
 
 #[test]
 fn bad_channels_and_reserved_headers_are_refused_as_permanent() {
-    let server = KafkaServer::start();
+    let server = kafka_server::start();
     runtime().block_on(async {
         let kafka = connect(&server, 8);
         let refused = kafka.provision(&[String::new()]).await;
@@ -246,7 +244,7 @@ fn bad_channels_and_reserved_headers_are_refused_as_permanent() {
 
 #[test]
 fn provisioning_is_idempotent_and_checks_the_partition_count() {
-    let server = KafkaServer::start();
+    let server = kafka_server::start();
     runtime().block_on(async {
         let kafka = connect(&server, 6);
         for _ in 0..3 {
@@ -282,7 +280,7 @@ fn provisioning_is_idempotent_and_checks_the_partition_count() {
 
 #[test]
 fn records_land_in_the_partition_the_transport_names() {
-    let server = KafkaServer::start();
+    let server = kafka_server::start();
     runtime().block_on(async {
         let kafka = connect(&server, 8);
         kafka
@@ -374,7 +372,7 @@ async fn fetch_one(consumer: &mut dyn Consumer) -> inseam_core::transport::Incom
 /// past 3 (to 4), then past 4.
 #[test]
 fn no_offset_is_committed_past_a_message_in_flight() {
-    let server = KafkaServer::start();
+    let server = kafka_server::start();
     runtime().block_on(async {
         let kafka = connect(&server, 8);
         kafka
@@ -443,7 +441,7 @@ fn no_offset_is_committed_past_a_message_in_flight() {
 /// with the next attempt, and its key's later message only after it was acknowledged.
 #[test]
 fn a_nacked_message_holds_back_its_partition_for_the_delay() {
-    let server = KafkaServer::start();
+    let server = kafka_server::start();
     runtime().block_on(async {
         let kafka = connect(&server, 8);
         kafka

@@ -12,8 +12,9 @@
 //! queries and events only, so any of them can later move behind a broker.
 //!
 //! By default one process runs every module. A [`Deployment`] read from the environment
-//! (`INSEAM_CONFIG`, `INSEAM_PROCESS`, `INSEAM_NATS_URL` or `INSEAM_REDIS_URL`) runs some of
-//! them in another process of the same binary over NATS or Redis; `split.toml` moves payments
+//! (`INSEAM_CONFIG`, `INSEAM_PROCESS`, and the broker's URL: `INSEAM_NATS_URL`,
+//! `INSEAM_REDIS_URL`, `INSEAM_AMQP_URL` or `INSEAM_KAFKA_URL`) runs some of
+//! them in another process of the same binary over NATS, Redis, RabbitMQ or Kafka; `split.toml` moves payments
 //! and shipping to process `billing`. Each process has a database of its own and creates the tables of the modules it
 //! runs only.
 
@@ -70,9 +71,12 @@ pub enum ShopError {
     /// The RabbitMQ transport could not be set up.
     #[error("the RabbitMQ transport could not be set up")]
     Amqp(#[source] inseam::amqp::AmqpError),
+    /// The Kafka transport could not be set up.
+    #[error("the Kafka transport could not be set up")]
+    Kafka(#[source] inseam::kafka::KafkaError),
     /// The routing names a transport the shop does not know.
     #[error(
-        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats`, `redis` and `amqp`)"
+        "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats`, `redis`, `amqp` and `kafka`)"
     )]
     UnknownTransport {
         /// The process the routing declares.
@@ -102,7 +106,9 @@ pub const MODULES: [&str; 6] = [
 /// `INSEAM_REDIS_URL` (default `redis://127.0.0.1:6379`; the other `INSEAM_REDIS_*` variables
 /// of [`RedisOptions::from_env`] apply), and `amqp` (RabbitMQ), at `INSEAM_AMQP_URL` (default
 /// `amqp://127.0.0.1:5672/%2f`; the other `INSEAM_AMQP_*` variables of
-/// [`AmqpOptions::from_env`] apply).
+/// [`AmqpOptions::from_env`] apply), and `kafka`, at `INSEAM_KAFKA_URL` (default
+/// `127.0.0.1:9092`; the other `INSEAM_KAFKA_*` variables of [`KafkaOptions::from_env`]
+/// apply).
 ///
 /// The shop's modules reach payments and shipping only through durable commands and events,
 /// so those two can run in another process (`split.toml`). Catalog, inventory and orders
@@ -112,6 +118,7 @@ pub const MODULES: [&str; 6] = [
 /// [`NatsOptions::from_env`]: inseam::nats::NatsOptions::from_env
 /// [`RedisOptions::from_env`]: inseam::redis::RedisOptions::from_env
 /// [`AmqpOptions::from_env`]: inseam::amqp::AmqpOptions::from_env
+/// [`KafkaOptions::from_env`]: inseam::kafka::KafkaOptions::from_env
 #[derive(Debug, Clone, Default)]
 pub struct Deployment {
     routing: Routing,
@@ -164,6 +171,14 @@ impl Deployment {
                         .await
                         .map_err(ShopError::Amqp)?;
                     transports.push(Arc::new(amqp));
+                }
+                "kafka" => {
+                    let options = inseam::kafka::KafkaOptions::from_env()
+                        .map_err(ShopError::Kafka)?
+                        .client_id(format!("inseam-shop-{}", routing.current()));
+                    let kafka =
+                        inseam::kafka::Kafka::connect_with(options).map_err(ShopError::Kafka)?;
+                    transports.push(Arc::new(kafka));
                 }
                 other => {
                     return Err(ShopError::UnknownTransport {
@@ -284,8 +299,8 @@ pub async fn app_for(
 
 /// The split the shop is documented for, `examples/shop/split.toml`: `payments` and
 /// `shipping` run in process `billing`, which the main process reaches over NATS (and
-/// `billing` the main one; the same file with `transport = "redis"` splits it over Redis).
-/// The catalog renders it from here.
+/// `billing` the main one; the same file with `transport = "redis"`, `"amqp"` or `"kafka"`
+/// splits it over that broker). The catalog renders it from here.
 pub const SPLIT: &str = include_str!("../split.toml");
 
 /// The shop's message catalog, as the files under `examples/shop/docs/`: `catalog.md`

@@ -238,6 +238,12 @@ async fn the_demo_split_in_two_processes_over_amqp() {
     the_demo_split_in_two_processes(Broker::Amqp).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails on tansu: the first order does not finish within the demo's 10 s (issue 15 note)"]
+async fn the_demo_split_in_two_processes_over_kafka() {
+    the_demo_split_in_two_processes(Broker::Kafka).await;
+}
+
 async fn the_demo_split_in_two_processes(broker: Broker) {
     let started = Instant::now();
     let server = broker.start();

@@ -30,6 +30,8 @@ pub const SPEC: Spec = Spec {
     url,
     ready: None,
     // The Erlang VM and the boot steps take seconds, more on a loaded machine.
+    locate: crate::nowhere,
+    companion: None,
     start_timeout: Duration::from_secs(60),
     stop_timeout: Duration::from_secs(30),
 };

@@ -2,7 +2,10 @@
 //! in a temporary directory, stopped (cleanly or killed) and started again on the same port
 //! and storage, and killed when dropped. The machine's own servers are never touched.
 //!
-//! One [`Server`] runs any broker; a [`Spec`] says how (see [`nats`], [`redis`], [`amqp`]). The transport crates'
+//! One [`Server`] runs any broker; a [`Spec`] says how (see [`nats`], [`redis`], [`amqp`], [`kafka`]). A broker
+//! that keeps its data in another server (tansu in S3) names that one as its [`Companion`]:
+//! it starts first, stays up while the broker is stopped and started again, and is killed
+//! with it when the [`Server`] is dropped. The transport crates'
 //! tests, the workspace's cross-process tests and the benchmarks all start their brokers here.
 //!
 //! A broker binary that cannot be found makes [`Server::start`] panic with a message naming
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod amqp;
+pub mod kafka;
 pub mod nats;
 pub mod redis;
 
@@ -30,6 +34,8 @@ pub struct Spec {
     pub binary_env: &'static str,
     /// Where the binary may be besides `PATH`.
     pub places: &'static [&'static str],
+    /// Where else it may be, looked up last (a binary shipped in a package).
+    pub locate: fn() -> Option<PathBuf>,
     /// How to install it, for the message when it is missing.
     pub install: &'static str,
     /// How to find the binary: [`find_binary`] for most brokers.
@@ -39,10 +45,14 @@ pub struct Spec {
     /// signals the script alone, which stops its child).
     pub process_group: bool,
     /// The arguments and environment of the server on `port` (and `ports`, more free ports
-    /// for what else it listens on), keeping its data in `dir`.
+    /// for what else it listens on, the first of them the companion's when it has one),
+    /// keeping its data in `dir`.
     pub command: fn(&mut Command, u16, &[u16], &Path),
-    /// How many more free ports it needs besides the client port.
+    /// How many more free ports it needs besides the client port (its companion's
+    /// included).
     pub more_ports: usize,
+    /// A server it keeps its data in, started before it on the first of its more ports.
+    pub companion: Option<Companion>,
     /// The client URL of a server on `port`.
     pub url: fn(u16) -> String,
     /// Whether a server listening on `port` is ready for clients; `None` when listening is
@@ -54,7 +64,26 @@ pub struct Spec {
     pub stop_timeout: Duration,
 }
 
-/// A running (or stopped) broker server of a test's own; killed on drop.
+/// A server a broker keeps its data in: started once, before the broker, on the first of the
+/// broker's more ports, and left running while the broker is stopped and started again.
+#[derive(Debug, Clone, Copy)]
+pub struct Companion {
+    /// Its binary, as named in messages (`moto_server`).
+    pub binary: &'static str,
+    /// The variable that names the binary's path, checked first.
+    pub binary_env: &'static str,
+    /// Where the binary may be besides `PATH`.
+    pub places: &'static [&'static str],
+    /// How to install it, for the message when it is missing.
+    pub install: &'static str,
+    /// Its arguments and environment on `port`, keeping its data in `dir`.
+    pub command: fn(&mut Command, u16, &Path),
+    /// What to do once it listens on `port` (create a bucket), before the broker starts.
+    pub ready: fn(u16) -> Result<(), String>,
+}
+
+/// A running (or stopped) broker server of a test's own; killed on drop, with its
+/// companion.
 #[derive(Debug)]
 pub struct Server {
     spec: Spec,
@@ -63,6 +92,12 @@ pub struct Server {
     more_ports: Vec<u16>,
     dir: TempDir,
     child: Option<Child>,
+    companion: Option<Child>,
+}
+
+/// No other place to look for a binary.
+pub fn nowhere() -> Option<PathBuf> {
+    None
 }
 
 /// A free TCP port of 127.0.0.1.
@@ -81,41 +116,86 @@ pub fn free_port() -> u16 {
 /// # Panics
 /// When it is nowhere, with a message saying how to install it.
 pub fn find_binary(spec: &Spec) -> PathBuf {
-    if let Some(path) = std::env::var_os(spec.binary_env) {
+    find(
+        spec.binary,
+        spec.binary_env,
+        spec.places,
+        spec.locate,
+        spec.install,
+    )
+}
+
+fn find(
+    binary: &str,
+    binary_env: &str,
+    places: &[&str],
+    locate: fn() -> Option<PathBuf>,
+    install: &str,
+) -> PathBuf {
+    if let Some(path) = std::env::var_os(binary_env) {
         let path = PathBuf::from(path);
         if path.is_file() {
             return path;
         }
         missing(
-            spec,
-            &format!(
-                "{} names {}, which is not a file",
-                spec.binary_env,
-                path.display()
-            ),
+            binary,
+            binary_env,
+            install,
+            &format!("{binary_env} names {}, which is not a file", path.display()),
         );
     }
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|dir| dir.join(spec.binary));
-    for candidate in on_path.chain(spec.places.iter().map(PathBuf::from)) {
+        .map(|dir| dir.join(binary));
+    for candidate in on_path.chain(places.iter().map(PathBuf::from)) {
         if candidate.is_file() {
             return candidate;
         }
     }
-    missing(spec, "found none on PATH or in its usual places")
+    if let Some(path) = locate().filter(|path| path.is_file()) {
+        return path;
+    }
+    missing(
+        binary,
+        binary_env,
+        install,
+        "found none on PATH or in its usual places",
+    )
 }
 
-fn missing(spec: &Spec, why: &str) -> ! {
+fn missing(binary: &str, env: &str, install: &str, why: &str) -> ! {
     panic!(
         "this test needs the `{binary}` binary and {why}. Install it ({install}), or set {env} \
          to its path. Nothing needs to run beforehand: the test starts its own `{binary}` on a \
          free port of 127.0.0.1.",
-        binary = spec.binary,
-        install = spec.install,
-        env = spec.binary_env,
     );
+}
+
+/// Waits until `child` listens on `port`; panics, having killed it, when it exits or does not
+/// listen within `timeout`.
+fn wait_listening(child: &mut Child, binary: &str, port: u16, timeout: Duration, log: &Path) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{binary} exited ({status}) on port {port}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{binary} did not listen on port {port} within {timeout:?}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 impl Server {
@@ -132,10 +212,54 @@ impl Server {
             more_ports: (0..spec.more_ports).map(|_| free_port()).collect(),
             dir: tempfile::tempdir().expect("a temporary directory for the broker's data"),
             child: None,
+            companion: None,
             spec,
         };
+        if let Some(companion) = spec.companion {
+            server.start_companion(&companion);
+        }
         server.start_again();
         server
+    }
+
+    fn start_companion(&mut self, companion: &Companion) {
+        let binary = find(
+            companion.binary,
+            companion.binary_env,
+            companion.places,
+            nowhere,
+            companion.install,
+        );
+        let port = *self
+            .more_ports
+            .first()
+            .expect("a broker with a companion has a port for it among its more ports");
+        let dir = self.dir.path().join(companion.binary);
+        std::fs::create_dir_all(&dir).expect("the companion's directory");
+        let log_path = self.dir.path().join(format!("{}.log", companion.binary));
+        let log = File::create(&log_path).expect("the companion's log file");
+        let err = log.try_clone().expect("the companion's log file");
+        let mut command = Command::new(&binary);
+        (companion.command)(&mut command, port, &dir);
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {}: {e}", binary.display()));
+        wait_listening(
+            &mut child,
+            companion.binary,
+            port,
+            self.spec.start_timeout,
+            &log_path,
+        );
+        if let Err(problem) = (companion.ready)(port) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{} on port {port}: {problem}", companion.binary);
+        }
+        self.companion = Some(child);
     }
 
     /// The client URL.
@@ -216,7 +340,7 @@ impl Server {
         self.child.is_some()
     }
 
-    /// Kills the server (SIGKILL: it flushes nothing).
+    /// Kills the server (SIGKILL: it flushes nothing); its companion stays up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             if self.spec.process_group {
@@ -339,5 +463,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mut companion) = self.companion.take() {
+            let _ = companion.kill();
+            let _ = companion.wait();
+        }
     }
 }

@@ -10,18 +10,20 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{Server, Spec};
+use crate::{Server, Spec, nowhere};
 
 /// The NATS server with JetStream.
 pub const SPEC: Spec = Spec {
     binary: "nats-server",
     binary_env: "NATS_SERVER_BIN",
     places: &["/usr/sbin/nats-server", "/usr/local/bin/nats-server"],
+    locate: nowhere,
     install: "Debian/Ubuntu: `apt-get install nats-server`; 2.9 or later",
     find: crate::find_binary,
     process_group: false,
     command,
     more_ports: 0,
+    companion: None,
     url,
     ready: None,
     start_timeout: Duration::from_secs(10),

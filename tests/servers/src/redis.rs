@@ -27,6 +27,8 @@ pub const SPEC: Spec = Spec {
     more_ports: 0,
     url,
     ready: Some(pong),
+    locate: crate::nowhere,
+    companion: None,
     start_timeout: Duration::from_secs(10),
     stop_timeout: Duration::from_secs(10),
 };
