@@ -15,6 +15,16 @@ use inseam_test_servers::Server;
 /// partitions to the others.
 const KAFKA_SESSION_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Held by a test that loads the machine with a broker and processes of its own (the outage,
+/// crash and split tests), so that those of one test binary run one at a time: run together on
+/// two cores, their processes starve each other's timings.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits until no other such test of this binary runs; the guard lets the next one go.
+pub async fn alone() -> tokio::sync::MutexGuard<'static, ()> {
+    ALONE.lock().await
+}
+
 /// A broker inseam has a transport for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broker {

@@ -54,6 +54,7 @@ async fn kafka_consumer_killed() {
 }
 
 async fn consumer_killed(broker: Broker) {
+    let _alone = inseam_tests::brokers::alone().await;
     let started = Instant::now();
     let server = broker.start();
     let main_db = TestDb::sqlite();

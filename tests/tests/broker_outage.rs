@@ -62,6 +62,7 @@ async fn kafka_outage_under_load() {
 }
 
 async fn outage_under_load(broker: Broker) {
+    let _alone = inseam_tests::brokers::alone().await;
     let started = Instant::now();
     let transport = format!("transport:{}", broker.name());
     let mut server = broker.start();

@@ -245,6 +245,7 @@ async fn the_demo_split_in_two_processes_over_kafka() {
 }
 
 async fn the_demo_split_in_two_processes(broker: Broker) {
+    let _alone = inseam_tests::brokers::alone().await;
     let started = Instant::now();
     let server = broker.start();
     let dir = tempfile::tempdir().unwrap();
