@@ -22,7 +22,10 @@ use crate::{NAME, RedisOptions, TARGET, command_error, scripts};
 /// The longest a blocking read waits before the task looks at its lease again.
 const BLOCK_MAX: Duration = Duration::from_secs(1);
 /// How often a task that does not hold its lease asks for it.
-const ACQUIRE_POLL: Duration = Duration::from_millis(250);
+const ACQUIRE_POLL: Duration = Duration::from_millis(100);
+/// How often a consumer looks at its group's members (and renews its own membership) at
+/// most: a consumer that joins is dealt its partitions within about this, not a lease period.
+const MEMBERSHIP_POLL: Duration = Duration::from_millis(100);
 /// How often a partition's acknowledged entries are trimmed, at most.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -321,11 +324,11 @@ impl Consumer for RedisConsumer {
     }
 }
 
-/// Renews this consumer's membership of its group, three times per lease period, and tells
-/// the partition tasks who the group's members are.
+/// Renews this consumer's membership of its group, every [`MEMBERSHIP_POLL`] (at least three
+/// times per lease period), and tells the partition tasks who the group's members are.
 async fn keep_membership(shared: Arc<Shared>, members: watch::Sender<Arc<Vec<String>>>) {
     let mut conn = shared.conn.clone();
-    let every = shared.lease_ttl / 3;
+    let every = (shared.lease_ttl / 3).min(MEMBERSHIP_POLL);
     loop {
         tokio::time::sleep(every).await;
         match membership(&mut conn, &shared, true).await {
