@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::error::BoxError;
 
+pub mod config;
 mod in_process;
 
 pub use in_process::InProcess;

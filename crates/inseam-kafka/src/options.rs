@@ -1,5 +1,6 @@
 //! How to reach the Kafka brokers and how the transport lays out its topic.
 
+use inseam_core::transport::config::parse_duration;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -585,21 +586,5 @@ fn parse_bool(option: &str, value: &str) -> Result<bool> {
             option,
             format!("`{value}` is not `true` or `false`"),
         )),
-    }
-}
-
-/// `500ms`, `5s`, `2m`, or a bare number of seconds.
-fn parse_duration(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let digits_end = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(digits_end);
-    let number: u64 = number.parse().ok()?;
-    match unit.trim() {
-        "ms" => Some(Duration::from_millis(number)),
-        "" | "s" => Some(Duration::from_secs(number)),
-        "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
-        _ => None,
     }
 }

@@ -1,5 +1,6 @@
 //! How to reach the NATS servers and how the transport lays out its stream.
 
+use inseam_core::transport::config::{parse_duration, split_credentials};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -236,7 +237,7 @@ impl NatsOptions {
     fn servers_from_urls(mut self, option: &str, urls: &str) -> Result<Self> {
         let mut servers = Vec::new();
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            let (server, auth) = split_credentials(url);
+            let (server, auth) = split_credentials(url, "nats");
             if let Some(auth) = auth {
                 let (user, password, token) = match auth.split_once(':') {
                     Some((user, password)) => (
@@ -474,38 +475,8 @@ impl fmt::Debug for NatsOptions {
     }
 }
 
-/// Splits `scheme://userinfo@host...` into the URL without its userinfo, and the userinfo.
-fn split_credentials(url: &str) -> (String, Option<&str>) {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (scheme, rest),
-        None => ("nats", url),
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((auth, host)) => (format!("{scheme}://{host}{path}"), Some(auth)),
-        None => (format!("{scheme}://{authority}{path}"), None),
-    }
-}
-
 fn percent_decode(value: &str) -> String {
     layout::percent_decode(value).unwrap_or_else(|| value.to_owned())
-}
-
-/// `500ms`, `5s`, `2m`, or a bare number of seconds.
-fn parse_duration(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let digits_end = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(digits_end);
-    let number: u64 = number.parse().ok()?;
-    match unit.trim() {
-        "ms" => Some(Duration::from_millis(number)),
-        "" | "s" => Some(Duration::from_secs(number)),
-        "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

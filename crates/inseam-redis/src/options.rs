@@ -1,5 +1,6 @@
 //! How to reach the Redis server and how the transport lays out its streams.
 
+use inseam_core::transport::config::parse_duration;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -472,22 +473,6 @@ fn parse_bool(value: &str) -> Option<bool> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Some(true),
         "false" | "0" | "no" | "off" => Some(false),
-        _ => None,
-    }
-}
-
-/// `500ms`, `5s`, `2m`, or a bare number of seconds.
-fn parse_duration(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let digits_end = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(digits_end);
-    let number: u64 = number.parse().ok()?;
-    match unit.trim() {
-        "ms" => Some(Duration::from_millis(number)),
-        "" | "s" => Some(Duration::from_secs(number)),
-        "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
         _ => None,
     }
 }
