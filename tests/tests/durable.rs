@@ -588,12 +588,20 @@ async fn a_custom_prefix_keeps_its_own_tables() {
     bank::create_schema(&store).await.unwrap();
     let app = bank::app(store.clone(), Faults::default()).await.unwrap();
     app.send(deposit(1, "a", 1)).await.unwrap();
-    let rows: i64 = sqlx::query("SELECT COUNT(*) FROM shop_deliveries")
-        .fetch_one(store.pool())
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 2);
+    let count = |table: &'static str| {
+        let store = store.clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+                .get::<i64, _>(0)
+        }
+    };
+    // One outbox row, read by position by the two groups, each with its cursor.
+    assert_eq!(count("shop_outbox").await, 1);
+    assert_eq!(count("shop_cursors").await, 2);
+    assert_eq!(count("shop_deliveries").await, 0);
 }
 
 #[tokio::test]

@@ -107,16 +107,36 @@ impl SqlStore {
             .fetch_all(&self.shared.pool)
             .await
             .context("read the lag")?;
-        let mut groups = Vec::with_capacity(rows.len());
-        for row in rows {
+        // Delivery rows, then what the groups reading by position have not read yet.
+        let by_position = sqlx::query(AssertSqlSafe(sql.lag_by_position.clone()))
+            .fetch_all(&self.shared.pool)
+            .await
+            .context("read the lag")?;
+        let mut merged: std::collections::BTreeMap<String, (i64, Option<i64>)> =
+            std::collections::BTreeMap::new();
+        for row in rows.iter().chain(&by_position) {
+            let group: String = row.try_get(0).context("read the lag")?;
+            let pending: i64 = row.try_get(1).context("read the lag")?;
             let oldest: Option<i64> = row.try_get(2).context("read the lag")?;
-            groups.push(GroupLag {
-                group: row.try_get(0).context("read the lag")?,
-                pending: row.try_get(1).context("read the lag")?,
+            if pending == 0 {
+                continue;
+            }
+            let entry = merged.entry(group).or_insert((0, None));
+            entry.0 += pending;
+            entry.1 = match (entry.1, oldest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        let groups = merged
+            .into_iter()
+            .map(|(group, (pending, oldest))| GroupLag {
+                group,
+                pending,
                 oldest_age: oldest
                     .map(|t| Duration::from_micros(u64::try_from(now - t).unwrap_or_default())),
-            });
-        }
+            })
+            .collect();
         let dead_letters = sqlx::query(AssertSqlSafe(sql.dead_letter_depth.clone()))
             .fetch_one(&self.shared.pool)
             .await

@@ -164,6 +164,7 @@ impl<'a> Publisher<'a> {
                     batch.end().await?;
                     return Ok(BatchOutcome {
                         claimed: 0,
+                        full: false,
                         retry_at,
                     });
                 }
@@ -200,7 +201,11 @@ impl<'a> Publisher<'a> {
             }
             None => retry_at = earliest(retry_at, self.record(published).await?),
         }
-        Ok(BatchOutcome { claimed, retry_at })
+        Ok(BatchOutcome {
+            claimed,
+            full: false,
+            retry_at,
+        })
     }
 
     /// Records the batch published last, if any; returns the earliest retry it scheduled.

@@ -33,7 +33,7 @@ use sqlx::AssertSqlSafe;
 use crate::conn::SqlTx;
 use tokio::sync::oneshot;
 
-use crate::error::{Error, Result};
+use crate::error::{Context as _, Error, Result};
 use crate::sql::Backend;
 use crate::store::{OutboxRow, Shared, SqlUnitOfWork, begin_unit, conflict_or, micros};
 
@@ -488,8 +488,18 @@ async fn write_rows(shared: &Shared, messages: &[&OutboxMessage]) -> Result<()> 
     let now = micros(shared.now());
     let rows = messages
         .iter()
-        .map(|message| OutboxRow::encode(message, now))
+        .map(|message| OutboxRow::encode(message, now, shared.options.read_by_position))
         .collect::<Result<Vec<_>>>()?;
+    // The cursors of the groups reading these rows by position exist before the rows do.
+    let cursors = shared.new_cursors(&rows.iter().collect::<Vec<_>>());
+    for group in &cursors {
+        sqlx::query(AssertSqlSafe(shared.sql.ensure_cursor.clone()))
+            .bind(*group)
+            .execute(&shared.pool)
+            .await
+            .context("create a group's cursor")?;
+    }
+    shared.cursors_made(&cursors);
     let sql = shared.sql.write_outbox_rows(rows.len());
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for row in rows {

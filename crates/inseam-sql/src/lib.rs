@@ -14,8 +14,10 @@
 //! - A command's events are delivered if and only if its transaction committed.
 //! - Every committed event reaches every subscribed group at least once, across crashes and
 //!   restarts; with the inbox, its effects on the database apply exactly once.
-//! - Rows are claimed, never passed over by a cursor, so a transaction that commits late (out
-//!   of id order, as PostgreSQL allows) is delivered like any other.
+//! - A transaction that commits late (out of id order, as PostgreSQL allows) is delivered like
+//!   any other: delivery rows are claimed, never passed over, and a cursor reading the outbox
+//!   by position ([`RelayOptions::read_by_position`]) reads only below the oldest transaction
+//!   still running (decision 0024).
 //! - Within a group, events with the same key are delivered in id order, which is commit order
 //!   whenever their writers serialize on the key (they update the same row, or the database is
 //!   SQLite). A failing event holds back only its own key until it is retried or dead-lettered.
@@ -25,6 +27,7 @@ mod bridge;
 mod conn;
 mod deferred;
 mod error;
+mod position;
 mod projection;
 mod relay;
 mod sql;

@@ -1,6 +1,11 @@
 //! The relay: claims due deliveries per group, runs the group's subscriber in the same
 //! transaction as the inbox row, retries with backoff and dead-letters what keeps failing.
 //!
+//! Each round of a group first reads the outbox by position (`position.rs`, decision 0024),
+//! where events for this process's groups go by default, then claims the group's delivery rows:
+//! scheduled messages, retries, the transports' rows, and whatever reading by position handed
+//! over (a key held back, a batch that failed).
+//!
 //! Each group claims its rows in id order, in batches, and handles a whole batch in one
 //! transaction: the handlers' effects, one multi-row inbox insert and the deletion of the
 //! claimed rows commit together. When anything in a batch fails (a handler, the inbox insert,
@@ -104,10 +109,10 @@ impl SqlStore {
                 loop {
                     let outcome = match &mut publisher {
                         Some(publisher) => publisher.step().await?,
-                        None => deliver_batch(self, app, group).await?,
+                        None => deliver_round(self, app, group, true).await?,
                     };
                     round += outcome.claimed as u64;
-                    if outcome.claimed == 0 {
+                    if outcome.claimed == 0 && !outcome.full {
                         break;
                     }
                 }
@@ -157,7 +162,8 @@ pub(crate) fn start(store: SqlStore, app: App) -> RelayHandle {
     RelayHandle::new(cancel, tasks)
 }
 
-/// One claimed delivery.
+/// One claimed delivery (or, read by position, a message with its position as `id`).
+#[derive(Clone)]
 pub(crate) struct Claimed {
     pub(crate) id: i64,
     pub(crate) message_id: String,
@@ -170,6 +176,27 @@ pub(crate) struct Claimed {
 }
 
 impl Claimed {
+    /// A message read by position: never attempted.
+    pub(crate) fn positioned(
+        position: i64,
+        message_id: String,
+        key: Option<String>,
+        name: String,
+        version: i64,
+        envelope: Vec<u8>,
+    ) -> Self {
+        Claimed {
+            id: position,
+            message_id,
+            key,
+            attempts: 0,
+            first_failed_at: None,
+            name,
+            version,
+            envelope,
+        }
+    }
+
     fn from_row(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
         Ok(Claimed {
             id: row.try_get(0)?,
@@ -238,7 +265,7 @@ struct AfterHandler(#[source] crate::error::Error);
 async fn worker(store: SqlStore, app: App, group: &'static str, cancel: CancellationToken) {
     let (store_ref, app) = (&store, &app);
     run_batches(store_ref, group, &cancel, "relay batch", move || {
-        deliver_batch(store_ref, app, group)
+        deliver_round(store_ref, app, group, false)
     })
     .await;
 }
@@ -266,7 +293,7 @@ pub(crate) async fn run_batches<F, Fut>(
         let mut idle_for = options.poll_interval;
         match batch().await {
             Ok(outcome) => {
-                if outcome.claimed >= options.batch_size {
+                if outcome.full || outcome.claimed >= options.batch_size {
                     continue;
                 }
                 if let Some(at) = outcome.retry_at {
@@ -295,9 +322,35 @@ pub(crate) async fn run_batches<F, Fut>(
 }
 
 pub(crate) struct BatchOutcome {
+    /// Messages handled (or turned into delivery rows).
     pub(crate) claimed: usize,
+    /// Whether the batch came full, so there may be more at once (reading by position, rows
+    /// the group had already count here but not in `claimed`).
+    pub(crate) full: bool,
     /// The earliest retry this batch scheduled (micros).
     pub(crate) retry_at: Option<i64>,
+}
+
+impl BatchOutcome {
+    pub(crate) fn nothing() -> Self {
+        BatchOutcome {
+            claimed: 0,
+            full: false,
+            retry_at: None,
+        }
+    }
+
+    /// Both outcomes of one round.
+    fn and(self, other: BatchOutcome) -> Self {
+        BatchOutcome {
+            claimed: self.claimed + other.claimed,
+            full: self.full || other.full,
+            retry_at: match (self.retry_at, other.retry_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
 }
 
 /// Claims up to `limit` due rows of `group` with ids above `after` (0 for all), in id order.
@@ -329,6 +382,19 @@ pub(crate) async fn claim(
         .map(Claimed::from_row)
         .collect::<Result<_, _>>()
         .context("read claimed deliveries")
+}
+
+/// One round of a group of this process: a batch read by position, then a batch of delivery
+/// rows.
+async fn deliver_round(
+    store: &SqlStore,
+    app: &App,
+    group: &'static str,
+    eager: bool,
+) -> Result<BatchOutcome> {
+    let read = crate::position::deliver_batch(store, app, group, eager).await?;
+    let claimed = deliver_batch(store, app, group).await?;
+    Ok(read.and(claimed))
 }
 
 #[tracing::instrument(
@@ -381,13 +447,17 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
         rows
     };
     let retry_at = one_by_one(store, app, group, rows).await?;
-    Ok(BatchOutcome { claimed, retry_at })
+    Ok(BatchOutcome {
+        claimed,
+        full: false,
+        retry_at,
+    })
 }
 
 /// Runs the handlers of `rows` in `unit`, writes their inbox rows and commits. Returns whether
 /// the batch committed; when anything failed (a handler, the inbox insert, the commit), its
 /// transaction is over and nothing of it was kept.
-async fn deliver_together(
+pub(crate) async fn deliver_together(
     mut unit: SqlUnitOfWork,
     app: &App,
     group: &'static str,
@@ -470,7 +540,7 @@ async fn rollback_failed_batch(unit: SqlUnitOfWork, group: &'static str) {
 
 /// Delivers `rows` one by one, each in its own transaction, skipping the rows of a key once
 /// one of its rows failed. Returns the earliest retry scheduled.
-async fn one_by_one(
+pub(crate) async fn one_by_one(
     store: &SqlStore,
     app: &App,
     group: &'static str,

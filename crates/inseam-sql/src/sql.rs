@@ -283,6 +283,51 @@ pub(crate) fn migrations(backend: Backend, p: &str) -> Vec<Migration> {
             version: 9,
             statements: vec![format!("ALTER TABLE {p}inbox ADD COLUMN note TEXT")],
         },
+        // Reading the outbox by position (decision 0024): an outbox row may list the groups
+        // that read it by position instead of having a delivery row each; every such group
+        // keeps a cursor, moved in the transaction of the effects. PostgreSQL also keeps the
+        // writing transaction's id, to read only what no running transaction can still add
+        // below.
+        Migration {
+            version: 10,
+            statements: match backend {
+                Backend::Sqlite => vec![
+                    format!("ALTER TABLE {p}outbox ADD COLUMN position BIGINT"),
+                    format!("ALTER TABLE {p}outbox ADD COLUMN groups TEXT"),
+                    format!("CREATE INDEX {p}outbox_position ON {p}outbox (position)"),
+                    format!(
+                        "CREATE TABLE {p}cursors (grp TEXT PRIMARY KEY, lo BIGINT NOT NULL, hi BIGINT NOT NULL,
+                            pos BIGINT NOT NULL, early_pos BIGINT NOT NULL, early_tx BIGINT NOT NULL)"
+                    ),
+                ],
+                Backend::Postgres => vec![
+                    // Which transaction wrote the row: the relay reads rows below the oldest
+                    // transaction still running, so none can appear behind what it read.
+                    format!(
+                        "ALTER TABLE {p}outbox ADD COLUMN tx BIGINT NOT NULL
+                         DEFAULT CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)"
+                    ),
+                    format!("ALTER TABLE {p}outbox ADD COLUMN position BIGSERIAL"),
+                    format!("ALTER TABLE {p}outbox ADD COLUMN groups TEXT COLLATE \"C\""),
+                    format!(
+                        "CREATE INDEX {p}outbox_position ON {p}outbox (position) WHERE groups IS NOT NULL"
+                    ),
+                    format!(
+                        "CREATE INDEX {p}outbox_tx ON {p}outbox (tx, position) WHERE groups IS NOT NULL"
+                    ),
+                    format!(
+                        "CREATE TABLE {p}cursors (grp TEXT COLLATE \"C\" PRIMARY KEY, lo BIGINT NOT NULL,
+                            hi BIGINT NOT NULL, pos BIGINT NOT NULL, early_pos BIGINT NOT NULL,
+                            early_tx BIGINT NOT NULL)"
+                    ),
+                    // The messages a group read past its window, until its window reaches them.
+                    format!(
+                        "CREATE TABLE {p}read_ahead (grp TEXT COLLATE \"C\" NOT NULL,
+                            message_id TEXT COLLATE \"C\" NOT NULL, PRIMARY KEY (grp, message_id))"
+                    ),
+                ],
+            },
+        },
     ]
 }
 
@@ -356,6 +401,36 @@ pub(crate) struct Statements {
     pub(crate) clear_inbox: Arc<str>,
     pub(crate) save_process: Arc<str>,
     pub(crate) prune_inbox: Arc<str>,
+    /// Reading by position (decision 0024): a group's cursor, created with its first row.
+    pub(crate) ensure_cursor: Arc<str>,
+    /// The cursor of a group, unless it is paused (PostgreSQL: locked, skipping one another
+    /// relay holds).
+    pub(crate) lock_cursor: Arc<str>,
+    pub(crate) update_cursor: Arc<str>,
+    /// SQLite: a group's rows past its position. PostgreSQL: its rows of the current window
+    /// (written by transactions in `[lo, hi)`) past its position in the window.
+    pub(crate) read_position: Arc<str>,
+    /// PostgreSQL: rows written by transactions at or above `hi` (past the window), visible
+    /// now, that the group does not have yet.
+    pub(crate) read_early: Option<Arc<str>>,
+    /// PostgreSQL: the oldest transaction still running.
+    pub(crate) oldest_running: Option<Arc<str>>,
+    /// PostgreSQL: the first position written by transactions in `[lo, hi)`.
+    pub(crate) window_start: Option<Arc<str>>,
+    /// SQLite: the highest position written.
+    pub(crate) last_position: Option<Arc<str>>,
+    /// Keys with a delivery row of the group due or failing: their later messages wait
+    /// behind it, as delivery rows of their own.
+    pub(crate) parked_keys: Arc<str>,
+    /// A message read by position, turned into a delivery row (returns its id).
+    pub(crate) materialize: Arc<str>,
+    /// PostgreSQL: forgets, and returns, which of some messages a group read past its
+    /// window.
+    pub(crate) take_read_ahead: Option<Arc<str>>,
+    /// PostgreSQL: remembers that a group read a message past its window.
+    pub(crate) mark_read_ahead: Option<Arc<str>>,
+    /// The backlog read by position, per group.
+    pub(crate) lag_by_position: Arc<str>,
 }
 
 impl Statements {
@@ -402,6 +477,16 @@ impl Statements {
                        WHERE e.grp = d.grp AND e.msg_key = d.msg_key AND e.id < d.id{waiting}))"
             )
         };
+        // The groups an outbox row lists for reading by position, one row each (`g.value`).
+        let listed = match backend {
+            Backend::Sqlite => "json_each(o.groups) AS g",
+            Backend::Postgres => "jsonb_array_elements_text(CAST(o.groups AS jsonb)) AS g(value)",
+        };
+        // Whether cursor `c` moved past outbox row `o`.
+        let passed = match backend {
+            Backend::Sqlite => "c.pos >= o.position",
+            Backend::Postgres => "(o.tx < c.lo OR (o.tx < c.hi AND o.position <= c.pos))",
+        };
         Statements {
             prefix: s(p.to_owned()),
             migrations_table: s(format!(
@@ -417,19 +502,26 @@ impl Statements {
                     "SELECT pg_advisory_xact_lock(hashtext('{p}migrations'))"
                 ))),
             },
-            insert_outbox: s(format!(
-                "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-            )),
+            insert_outbox: s(match backend {
+                Backend::Sqlite => format!(
+                    "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups, position)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, (SELECT COALESCE(MAX(position), 0) + 1 FROM {p}outbox))"
+                ),
+                Backend::Postgres => format!(
+                    "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                ),
+            }),
             write_outbox: match backend {
                 Backend::Sqlite => None,
                 Backend::Postgres => Some(s(format!(
                     "WITH o AS (
-                        INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING message_id, msg_key)
-                     INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
-                     SELECT items.x, o.message_id, o.msg_key, $10, $6
-                     FROM o CROSS JOIN (SELECT pg_notify($12, '')) AS n CROSS JOIN {groups}",
+                        INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $12) RETURNING message_id, msg_key),
+                     d AS (
+                        INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
+                        SELECT items.x, o.message_id, o.msg_key, $10, $6 FROM o CROSS JOIN {groups})
+                     SELECT pg_notify($13, '')",
                     groups = each("$11")
                 ))),
             },
@@ -552,9 +644,20 @@ impl Statements {
                 "SELECT grp, COUNT(*), MIN(enqueued_at) FROM {p}deliveries GROUP BY grp ORDER BY grp"
             )),
             dead_letter_depth: s(format!("SELECT COUNT(*) FROM {p}dead_letters")),
+            // A row read by position goes once every group it lists moved past it; on SQLite
+            // the last row stays, so that positions are never drawn twice.
             prune_outbox: s(format!(
-                "DELETE FROM {p}outbox WHERE created_at < $1 AND stream IS NULL
-                 AND NOT EXISTS (SELECT 1 FROM {p}deliveries d WHERE d.message_id = {p}outbox.message_id)"
+                "DELETE FROM {p}outbox WHERE message_id IN (
+                    SELECT o.message_id FROM {p}outbox o WHERE o.created_at < $1 AND o.stream IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM {p}deliveries d WHERE d.message_id = o.message_id)
+                    AND (o.groups IS NULL OR NOT EXISTS (SELECT 1 FROM {listed}
+                        WHERE NOT EXISTS (SELECT 1 FROM {p}cursors c WHERE c.grp = g.value AND {passed}))){last})",
+                last = match backend {
+                    Backend::Sqlite => format!(
+                        " AND (o.position IS NULL OR o.position < (SELECT MAX(position) FROM {p}outbox))"
+                    ),
+                    Backend::Postgres => String::new(),
+                }
             )),
             prune_inbox: s(format!("DELETE FROM {p}inbox WHERE handled_at < $1")),
             read_stream: s(format!(
@@ -606,11 +709,127 @@ impl Statements {
                  UNION ALL
                  SELECT l.message_id, l.grp, 'dead', l.attempts, l.error
                    FROM {p}dead_letters l JOIN {p}outbox o ON o.message_id = l.message_id
-                  WHERE o.correlation_id = $1"
+                  WHERE o.correlation_id = $1
+                 UNION ALL
+                 SELECT o.message_id, g.value, 'pending', CAST(0 AS BIGINT), CAST(NULL AS TEXT)
+                   FROM {p}outbox o CROSS JOIN {listed}
+                  WHERE o.correlation_id = $1 AND o.groups IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM {p}cursors c WHERE c.grp = g.value AND {passed}){ahead}",
+                ahead = match backend {
+                    Backend::Sqlite => String::new(),
+                    Backend::Postgres => format!(
+                        "
+                    AND NOT EXISTS (SELECT 1 FROM {p}read_ahead r WHERE r.grp = g.value AND r.message_id = o.message_id)"
+                    ),
+                }
             )),
             load_process: s(format!(
                 "SELECT state, done FROM {p}processes WHERE kind = $1 AND id = $2"
             )),
+            ensure_cursor: s(format!(
+                "INSERT INTO {p}cursors (grp, lo, hi, pos, early_pos, early_tx) VALUES ($1, 0, 0, 0, 0, 0)
+                 ON CONFLICT (grp) DO NOTHING"
+            )),
+            lock_cursor: s(format!(
+                "SELECT lo, hi, pos, early_pos, early_tx FROM {p}cursors c
+                 WHERE c.grp = $1 AND NOT EXISTS (SELECT 1 FROM {p}paused z WHERE z.grp = $1){skip}",
+                skip = match backend {
+                    Backend::Sqlite => "",
+                    Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+                }
+            )),
+            update_cursor: s(format!(
+                "UPDATE {p}cursors SET lo = $2, hi = $3, pos = $4, early_pos = $5, early_tx = $6 WHERE grp = $1"
+            )),
+            // `$1` is the group as a JSON string (`"ledger"`): found as such in the array.
+            read_position: s(match backend {
+                Backend::Sqlite => format!(
+                    "SELECT ROWS FROM {p}outbox
+                     WHERE position > $2 AND groups IS NOT NULL AND instr(groups, $1) > 0
+                     ORDER BY position LIMIT $3"
+                ),
+                // `tx + 0`: walk the position index and stop after `$3` rows, rather than read
+                // the whole window through the transaction index and sort it.
+                Backend::Postgres => format!(
+                    "SELECT ROWS, tx FROM {p}outbox
+                     WHERE groups IS NOT NULL AND position > $2 AND tx + 0 >= $4 AND tx + 0 < $5
+                       AND strpos(groups, $1) > 0
+                     ORDER BY position LIMIT $3"
+                ),
+            }.replace("ROWS", "position, message_id, msg_key, name, version, envelope")),
+            read_early: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(format!(
+                    "SELECT position, message_id, msg_key, name, version, envelope, tx FROM {p}outbox o
+                     WHERE groups IS NOT NULL AND tx >= $4 AND strpos(groups, $1) > 0
+                       AND NOT EXISTS (SELECT 1 FROM {p}read_ahead r WHERE r.grp = $2 AND r.message_id = o.message_id)
+                     ORDER BY position LIMIT $3"
+                ))),
+            },
+            oldest_running: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(
+                    "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT)".to_owned(),
+                )),
+            },
+            window_start: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(format!(
+                    "SELECT MIN(position) FROM {p}outbox WHERE groups IS NOT NULL AND tx >= $1 AND tx < $2"
+                ))),
+            },
+            last_position: match backend {
+                Backend::Sqlite => Some(s(format!("SELECT MAX(position) FROM {p}outbox"))),
+                Backend::Postgres => None,
+            },
+            parked_keys: s(match backend {
+                Backend::Sqlite => format!(
+                    "SELECT DISTINCT msg_key FROM {p}deliveries
+                     WHERE grp = $1 AND msg_key IN (SELECT value FROM json_each($2))
+                       AND (deliver_at <= $3 OR attempts > 0)"
+                ),
+                Backend::Postgres => format!(
+                    "SELECT DISTINCT msg_key FROM {p}deliveries
+                     WHERE grp = $1 AND msg_key = ANY(ARRAY(SELECT jsonb_array_elements_text(CAST($2 AS jsonb))))
+                       AND (deliver_at <= $3 OR attempts > 0)"
+                ),
+            }),
+            materialize: s(format!(
+                "INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
+                 SELECT $1, message_id, msg_key, $3, created_at FROM {p}outbox WHERE message_id = $2
+                 RETURNING id"
+            )),
+            take_read_ahead: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(format!(
+                    "DELETE FROM {p}read_ahead WHERE grp = $1 AND message_id IN (SELECT x FROM {messages})
+                     RETURNING message_id",
+                    messages = each("$2")
+                ))),
+            },
+            mark_read_ahead: match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(s(format!(
+                    "INSERT INTO {p}read_ahead (grp, message_id) SELECT $1, x FROM {messages}",
+                    messages = each("$2")
+                ))),
+            },
+            lag_by_position: s(match backend {
+                Backend::Sqlite => format!(
+                    "SELECT c.grp, COUNT(o.position), MIN(o.created_at) FROM {p}cursors c
+                     JOIN {p}outbox o ON o.position > c.pos AND o.groups IS NOT NULL
+                      AND instr(o.groups, '\"' || c.grp || '\"') > 0
+                     GROUP BY c.grp"
+                ),
+                Backend::Postgres => format!(
+                    "SELECT c.grp, COUNT(o.position), MIN(o.created_at) FROM {p}cursors c
+                     JOIN {p}outbox o ON o.groups IS NOT NULL AND o.tx >= c.lo
+                      AND NOT (o.tx < c.hi AND o.position <= c.pos)
+                      AND strpos(o.groups, '\"' || c.grp || '\"') > 0
+                     WHERE NOT EXISTS (SELECT 1 FROM {p}read_ahead r WHERE r.grp = c.grp AND r.message_id = o.message_id)
+                     GROUP BY c.grp"
+                ),
+            }),
             save_process: s(format!(
                 "INSERT INTO {p}processes (kind, id, state, done, updated_at)
                  VALUES ($1, $2, $3, $4, $5)
@@ -639,11 +858,11 @@ impl Statements {
         }
         let channel = rows * ROW_PARAMS + 1;
         format!(
-            "WITH v (ord, message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, deliver_at, groups) AS (
+            "WITH v (ord, message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, deliver_at, groups, read_by) AS (
                 VALUES {values}),
              o AS (
-                INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id)
-                SELECT message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id
+                INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups)
+                SELECT message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, read_by
                 FROM v ORDER BY ord),
              d AS (
                 INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
@@ -656,7 +875,7 @@ impl Statements {
 }
 
 /// The parameters each row of [`Statements::write_outbox_rows`] binds.
-pub(crate) const ROW_PARAMS: usize = 11;
+pub(crate) const ROW_PARAMS: usize = 12;
 
 #[cfg(test)]
 mod tests {

@@ -57,6 +57,13 @@ pub struct RelayOptions {
     /// holds back what follows it on the broker (its key, its NATS partition) that long.
     /// Staging and acknowledging a batch must take less.
     pub inbound_ack_wait: Duration,
+    /// Whether the events this store writes are read by position (decision 0024): an event
+    /// delivered at once to this process's groups is one outbox row, which each group reads
+    /// past its cursor, instead of one delivery row per group, claimed and deleted. Failures,
+    /// retries, scheduled messages and the transports' groups still use delivery rows. The
+    /// relay reads both kinds whatever this says, so it can change between runs. On by
+    /// default.
+    pub read_by_position: bool,
 }
 
 impl Default for RelayOptions {
@@ -72,6 +79,7 @@ impl Default for RelayOptions {
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             housekeeping_interval: Duration::from_secs(60),
             inbound_ack_wait: Duration::from_secs(30),
+            read_by_position: true,
         }
     }
 }
@@ -136,6 +144,12 @@ pub(crate) struct Shared {
     pub(crate) writer: Arc<tokio::sync::Mutex<()>>,
     /// PostgreSQL: the outbox rows of units of work committing together.
     pub(crate) group: crate::deferred::GroupCommit,
+    /// The groups whose cursor this store made sure of (reading by position).
+    pub(crate) cursors: std::sync::RwLock<std::collections::HashSet<&'static str>>,
+    /// PostgreSQL: per group, the window end the oldest running transaction holds it at, and
+    /// since when (reading by position).
+    pub(crate) stuck:
+        std::sync::Mutex<std::collections::HashMap<&'static str, (i64, std::time::Instant)>>,
 }
 
 /// In-process turn to write to SQLite: held for the whole write transaction.
@@ -179,6 +193,29 @@ impl Shared {
             .read()
             .map(|clock| clock.now())
             .unwrap_or_else(|p| p.into_inner().now())
+    }
+
+    /// The groups of `rows` whose cursor this store has not made sure of yet.
+    pub(crate) fn new_cursors(&self, rows: &[&OutboxRow]) -> Vec<&'static str> {
+        let mut new = Vec::new();
+        let known = self.cursors.read().unwrap_or_else(|p| p.into_inner());
+        for row in rows {
+            for group in &row.read_by {
+                if !known.contains(group) && !new.contains(group) {
+                    new.push(*group);
+                }
+            }
+        }
+        new
+    }
+
+    /// Remembers that the cursors of `groups` exist (once their transaction committed).
+    pub(crate) fn cursors_made(&self, groups: &[&'static str]) {
+        if groups.is_empty() {
+            return;
+        }
+        let mut known = self.cursors.write().unwrap_or_else(|p| p.into_inner());
+        known.extend(groups.iter().copied());
     }
 
     pub(crate) fn wake(&self) {
@@ -288,6 +325,8 @@ impl SqlStore {
                 clock: std::sync::RwLock::new(Arc::new(SystemClock)),
                 writer: Arc::new(tokio::sync::Mutex::new(())),
                 group: crate::deferred::GroupCommit::default(),
+                cursors: std::sync::RwLock::default(),
+                stuck: std::sync::Mutex::default(),
             }),
         };
         store.migrate(&prefix).await?;
@@ -374,6 +413,7 @@ pub(crate) async fn begin_unit(shared: &Arc<Shared>) -> Result<SqlUnitOfWork> {
         notified: false,
         savepoints: 0,
         note: None,
+        cursors: Vec::new(),
         _turn: turn,
     })
 }
@@ -387,6 +427,8 @@ pub struct SqlUnitOfWork {
     savepoints: u32,
     /// Why the delivery being handled was not needed, for its inbox row.
     note: Option<&'static str>,
+    /// Cursors this transaction created: known to exist once it commits.
+    cursors: Vec<&'static str>,
     /// Declared after `tx`: released once the transaction is over.
     _turn: WriteTurn,
 }
@@ -412,8 +454,16 @@ impl SqlUnitOfWork {
 
     /// Commits, then gives up the write turn.
     pub(crate) async fn commit_unit(self) -> Result<(), sqlx::Error> {
-        let SqlUnitOfWork { tx, _turn, .. } = self;
-        tx.commit().await
+        let SqlUnitOfWork {
+            tx,
+            _turn,
+            shared,
+            cursors,
+            ..
+        } = self;
+        tx.commit().await?;
+        shared.cursors_made(&cursors);
+        Ok(())
     }
 
     /// Rolls back, then gives up the write turn.
@@ -428,11 +478,22 @@ impl SqlUnitOfWork {
     }
 
     pub(crate) async fn write(&mut self, messages: Vec<OutboxMessage>) -> Result<()> {
-        let sql = &self.shared.sql;
-        let now = micros(self.shared.now());
+        let shared = self.shared.clone();
+        let sql = &shared.sql;
+        let now = micros(shared.now());
+        let by_position = shared.options.read_by_position;
         let mut to_deliver = false;
         for message in messages {
-            let row = OutboxRow::encode(&message, now)?;
+            let row = OutboxRow::encode(&message, now, by_position)?;
+            let cursors = shared.new_cursors(&[&row]);
+            for group in &cursors {
+                sqlx::query(AssertSqlSafe(sql.ensure_cursor.clone()))
+                    .bind(*group)
+                    .execute(&mut self.tx)
+                    .await
+                    .context("create a group's cursor")?;
+            }
+            self.cursors.extend(cursors);
             // A row no group receives (an event of a stream, or a kept unsubscribed event)
             // has no deliveries to insert and nothing to wake a relay for.
             let delivered = !message.groups.is_empty();
@@ -455,10 +516,15 @@ impl SqlUnitOfWork {
                 .bind(row.stream)
                 .bind(row.stream_version)
                 .bind(row.correlation)
+                .bind(row.read_by_json)
                 .execute(&mut self.tx)
                 .await
                 .map_err(|e| conflict_or(e, [&message]))?;
             if !delivered {
+                continue;
+            }
+            to_deliver = true;
+            if row.read_by_all {
                 continue;
             }
             to_deliver = true;
@@ -499,24 +565,50 @@ pub(crate) struct OutboxRow {
     stream_version: Option<i64>,
     correlation: String,
     deliver_at: i64,
-    /// The groups to deliver to, as a JSON array.
+    /// The groups that get a delivery row, as a JSON array.
     groups: String,
+    /// The groups that read the row by position.
+    pub(crate) read_by: Vec<&'static str>,
+    /// `read_by` as a JSON array, or `None` when empty.
+    read_by_json: Option<String>,
+    /// Whether every group reads the row by position (no delivery rows).
+    read_by_all: bool,
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
 impl OutboxRow {
     /// `message` as written at `now` (microseconds).
-    pub(crate) fn encode(message: &OutboxMessage, now: i64) -> Result<Self> {
+    /// With `by_position`, the groups of this process that get it at once read it by position;
+    /// a scheduled message and the transports' groups get delivery rows.
+    pub(crate) fn encode(message: &OutboxMessage, now: i64, by_position: bool) -> Result<Self> {
         let envelope = &message.envelope;
         let bytes = envelope.to_json().map_err(|source| Error::Database {
             operation: "encode an envelope for the outbox",
             source: sqlx::Error::Encode(Box::new(source)),
         })?;
-        let groups = serde_json::to_string(&message.groups).map_err(|source| Error::Database {
-            operation: "encode the groups of an outbox row",
-            source: sqlx::Error::Encode(Box::new(source)),
-        })?;
+        let (read_by, rows): (Vec<&'static str>, Vec<&'static str>) =
+            if by_position && message.deliver_at.is_none() {
+                message
+                    .groups
+                    .iter()
+                    .partition(|g| !g.starts_with(inseam_core::routing::OUTBOX_PREFIX))
+            } else {
+                (Vec::new(), message.groups.clone())
+            };
+        let json = |groups: &[&str]| {
+            serde_json::to_string(groups).map_err(|source| Error::Database {
+                operation: "encode the groups of an outbox row",
+                source: sqlx::Error::Encode(Box::new(source)),
+            })
+        };
+        let groups = json(&rows)?;
+        let read_by_json = if read_by.is_empty() {
+            None
+        } else {
+            Some(json(&read_by)?)
+        };
+        let read_by_all = rows.is_empty() && !read_by.is_empty();
         Ok(OutboxRow {
             message_id: envelope.metadata.message_id.to_string(),
             name: envelope.name.clone(),
@@ -532,6 +624,9 @@ impl OutboxRow {
             correlation: envelope.metadata.correlation_id.to_string(),
             deliver_at: message.deliver_at.map_or(now, micros),
             groups,
+            read_by,
+            read_by_json,
+            read_by_all,
         })
     }
 
@@ -550,6 +645,7 @@ impl OutboxRow {
             .bind(self.correlation)
             .bind(self.deliver_at)
             .bind(self.groups)
+            .bind(self.read_by_json)
     }
 }
 

@@ -1,0 +1,511 @@
+//! Reading the outbox by position (decision 0024): a group's messages delivered from the
+//! outbox rows that list it, past the group's cursor, with the cursor moved in the transaction
+//! of the handlers' effects.
+//!
+//! The common case costs one read per batch: no delivery row is written, claimed or deleted.
+//! Whatever does not go through at once becomes a delivery row, and from there the row relay
+//! (`relay.rs`) takes it with its every rule: a message whose key has a due or failing delivery
+//! row waits behind it as a row of its own (parked), and a batch that fails is turned into rows
+//! whole, then handled one by one, exactly as a claimed batch that failed.
+//!
+//! SQLite has one writer at a time, so positions are drawn in commit order and a cursor is one
+//! position. PostgreSQL draws positions when rows are inserted but shows them when their
+//! transaction commits, in any order; so its cursor reads in windows of transaction ids: the
+//! window `[lo, hi)` holds the rows written by transactions with ids in it, and `hi` is the
+//! oldest transaction running when the window was opened, so that no row can appear in it
+//! later. Within a window, rows go in position order. A transaction that stays open holds the
+//! next window back; after [`STUCK`] the cursor also reads the committed rows past its window
+//! (early), in position order, and once the window reaches them it skips what the group has
+//! handled or holds as a delivery row or a dead letter.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use inseam_core::App;
+use sqlx::{AssertSqlSafe, Row as _};
+
+use crate::error::{Context as _, Result};
+use crate::relay::{BatchOutcome, Claimed, deliver_together, one_by_one};
+use crate::sql::Backend;
+use crate::store::{SqlStore, SqlUnitOfWork, micros};
+
+/// How long a window may be held back by a running transaction before the cursor reads the
+/// committed rows past it.
+const STUCK: Duration = Duration::from_millis(50);
+
+/// How long a failed batch waits, at most, for the cursor its own failed transaction may
+/// still hold (doubling from 10 ms, as a failed delivery waits for its row).
+const SETTLE_WAIT: Duration = Duration::from_millis(320);
+
+/// A group's place in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    /// PostgreSQL: rows of transactions below `lo` are done.
+    lo: i64,
+    /// PostgreSQL: the window is `[lo, hi)`.
+    hi: i64,
+    /// The last position read (PostgreSQL: within the window).
+    pos: i64,
+    /// PostgreSQL: the last position read past the window.
+    early_pos: i64,
+    /// PostgreSQL: the highest transaction id read past the window; a window reaching it
+    /// skips what the group has already.
+    early_tx: i64,
+}
+
+/// Delivers the next batch of `group` read by position. Returns how many rows it read.
+/// `eager` reads past a window held back by a running transaction at once (what
+/// `deliver_due` wants), rather than after [`STUCK`].
+pub(crate) async fn deliver_batch(
+    store: &SqlStore,
+    app: &App,
+    group: &'static str,
+    eager: bool,
+) -> Result<BatchOutcome> {
+    let shared = &store.shared;
+    let limit = shared.options.batch_size.max(1);
+    let mut unit = store.begin_unit().await?;
+    let Some(cursor) = lock(&mut unit, group).await? else {
+        unit.rollback_unit().await.context("release a cursor")?;
+        return Ok(BatchOutcome::nothing());
+    };
+    let now = micros(shared.now());
+    let Read {
+        rows,
+        after,
+        fetched,
+        early,
+    } = read(store, &mut unit, group, cursor, limit, eager).await?;
+    let full = fetched >= limit;
+    let read = rows.len();
+    if rows.is_empty() {
+        if after != cursor {
+            update(&mut unit, group, after).await?;
+            unit.commit_unit().await.context("move a cursor")?;
+        } else {
+            unit.rollback_unit().await.context("release a cursor")?;
+        }
+        return Ok(BatchOutcome {
+            claimed: read,
+            full,
+            retry_at: None,
+        });
+    }
+    let parked = parked_keys(&mut unit, group, &rows, now).await?;
+    let (waiting, batch): (Vec<&Claimed>, Vec<&Claimed>) = rows
+        .iter()
+        .partition(|r| r.key.as_ref().is_some_and(|k| parked.contains(k)));
+    for row in &waiting {
+        materialize(&mut unit, group, row, now).await?;
+    }
+    update(&mut unit, group, after).await?;
+    mark_read_ahead(&mut unit, group, &early).await?;
+    if batch.is_empty() {
+        unit.commit_unit()
+            .await
+            .context("park messages behind their key")?;
+        return Ok(BatchOutcome {
+            claimed: read,
+            full,
+            retry_at: None,
+        });
+    }
+    let batch: Vec<Claimed> = batch.into_iter().cloned().collect();
+    if deliver_together(unit, app, group, &batch, now).await? {
+        return Ok(BatchOutcome {
+            claimed: read,
+            full,
+            retry_at: None,
+        });
+    }
+    // The batch failed and was rolled back: its messages become delivery rows, in the order
+    // read, and go one by one as a claimed batch that failed does.
+    let mut wait = Duration::from_millis(10);
+    let mut unit = loop {
+        let mut unit = store.begin_unit().await?;
+        match lock(&mut unit, group).await? {
+            Some(now) if now == cursor => break unit,
+            Some(_) => {
+                // The commit went through after all (a lost connection took its answer).
+                unit.rollback_unit().await.context("release a cursor")?;
+                return Ok(BatchOutcome::nothing());
+            }
+            None => {
+                // Paused meanwhile, held by another relay, or still locked by the failed
+                // transaction itself: a backend whose connection failed ends its transaction
+                // a moment after the client learns of it. Worth a few short waits.
+                unit.rollback_unit().await.context("release a cursor")?;
+                if shared.backend != Backend::Postgres || wait > SETTLE_WAIT {
+                    return Ok(BatchOutcome::nothing());
+                }
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    };
+    let mut rows_now = Vec::with_capacity(batch.len());
+    for row in &rows {
+        let id = materialize(&mut unit, group, row, now).await?;
+        if !row.key.as_ref().is_some_and(|k| parked.contains(k)) {
+            let mut row = row.clone();
+            row.id = id;
+            rows_now.push(row);
+        }
+    }
+    update(&mut unit, group, after).await?;
+    mark_read_ahead(&mut unit, group, &early).await?;
+    unit.commit_unit()
+        .await
+        .context("turn a failed batch into delivery rows")?;
+    let retry_at = one_by_one(store, app, group, rows_now).await?;
+    Ok(BatchOutcome {
+        claimed: read,
+        full,
+        retry_at,
+    })
+}
+
+/// The cursor of `group`, unless the group is paused or (PostgreSQL) another relay holds it.
+async fn lock(unit: &mut SqlUnitOfWork, group: &str) -> Result<Option<Cursor>> {
+    let row = sqlx::query(AssertSqlSafe(unit.shared.sql.lock_cursor.clone()))
+        .bind(group.to_owned())
+        .fetch_optional(&mut unit.tx)
+        .await
+        .context("lock a group's cursor")?;
+    let Some(row) = row else { return Ok(None) };
+    let get = |i: usize| row.try_get::<i64, _>(i);
+    (|| {
+        Ok(Cursor {
+            lo: get(0)?,
+            hi: get(1)?,
+            pos: get(2)?,
+            early_pos: get(3)?,
+            early_tx: get(4)?,
+        })
+    })()
+    .map(Some)
+    .context("read a group's cursor")
+}
+
+async fn update(unit: &mut SqlUnitOfWork, group: &str, cursor: Cursor) -> Result<()> {
+    sqlx::query(AssertSqlSafe(unit.shared.sql.update_cursor.clone()))
+        .bind(group.to_owned())
+        .bind(cursor.lo)
+        .bind(cursor.hi)
+        .bind(cursor.pos)
+        .bind(cursor.early_pos)
+        .bind(cursor.early_tx)
+        .execute(&mut unit.tx)
+        .await
+        .context("move a group's cursor")?;
+    Ok(())
+}
+
+/// The group as it appears in an outbox row's JSON array of groups.
+fn needle(group: &str) -> String {
+    serde_json::to_string(group).unwrap_or_else(|_| format!("\"{group}\""))
+}
+
+/// A row read by position, with its transaction id (PostgreSQL).
+fn from_row(row: &sqlx::any::AnyRow) -> Result<(Claimed, i64), sqlx::Error> {
+    let claimed = Claimed::positioned(
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+    );
+    let tx = if row.len() > 6 { row.try_get(6)? } else { 0 };
+    Ok((claimed, tx))
+}
+
+/// What one read by position found.
+struct Read {
+    /// The messages to deliver, in order.
+    rows: Vec<Claimed>,
+    /// The cursor past them.
+    after: Cursor,
+    /// How many rows were read (some may have been dropped: the group read them early).
+    fetched: usize,
+    /// PostgreSQL: the messages read past the window.
+    early: Vec<String>,
+}
+
+/// Up to `limit` rows of `group` past `cursor`.
+async fn read(
+    store: &SqlStore,
+    unit: &mut SqlUnitOfWork,
+    group: &'static str,
+    cursor: Cursor,
+    limit: usize,
+    eager: bool,
+) -> Result<Read> {
+    let shared = unit.shared.clone();
+    let sql = &shared.sql;
+    let needle = needle(group);
+    if shared.backend == Backend::Sqlite {
+        let rows = fetch(unit, &needle, cursor, limit).await?;
+        let mut after = cursor;
+        if let Some((last, _)) = rows.last() {
+            after.pos = last.id;
+        }
+        if rows.len() < limit
+            && let Some(last) = &sql.last_position
+        {
+            // Nothing else of the group up to the last position written: none can appear
+            // below it (one writer at a time).
+            let top: Option<i64> = sqlx::query(AssertSqlSafe(last.clone()))
+                .fetch_one(&mut unit.tx)
+                .await
+                .and_then(|r| r.try_get(0))
+                .context("read the last position")?;
+            after.pos = after.pos.max(top.unwrap_or_default());
+        }
+        let fetched = rows.len();
+        return Ok(Read {
+            rows: strip(rows),
+            after,
+            fetched,
+            early: Vec::new(),
+        });
+    }
+
+    let mut current = cursor;
+    let mut after = current;
+    let raw = fetch(unit, &needle, current, limit).await?;
+    let mut fetched = raw.len();
+    if let Some((last, _)) = raw.last() {
+        after.pos = last.id;
+    }
+    let mut rows = dedupe(unit, group, current, raw).await?;
+    if fetched >= limit {
+        return Ok(Read {
+            rows: strip(rows),
+            after,
+            fetched,
+            early: Vec::new(),
+        });
+    }
+    // The window has nothing more for the group: open the next one, up to the oldest
+    // transaction running now.
+    let oldest: i64 = match &sql.oldest_running {
+        Some(statement) => sqlx::query(AssertSqlSafe(statement.clone()))
+            .fetch_one(&mut unit.tx)
+            .await
+            .and_then(|r| r.try_get(0))
+            .context("read the oldest running transaction")?,
+        None => current.hi,
+    };
+    // Whether the window the cursor ends in has been read to its end: only then may rows past
+    // it go, so that a key's rows in the window come before its rows past it.
+    let mut window_done = true;
+    let mut early = Vec::new();
+    if oldest > current.hi {
+        let start: Option<i64> = match &sql.window_start {
+            Some(statement) => sqlx::query(AssertSqlSafe(statement.clone()))
+                .bind(current.hi)
+                .bind(oldest)
+                .fetch_one(&mut unit.tx)
+                .await
+                .and_then(|r| r.try_get(0))
+                .context("open a window of the outbox")?,
+            None => None,
+        };
+        let next = Cursor {
+            lo: current.hi,
+            hi: oldest,
+            pos: start.map_or(0, |s| s - 1),
+            ..current
+        };
+        after = next;
+        window_done = false;
+        if fetched == 0 {
+            current = next;
+            let raw = fetch(unit, &needle, current, limit).await?;
+            fetched = raw.len();
+            if let Some((last, _)) = raw.last() {
+                after.pos = last.id;
+            }
+            rows = dedupe(unit, group, current, raw).await?;
+            if fetched >= limit {
+                return Ok(Read {
+                    rows: strip(rows),
+                    after,
+                    fetched,
+                    early: Vec::new(),
+                });
+            }
+            window_done = true;
+        }
+    }
+    if window_done
+        && fetched < limit
+        && (eager || store.stuck_for(group, after.hi) >= STUCK)
+        && let Some(past) = &sql.read_early
+    {
+        // A running transaction holds the window back: read what committed past it.
+        let more = sqlx::query(AssertSqlSafe(past.clone()))
+            .bind(needle.clone())
+            .bind(group.to_owned())
+            .bind(i64::try_from(limit - fetched).unwrap_or(i64::MAX))
+            .bind(after.hi)
+            .fetch_all(&mut unit.tx)
+            .await
+            .context("read the outbox past its window")?;
+        fetched += more.len();
+        early.reserve(more.len());
+        for row in &more {
+            let (claimed, tx) = from_row(row).context("read the outbox past its window")?;
+            after.early_pos = after.early_pos.max(claimed.id);
+            after.early_tx = after.early_tx.max(tx);
+            early.push(claimed.message_id.clone());
+            rows.push((claimed, tx));
+        }
+    }
+    if after.early_tx != 0 && after.early_tx < after.lo {
+        // Every row read early is below the window now: nothing left to skip.
+        after.early_pos = 0;
+        after.early_tx = 0;
+    }
+    Ok(Read {
+        rows: strip(rows),
+        after,
+        fetched,
+        early,
+    })
+}
+
+/// The group's rows past `c` (PostgreSQL: in its window), in position order.
+async fn fetch(
+    unit: &mut SqlUnitOfWork,
+    needle: &str,
+    c: Cursor,
+    limit: usize,
+) -> Result<Vec<(Claimed, i64)>> {
+    let query = sqlx::query(AssertSqlSafe(unit.shared.sql.read_position.clone()))
+        .bind(needle.to_owned())
+        .bind(c.pos)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+    let query = match unit.shared.backend {
+        Backend::Sqlite => query,
+        Backend::Postgres => query.bind(c.lo).bind(c.hi),
+    };
+    let rows = query
+        .fetch_all(&mut unit.tx)
+        .await
+        .context("read the outbox by position")?;
+    rows.iter()
+        .map(from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .context("read the outbox by position")
+}
+
+fn strip(rows: Vec<(Claimed, i64)>) -> Vec<Claimed> {
+    rows.into_iter().map(|(r, _)| r).collect()
+}
+
+/// Drops from `rows` (read in the window of `cursor`) the messages the group read past an
+/// earlier window, and forgets them there (in this transaction).
+async fn dedupe(
+    unit: &mut SqlUnitOfWork,
+    group: &str,
+    cursor: Cursor,
+    rows: Vec<(Claimed, i64)>,
+) -> Result<Vec<(Claimed, i64)>> {
+    let Some(take) = unit.shared.sql.take_read_ahead.clone() else {
+        return Ok(rows);
+    };
+    if cursor.early_tx < cursor.lo || rows.is_empty() {
+        return Ok(rows);
+    }
+    let ids: Vec<&str> = rows.iter().map(|(r, _)| r.message_id.as_str()).collect();
+    let seen = sqlx::query(AssertSqlSafe(take))
+        .bind(group.to_owned())
+        .bind(serde_json::to_string(&ids).unwrap_or_default())
+        .fetch_all(&mut unit.tx)
+        .await
+        .context("check what a group read early")?;
+    let seen: HashSet<String> = seen
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()
+        .context("check what a group read early")?;
+    Ok(rows
+        .into_iter()
+        .filter(|(r, _)| !seen.contains(&r.message_id))
+        .collect())
+}
+
+/// Remembers the messages `group` read past its window, so that it reads them once.
+async fn mark_read_ahead(unit: &mut SqlUnitOfWork, group: &str, early: &[String]) -> Result<()> {
+    let Some(mark) = unit.shared.sql.mark_read_ahead.clone() else {
+        return Ok(());
+    };
+    if early.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(AssertSqlSafe(mark))
+        .bind(group.to_owned())
+        .bind(serde_json::to_string(early).unwrap_or_default())
+        .execute(&mut unit.tx)
+        .await
+        .context("remember what a group read early")?;
+    Ok(())
+}
+
+/// The keys of `rows` that have a due or failing delivery row of `group`.
+async fn parked_keys(
+    unit: &mut SqlUnitOfWork,
+    group: &str,
+    rows: &[Claimed],
+    now: i64,
+) -> Result<HashSet<String>> {
+    let mut keys: Vec<&str> = rows.iter().filter_map(|r| r.key.as_deref()).collect();
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let found = sqlx::query(AssertSqlSafe(unit.shared.sql.parked_keys.clone()))
+        .bind(group.to_owned())
+        .bind(serde_json::to_string(&keys).unwrap_or_default())
+        .bind(now)
+        .fetch_all(&mut unit.tx)
+        .await
+        .context("check the keys waiting behind a delivery")?;
+    found
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()
+        .context("check the keys waiting behind a delivery")
+}
+
+/// Turns `row` into a delivery row of `group`, due now; returns its id.
+async fn materialize(
+    unit: &mut SqlUnitOfWork,
+    group: &str,
+    row: &Claimed,
+    now: i64,
+) -> Result<i64> {
+    sqlx::query(AssertSqlSafe(unit.shared.sql.materialize.clone()))
+        .bind(group.to_owned())
+        .bind(row.message_id.clone())
+        .bind(now)
+        .fetch_one(&mut unit.tx)
+        .await
+        .and_then(|r| r.try_get(0))
+        .context("turn a message into a delivery row")
+}
+
+impl SqlStore {
+    /// How long the window of `group` has ended at `hi` (zero when it just moved).
+    fn stuck_for(&self, group: &'static str, hi: i64) -> Duration {
+        let mut stuck = self.shared.stuck.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = stuck.entry(group).or_insert((hi, Instant::now()));
+        if entry.0 != hi {
+            *entry = (hi, Instant::now());
+        }
+        entry.1.elapsed()
+    }
+}
