@@ -132,11 +132,11 @@ pub(crate) async fn render(request: Request, next: Next) -> Response {
             .into_response()
     } else {
         let body = format!(
-            "<section class=\"failure\"><h1>{} {}</h1><p id=\"reason\">{}</p><p><a href=\"{}/\">Back to the overview</a></p></section>",
+            "<section class=\"failure\"><h1>{} {}</h1><p id=\"reason\">{}</p><p><a href=\"{}\">Back to the overview</a></p></section>",
             failure.status.as_u16(),
             html::esc(failure.status.canonical_reason().unwrap_or("")),
             html::esc(&failure.message),
-            html::esc(&base),
+            html::esc(&html::home(&base)),
         );
         (
             failure.status,

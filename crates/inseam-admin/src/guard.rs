@@ -175,17 +175,23 @@ impl Change {
 /// Refuses a request sent from another site: `Sec-Fetch-Site` other than `same-origin` or
 /// `none`, or an `Origin` whose host is not the `Host`.
 pub(crate) fn same_origin(headers: &HeaderMap) -> Result<(), Failure> {
-    let text = |name: header::HeaderName| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
-    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site"))
-        && site != "same-origin"
-        && site != "none"
-    {
-        return Err(Failure::forbidden(format!(
-            "cross-site request refused (Sec-Fetch-Site: {site})"
-        )));
+    // Every value counts: a header sent twice is refused if either says another site.
+    let values = |name: header::HeaderName| -> Vec<&str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect()
+    };
+    for site in values(header::HeaderName::from_static("sec-fetch-site")) {
+        if site != "same-origin" && site != "none" {
+            return Err(Failure::forbidden(format!(
+                "cross-site request refused (Sec-Fetch-Site: {site})"
+            )));
+        }
     }
-    if let Some(origin) = text(header::ORIGIN) {
-        let host = text(header::HOST).unwrap_or_default();
+    let host = values(header::HOST).first().copied().unwrap_or_default();
+    for origin in values(header::ORIGIN) {
         let origin_host = origin
             .split_once("://")
             .map(|(_, rest)| rest.trim_end_matches('/'));

@@ -50,6 +50,15 @@ pub(crate) fn age(duration: Duration) -> String {
     }
 }
 
+/// The overview's path: the mount path itself (`/admin`), or `/` at the root.
+pub(crate) fn home(base: &str) -> String {
+    if base.is_empty() {
+        "/".to_owned()
+    } else {
+        base.to_owned()
+    }
+}
+
 /// A hidden CSRF field for a form.
 pub(crate) fn csrf_field(ctx: &Ctx) -> String {
     format!(
@@ -71,6 +80,7 @@ pub(crate) fn button(ctx: &Ctx, action: &str, label: &str, class: &str) -> Strin
 /// A whole page: head, navigation (with the login state when `ctx` is known), `body`.
 pub(crate) fn layout(base: &str, title: &str, body: &str, ctx: Option<&Ctx>) -> String {
     let b = esc(base);
+    let h = esc(&home(base));
     let mut session = String::new();
     if let Some(ctx) = ctx {
         if ctx.login && ctx.authorized {
@@ -89,8 +99,8 @@ pub(crate) fn layout(base: &str, title: &str, body: &str, ctx: Option<&Ctx>) -> 
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
 <title>{title}</title><link rel=\"stylesheet\" href=\"{b}/assets/admin.css\">\
 <script src=\"{b}/assets/admin.js\" defer></script></head><body>\
-<header><a class=\"brand\" href=\"{b}/\">inseam admin</a>\
-<nav><a href=\"{b}/\">Overview</a><a href=\"{b}/dead-letters\">Dead letters</a></nav>\
+<header><a class=\"brand\" href=\"{h}\">inseam admin</a>\
+<nav><a href=\"{h}\">Overview</a><a href=\"{b}/dead-letters\">Dead letters</a></nav>\
 <form method=\"get\" action=\"{b}/flows\" class=\"search\"><input name=\"correlation_id\" placeholder=\"correlation id\" aria-label=\"flow by correlation id\"><button type=\"submit\">Flow</button></form>\
 <form method=\"get\" action=\"{b}/messages\" class=\"search\"><input name=\"message_id\" placeholder=\"message id\" aria-label=\"message by id\"><button type=\"submit\">Find</button></form>\
 <span class=\"session\">{session}</span></header><main>{body}</main></body></html>",

@@ -605,7 +605,7 @@ async fn pause(
     let ctx = &change.ctx;
     Ok(done(
         ctx,
-        format!("{}/?done=paused&id={}", ctx.base, url(&group)),
+        format!("{}?done=paused&id={}", html::home(&ctx.base), url(&group)),
         serde_json::json!({ "paused": group }),
     ))
 }
@@ -623,7 +623,7 @@ async fn resume(
     let ctx = &change.ctx;
     Ok(done(
         ctx,
-        format!("{}/?done=resumed&id={}", ctx.base, url(&group)),
+        format!("{}?done=resumed&id={}", html::home(&ctx.base), url(&group)),
         serde_json::json!({ "resumed": group }),
     ))
 }
@@ -836,7 +836,8 @@ async fn login(
         tracing::warn!(target: "inseam::admin", "admin login refused: wrong token");
         return Err(Failure::forbidden("wrong token"));
     }
-    let mut response = Redirect::to(&format!("{}/?done=login", ctx.base)).into_response();
+    let mut response =
+        Redirect::to(&format!("{}?done=login", html::home(&ctx.base))).into_response();
     if let Some(cookie) = set_cookie(&ctx.base, LOGIN_COOKIE, &hex(token)) {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }

@@ -112,11 +112,11 @@ async fn serve(address: &str) -> Result<(), ShopError> {
         listener,
         shop::http::router_with_admin(app, store, admin_token),
     )
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| ShopError::Dispatch(e.to_string()))?;
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+    .map_err(|e| ShopError::Dispatch(e.to_string()))?;
     relay.shutdown().await;
     Ok(())
 }
