@@ -269,8 +269,14 @@ pub fn flow_svg(catalog: &Catalog) -> String {
         let (ax, ay, aw) = place[a];
         let (bx, by, bw) = place[b];
         let (sy, ty) = (ay + HEIGHT / 2.0, by + HEIGHT / 2.0);
-        let class = if dashed { "edge sends" } else { "edge" };
-        let path = if back[i] || bx <= ax {
+        let backwards = back[i] || bx <= ax;
+        let class = match (dashed, backwards) {
+            (true, true) => "edge sends back",
+            (true, false) => "edge sends",
+            (false, true) => "edge back",
+            (false, false) => "edge",
+        };
+        let path = if backwards {
             // Back to the left: out under the source, in under the target.
             let (sx, tx) = (ax + aw / 2.0, bx + bw / 2.0);
             let low = ay.max(by) + HEIGHT + GAP_Y * 0.8;
