@@ -87,12 +87,14 @@ pub(crate) fn token_matches(parts: &Parts, token: &str) -> bool {
 }
 
 /// A `Set-Cookie` header for the admin's cookies: on the mount path, `HttpOnly`,
-/// `SameSite=Strict`, for the browser's session (or deleted, with `value` empty).
-pub(crate) fn set_cookie(base: &str, name: &str, value: &str) -> Option<HeaderValue> {
-    let path = if base.is_empty() { "/" } else { base };
+/// `SameSite=Strict`, `Secure` when the options say so, for the browser's session (or deleted,
+/// with `value` empty).
+pub(crate) fn set_cookie(ctx: &Ctx, name: &str, value: &str) -> Option<HeaderValue> {
+    let path = if ctx.base.is_empty() { "/" } else { &ctx.base };
     let expiry = if value.is_empty() { "; Max-Age=0" } else { "" };
+    let secure = if ctx.secure_cookies { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{name}={value}; Path={path}; HttpOnly; SameSite=Strict{expiry}"
+        "{name}={value}; Path={path}; HttpOnly; SameSite=Strict{secure}{expiry}"
     ))
     .ok()
 }
@@ -112,6 +114,8 @@ pub(crate) struct Ctx {
     pub(crate) login: bool,
     /// Whether the request accepts JSON.
     pub(crate) json: bool,
+    /// Whether cookies are set `Secure`.
+    pub(crate) secure_cookies: bool,
 }
 
 impl FromRequestParts<Admin> for Ctx {
@@ -139,6 +143,7 @@ impl FromRequestParts<Admin> for Ctx {
             authorized: (admin.options.authorize)(parts),
             login: admin.options.token.is_some(),
             json: crate::error::wants_json(&parts.headers),
+            secure_cookies: admin.options.secure_cookies,
         })
     }
 }

@@ -60,6 +60,7 @@ pub struct AdminOptions {
     /// The token of [`AdminOptions::token`], for the login form.
     token: Option<Arc<str>>,
     title: String,
+    secure_cookies: bool,
 }
 
 impl fmt::Debug for AdminOptions {
@@ -68,6 +69,7 @@ impl fmt::Debug for AdminOptions {
         f.debug_struct("AdminOptions")
             .field("token", &self.token.is_some())
             .field("title", &self.title)
+            .field("secure_cookies", &self.secure_cookies)
             .finish_non_exhaustive()
     }
 }
@@ -85,6 +87,7 @@ impl AdminOptions {
             authorize: Arc::new(|_: &Parts| false),
             token: None,
             title: "inseam admin".to_owned(),
+            secure_cookies: false,
         }
     }
 
@@ -105,6 +108,14 @@ impl AdminOptions {
         let expected = Arc::clone(&token);
         self.authorize = Arc::new(move |parts: &Parts| guard::token_matches(parts, &expected));
         self.token = Some(token);
+        self
+    }
+
+    /// Marks the router's cookies (the CSRF token, the login) `Secure`, so that the browser
+    /// sends them over HTTPS only: for an admin page served over HTTPS, as it should be
+    /// anywhere but on a loopback address.
+    pub fn secure_cookies(mut self, secure: bool) -> Self {
+        self.secure_cookies = secure;
         self
     }
 

@@ -54,7 +54,7 @@ fn page_with(ctx: &Ctx, status: StatusCode, title: &str, body: &str) -> Response
     let mut response = (status, Html(layout(&ctx.base, title, body, Some(ctx)))).into_response();
     secure(&mut response);
     if ctx.new_csrf
-        && let Some(cookie) = set_cookie(&ctx.base, CSRF_COOKIE, &ctx.csrf)
+        && let Some(cookie) = set_cookie(ctx, CSRF_COOKIE, &ctx.csrf)
     {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
@@ -838,7 +838,7 @@ async fn login(
     }
     let mut response =
         Redirect::to(&format!("{}?done=login", html::home(&ctx.base))).into_response();
-    if let Some(cookie) = set_cookie(&ctx.base, LOGIN_COOKIE, &hex(token)) {
+    if let Some(cookie) = set_cookie(ctx, LOGIN_COOKIE, &hex(token)) {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
     Ok(response)
@@ -852,7 +852,7 @@ async fn logout(
     attempt.check_csrf(form.csrf.as_deref())?;
     let ctx = &attempt.ctx;
     let mut response = Redirect::to(&format!("{}/login?done=logout", ctx.base)).into_response();
-    if let Some(cookie) = set_cookie(&ctx.base, LOGIN_COOKIE, "") {
+    if let Some(cookie) = set_cookie(ctx, LOGIN_COOKIE, "") {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
     Ok(response)

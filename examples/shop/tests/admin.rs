@@ -210,9 +210,17 @@ async fn admin(backend: Backend) {
     // Every page renders what the store holds.
     let page = browser.get("/admin").await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let set_cookie = page.headers[header::SET_COOKIE].to_str().unwrap();
     assert!(
-        page.cookie("inseam_admin_csrf").is_some(),
-        "the CSRF cookie is set"
+        set_cookie.starts_with("inseam_admin_csrf=")
+            && set_cookie.ends_with("; Path=/admin; HttpOnly; SameSite=Strict"),
+        "the CSRF cookie: {set_cookie}"
+    );
+    assert_eq!(
+        page.headers[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap(),
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     );
     assert!(
         page.body.contains("<svg class=\"flow\""),
