@@ -570,7 +570,10 @@ async fn a_message_is_found_by_its_id(backend: Backend) {
         [("notes".to_owned(), 2)]
     );
     let id = a.message_uuid().unwrap();
-    assert_eq!(store.dead_letters_of(id).await.unwrap(), [a.clone()]);
+    assert_eq!(
+        store.dead_letters_of(id).await.unwrap(),
+        std::slice::from_ref(&a)
+    );
     let envelope = inseam::RawEnvelope::from_json(&a.envelope).unwrap();
     assert_eq!(
         store.correlation_of(id).await.unwrap(),
