@@ -441,6 +441,36 @@ async fn admin(backend: Backend) {
         refused.body.contains("&quot;customer&quot;: 7"),
         "what was typed is kept"
     );
+    let by_tool = |body: &'static str| {
+        Request::post(format!("/admin/dead-letters/{id}/payload"))
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header(header::ACCEPT, "application/json")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let answer = browser
+        .send(by_tool("payload=%7B%22order_id%22%3A%22o-2%22%7D"))
+        .await;
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error = answer.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.starts_with(&format!(
+            "dead letter {id} was not repaired: group `notifications` cannot read the new payload"
+        )) && error.contains("missing field `customer`"),
+        "{error}"
+    );
+    let answer = browser.send(by_tool("text=hello")).await;
+    assert_eq!(
+        (answer.status, answer.json()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            serde_json::json!({"error": "the form has no `payload` field"})
+        )
+    );
     assert_eq!(store.dead_letter(id).await.unwrap(), letter);
     let repaired = browser
         .post(
