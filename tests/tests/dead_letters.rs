@@ -557,7 +557,40 @@ async fn a_durable_command_is_repaired(backend: Backend) {
     assert!(all_letters(&store).await.is_empty());
 }
 
+/// The admin queries: the dead letters per group, a message's dead letters, and the flow a
+/// message belongs to.
+async fn a_message_is_found_by_its_id(backend: Backend) {
+    let (_db, store, app, runs) = setup(backend, "dl_find").await;
+    assert_eq!(store.dead_letter_depths().await.unwrap(), []);
+    runs.switch_off(true);
+    let a = dead_letter_of(&store, &app, note("a", "first", 1)).await;
+    let b = dead_letter_of(&store, &app, note("b", "second", 2)).await;
+    assert_eq!(
+        store.dead_letter_depths().await.unwrap(),
+        [("notes".to_owned(), 2)]
+    );
+    let id = a.message_uuid().unwrap();
+    assert_eq!(
+        store.dead_letters_of(id).await.unwrap(),
+        std::slice::from_ref(&a)
+    );
+    let envelope = inseam::RawEnvelope::from_json(&a.envelope).unwrap();
+    assert_eq!(
+        store.correlation_of(id).await.unwrap(),
+        Some(envelope.metadata.correlation_id)
+    );
+    let unknown = uuid::Uuid::now_v7();
+    assert_eq!(store.correlation_of(unknown).await.unwrap(), None);
+    assert_eq!(store.dead_letters_of(unknown).await.unwrap(), []);
+    store.discard_dead_letter(b.id).await.unwrap();
+    assert_eq!(
+        store.dead_letter_depths().await.unwrap(),
+        [("notes".to_owned(), 1)]
+    );
+}
+
 inseam_tests::on_every_backend!(
+    a_message_is_found_by_its_id,
     ids_are_never_reused,
     concurrent_retries_and_discards,
     a_repaired_dead_letter_is_delivered_repaired,

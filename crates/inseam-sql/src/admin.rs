@@ -196,6 +196,56 @@ impl SqlStore {
         DeadLetter::from_row(&row).context("read a dead letter")
     }
 
+    /// The number of dead letters of each group that has any, sorted by group.
+    pub async fn dead_letter_depths(&self) -> Result<Vec<(String, i64)>> {
+        let p = &self.shared.sql.prefix;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT grp, COUNT(*) FROM {p}dead_letters GROUP BY grp ORDER BY grp"
+        )))
+        .fetch_all(&self.shared.pool)
+        .await
+        .context("count the dead letters per group")?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .context("count the dead letters per group")
+    }
+
+    /// The dead letters of the message `message_id` (one per group that gave up on it).
+    pub async fn dead_letters_of(&self, message_id: Uuid) -> Result<Vec<DeadLetter>> {
+        let p = &self.shared.sql.prefix;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT id, grp, message_id, name, version, msg_key, envelope, error, attempts, first_failed_at, last_failed_at
+             FROM {p}dead_letters WHERE message_id = $1 ORDER BY id"
+        )))
+        .bind(message_id.to_string())
+        .fetch_all(&self.shared.pool)
+        .await
+        .context("find a message's dead letters")?;
+        rows.iter()
+            .map(DeadLetter::from_row)
+            .collect::<Result<_, _>>()
+            .context("read dead letters")
+    }
+
+    /// The correlation id of the flow the message `message_id` belongs to, when the outbox
+    /// still holds the message (`None` when it never did or the retention pruned it).
+    pub async fn correlation_of(&self, message_id: Uuid) -> Result<Option<Uuid>> {
+        let p = &self.shared.sql.prefix;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT correlation_id FROM {p}outbox WHERE message_id = $1"
+        )))
+        .bind(message_id.to_string())
+        .fetch_optional(&self.shared.pool)
+        .await
+        .context("find a message")?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let correlation: Option<String> = row.try_get(0).context("find a message")?;
+        Ok(correlation.and_then(|c| c.parse().ok()))
+    }
+
     /// Puts a dead letter back in its group's queue, due now, with a fresh attempt count.
     ///
     /// The message is delivered as the dead letter holds it (as [`repair_dead_letter`]

@@ -54,6 +54,10 @@ pub use inseam_core::{
     registry, routing, saga, store, transport, upcast,
 };
 
+/// The admin web page (feature `admin`): the flow diagram, group lag, dead letters (retry,
+/// discard, repair) and flows, as an axum router to mount.
+#[cfg(feature = "admin")]
+pub use inseam_admin as admin;
 /// The RabbitMQ (AMQP 0.9.1) transport (feature `amqp`): a group's events consumed durably in
 /// another process, in per-key order.
 #[cfg(feature = "amqp")]

@@ -1,6 +1,10 @@
 //! The shop's HTTP API (`cargo run -p shop -- serve`): place an order, read an order, list a
 //! customer's orders, list, repair and retry dead letters. Bad input gets a 4xx with a JSON body
 //! `{"error": "..."}` that says what was wrong, and nothing is written.
+//!
+//! [`router_with_admin`] adds inseam's admin page under `/admin`
+//! ([`inseam::admin`]): changes there need the token of `SHOP_ADMIN_TOKEN`, typed into its
+//! login form (`/admin/login`, which sets a cookie) or sent as `Authorization: Bearer <token>`.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -8,6 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use inseam::admin::AdminOptions;
 use inseam::sql::SqlStore;
 use inseam::{App, DispatchError};
 use serde::{Deserialize, Serialize};
@@ -31,6 +36,18 @@ pub fn router(app: App, store: SqlStore) -> Router {
         .route("/dead-letters/{id}/payload", put(repair_dead_letter))
         .route("/dead-letters/{id}/retry", post(retry_dead_letter))
         .with_state(Shop { app, store })
+}
+
+/// The API's routes, and the admin page under `/admin`. With `admin_token`, whoever presents
+/// it (at `/admin/login`, or as a bearer token) may retry, discard and repair dead letters and
+/// pause groups; without, the admin page only reads.
+pub fn router_with_admin(app: App, store: SqlStore, admin_token: Option<String>) -> Router {
+    let options = AdminOptions::new().title("inseam shop");
+    let options = match admin_token {
+        Some(token) => options.token(token),
+        None => options,
+    };
+    router(app.clone(), store.clone()).nest("/admin", inseam::admin::router(app, store, options))
 }
 
 /// An error as the API answers it.

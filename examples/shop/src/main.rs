@@ -4,7 +4,9 @@
 //! timeline of each flow.
 //!
 //! `cargo run -p shop -- serve [address]`: the HTTP API (default `127.0.0.1:3000`) on
-//! `SHOP_DATABASE_URL` (default `sqlite://shop.db`), until Ctrl-C.
+//! `SHOP_DATABASE_URL` (default `sqlite://shop.db`), until Ctrl-C, with the admin page at
+//! `/admin`; with `SHOP_ADMIN_TOKEN` set, whoever logs in there with that token (or sends it as
+//! `Authorization: Bearer <token>`) may retry, discard and repair dead letters.
 //!
 //! `cargo run -p shop -- catalog [directory]`: writes the message catalog (`catalog.md`,
 //! `asyncapi.yaml`, `flow.mmd`) from the app's registrations, and the same for the shop split
@@ -95,13 +97,26 @@ async fn serve(address: &str) -> Result<(), ShopError> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| ShopError::Dispatch(format!("cannot listen on {address}: {e}")))?;
-    show(&format!("inseam shop on {url}, serving http://{address}\n"));
-    axum::serve(listener, shop::http::router(app, store))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| ShopError::Dispatch(e.to_string()))?;
+    let admin_token = std::env::var("SHOP_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let changes = if admin_token.is_some() {
+        "log in with SHOP_ADMIN_TOKEN to change anything"
+    } else {
+        "read only: set SHOP_ADMIN_TOKEN to allow changes"
+    };
+    show(&format!(
+        "inseam shop on {url}, serving http://{address} (admin page: http://{address}/admin, {changes})\n"
+    ));
+    axum::serve(
+        listener,
+        shop::http::router_with_admin(app, store, admin_token),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+    .map_err(|e| ShopError::Dispatch(e.to_string()))?;
     relay.shutdown().await;
     Ok(())
 }
