@@ -25,6 +25,7 @@ mod bridge;
 mod conn;
 mod deferred;
 mod error;
+pub mod metrics;
 mod projection;
 mod relay;
 mod sql;

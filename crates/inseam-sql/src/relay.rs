@@ -237,8 +237,13 @@ struct AfterHandler(#[source] crate::error::Error);
 
 async fn worker(store: SqlStore, app: App, group: &'static str, cancel: CancellationToken) {
     let (store_ref, app) = (&store, &app);
-    run_batches(store_ref, group, &cancel, "relay batch", move || {
-        deliver_batch(store_ref, app, group)
+    run_batches(store_ref, group, &cancel, "relay batch", move || async move {
+        let started = std::time::Instant::now();
+        let outcome = deliver_batch(store_ref, app, group).await;
+        if matches!(&outcome, Ok(batch) if batch.claimed > 0) {
+            crate::metrics::batch(group, started.elapsed());
+        }
+        outcome
     })
     .await;
 }
@@ -457,6 +462,7 @@ async fn deliver_together(
         .delivered
         .fetch_add(rows.len() as u64, Ordering::Relaxed);
     shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::delivered(group, rows.len());
     Ok(true)
 }
 
@@ -610,6 +616,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         delete_delivery(&mut unit, row.id).await?;
         unit.commit_unit().await.context("skip a duplicate")?;
         shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::duplicate(group);
         tracing::info!(target: "inseam::relay", group, message_id = %row.message_id, "redelivery skipped: already in the inbox");
         return Ok(One::Duplicate);
     }
@@ -642,6 +649,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
                     shared.wake();
                 }
                 shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::delivered(group, 1);
                 return Ok(One::Delivered);
             }
             // Refused after the handler returned `Ok` (PostgreSQL refuses everything in a
@@ -720,9 +728,15 @@ async fn settle(
         .await
         .context("record a failed delivery")?;
     match retry_at {
-        Some(_) => shared.stats.retried.fetch_add(1, Ordering::Relaxed),
-        None => shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed),
-    };
+        Some(_) => {
+            shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::retried(group);
+        }
+        None => {
+            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::dead_lettered(group);
+        }
+    }
     if failure.halt {
         tracing::error!(target: "inseam::relay", group, error = %failure.chain, "group stopped; resume it with `store.resume(..)` once fixed");
     }

@@ -25,6 +25,7 @@ pub mod notifications;
 pub mod orders;
 pub mod payments;
 pub mod shipping;
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,6 +295,7 @@ pub async fn app_for(
     for transport in &deployment.transports {
         builder = builder.transport_arc(Arc::clone(transport));
     }
+    let builder = telemetry::observe(builder);
     Ok(configure(builder, store, world).build().await?)
 }
 
