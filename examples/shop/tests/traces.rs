@@ -162,7 +162,7 @@ async fn one_order_is_one_trace_from_the_request_to_every_subscriber() {
     let request = spans
         .iter()
         .find(|s| {
-            s.name == "http_request"
+            s.name == "POST /orders"
                 && attribute(s, "url.path").as_deref() == Some("/orders")
                 && attribute(s, "http.request.method").as_deref() == Some("POST")
         })
