@@ -194,7 +194,10 @@ impl AppBuilder {
     /// a subscriber's spans join the trace of the request that published the event, also in
     /// another process (`inseam::otel::OtelPropagation` for OpenTelemetry). Without it nothing
     /// is written to headers and dispatch does no propagation work.
-    pub fn trace_propagation(mut self, propagation: impl crate::propagation::TracePropagation) -> Self {
+    pub fn trace_propagation(
+        mut self,
+        propagation: impl crate::propagation::TracePropagation,
+    ) -> Self {
         self.propagation = Some(Arc::new(propagation));
         self
     }

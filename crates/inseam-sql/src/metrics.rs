@@ -48,12 +48,7 @@ pub(crate) fn consumed(transport: &'static str, group: &'static str, messages: u
 }
 
 /// Sets the backlog gauges of `group`.
-pub(crate) fn backlog(
-    group: String,
-    pending: i64,
-    oldest: Option<Duration>,
-    dead_letters: i64,
-) {
+pub(crate) fn backlog(group: String, pending: i64, oldest: Option<Duration>, dead_letters: i64) {
     metrics::gauge!("inseam_lag_messages", "group" => group.clone()).set(pending as f64);
     metrics::gauge!("inseam_lag_oldest_seconds", "group" => group.clone())
         .set(oldest.map_or(0.0, |age| age.as_secs_f64()));

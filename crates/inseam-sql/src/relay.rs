@@ -237,14 +237,20 @@ struct AfterHandler(#[source] crate::error::Error);
 
 async fn worker(store: SqlStore, app: App, group: &'static str, cancel: CancellationToken) {
     let (store_ref, app) = (&store, &app);
-    run_batches(store_ref, group, &cancel, "relay batch", move || async move {
-        let started = std::time::Instant::now();
-        let outcome = deliver_batch(store_ref, app, group).await;
-        if matches!(&outcome, Ok(batch) if batch.claimed > 0) {
-            crate::metrics::batch(group, started.elapsed());
-        }
-        outcome
-    })
+    run_batches(
+        store_ref,
+        group,
+        &cancel,
+        "relay batch",
+        move || async move {
+            let started = std::time::Instant::now();
+            let outcome = deliver_batch(store_ref, app, group).await;
+            if matches!(&outcome, Ok(batch) if batch.claimed > 0) {
+                crate::metrics::batch(group, started.elapsed());
+            }
+            outcome
+        },
+    )
     .await;
 }
 

@@ -45,10 +45,9 @@ pub use inseam_core::{
     App, AppBuilder, BoxError, BuildError, Catalog, Codec, CodecError, Command, CommandContext,
     CommandHandler, Delivery, DeliveryError, DispatchError, DispatchFailure, DispatchRequest,
     DispatchResponse, DispatchService, Envelope, Event, EventContext, EventHandler, Extract,
-    Handler, HeaderError, HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata, MetricsLayer, Query,
-    QueryContext, QueryHandler, RawEnvelope, Registration, Routing, State, Stats, TraceLayer,
-    TracePropagation,
-    WireError, WiringProblem,
+    Handler, HeaderError, HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata,
+    MetricsLayer, Query, QueryContext, QueryHandler, RawEnvelope, Registration, Routing, State,
+    Stats, TraceLayer, TracePropagation, WireError, WiringProblem,
 };
 pub use inseam_core::{
     aggregate, catalog, clock, codec, envelope, error, extract, handler, message, middleware,
@@ -64,14 +63,14 @@ pub use inseam_amqp as amqp;
 #[cfg(feature = "kafka")]
 pub use inseam_kafka as kafka;
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
-/// OpenTelemetry (feature `otel`): trace context carried through the outbox and brokers in
-/// envelope headers, W3C `traceparent`/`tracestate`.
-#[cfg(feature = "otel")]
-pub use inseam_otel as otel;
 /// The NATS JetStream transport (feature `nats`): a group's events consumed durably in another
 /// process, in per-key order.
 #[cfg(feature = "nats")]
 pub use inseam_nats as nats;
+/// OpenTelemetry (feature `otel`): trace context carried through the outbox and brokers in
+/// envelope headers, W3C `traceparent`/`tracestate`.
+#[cfg(feature = "otel")]
+pub use inseam_otel as otel;
 /// The Redis Streams transport (feature `redis`): a group's events consumed durably in another
 /// process, in per-key order.
 #[cfg(feature = "redis")]

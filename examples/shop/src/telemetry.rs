@@ -170,10 +170,9 @@ impl SpanExporter for JsonLinesExporter {
             text.push('\n');
         }
         // The batch processor calls this on a thread of its own, not on the runtime's.
-        let mut file = self
-            .file
-            .lock()
-            .map_err(|_| OTelSdkError::InternalFailure("the span file's lock is poisoned".into()))?;
+        let mut file = self.file.lock().map_err(|_| {
+            OTelSdkError::InternalFailure("the span file's lock is poisoned".into())
+        })?;
         file.write_all(text.as_bytes())
             .and_then(|()| file.flush())
             .map_err(|e| OTelSdkError::InternalFailure(format!("cannot write spans: {e}")))

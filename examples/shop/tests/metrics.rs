@@ -133,8 +133,12 @@ async fn the_dead_letter_gauge_rises_with_a_dead_letter_and_falls_once_it_is_ret
         "{text}"
     );
     assert!(
-        sample(&text, "inseam_deliveries_total", r#"group="orders.fulfilment""#)
-            .is_some_and(|n| n >= 4.0),
+        sample(
+            &text,
+            "inseam_deliveries_total",
+            r#"group="orders.fulfilment""#
+        )
+        .is_some_and(|n| n >= 4.0),
         "{text}"
     );
     assert!(

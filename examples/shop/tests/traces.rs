@@ -144,7 +144,12 @@ async fn one_order_is_one_trace_from_the_request_to_every_subscriber() {
     .await;
     assert_eq!(status, 201, "{body}");
     eventually(Duration::from_secs(20), "ann notified", || async {
-        let sent = app.query(SentTo { customer: "ann".into() }).await.unwrap();
+        let sent = app
+            .query(SentTo {
+                customer: "ann".into(),
+            })
+            .await
+            .unwrap();
         (!sent.is_empty()).then_some(())
     })
     .await;
