@@ -35,7 +35,7 @@ async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16
     (status, body)
 }
 
-fn attribute<'a>(span: &'a SpanData, key: &str) -> Option<String> {
+fn attribute(span: &SpanData, key: &str) -> Option<String> {
     span.attributes
         .iter()
         .find(|kv| kv.key.as_str() == key)
@@ -54,7 +54,7 @@ fn deliveries<'a>(spans: &'a [SpanData], group: &str, message: &str) -> Vec<&'a 
         .collect()
 }
 
-/// The one span `find` picks, and that every delivery of `(group, message)` is its child.
+/// Checks that every delivery of `(group, message)` is a child of `parent`; returns the first.
 fn children_of(spans: &[SpanData], parent: &SpanData, group: &str, message: &str) -> SpanId {
     let found = deliveries(spans, group, message);
     assert!(!found.is_empty(), "no delivery of {message} to {group}");
