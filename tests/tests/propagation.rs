@@ -33,9 +33,12 @@ impl TracePropagation for Stamp {
     }
 }
 
-/// What the subscribers saw: `(group, stamp)`.
+/// A group and the stamp its subscriber saw.
+type Sighting = (&'static str, Option<String>);
+
+/// What the subscribers saw.
 #[derive(Debug, Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(&'static str, Option<String>)>>>);
+struct Seen(Arc<Mutex<Vec<Sighting>>>);
 
 impl Seen {
     fn saw(&self, group: &'static str, headers: &Headers) {
@@ -43,7 +46,7 @@ impl Seen {
         self.0.lock().unwrap().push((group, stamp));
     }
 
-    fn all(&self) -> Vec<(&'static str, Option<String>)> {
+    fn all(&self) -> Vec<Sighting> {
         self.0.lock().unwrap().clone()
     }
 }
