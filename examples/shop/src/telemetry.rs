@@ -42,7 +42,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, ShopError> {
     }
     let handle = PrometheusBuilder::new()
         .install_recorder()
-        .map_err(|e| ShopError::Dispatch(format!("cannot install the metrics recorder: {e}")))?;
+        .map_err(|e| ShopError::Telemetry(format!("cannot install the metrics recorder: {e}")))?;
     Ok(METRICS.get_or_init(|| handle).clone())
 }
 
@@ -72,10 +72,10 @@ pub fn install_tracing(provider: SdkTracerProvider) -> Result<(), ShopError> {
                 })),
         )
         .try_init()
-        .map_err(|e| ShopError::Dispatch(format!("cannot install the tracing subscriber: {e}")))?;
+        .map_err(|e| ShopError::Telemetry(format!("cannot install the tracing subscriber: {e}")))?;
     TRACES
         .set(provider)
-        .map_err(|_| ShopError::Dispatch("tracing was installed twice".into()))
+        .map_err(|_| ShopError::Telemetry("tracing was installed twice".into()))
 }
 
 /// Logs to standard error only: standard output is the demo's.
@@ -132,7 +132,7 @@ impl JsonLinesExporter {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| ShopError::Dispatch(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| ShopError::Telemetry(format!("cannot open {}: {e}", path.display())))?;
         Ok(JsonLinesExporter {
             file: Mutex::new(file),
         })
