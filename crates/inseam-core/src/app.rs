@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, AggregateError, CacheUpdate, Loaded, Source};
@@ -173,6 +174,8 @@ pub(crate) struct Core {
     pub(crate) store: Option<Arc<dyn Store>>,
     /// Whether events no group subscribes to are written to the store's outbox too.
     pub(crate) keep_unsubscribed: bool,
+    /// Carries trace context in the headers of what is published, when the app has one.
+    pub(crate) propagation: Option<Arc<dyn crate::propagation::TracePropagation>>,
     pub(crate) source: Arc<str>,
     pub(crate) runtime: Handle,
     pub(crate) tasks: TaskTracker,
@@ -455,12 +458,14 @@ impl App {
         meta: MessageMeta,
     ) -> Result<(), DispatchError<Infallible>> {
         let metadata = meta.metadata(self);
+        let mut headers = meta.headers;
+        self.trace_into(&mut headers);
         let envelope = Envelope {
             metadata,
             key: event.key(),
             occurred_at: self.now(),
             source: self.source(),
-            headers: meta.headers,
+            headers,
             payload: event,
         };
         let pending = PendingEvent {
@@ -820,11 +825,37 @@ impl App {
         uow: &mut dyn UnitOfWork,
         replay: bool,
     ) -> Result<(), DeliveryFailure> {
-        match self.delivery_target(group, envelope)? {
-            (Target::Command(route), _) => route.deliver(self, envelope, uow).await,
-            (Target::Event(route), envelope) => {
-                route.deliver_raw(self, group, &envelope, uow, replay).await
+        let delivery = async {
+            match self.delivery_target(group, envelope)? {
+                (Target::Command(route), _) => route.deliver(self, envelope, uow).await,
+                (Target::Event(route), envelope) => {
+                    route.deliver_raw(self, group, &envelope, uow, replay).await
+                }
             }
+        };
+        // A span per delivery, as `TraceLayer` opens one per dispatch (a delivery from the
+        // store runs in the relay's unit of work, which no layer can wrap): the parent of
+        // what its subscriber does, and, with trace propagation, a child of the span that
+        // published the message.
+        let span = tracing::info_span!(
+            target: "inseam::relay",
+            "deliver",
+            group,
+            message_name = %envelope.name,
+            message_id = %envelope.metadata.message_id,
+            correlation_id = %envelope.metadata.correlation_id,
+        );
+        if let Some(propagation) = &self.inner.propagation {
+            propagation.set_parent(&span, &envelope.headers);
+        }
+        delivery.instrument(span).await
+    }
+
+    /// Writes the current trace context into `headers`, when the app carries trace context.
+    #[inline]
+    pub(crate) fn trace_into(&self, headers: &mut crate::envelope::Headers) {
+        if let Some(propagation) = &self.inner.propagation {
+            propagation.inject(headers);
         }
     }
 

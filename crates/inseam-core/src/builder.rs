@@ -35,6 +35,7 @@ pub struct AppBuilder {
     source: String,
     store: Option<Arc<dyn Store>>,
     keep_unsubscribed: bool,
+    propagation: Option<Arc<dyn crate::propagation::TracePropagation>>,
     durable: Vec<(&'static str, Box<dyn DurableRoute>)>,
     upcasters: Upcasters,
     clock: Arc<dyn Clock>,
@@ -57,6 +58,7 @@ impl Default for AppBuilder {
             source: "inseam".to_owned(),
             store: None,
             keep_unsubscribed: false,
+            propagation: None,
             durable: Vec::new(),
             upcasters: Upcasters::default(),
             clock: Arc::new(SystemClock),
@@ -80,6 +82,7 @@ impl fmt::Debug for AppBuilder {
             .field("source", &self.source)
             .field("store", &self.store)
             .field("keep_unsubscribed", &self.keep_unsubscribed)
+            .field("trace_propagation", &self.propagation.is_some())
             .field("routing", &self.routing)
             .field("transports", &self.transports)
             .finish()
@@ -182,6 +185,20 @@ impl AppBuilder {
     /// the price of one outbox row per such event. No effect without a store.
     pub fn keep_unsubscribed_events(mut self) -> Self {
         self.keep_unsubscribed = true;
+        self
+    }
+
+    /// Carries trace context with messages: every event and durable command published gets the
+    /// current span's context in its headers, and every delivery from the store runs in a span
+    /// (`deliver`, target `inseam::relay`) whose parent is the context its envelope carries, so
+    /// a subscriber's spans join the trace of the request that published the event, also in
+    /// another process (`inseam::otel::OtelPropagation` for OpenTelemetry). Without it nothing
+    /// is written to headers and dispatch does no propagation work.
+    pub fn trace_propagation(
+        mut self,
+        propagation: impl crate::propagation::TracePropagation,
+    ) -> Self {
+        self.propagation = Some(Arc::new(propagation));
         self
     }
 
@@ -467,6 +484,7 @@ impl AppBuilder {
                 resources: self.resources,
                 store: self.store,
                 keep_unsubscribed: self.keep_unsubscribed,
+                propagation: self.propagation,
                 source: Arc::from(self.source),
                 runtime,
                 tasks: TaskTracker::new(),

@@ -193,12 +193,14 @@ pub(crate) fn pending_keyed<E: Event>(
 ) -> PendingEvent {
     let metadata = MessageMeta::caused_by(parent).metadata(app);
     let key = event.key().or_else(|| fallback_key.map(str::to_owned));
+    let mut headers = Headers::new();
+    app.trace_into(&mut headers);
     let envelope = Envelope {
         metadata,
         key,
         occurred_at: app.now(),
         source: app.source(),
-        headers: Headers::new(),
+        headers,
         payload: event,
     };
     PendingEvent {

@@ -1002,7 +1002,8 @@ where
             source: Box::new(e),
         },
     })?;
-    let headers = meta.headers.clone();
+    let mut headers = meta.headers.clone();
+    app.trace_into(&mut headers);
     let envelope = RawEnvelope {
         metadata: meta.metadata(app),
         name: C::NAME.to_owned(),
@@ -1045,7 +1046,8 @@ pub(crate) fn durable_named_message(
             source: Box::new(e),
         },
     })?;
-    let headers = meta.headers.clone();
+    let mut headers = meta.headers.clone();
+    app.trace_into(&mut headers);
     Ok(OutboxMessage {
         envelope: RawEnvelope {
             metadata: meta.metadata(app),

@@ -21,6 +21,7 @@ pub mod extract;
 pub mod handler;
 pub mod message;
 pub mod middleware;
+pub mod propagation;
 pub mod registry;
 pub mod remote;
 pub mod routing;
@@ -44,8 +45,9 @@ pub use extract::{Extract, State};
 pub use handler::{CommandHandler, Delivery, EventHandler, Halt, Handler, QueryHandler, Reject};
 pub use message::{Command, Event, MessageKind, Query};
 pub use middleware::{
-    DispatchRequest, DispatchResponse, DispatchService, RetryOnConflict, TraceLayer,
+    DispatchRequest, DispatchResponse, DispatchService, MetricsLayer, RetryOnConflict, TraceLayer,
 };
+pub use propagation::TracePropagation;
 pub use registry::Registration;
 pub use routing::Routing;
 pub use store::{

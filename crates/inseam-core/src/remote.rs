@@ -159,6 +159,7 @@ pub(crate) fn channel(name: &str) -> String {
 
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::app::App;
 use crate::context::MessageMeta;
@@ -193,6 +194,8 @@ fn request_bytes<M>(
         .write(message)
         .and_then(|value| serde_json::to_vec(&serde_json::json!({ "message": value })))
         .map_err(|e| format!("the message did not encode: {e}"))?;
+    let mut headers = meta.headers.clone();
+    app.trace_into(&mut headers);
     let envelope = RawEnvelope {
         metadata: meta.metadata(app),
         name: name.to_owned(),
@@ -200,7 +203,7 @@ fn request_bytes<M>(
         key: None,
         occurred_at: app.now(),
         source: app.source().to_string(),
-        headers: meta.headers.clone(),
+        headers,
         content_type: "application/json".to_owned(),
         payload,
     };
@@ -367,7 +370,21 @@ where
             let (app, codec) = (app.clone(), codec.clone());
             tokio::spawn(async move {
                 let reply = match read_request(&codec.message, &request.payload) {
-                    Ok((message, meta)) => answer(&codec, run(app, message, meta).await),
+                    Ok((message, meta)) => {
+                        // As a delivery's: a child of the caller's span, when traced.
+                        let metadata = meta.metadata(&app);
+                        let span = tracing::info_span!(
+                            target: "inseam::remote",
+                            "serve",
+                            message_name = name,
+                            message_id = %metadata.message_id,
+                            correlation_id = %metadata.correlation_id,
+                        );
+                        if let Some(propagation) = &app.inner.propagation {
+                            propagation.set_parent(&span, &meta.headers);
+                        }
+                        answer(&codec, run(app, message, meta).instrument(span).await)
+                    }
                     Err(reason) => Answer::Failure(reason),
                 };
                 if let Err(error) = request.responder.respond(reply.to_bytes()).await {

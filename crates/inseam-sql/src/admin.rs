@@ -148,6 +148,51 @@ impl SqlStore {
         })
     }
 
+    /// The dead letters waiting per group, sorted by group (groups without any are left out).
+    pub async fn dead_letter_depths(&self) -> Result<Vec<(String, i64)>> {
+        let sql = format!(
+            "SELECT grp, COUNT(*) FROM {}dead_letters GROUP BY grp ORDER BY grp",
+            self.shared.sql.prefix
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.shared.pool)
+            .await
+            .context("count the dead letters per group")?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .context("count the dead letters per group")
+    }
+
+    /// Samples the backlog into gauges of the [`metrics`](crate::metrics) facade, per group:
+    /// `inseam_lag_messages` (deliveries waiting), `inseam_lag_oldest_seconds` (the oldest
+    /// one's age) and `inseam_dead_letter_depth`. Every group of `app` gets all three, `0`
+    /// when it has nothing waiting, so a gauge falls back once its backlog is gone. Call it
+    /// when metrics are scraped, or from a periodic task.
+    pub async fn record_gauges(&self, app: &inseam_core::App) -> Result<Lag> {
+        let lag = self.lag().await?;
+        let depths = self.dead_letter_depths().await?;
+        let mut groups: Vec<String> = app.groups().iter().map(|g| (*g).to_owned()).collect();
+        groups.extend(lag.groups.iter().map(|g| g.group.clone()));
+        groups.extend(depths.iter().map(|(g, _)| g.clone()));
+        groups.sort_unstable();
+        groups.dedup();
+        for group in groups {
+            let waiting = lag.groups.iter().find(|g| g.group == group);
+            let depth = depths
+                .iter()
+                .find(|(g, _)| *g == group)
+                .map_or(0, |(_, n)| *n);
+            crate::metrics::backlog(
+                group,
+                waiting.map_or(0, |g| g.pending),
+                waiting.and_then(|g| g.oldest_age),
+                depth,
+            );
+        }
+        Ok(lag)
+    }
+
     /// Deletes what the retention policy lets go: outbox rows delivered to every group and
     /// older than `outbox_retention`, inbox rows older than `inbox_retention`.
     pub async fn prune(&self) -> Result<Pruned> {
@@ -194,21 +239,6 @@ impl SqlStore {
             .context("read a dead letter")?
             .ok_or(Error::DeadLetterNotFound { id })?;
         DeadLetter::from_row(&row).context("read a dead letter")
-    }
-
-    /// The number of dead letters of each group that has any, sorted by group.
-    pub async fn dead_letter_depths(&self) -> Result<Vec<(String, i64)>> {
-        let p = &self.shared.sql.prefix;
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT grp, COUNT(*) FROM {p}dead_letters GROUP BY grp ORDER BY grp"
-        )))
-        .fetch_all(&self.shared.pool)
-        .await
-        .context("count the dead letters per group")?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .context("count the dead letters per group")
     }
 
     /// The dead letters of the message `message_id` (one per group that gave up on it).

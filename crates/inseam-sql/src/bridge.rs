@@ -311,6 +311,7 @@ impl<'a> Publisher<'a> {
             .await
             .context("commit what was published")?;
         shared.stats.published(sent.len());
+        crate::metrics::published(self.transport.name(), sent.len());
         Ok(retry_at)
     }
 }
@@ -428,6 +429,7 @@ pub(crate) async fn consumer(store: SqlStore, inbound: Inbound, cancel: Cancella
         match stage(&store, group, &batch).await {
             Ok(()) => {
                 failures = 0;
+                crate::metrics::consumed(transport.name(), group, batch.len());
                 store.shared.wake();
                 // Only now, with the messages committed here, does the broker let go of them.
                 let acks = batch.iter().map(|message| message.ack());

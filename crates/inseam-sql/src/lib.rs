@@ -27,6 +27,7 @@ mod bridge;
 mod conn;
 mod deferred;
 mod error;
+pub mod metrics;
 mod position;
 mod projection;
 mod relay;

@@ -264,9 +264,20 @@ struct AfterHandler(#[source] crate::error::Error);
 
 async fn worker(store: SqlStore, app: App, group: &'static str, cancel: CancellationToken) {
     let (store_ref, app) = (&store, &app);
-    run_batches(store_ref, group, &cancel, "relay batch", move || {
-        deliver_round(store_ref, app, group, false)
-    })
+    run_batches(
+        store_ref,
+        group,
+        &cancel,
+        "relay batch",
+        move || async move {
+            let started = std::time::Instant::now();
+            let outcome = deliver_round(store_ref, app, group, false).await;
+            if matches!(&outcome, Ok(batch) if batch.claimed > 0) {
+                crate::metrics::batch(group, started.elapsed());
+            }
+            outcome
+        },
+    )
     .await;
 }
 
@@ -527,6 +538,7 @@ pub(crate) async fn deliver_together(
         .delivered
         .fetch_add(rows.len() as u64, Ordering::Relaxed);
     shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::delivered(group, rows.len());
     Ok(true)
 }
 
@@ -680,6 +692,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
         delete_delivery(&mut unit, row.id).await?;
         unit.commit_unit().await.context("skip a duplicate")?;
         shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::duplicate(group);
         tracing::info!(target: "inseam::relay", group, message_id = %row.message_id, "redelivery skipped: already in the inbox");
         return Ok(One::Duplicate);
     }
@@ -712,6 +725,7 @@ async fn deliver_one(store: &SqlStore, app: &App, group: &'static str, id: i64) 
                     shared.wake();
                 }
                 shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::delivered(group, 1);
                 return Ok(One::Delivered);
             }
             // Refused after the handler returned `Ok` (PostgreSQL refuses everything in a
@@ -790,9 +804,15 @@ async fn settle(
         .await
         .context("record a failed delivery")?;
     match retry_at {
-        Some(_) => shared.stats.retried.fetch_add(1, Ordering::Relaxed),
-        None => shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed),
-    };
+        Some(_) => {
+            shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::retried(group);
+        }
+        None => {
+            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::dead_lettered(group);
+        }
+    }
     if failure.halt {
         tracing::error!(target: "inseam::relay", group, error = %failure.chain, "group stopped; resume it with `store.resume(..)` once fixed");
     }

@@ -45,13 +45,13 @@ pub use inseam_core::{
     App, AppBuilder, BoxError, BuildError, Catalog, Codec, CodecError, Command, CommandContext,
     CommandHandler, Delivery, DeliveryError, DispatchError, DispatchFailure, DispatchRequest,
     DispatchResponse, DispatchService, Envelope, Event, EventContext, EventHandler, Extract,
-    Handler, HeaderError, HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata, Query,
-    QueryContext, QueryHandler, RawEnvelope, Registration, Routing, State, Stats, TraceLayer,
-    WireError, WiringProblem,
+    Handler, HeaderError, HeaderName, Headers, Json, MessageKind, MessageMeta, Metadata,
+    MetricsLayer, Query, QueryContext, QueryHandler, RawEnvelope, Registration, Routing, State,
+    Stats, TraceLayer, TracePropagation, WireError, WiringProblem,
 };
 pub use inseam_core::{
     aggregate, catalog, clock, codec, envelope, error, extract, handler, message, middleware,
-    registry, routing, saga, store, transport, upcast,
+    propagation, registry, routing, saga, store, transport, upcast,
 };
 
 /// The admin web page (feature `admin`): the flow diagram, group lag, dead letters (retry,
@@ -71,6 +71,10 @@ pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, q
 /// process, in per-key order.
 #[cfg(feature = "nats")]
 pub use inseam_nats as nats;
+/// OpenTelemetry (feature `otel`): trace context carried through the outbox and brokers in
+/// envelope headers, W3C `traceparent`/`tracestate`.
+#[cfg(feature = "otel")]
+pub use inseam_otel as otel;
 /// The Redis Streams transport (feature `redis`): a group's events consumed durably in another
 /// process, in per-key order.
 #[cfg(feature = "redis")]

@@ -1,5 +1,7 @@
 //! The shop's HTTP API (`cargo run -p shop -- serve`): place an order, read an order, list a
-//! customer's orders, list, repair and retry dead letters. Bad input gets a 4xx with a JSON body
+//! customer's orders, list, repair and retry dead letters, and the metrics as Prometheus text
+//! (`GET /metrics`, once [`install_metrics`](crate::telemetry::install_metrics) installed
+//! them). Every request runs in a span (`http_request`), the parent of the spans it causes. Bad input gets a 4xx with a JSON body
 //! `{"error": "..."}` that says what was wrong, and nothing is written.
 //!
 //! [`router_with_admin`] adds inseam's admin page under `/admin`
@@ -7,8 +9,9 @@
 //! login form (`/admin/login`, which sets a cookie) or sent as `Authorization: Bearer <token>`.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -16,6 +19,7 @@ use inseam::admin::AdminOptions;
 use inseam::sql::SqlStore;
 use inseam::{App, DispatchError};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use crate::orders::{CustomerOrders, GetOrder, OrderError, OrderLine, OrderSummary, PlaceOrder};
 
@@ -35,6 +39,8 @@ pub fn router(app: App, store: SqlStore) -> Router {
         .route("/dead-letters", get(dead_letters))
         .route("/dead-letters/{id}/payload", put(repair_dead_letter))
         .route("/dead-letters/{id}/retry", post(retry_dead_letter))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn(traced))
         .with_state(Shop { app, store })
 }
 
@@ -48,6 +54,41 @@ pub fn router_with_admin(app: App, store: SqlStore, admin_token: Option<String>)
         None => options,
     };
     router(app.clone(), store.clone()).nest("/admin", inseam::admin::router(app, store, options))
+}
+
+/// Runs a request in a span of its own, which the spans of its commands and queries (and,
+/// through the outbox, of their deliveries) are children of.
+async fn traced(request: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        target: "shop::http",
+        "http_request",
+        otel.name = %format!("{} {}", request.method(), request.uri().path()),
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+/// The metrics as Prometheus text, with the backlog gauges sampled now.
+async fn metrics(State(shop): State<Shop>) -> Result<Response, ApiError> {
+    let Some(handle) = crate::telemetry::metrics() else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "metrics are off: the process did not install them".into(),
+        ));
+    };
+    shop.store
+        .record_gauges(&shop.app)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response())
 }
 
 /// An error as the API answers it.

@@ -25,6 +25,7 @@ pub mod notifications;
 pub mod orders;
 pub mod payments;
 pub mod shipping;
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,10 @@ pub enum ShopError {
     /// The Kafka transport could not be set up.
     #[error("the Kafka transport could not be set up")]
     Kafka(#[source] inseam::kafka::KafkaError),
+    /// Metrics or traces could not be set up (a recorder or subscriber was already
+    /// installed, a span file cannot be opened).
+    #[error("{0}")]
+    Telemetry(String),
     /// The routing names a transport the shop does not know.
     #[error(
         "process `{process}` is reached over transport `{transport}`, which the shop does not provide (it provides `nats`, `redis`, `amqp` and `kafka`)"
@@ -294,6 +299,7 @@ pub async fn app_for(
     for transport in &deployment.transports {
         builder = builder.transport_arc(Arc::clone(transport));
     }
+    let builder = telemetry::observe(builder);
     Ok(configure(builder, store, world).build().await?)
 }
 

@@ -5,8 +5,12 @@
 //!
 //! `cargo run -p shop -- serve [address]`: the HTTP API (default `127.0.0.1:3000`) on
 //! `SHOP_DATABASE_URL` (default `sqlite://shop.db`), until Ctrl-C, with the admin page at
-//! `/admin`; with `SHOP_ADMIN_TOKEN` set, whoever logs in there with that token (or sends it as
-//! `Authorization: Bearer <token>`) may retry, discard and repair dead letters.
+//! `/admin` and its metrics as Prometheus text at `GET /metrics`; with `SHOP_ADMIN_TOKEN` set,
+//! whoever logs in at `/admin` with that token (or sends it as `Authorization: Bearer <token>`)
+//! may retry, discard and repair dead letters.
+//!
+//! `SHOP_TRACES=<file>` (any mode): the process's spans, exported through OpenTelemetry, are
+//! written to that file, one JSON object a line (`shop::telemetry`).
 //!
 //! `cargo run -p shop -- catalog [directory]`: writes the message catalog (`catalog.md`,
 //! `asyncapi.yaml`, `flow.mmd`) from the app's registrations, and the same for the shop split
@@ -29,14 +33,12 @@ use shop::{Deployment, ShopError, World};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Logs go to standard error: standard output is the demo's.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    // Logs go to standard error: standard output is the demo's. `SHOP_TRACES=<file>`: spans
+    // to that file too.
+    if let Err(error) = shop::telemetry::from_env() {
+        eprintln!("shop: {error}");
+        return ExitCode::FAILURE;
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let outcome = match args.first().map(String::as_str) {
         None => demo().await,
@@ -47,6 +49,7 @@ async fn main() -> ExitCode {
             "unknown mode `{other}`: run without arguments for the demo, `serve [address]` or `catalog [directory]`"
         ))),
     };
+    shop::telemetry::shutdown_tracing();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -81,6 +84,8 @@ async fn catalog(dir: &str) -> Result<(), ShopError> {
 }
 
 async fn serve(address: &str) -> Result<(), ShopError> {
+    // Counted from the start, served at `GET /metrics`.
+    shop::telemetry::install_metrics()?;
     let deployment = Deployment::from_env().await?;
     let world = World::default();
     if !deployment.is_main() {

@@ -131,8 +131,12 @@ fn without_uuids(line: &str) -> String {
 
 /// Starts the billing process and waits for the line that says it runs.
 fn start_billing(split: &Split, db_url: &str) -> Child {
-    let mut child = split
-        .command(db_url, Some("billing"))
+    start_billing_with(split.command(db_url, Some("billing")))
+}
+
+/// Starts the billing process as `command` says and waits for the line that says it runs.
+fn start_billing_with(mut command: Command) -> Child {
+    let mut child = command
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the billing process");
@@ -415,4 +419,148 @@ async fn the_demo_split_in_two_processes(broker: Broker) {
         "the demo's main process ran in {demo:?}; {:?} in all",
         started.elapsed()
     );
+}
+
+/// A span as `SHOP_TRACES` writes it.
+#[derive(Debug, Clone)]
+struct Span {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    name: String,
+    attributes: serde_json::Value,
+}
+
+impl Span {
+    fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).and_then(|v| v.as_str())
+    }
+
+    fn delivers(&self, group: &str, message: &str) -> bool {
+        self.name == "deliver"
+            && self.attribute("group") == Some(group)
+            && self.attribute("message_name") == Some(message)
+    }
+}
+
+fn spans(path: &Path) -> Vec<Span> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read the spans in {}: {e}", path.display()));
+    text.lines()
+        .map(|line| {
+            let json: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            let field = |key: &str| json[key].as_str().unwrap_or_default().to_owned();
+            Span {
+                trace_id: field("trace_id"),
+                span_id: field("span_id"),
+                parent_span_id: field("parent_span_id"),
+                name: field("name"),
+                attributes: json["attributes"].clone(),
+            }
+        })
+        .collect()
+}
+
+/// How many messages `spans` deliver (a message delivered again after a failed batch has a
+/// span per attempt).
+fn messages(spans: &[&Span]) -> usize {
+    let mut ids: Vec<&str> = spans
+        .iter()
+        .filter_map(|s| s.attribute("message_id"))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.len()
+}
+
+/// The span of `spans` whose id is `id`.
+fn by_id<'a>(spans: &'a [Span], id: &str) -> Option<&'a Span> {
+    spans.iter().find(|s| s.span_id == id)
+}
+
+/// The demo split over NATS, each process writing its spans to a file (`SHOP_TRACES`): the
+/// billing process's deliveries of the saga's commands are in the traces of the main process's
+/// orders, children of the main process's deliveries that dispatched them, and the events
+/// billing answers with come back to the main process as children of billing's deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_split_over_nats_is_one_trace_across_both_processes() {
+    let _alone = inseam_tests::brokers::alone().await;
+    let server = Broker::Nats.start();
+    let dir = tempfile::tempdir().unwrap();
+    let split = Split::new(Broker::Nats, server.url(), dir.path());
+    let url = |file: &str| format!("sqlite://{}", dir.path().join(file).display());
+    let (main_traces, billing_traces) = (
+        dir.path().join("main.jsonl"),
+        dir.path().join("billing.jsonl"),
+    );
+
+    let mut billing = split.command(&url("billing.db"), Some("billing"));
+    billing.env("SHOP_TRACES", &billing_traces);
+    let billing = start_billing_with(billing);
+    let main = split
+        .command(&url("main.db"), None)
+        .env("SHOP_TRACES", &main_traces)
+        .output()
+        .expect("run the demo's main process");
+    let main = text(&main, "the demo's main process");
+    terminate(billing);
+    assert!(
+        main.contains("order-1 for alice, 25.00 EUR: confirmed"),
+        "{main}"
+    );
+    let main = spans(&main_traces);
+    let billing = spans(&billing_traces);
+
+    // Each order's command starts a trace in the main process.
+    let orders: Vec<&Span> = main
+        .iter()
+        .filter(|s| {
+            s.name == "dispatch" && s.attribute("message_name") == Some("orders.place_order")
+        })
+        .collect();
+    assert_eq!(orders.len(), 3, "{main:#?}");
+    assert!(orders.iter().all(|s| s.parent_span_id.is_empty()));
+    let traces: Vec<&str> = orders.iter().map(|s| s.trace_id.as_str()).collect();
+
+    // Billing charges order-1 and order-2 (order-3 is out of stock), and ships order-1.
+    for (command, count) in [("payments.charge", 2), ("shipping.create_shipment", 1)] {
+        let group = format!("command:{command}");
+        let delivered: Vec<&Span> = billing
+            .iter()
+            .filter(|s| s.delivers(&group, command))
+            .collect();
+        assert_eq!(messages(&delivered), count, "{command}: {billing:#?}");
+        for span in delivered {
+            assert!(
+                traces.contains(&span.trace_id.as_str()),
+                "{span:?} is in no order's trace"
+            );
+            let parent = by_id(&main, &span.parent_span_id)
+                .unwrap_or_else(|| panic!("the parent of {span:?} is no span of the main process"));
+            assert_eq!(parent.trace_id, span.trace_id);
+            assert!(
+                parent.name == "deliver" && parent.attribute("group") == Some("orders.fulfilment"),
+                "{command} was dispatched by the saga's delivery: {parent:?}"
+            );
+        }
+    }
+    // What billing answers comes back as children of billing's deliveries.
+    for (event, count) in [
+        ("payments.charged", 1),
+        ("payments.declined", 1),
+        ("shipping.shipment_created", 1),
+    ] {
+        let delivered: Vec<&Span> = main
+            .iter()
+            .filter(|s| s.delivers("orders.fulfilment", event))
+            .collect();
+        assert_eq!(messages(&delivered), count, "{event}: {main:#?}");
+        for span in delivered {
+            let parent = by_id(&billing, &span.parent_span_id)
+                .unwrap_or_else(|| panic!("the parent of {span:?} is no span of billing"));
+            assert_eq!(parent.trace_id, span.trace_id);
+            assert!(parent.name == "deliver", "{parent:?}");
+            assert!(traces.contains(&span.trace_id.as_str()));
+        }
+    }
 }
