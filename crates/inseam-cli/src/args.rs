@@ -13,7 +13,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "inseam", version, max_term_width = 100)]
 pub struct Args {
     /// The app's database: `sqlite://path` or `postgres://user@host/db`. Never migrated.
-    #[arg(long, env = "INSEAM_DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "INSEAM_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
 
     /// The prefix of inseam's tables, if the app sets one (default `inseam_`).
@@ -155,7 +160,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("`{text}` has an unknown unit `{unit}`: use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "`{text}` has an unknown unit `{unit}`: use s, m, h or d"
+            ));
+        }
     };
     Ok(Duration::from_secs(n.saturating_mul(seconds)))
 }

@@ -27,7 +27,7 @@ pub(crate) struct Cx<'a> {
     pub(crate) err: &'a mut dyn Write,
 }
 
-impl Cx<'_> {
+impl<'a> Cx<'a> {
     fn print(&mut self, text: &str) -> Result<(), Error> {
         self.out.write_all(text.as_bytes()).map_err(Error::Output)
     }
@@ -43,7 +43,7 @@ impl Cx<'_> {
         let _ = writeln!(self.err, "{text}");
     }
 
-    fn app(&self, command: &'static str) -> Result<&App, Error> {
+    fn app(&self, command: &'static str) -> Result<&'a App, Error> {
         self.app.ok_or(Error::NeedsApp { command })
     }
 }
@@ -144,7 +144,14 @@ async fn status(cx: &mut Cx<'_>) -> Result<Exit, Error> {
             .to_owned()
     } else {
         table(
-            &["GROUP", "PENDING", "OLDEST", "RATE (1 MIN)", "DEAD", "STATE"],
+            &[
+                "GROUP",
+                "PENDING",
+                "OLDEST",
+                "RATE (1 MIN)",
+                "DEAD",
+                "STATE",
+            ],
             &rows,
         )
     };
@@ -256,9 +263,9 @@ async fn show(cx: &mut Cx<'_>, id: i64) -> Result<Exit, Error> {
             object.insert("payload".into(), payload);
             object.insert(
                 "correlation_id".into(),
-                envelope
-                    .as_ref()
-                    .map_or(Value::Null, |e| e.metadata.correlation_id.to_string().into()),
+                envelope.as_ref().map_or(Value::Null, |e| {
+                    e.metadata.correlation_id.to_string().into()
+                }),
             );
             object.insert(
                 "envelope".into(),
@@ -480,7 +487,6 @@ fn delivery_json(delivery: &inseam_sql::FlowDelivery) -> Value {
         DeliveryState::DeadLettered { attempts, error } => {
             ("dead_letter", json!(attempts), json!(error))
         }
-        _ => ("unknown", Value::Null, Value::Null),
     };
     json!({ "group": delivery.group, "state": state, "attempts": attempts, "error": error })
 }
@@ -535,7 +541,7 @@ async fn flow(cx: &mut Cx<'_>, correlation_id: &str) -> Result<Exit, Error> {
 async fn pause(cx: &mut Cx<'_>, group: &str, reason: &str, force: bool) -> Result<Exit, Error> {
     match cx.app {
         Some(app) => {
-            if !app.groups().contains(&group) {
+            if !app.groups().iter().any(|g| *g == group) {
                 return Err(Error::UnknownGroup {
                     group: group.to_owned(),
                     context: format!("in this app (groups: {})", app.groups().join(", ")),
@@ -543,7 +549,10 @@ async fn pause(cx: &mut Cx<'_>, group: &str, reason: &str, force: bool) -> Resul
             }
         }
         None if !force => {
-            let status = cx.store.status(&[], Duration::from_secs(365 * 86_400)).await?;
+            let status = cx
+                .store
+                .status(&[], Duration::from_secs(365 * 86_400))
+                .await?;
             if !status.groups.iter().any(|g| g.group == group) {
                 return Err(Error::UnknownGroup {
                     group: group.to_owned(),

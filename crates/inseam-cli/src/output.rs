@@ -13,28 +13,30 @@ pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         }
     }
     let mut text = String::new();
-    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let mut out = String::new();
-        for (i, cell) in cells.enumerate() {
-            if i > 0 {
-                out.push_str("  ");
-            }
-            out.push_str(cell);
-            let pad = widths
-                .get(i)
-                .copied()
-                .unwrap_or_default()
-                .saturating_sub(cell.chars().count());
-            out.extend(std::iter::repeat_n(' ', pad));
-        }
-        text.push_str(out.trim_end());
-        text.push('\n');
-    };
-    line(&mut headers.iter().copied());
+    line(&mut text, &widths, headers.iter().copied());
     for row in rows {
-        line(&mut row.iter().map(String::as_str));
+        line(&mut text, &widths, row.iter().map(String::as_str));
     }
     text
+}
+
+/// One row of a table: `cells` padded to `widths`, without trailing spaces.
+fn line<'c>(text: &mut String, widths: &[usize], cells: impl Iterator<Item = &'c str>) {
+    let mut out = String::new();
+    for (i, cell) in cells.enumerate() {
+        if i > 0 {
+            out.push_str("  ");
+        }
+        out.push_str(cell);
+        let pad = widths
+            .get(i)
+            .copied()
+            .unwrap_or_default()
+            .saturating_sub(cell.chars().count());
+        out.extend(std::iter::repeat_n(' ', pad));
+    }
+    text.push_str(out.trim_end());
+    text.push('\n');
 }
 
 /// `450ms`, `12s`, `3m 12s`, `2h 5m`, `3d 4h`.
@@ -76,7 +78,10 @@ mod tests {
         assert_eq!(duration(Duration::from_secs(12)), "12s");
         assert_eq!(duration(Duration::from_secs(192)), "3m 12s");
         assert_eq!(duration(Duration::from_secs(7500)), "2h 5m");
-        assert_eq!(duration(Duration::from_secs(3 * 86_400 + 4 * 3600)), "3d 4h");
+        assert_eq!(
+            duration(Duration::from_secs(3 * 86_400 + 4 * 3600)),
+            "3d 4h"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use inseam::prelude::*;
 use inseam::sql::sqlx::{self, AssertSqlSafe, Row as _};
 use inseam::sql::{EventInfo, Model, Projection, RelayOptions, SqlStoreOptions, SqlTx};
 use inseam::{BoxError, MessageMeta};
-use inseam_cli::{Database, Exit};
+use inseam_cli::Database;
 use inseam_test::TestDatabase;
 use serde_json::Value;
 
@@ -195,7 +195,10 @@ async fn publish(store: &SqlStore, app: &App, correlation: uuid::Uuid, notes: Ve
 }
 
 async fn dead_letter_ids(store: &SqlStore) -> Vec<i64> {
-    let letters = store.dead_letters(0, 1000).await.expect("list dead letters");
+    let letters = store
+        .dead_letters(0, 1000)
+        .await
+        .expect("list dead letters");
     letters.iter().map(|l| l.id).collect()
 }
 
@@ -301,11 +304,7 @@ async fn standalone_commands(backend: Backend) {
     let status = inseam(&url, &["status"]).await.ok();
     assert!(status.out.starts_with("GROUP"), "{}", status.out);
     assert!(status.out.contains("notes"), "{}", status.out);
-    assert!(
-        status.out.contains("3 dead letter(s)"),
-        "{}",
-        status.out
-    );
+    assert!(status.out.contains("3 dead letter(s)"), "{}", status.out);
     let status = inseam(&url, &["--json", "status"]).await.ok().json();
     let notes = status["groups"]
         .as_array()
@@ -323,19 +322,28 @@ async fn standalone_commands(backend: Backend) {
     assert_eq!(status["outbox"]["retention_seconds"], 86_400.0);
 
     // dead-letters list and show.
-    let listed = inseam(&url, &["dead-letters", "list", "--json"]).await.ok().json();
+    let listed = inseam(&url, &["dead-letters", "list", "--json"])
+        .await
+        .ok()
+        .json();
     let listed = listed.as_array().expect("a list");
-    let listed_ids: Vec<i64> = listed.iter().map(|l| l["id"].as_i64().unwrap_or(0)).collect();
+    let listed_ids: Vec<i64> = listed
+        .iter()
+        .map(|l| l["id"].as_i64().unwrap_or(0))
+        .collect();
     assert_eq!(listed_ids, ids);
     assert_eq!(listed[0]["group"], "notes");
     assert_eq!(listed[0]["name"], "letters.noted");
     assert_eq!(listed[0]["attempts"], 1);
     let table = inseam(&url, &["dead-letters", "list"]).await.ok();
     assert!(table.out.contains("cannot take `poison`"), "{}", table.out);
-    let shown = inseam(&url, &["--json", "dead-letters", "show", &ids[0].to_string()])
-        .await
-        .ok()
-        .json();
+    let shown = inseam(
+        &url,
+        &["--json", "dead-letters", "show", &ids[0].to_string()],
+    )
+    .await
+    .ok()
+    .json();
     assert_eq!(shown["payload"]["text"], "poison");
     assert_eq!(shown["payload"]["topic"], "a");
     assert_eq!(shown["correlation_id"], flow.to_string());
@@ -359,7 +367,13 @@ async fn standalone_commands(backend: Backend) {
 
     // edit in $EDITOR (a sed script here): only checked to be JSON, which the command says.
     let edited = inseam_env(
-        &["--database-url", &url, "dead-letters", "edit", &ids[0].to_string()],
+        &[
+            "--database-url",
+            &url,
+            "dead-letters",
+            "edit",
+            &ids[0].to_string(),
+        ],
         &[("EDITOR", "sed -i s/poison/mended/")],
     )
     .await;
@@ -369,7 +383,10 @@ async fn standalone_commands(backend: Backend) {
         "{}",
         edited.err
     );
-    let letter = store.dead_letter(ids[0]).await.expect("still a dead letter");
+    let letter = store
+        .dead_letter(ids[0])
+        .await
+        .expect("still a dead letter");
     let envelope = inseam::RawEnvelope::from_json(&letter.envelope).expect("an envelope");
     let payload: Value = serde_json::from_slice(&envelope.payload).expect("JSON");
     assert_eq!(payload["text"], "mended");
@@ -381,7 +398,13 @@ async fn standalone_commands(backend: Backend) {
     let before = store.dead_letter(ids[1]).await.expect("a dead letter");
     let ran = inseam(
         &url,
-        &["dead-letters", "edit", &ids[1].to_string(), "--file", &bad.display().to_string()],
+        &[
+            "dead-letters",
+            "edit",
+            &ids[1].to_string(),
+            "--file",
+            &bad.display().to_string(),
+        ],
     )
     .await;
     assert_eq!(ran.code, 1, "{ran:?}");
@@ -396,10 +419,13 @@ async fn standalone_commands(backend: Backend) {
     assert_eq!(store.dead_letter(ids[1]).await.expect("unchanged"), before);
 
     // retry: the mended one is gone from the dead letters and delivered.
-    let retried = inseam(&url, &["--json", "dead-letters", "retry", &ids[0].to_string()])
-        .await
-        .ok()
-        .json();
+    let retried = inseam(
+        &url,
+        &["--json", "dead-letters", "retry", &ids[0].to_string()],
+    )
+    .await
+    .ok()
+    .json();
     assert_eq!(retried["retried"], serde_json::json!([ids[0]]));
     assert_eq!(dead_letter_ids(&store).await, ids[1..]);
     store.deliver_due(&app).await.expect("deliver");
@@ -416,25 +442,44 @@ async fn standalone_commands(backend: Backend) {
     assert_eq!(dead_letter_ids(&store).await, ids[2..]);
 
     // retry --all --group: back in the queue (pending), no dead letters left.
-    let ran = inseam(&url, &["dead-letters", "retry", "--all", "--group", "notes"])
-        .await
-        .ok();
+    let ran = inseam(
+        &url,
+        &["dead-letters", "retry", "--all", "--group", "notes"],
+    )
+    .await
+    .ok();
     assert_eq!(ran.out, format!("retried 1 dead letter(s): {}\n", ids[2]));
     assert!(dead_letter_ids(&store).await.is_empty());
     let lag = store.lag().await.expect("lag");
     assert_eq!(lag.groups.len(), 1);
-    assert_eq!((lag.groups[0].group.as_str(), lag.groups[0].pending), ("notes", 1));
+    assert_eq!(
+        (lag.groups[0].group.as_str(), lag.groups[0].pending),
+        ("notes", 1)
+    );
     // --all without --group is bad usage.
-    assert_eq!(inseam(&url, &["dead-letters", "retry", "--all"]).await.code, 2);
+    assert_eq!(
+        inseam(&url, &["dead-letters", "retry", "--all"]).await.code,
+        2
+    );
 
     // groups pause / resume.
-    let ran = inseam(&url, &["groups", "pause", "notes", "--reason", "maintenance"])
-        .await
-        .ok();
-    assert!(ran.out.starts_with("group `notes` paused (maintenance)"), "{}", ran.out);
+    let ran = inseam(
+        &url,
+        &["groups", "pause", "notes", "--reason", "maintenance"],
+    )
+    .await
+    .ok();
+    assert!(
+        ran.out.starts_with("group `notes` paused (maintenance)"),
+        "{}",
+        ran.out
+    );
     let paused = store.paused().await.expect("paused");
     assert_eq!(paused.len(), 1);
-    assert_eq!((paused[0].group.as_str(), paused[0].reason.as_str()), ("notes", "maintenance"));
+    assert_eq!(
+        (paused[0].group.as_str(), paused[0].reason.as_str()),
+        ("notes", "maintenance")
+    );
     let status = inseam(&url, &["status", "--json"]).await.ok().json();
     let notes = status["groups"]
         .as_array()
@@ -451,13 +496,23 @@ async fn standalone_commands(backend: Backend) {
     inseam(&url, &["groups", "resume", "notes"]).await.ok();
     assert!(store.paused().await.expect("paused").is_empty());
     let again = inseam(&url, &["groups", "resume", "notes"]).await;
-    assert_eq!((again.code, again.err.as_str()), (3, "inseam: group `notes` is not paused\n"));
+    assert_eq!(
+        (again.code, again.err.as_str()),
+        (3, "inseam: group `notes` is not paused\n")
+    );
     // A group the database never saw, unless forced.
     let typo = inseam(&url, &["groups", "pause", "nots"]).await;
     assert_eq!(typo.code, 3, "{typo:?}");
-    assert!(typo.err.starts_with("inseam: no group `nots` in this database"), "{}", typo.err);
+    assert!(
+        typo.err
+            .starts_with("inseam: no group `nots` in this database"),
+        "{}",
+        typo.err
+    );
     assert!(store.paused().await.expect("paused").is_empty());
-    inseam(&url, &["groups", "pause", "nots", "--force"]).await.ok();
+    inseam(&url, &["groups", "pause", "nots", "--force"])
+        .await
+        .ok();
     assert_eq!(store.paused().await.expect("paused")[0].group, "nots");
     inseam(&url, &["groups", "resume", "nots"]).await.ok();
 
@@ -466,43 +521,70 @@ async fn standalone_commands(backend: Backend) {
     let text = inseam(&url, &["flow", &flow.to_string()]).await.ok();
     let lines: Vec<&str> = text.out.lines().collect();
     assert_eq!(lines.len(), 8, "{}", text.out);
-    assert_eq!(lines[0], r#"message letters.noted {"n":1,"text":"poison","topic":"a"}"#);
+    assert_eq!(
+        lines[0],
+        r#"message letters.noted {"n":1,"text":"poison","topic":"a"}"#
+    );
     assert_eq!(lines[7], "  -> notes: handled");
     assert!(
         lines[5].starts_with("  -> notes: dead letter after 1 attempt(s): "),
         "{}",
         lines[5]
     );
-    let json = inseam(&url, &["flow", &flow.to_string(), "--json"]).await.ok().json();
+    let json = inseam(&url, &["flow", &flow.to_string(), "--json"])
+        .await
+        .ok()
+        .json();
     let messages = json["messages"].as_array().expect("messages");
     assert_eq!(messages.len(), 4);
     assert_eq!(messages[3]["payload"]["text"], "fine");
     assert_eq!(messages[3]["deliveries"][0]["state"], "handled");
     let bad = inseam(&url, &["flow", "not-a-uuid"]).await;
     assert_eq!(bad.code, 2);
-    assert!(bad.err.starts_with("inseam: `not-a-uuid` is not a correlation id (a UUID): "));
+    assert!(
+        bad.err
+            .starts_with("inseam: `not-a-uuid` is not a correlation id (a UUID): ")
+    );
     let none = uuid::Uuid::now_v7();
     let missing = inseam(&url, &["flow", &none.to_string()]).await;
     assert_eq!(missing.code, 3);
-    assert!(missing.err.starts_with(&format!("inseam: no flow {none} in the outbox")));
+    assert!(
+        missing
+            .err
+            .starts_with(&format!("inseam: no flow {none} in the outbox"))
+    );
 
     // outbox prune: nothing within the store's retention; everything delivered with 0s.
-    let pruned = inseam(&url, &["--json", "outbox", "prune"]).await.ok().json();
+    let pruned = inseam(&url, &["--json", "outbox", "prune"])
+        .await
+        .ok()
+        .json();
     assert_eq!(pruned["outbox"], 0);
     assert_eq!(pruned["outbox_retention_seconds"], 86_400.0);
     let pruned = inseam(&url, &["--json", "outbox", "prune", "--keep-outbox", "0s"])
         .await
         .ok()
         .json();
-    let status = store.status(&[], Duration::from_secs(60)).await.expect("status");
+    let status = store
+        .status(&[], Duration::from_secs(60))
+        .await
+        .expect("status");
     assert_eq!(status.outbox_rows, 0);
     assert_eq!(pruned["outbox"], 4);
 
     // The commands that need the app's code say so.
-    for args in [&["catalog"][..], &["projection", "rebuild", "ledger.balances"]] {
+    for args in [
+        &["catalog"][..],
+        &["projection", "rebuild", "ledger.balances"],
+    ] {
         let ran = inseam(&url, args).await;
         assert_eq!(ran.code, 2, "{ran:?}");
-        assert!(ran.err.contains("needs the app's code: run it from the app's own binary"), "{}", ran.err);
+        assert!(
+            ran.err
+                .contains("needs the app's code: run it from the app's own binary"),
+            "{}",
+            ran.err
+        );
     }
 
     // A newer schema than this binary's: refused, whatever the command.
@@ -513,7 +595,8 @@ async fn standalone_commands(backend: Backend) {
     let ran = inseam(&url, &["status"]).await;
     assert_eq!(ran.code, 4, "{ran:?}");
     assert!(
-        ran.err.starts_with("inseam: schema version 99 is newer than this binary's "),
+        ran.err
+            .starts_with("inseam: schema version 99 is newer than this binary's "),
         "{}",
         ran.err
     );
@@ -541,7 +624,9 @@ async fn standalone_refuses_other_databases(backend: Backend) {
             pool.close().await;
         }
         Backend::Postgres => {
-            let pool = sqlx::postgres::PgPool::connect(&url).await.expect("connect");
+            let pool = sqlx::postgres::PgPool::connect(&url)
+                .await
+                .expect("connect");
             sqlx::query("CREATE TABLE things (id INTEGER)")
                 .execute(&pool)
                 .await
@@ -549,7 +634,11 @@ async fn standalone_refuses_other_databases(backend: Backend) {
             pool.close().await;
         }
     }
-    for args in [&["status"][..], &["dead-letters", "list"], &["groups", "pause", "x", "--force"]] {
+    for args in [
+        &["status"][..],
+        &["dead-letters", "list"],
+        &["groups", "pause", "x", "--force"],
+    ] {
         let ran = inseam(&url, args).await;
         assert_eq!(ran.code, 4, "{ran:?}");
         assert_eq!(
@@ -562,7 +651,11 @@ async fn standalone_refuses_other_databases(backend: Backend) {
     // Another prefix is looked for as asked.
     let ran = inseam(&url, &["--table-prefix", "shop_", "status"]).await;
     assert_eq!(ran.code, 4);
-    assert!(ran.err.contains("no table `shop_migrations`"), "{}", ran.err);
+    assert!(
+        ran.err.contains("no table `shop_migrations`"),
+        "{}",
+        ran.err
+    );
 }
 
 async fn tables(backend: Backend, url: &str) -> Vec<String> {
@@ -574,7 +667,9 @@ async fn tables(backend: Backend, url: &str) -> Vec<String> {
     };
     let rows = match backend {
         Backend::Sqlite => {
-            let pool = sqlx::sqlite::SqlitePool::connect(url).await.expect("connect");
+            let pool = sqlx::sqlite::SqlitePool::connect(url)
+                .await
+                .expect("connect");
             let rows: Vec<String> = sqlx::query(sql)
                 .fetch_all(&pool)
                 .await
@@ -606,11 +701,20 @@ async fn tables(backend: Backend, url: &str) -> Vec<String> {
 async fn embedded_commands(backend: Backend) {
     let db = database(backend, "cli_embedded").await;
     let (store, app, taken) = app(db.url(), Duration::ZERO).await;
-    publish(&store, &app, uuid::Uuid::now_v7(), vec![note("a", "poison", 1)]).await;
+    publish(
+        &store,
+        &app,
+        uuid::Uuid::now_v7(),
+        vec![note("a", "poison", 1)],
+    )
+    .await;
     let id = dead_letter_ids(&store).await[0];
 
     // status lists the app's groups, also those with nothing to report.
-    let status = embedded(&app, &store, &["status", "--json"]).await.ok().json();
+    let status = embedded(&app, &store, &["status", "--json"])
+        .await
+        .ok()
+        .json();
     let groups: Vec<&str> = status["groups"]
         .as_array()
         .expect("groups")
@@ -624,22 +728,55 @@ async fn embedded_commands(backend: Backend) {
     let file = dir.path().join("payload.json");
     std::fs::write(&file, br#"{"topic": "a", "text": "mended"}"#).expect("write");
     let path = file.display().to_string();
-    let refused = embedded(&app, &store, &["dead-letters", "edit", &id.to_string(), "--file", &path]).await;
+    let refused = embedded(
+        &app,
+        &store,
+        &["dead-letters", "edit", &id.to_string(), "--file", &path],
+    )
+    .await;
     assert_eq!(refused.code, 1, "{refused:?}");
+    // The decoder's own message, which names the message id in between.
+    assert!(
+        refused.err.starts_with(&format!(
+            "inseam: dead letter {id} was not repaired: group `notes` cannot read the new payload: event `letters.noted` version 1 does not decode: "
+        )),
+        "{}",
+        refused.err
+    );
+    assert!(
+        refused
+            .err
+            .ends_with("application/json codec: missing field `n` at line 1 column 32\n"),
+        "{}",
+        refused.err
+    );
+    let unchanged = store.dead_letter(id).await.expect("still a dead letter");
+    let envelope = inseam::RawEnvelope::from_json(&unchanged.envelope).expect("an envelope");
     assert_eq!(
-        refused.err,
-        format!(
-            "inseam: dead letter {id} was not repaired: group `notes` cannot read the new payload: cannot decode `letters.noted` v1 for group `notes`: missing field `n`\n"
-        )
+        serde_json::from_slice::<Value>(&envelope.payload).expect("JSON")["text"],
+        "poison"
     );
     std::fs::write(&file, br#"{"topic": "a", "text": "mended", "n": 7}"#).expect("write");
-    let accepted = embedded(&app, &store, &["--json", "dead-letters", "edit", &id.to_string(), "--file", &path])
-        .await
-        .ok()
-        .json();
+    let accepted = embedded(
+        &app,
+        &store,
+        &[
+            "--json",
+            "dead-letters",
+            "edit",
+            &id.to_string(),
+            "--file",
+            &path,
+        ],
+    )
+    .await
+    .ok()
+    .json();
     assert_eq!(accepted["checked_by_decoder"], true);
     assert_eq!(accepted["payload"]["n"], 7);
-    embedded(&app, &store, &["dead-letters", "retry", &id.to_string()]).await.ok();
+    embedded(&app, &store, &["dead-letters", "retry", &id.to_string()])
+        .await
+        .ok();
     store.deliver_due(&app).await.expect("deliver");
     assert_eq!(taken.texts(), ["mended"]);
     assert!(dead_letter_ids(&store).await.is_empty());
@@ -651,7 +788,10 @@ async fn embedded_commands(backend: Backend) {
     // Pausing a group the app does not have.
     let ran = embedded(&app, &store, &["groups", "pause", "nots"]).await;
     assert_eq!(ran.code, 3);
-    assert_eq!(ran.err, "inseam: no group `nots` in this app (groups: ledger.balances, notes)\n");
+    assert_eq!(
+        ran.err,
+        "inseam: no group `nots` in this app (groups: ledger.balances, notes)\n"
+    );
 
     // projection rebuild: the model is rebuilt from the accounts' streams.
     for (account, amount) in [("x", 5), ("y", 7), ("x", 10)] {
@@ -663,25 +803,43 @@ async fn embedded_commands(backend: Backend) {
         .expect("enter");
     }
     store.deliver_due(&app).await.expect("deliver");
-    assert_eq!(balances(&store).await, [("x".to_owned(), 15), ("y".to_owned(), 7)]);
+    assert_eq!(
+        balances(&store).await,
+        [("x".to_owned(), 15), ("y".to_owned(), 7)]
+    );
     sqlx::query("UPDATE balances SET balance = 0")
         .execute(store.pool())
         .await
         .expect("spoil the model");
-    let rebuilt = embedded(&app, &store, &["--json", "projection", "rebuild", "ledger.balances"])
-        .await
-        .ok()
-        .json();
+    let rebuilt = embedded(
+        &app,
+        &store,
+        &["--json", "projection", "rebuild", "ledger.balances"],
+    )
+    .await
+    .ok()
+    .json();
     assert_eq!(rebuilt["events"], 3);
-    assert_eq!(balances(&store).await, [("x".to_owned(), 15), ("y".to_owned(), 7)]);
+    assert_eq!(
+        balances(&store).await,
+        [("x".to_owned(), 15), ("y".to_owned(), 7)]
+    );
     assert!(store.paused().await.expect("paused").is_empty());
     let unknown = embedded(&app, &store, &["projection", "rebuild", "balance"]).await;
-    assert_eq!((unknown.code, unknown.err.as_str()), (3, "inseam: no projection `balance` in this app (projections: ledger.balances)\n"));
+    assert_eq!(
+        (unknown.code, unknown.err.as_str()),
+        (
+            3,
+            "inseam: no projection `balance` in this app (projections: ledger.balances)\n"
+        )
+    );
 
     // flow with the app's kinds.
     let correlation = uuid::Uuid::now_v7();
     publish(&store, &app, correlation, vec![note("z", "fine", 1)]).await;
-    let flow = embedded(&app, &store, &["flow", &correlation.to_string()]).await.ok();
+    let flow = embedded(&app, &store, &["flow", &correlation.to_string()])
+        .await
+        .ok();
     assert_eq!(
         flow.out,
         "event letters.noted {\"n\":1,\"text\":\"fine\",\"topic\":\"z\"}\n  -> notes: handled\n"
@@ -691,18 +849,44 @@ async fn embedded_commands(backend: Backend) {
     let markdown = embedded(&app, &store, &["catalog"]).await.ok();
     assert!(markdown.out.contains("letters.noted"), "{}", markdown.out);
     assert_eq!(markdown.out, app.catalog().markdown());
-    let mermaid = embedded(&app, &store, &["catalog", "--format", "mermaid"]).await.ok();
+    let mermaid = embedded(&app, &store, &["catalog", "--format", "mermaid"])
+        .await
+        .ok();
     assert_eq!(mermaid.out, app.catalog().mermaid());
-    let asyncapi = embedded(&app, &store, &["catalog", "--format", "asyncapi"]).await.ok();
-    assert!(asyncapi.out.starts_with("asyncapi: 3.0.0"), "{}", asyncapi.out);
+    let asyncapi = embedded(&app, &store, &["catalog", "--format", "asyncapi"])
+        .await
+        .ok();
+    assert!(
+        asyncapi.out.starts_with("asyncapi: \"3.0.0\""),
+        "{}",
+        asyncapi.out
+    );
+    assert_eq!(
+        asyncapi.out,
+        app.catalog().asyncapi_yaml().expect("AsyncAPI")
+    );
 
     // outbox prune with the app's retention (none kept here): delivered notes go, the
     // ledger's stream stays.
-    let before = store.status(&[], Duration::from_secs(60)).await.expect("status").outbox_rows;
-    let pruned = embedded(&app, &store, &["--json", "outbox", "prune"]).await.ok().json();
-    let after = store.status(&[], Duration::from_secs(60)).await.expect("status").outbox_rows;
+    let before = store
+        .status(&[], Duration::from_secs(60))
+        .await
+        .expect("status")
+        .outbox_rows;
+    let pruned = embedded(&app, &store, &["--json", "outbox", "prune"])
+        .await
+        .ok()
+        .json();
+    let after = store
+        .status(&[], Duration::from_secs(60))
+        .await
+        .expect("status")
+        .outbox_rows;
     assert_eq!(pruned["outbox"], before - after);
-    assert_eq!(after, 3, "the three ledger entries are a stream's, kept for good");
+    assert_eq!(
+        after, 3,
+        "the three ledger entries are a stream's, kept for good"
+    );
 }
 
 async fn balances(store: &SqlStore) -> Vec<(String, i64)> {
@@ -726,7 +910,11 @@ async fn usage_and_url_errors() {
     );
     let ran = inseam_env(&["frobnicate"], &[]).await;
     assert_eq!(ran.code, 2);
-    assert!(ran.err.contains("unrecognized subcommand 'frobnicate'"), "{}", ran.err);
+    assert!(
+        ran.err.contains("unrecognized subcommand 'frobnicate'"),
+        "{}",
+        ran.err
+    );
     let ran = inseam_env(&["--help"], &[]).await.ok();
     assert!(ran.out.contains("dead-letters"), "{}", ran.out);
     let ran = inseam("mysql://127.0.0.1/app", &["status"]).await;
@@ -738,7 +926,8 @@ async fn usage_and_url_errors() {
     let ran = inseam("postgres://postgres@127.0.0.1:1/app", &["status"]).await;
     assert_eq!(ran.code, 4, "{ran:?}");
     assert!(
-        ran.err.starts_with("inseam: database error while trying to connect to the database: "),
+        ran.err
+            .starts_with("inseam: database error while trying to connect to the database: "),
         "{}",
         ran.err
     );
@@ -749,7 +938,11 @@ async fn usage_and_url_errors() {
     assert!(!missing.exists(), "the command created a database file");
     let ran = inseam_env(&["status"], &[("INSEAM_DATABASE_URL", "mysql://x")]).await;
     assert_eq!(ran.code, 4, "the variable is read: {ran:?}");
-    let ran = inseam("sqlite://x.db", &["outbox", "prune", "--keep-outbox", "3 weeks"]).await;
+    let ran = inseam(
+        "sqlite://x.db",
+        &["outbox", "prune", "--keep-outbox", "3 weeks"],
+    )
+    .await;
     assert_eq!(ran.code, 2);
 }
 

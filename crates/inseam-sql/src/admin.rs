@@ -644,12 +644,13 @@ impl SqlStore {
         if found == 0 {
             return Err(Error::NoSchema { prefix });
         }
-        let version: Option<i64> =
-            sqlx::query(AssertSqlSafe(format!("SELECT MAX(version) FROM {prefix}migrations")))
-                .fetch_one(&shared.pool)
-                .await
-                .and_then(|row| row.try_get(0))
-                .context("read the schema version")?;
+        let version: Option<i64> = sqlx::query(AssertSqlSafe(format!(
+            "SELECT MAX(version) FROM {prefix}migrations"
+        )))
+        .fetch_one(&shared.pool)
+        .await
+        .and_then(|row| row.try_get(0))
+        .context("read the schema version")?;
         let supported = schema_version(shared.backend, &prefix);
         match version {
             None => Err(Error::NoSchema { prefix }),
@@ -668,7 +669,8 @@ impl SqlStore {
         let p = shared.sql.prefix.clone();
         let lag = self.lag().await?;
         let paused = self.paused().await?;
-        let since = micros(shared.now()) - i64::try_from(window.as_micros()).unwrap_or(i64::MAX / 2);
+        let since =
+            micros(shared.now()) - i64::try_from(window.as_micros()).unwrap_or(i64::MAX / 2);
         let recent = sqlx::query(AssertSqlSafe(format!(
             "SELECT grp, COUNT(*) FROM {p}inbox WHERE handled_at >= $1 GROUP BY grp"
         )))
@@ -682,11 +684,12 @@ impl SqlStore {
         .fetch_all(&shared.pool)
         .await
         .context("count dead letters per group")?;
-        let outbox_rows: i64 = sqlx::query(AssertSqlSafe(format!("SELECT COUNT(*) FROM {p}outbox")))
-            .fetch_one(&shared.pool)
-            .await
-            .and_then(|row| row.try_get(0))
-            .context("count the outbox rows")?;
+        let outbox_rows: i64 =
+            sqlx::query(AssertSqlSafe(format!("SELECT COUNT(*) FROM {p}outbox")))
+                .fetch_one(&shared.pool)
+                .await
+                .and_then(|row| row.try_get(0))
+                .context("count the outbox rows")?;
         let mut groups: std::collections::BTreeMap<String, GroupStatus> = Default::default();
         let entry = |groups: &mut std::collections::BTreeMap<String, GroupStatus>, group: &str| {
             groups

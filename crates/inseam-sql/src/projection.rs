@@ -202,10 +202,7 @@ impl Projections for AppBuilder {
             }
         }
         let projection = Arc::new(projection);
-        let mut registered = self
-            .state_ref::<Registered>()
-            .cloned()
-            .unwrap_or_default();
+        let mut registered = self.state_ref::<Registered>().cloned().unwrap_or_default();
         registered.0.retain(|p| p.name() != P::NAME);
         registered.0.push(Arc::new(Erased(projection.clone())));
         let builder = self.state(projection).state(registered);

@@ -58,15 +58,15 @@ pub use inseam_core::{
 /// another process, in per-key order.
 #[cfg(feature = "amqp")]
 pub use inseam_amqp as amqp;
-/// The Kafka transport (feature `kafka`): a group's events consumed durably in another process,
-/// in per-key order.
-#[cfg(feature = "kafka")]
-pub use inseam_kafka as kafka;
 /// The `inseam` operator commands (feature `cli`), for an app's own binary to mount:
 /// `inseam::cli::run(&app, &store, args)` (status, dead letters with payloads checked against
 /// the app's decoders, flows, groups, retention, projection rebuilds, the catalog).
 #[cfg(feature = "cli")]
 pub use inseam_cli as cli;
+/// The Kafka transport (feature `kafka`): a group's events consumed durably in another process,
+/// in per-key order.
+#[cfg(feature = "kafka")]
+pub use inseam_kafka as kafka;
 pub use inseam_macros::{Command, Event, Query, command_handler, event_handler, query_handler};
 /// The NATS JetStream transport (feature `nats`): a group's events consumed durably in another
 /// process, in per-key order.
