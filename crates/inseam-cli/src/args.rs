@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Operate an inseam app's database: what is stuck, and what to do about it.
 ///
-/// Exit codes: 0 done, 1 failed, 2 bad usage, 3 not found (a dead letter, flow, group or
-/// projection), 4 database unreachable, not an inseam database, or a schema of another version.
+/// Exit codes: 0 done, 1 failed, 2 bad usage (or a command that needs the app's own binary),
+/// 3 not found (a dead letter, flow, group or projection), 4 database unreachable, not an
+/// inseam database, or a schema of another version.
 #[derive(Debug, Parser)]
 #[command(name = "inseam", version, max_term_width = 100)]
 pub struct Args {

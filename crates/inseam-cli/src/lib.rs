@@ -19,6 +19,27 @@
 //! # }
 //! ```
 //!
+//! # `--json`
+//!
+//! One JSON document on standard output; messages for people go to standard error. Times are
+//! RFC 3339 in UTC, durations are seconds (`f64`). The field names are stable:
+//!
+//! - `status`: `{"groups": [{"group", "pending", "oldest_age_seconds", "handled_last_minute",
+//!   "rate_per_second", "dead_letters", "paused": null | {"reason", "since"}}], "dead_letters",
+//!   "outbox": {"rows", "retention_seconds"}, "inbox": {"retention_seconds"}}`
+//! - `dead-letters list`: `[{"id", "group", "message_id", "name", "version", "key", "error",
+//!   "attempts", "first_failed_at", "last_failed_at"}]`; `show` adds `"payload"`,
+//!   `"correlation_id"` and `"envelope"`; `edit` adds `"payload"` and `"checked_by_decoder"`
+//! - `dead-letters retry`: `{"retried": [ids], "not_found": [ids]}`; `discard`:
+//!   `{"discarded": [ids], "not_found": [ids]}`
+//! - `flow`: `{"correlation_id", "messages": [{"kind", "name", "version", "message_id", "key",
+//!   "recorded_at", "payload", "deliveries": [{"group", "state", "attempts", "error"}]}]}`, the
+//!   state one of `handled`, `pending`, `not_needed`, `dead_letter`
+//! - `groups pause`: `{"group", "paused": true, "reason"}`; `resume`: `{"group", "paused": false}`
+//! - `outbox prune`: `{"outbox", "inbox", "outbox_retention_seconds", "inbox_retention_seconds"}`
+//! - `projection rebuild`: `{"projection", "events", "elapsed_seconds"}`
+//! - `catalog`: `{"format", "text"}`
+//!
 //! The command never creates or migrates inseam's tables: it opens the database with
 //! [`SqlStore::open`](inseam_sql::SqlStore::open), which refuses a database without them or
 //! with a schema of another version.

@@ -39,21 +39,26 @@ fn line<'c>(text: &mut String, widths: &[usize], cells: impl Iterator<Item = &'c
     text.push('\n');
 }
 
-/// `450ms`, `12s`, `3m 12s`, `2h 5m`, `3d 4h`.
+/// `450ms`, `12s`, `3m 12s`, `2h 5m`, `2h`, `3d 4h`, `1d`.
 pub(crate) fn duration(d: Duration) -> String {
     let s = d.as_secs();
     if s == 0 {
         return format!("{}ms", d.as_millis());
     }
     let (days, hours, minutes, seconds) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
-    if days > 0 {
-        format!("{days}d {hours}h")
+    let (big, small) = if days > 0 {
+        ((days, 'd'), (hours, 'h'))
     } else if hours > 0 {
-        format!("{hours}h {minutes}m")
+        ((hours, 'h'), (minutes, 'm'))
     } else if minutes > 0 {
-        format!("{minutes}m {seconds}s")
+        ((minutes, 'm'), (seconds, 's'))
     } else {
-        format!("{seconds}s")
+        return format!("{seconds}s");
+    };
+    if small.0 == 0 {
+        format!("{}{}", big.0, big.1)
+    } else {
+        format!("{}{} {}{}", big.0, big.1, small.0, small.1)
     }
 }
 
