@@ -540,14 +540,13 @@ async fn flow(cx: &mut Cx<'_>, correlation_id: &str) -> Result<Exit, Error> {
 
 async fn pause(cx: &mut Cx<'_>, group: &str, reason: &str, force: bool) -> Result<Exit, Error> {
     match cx.app {
-        Some(app) => {
-            if !app.groups().iter().any(|g| *g == group) {
-                return Err(Error::UnknownGroup {
-                    group: group.to_owned(),
-                    context: format!("in this app (groups: {})", app.groups().join(", ")),
-                });
-            }
+        Some(app) if !app.groups().contains(&group) => {
+            return Err(Error::UnknownGroup {
+                group: group.to_owned(),
+                context: format!("in this app (groups: {})", app.groups().join(", ")),
+            });
         }
+        Some(_) => {}
         None if !force => {
             let status = cx
                 .store

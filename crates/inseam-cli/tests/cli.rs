@@ -600,6 +600,27 @@ async fn standalone_commands(backend: Backend) {
         "{}",
         ran.err
     );
+    // An older one (the app not restarted since an upgrade): refused too, never migrated.
+    let newest: i64 = sqlx::query("SELECT MAX(version) FROM inseam_migrations WHERE version < 99")
+        .fetch_one(store.pool())
+        .await
+        .expect("the schema version")
+        .get(0);
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM inseam_migrations WHERE version >= {newest}"
+    )))
+    .execute(store.pool())
+    .await
+    .expect("forget the newest migrations");
+    let ran = inseam(&url, &["dead-letters", "list"]).await;
+    assert_eq!(ran.code, 4, "{ran:?}");
+    assert_eq!(
+        ran.err,
+        format!(
+            "inseam: schema version {} is older than this binary's {newest}: start the app (which migrates its database) before operating it with this binary\n",
+            newest - 1
+        )
+    );
 }
 
 /// A database without inseam's tables is refused, and left without them.
@@ -665,7 +686,7 @@ async fn tables(backend: Backend, url: &str) -> Vec<String> {
             "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY table_name"
         }
     };
-    let rows = match backend {
+    match backend {
         Backend::Sqlite => {
             let pool = sqlx::sqlite::SqlitePool::connect(url)
                 .await
@@ -692,8 +713,7 @@ async fn tables(backend: Backend, url: &str) -> Vec<String> {
             pool.close().await;
             rows
         }
-    };
-    rows
+    }
 }
 
 /// Embedded, an edited payload is checked against the group's decoder; projections rebuild;
