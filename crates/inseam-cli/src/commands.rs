@@ -130,7 +130,7 @@ async fn status(cx: &mut Cx<'_>) -> Result<Exit, Error> {
                 g.group.clone(),
                 g.pending.to_string(),
                 g.oldest_age.map_or_else(|| "-".to_owned(), duration),
-                format!("{:.1}/s", rate(g.handled_recently)),
+                g.handled_recently.to_string(),
                 g.dead_letters.to_string(),
                 match &g.paused {
                     Some(p) => format!("paused since {} ({})", time(p.since), p.reason),
