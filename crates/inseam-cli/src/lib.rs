@@ -192,9 +192,10 @@ impl Error {
     pub fn exit(&self) -> Exit {
         use inseam_sql::Error as Store;
         match self {
-            Error::NoDatabase | Error::BadCorrelationId { .. } | Error::NeedsApp { .. } => {
-                Exit::Usage
-            }
+            Error::NoDatabase
+            | Error::BadCorrelationId { .. }
+            | Error::NeedsApp { .. }
+            | Error::Store(inseam_sql::Error::InvalidPrefix { .. }) => Exit::Usage,
             Error::NoFlow { .. } | Error::UnknownGroup { .. } | Error::NotPaused { .. } => {
                 Exit::NotFound
             }
@@ -205,8 +206,7 @@ impl Error {
                 Store::NoSchema { .. }
                 | Store::SchemaTooNew { .. }
                 | Store::SchemaTooOld { .. }
-                | Store::UnsupportedUrl { .. }
-                | Store::InvalidPrefix { .. },
+                | Store::UnsupportedUrl { .. },
             ) => Exit::Database,
             Error::Store(Store::Database { operation, .. })
                 if *operation == "connect to the database"

@@ -966,6 +966,70 @@ async fn usage_and_url_errors() {
     assert_eq!(ran.code, 2);
 }
 
+/// An app whose tables have another prefix is operated with `--table-prefix`.
+#[tokio::test]
+async fn a_table_prefix_is_followed() {
+    let db = database(Backend::Sqlite, "cli_prefix").await;
+    let relay = RelayOptions {
+        max_attempts: 1,
+        ..RelayOptions::default()
+    };
+    let options = SqlStoreOptions::new().table_prefix("app_").relay(relay);
+    let store = SqlStore::connect_with(db.url(), options)
+        .await
+        .expect("connect the store");
+    let app = App::builder()
+        .store(store.clone())
+        .state(Taken::default())
+        .handler::<take_note>()
+        .build()
+        .await
+        .expect("build the app");
+    publish(
+        &store,
+        &app,
+        uuid::Uuid::now_v7(),
+        vec![note("a", "poison", 1)],
+    )
+    .await;
+    let id = dead_letter_ids(&store).await[0];
+    let without = inseam(db.url(), &["status"]).await;
+    assert_eq!(without.code, 4, "{without:?}");
+    assert!(
+        without.err.contains("no table `inseam_migrations`"),
+        "{}",
+        without.err
+    );
+    let listed = inseam(
+        db.url(),
+        &["--table-prefix", "app_", "dead-letters", "list", "--json"],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(listed[0]["id"], id);
+    inseam(
+        db.url(),
+        &[
+            "--table-prefix",
+            "app_",
+            "dead-letters",
+            "discard",
+            &id.to_string(),
+        ],
+    )
+    .await
+    .ok();
+    assert!(dead_letter_ids(&store).await.is_empty());
+    let bad = inseam(db.url(), &["--table-prefix", "App-", "status"]).await;
+    assert_eq!(bad.code, 2, "a malformed argument: {bad:?}");
+    assert!(
+        bad.err.starts_with("inseam: invalid table prefix `App-`"),
+        "{}",
+        bad.err
+    );
+}
+
 mod sqlite {
     #[tokio::test]
     async fn standalone_commands() {
