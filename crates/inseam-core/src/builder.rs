@@ -157,6 +157,12 @@ impl AppBuilder {
         self
     }
 
+    /// The state of type `T` given to [`state`](Self::state) so far, if any: for extensions
+    /// that add to a value registered once per app.
+    pub fn state_ref<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.resources.get::<T>()
+    }
+
     /// Declares a command that can be dispatched durably with `App::schedule`; its handler
     /// runs in the relay under the group `command:<name>`.
     pub fn durable_command<C>(mut self) -> Self

@@ -197,18 +197,27 @@ impl SqlStore {
     /// older than `outbox_retention`, inbox rows older than `inbox_retention`.
     pub async fn prune(&self) -> Result<Pruned> {
         let options = &self.shared.options;
+        self.prune_older_than(options.outbox_retention, options.inbox_retention)
+            .await
+    }
+
+    /// [`prune`](Self::prune) with other retentions than the store's options: outbox rows
+    /// delivered to every group and older than `outbox`, inbox rows older than `inbox`. A
+    /// stream's events are kept whatever `outbox` says; an inbox shorter than the time a
+    /// message may be redelivered in lets that redelivery run again.
+    pub async fn prune_older_than(&self, outbox: Duration, inbox: Duration) -> Result<Pruned> {
         let now = self.shared.now();
         let before =
             |keep: Duration| micros(now) - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX / 2);
         let sql = &self.shared.sql;
         let outbox = sqlx::query(AssertSqlSafe(sql.prune_outbox.clone()))
-            .bind(before(options.outbox_retention))
+            .bind(before(outbox))
             .execute(&self.shared.pool)
             .await
             .context("prune the outbox")?
             .rows_affected();
         let inbox = sqlx::query(AssertSqlSafe(sql.prune_inbox.clone()))
-            .bind(before(options.inbox_retention))
+            .bind(before(inbox))
             .execute(&self.shared.pool)
             .await
             .context("prune the inbox")?
@@ -377,6 +386,28 @@ impl SqlStore {
         id: i64,
         payload: impl Into<Vec<u8>>,
     ) -> Result<DeadLetter> {
+        self.replace_payload(Some(app), id, payload.into()).await
+    }
+
+    /// Replaces the payload of a dead letter without checking it against a decoder, for tools
+    /// that run without the app's code (the `inseam` command on a database URL). The envelope
+    /// must still be readable and `payload` is stored as given; a payload the group cannot
+    /// decode fails again on retry and becomes a dead letter again. Prefer
+    /// [`repair_dead_letter`](SqlStore::repair_dead_letter) wherever the app is at hand.
+    pub async fn replace_dead_letter_payload(
+        &self,
+        id: i64,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<DeadLetter> {
+        self.replace_payload(None, id, payload.into()).await
+    }
+
+    async fn replace_payload(
+        &self,
+        app: Option<&inseam_core::App>,
+        id: i64,
+        payload: Vec<u8>,
+    ) -> Result<DeadLetter> {
         let letter = self.dead_letter(id).await?;
         let refused = |reason: String| Error::RepairRefused {
             id,
@@ -385,9 +416,11 @@ impl SqlStore {
         };
         let mut envelope = inseam_core::RawEnvelope::from_json(&letter.envelope)
             .map_err(|error| refused(crate::error::chain(&error)))?;
-        envelope.payload = payload.into();
-        app.check_decodes(&letter.group, &envelope)
-            .map_err(|failure| refused(crate::error::chain(&failure)))?;
+        envelope.payload = payload;
+        if let Some(app) = app {
+            app.check_decodes(&letter.group, &envelope)
+                .map_err(|failure| refused(crate::error::chain(&failure)))?;
+        }
         let bytes = envelope
             .to_json()
             .map_err(|error| refused(crate::error::chain(&error)))?;
@@ -399,7 +432,7 @@ impl SqlStore {
             .context("repair a dead letter")?;
         let row = rows.first().ok_or(Error::DeadLetterNotFound { id })?;
         let repaired = DeadLetter::from_row(row).context("read a repaired dead letter")?;
-        tracing::info!(target: "inseam::relay", id, group = %repaired.group, message_id = %repaired.message_id, "dead letter repaired");
+        tracing::info!(target: "inseam::relay", id, group = %repaired.group, message_id = %repaired.message_id, checked = app.is_some(), "dead letter repaired");
         Ok(repaired)
     }
 }
@@ -605,5 +638,216 @@ impl SqlStore {
             };
         }
         Ok(())
+    }
+}
+
+/// The flow `entries` as text, one line per message (`command`, `event` or `timer`, its name and
+/// its payload), each followed by one indented line per group it was routed to (see
+/// [`FlowDelivery`]'s `Display`), or `(no group subscribes)`. Without `app`, whether a message
+/// is a durable command or an event is unknown: it is shown as `message`.
+pub fn flow_lines(entries: &[FlowEntry], app: Option<&inseam_core::App>) -> Vec<String> {
+    let mut lines = Vec::new();
+    for entry in entries {
+        let kind = match app {
+            Some(app) => entry.kind(app),
+            None if entry.envelope.name.starts_with("inseam.") => "timer",
+            None => "message",
+        };
+        lines.push(format!("{kind} {} {}", entry.envelope.name, entry.data()));
+        if entry.deliveries.is_empty() {
+            lines.push("  (no group subscribes)".to_owned());
+        }
+        lines.extend(entry.deliveries.iter().map(|d| format!("  -> {d}")));
+    }
+    lines
+}
+
+/// One group's state, as [`SqlStore::status`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The group.
+    pub group: String,
+    /// Deliveries waiting (due, scheduled or retrying).
+    pub pending: i64,
+    /// How long the oldest waiting delivery has been waiting.
+    pub oldest_age: Option<Duration>,
+    /// Messages the group handled in the last [`Status::window`].
+    pub handled_recently: i64,
+    /// Its dead letters.
+    pub dead_letters: i64,
+    /// Why and since when it is paused, when it is.
+    pub paused: Option<crate::Paused>,
+}
+
+/// The store at a glance: every group the database knows of, and the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// Every group with waiting deliveries, dead letters, a pause or recent work, and every
+    /// group in `known` (see [`SqlStore::status`]), sorted by name.
+    pub groups: Vec<GroupStatus>,
+    /// The window of [`GroupStatus::handled_recently`].
+    pub window: Duration,
+    /// Rows in the outbox (kept until delivered to every group and older than the retention;
+    /// a stream's events for good).
+    pub outbox_rows: i64,
+    /// Dead letters in all.
+    pub dead_letters: i64,
+    /// The outbox retention of this store's options.
+    pub outbox_retention: Duration,
+    /// The inbox retention of this store's options.
+    pub inbox_retention: Duration,
+}
+
+/// The newest schema version this build of the store knows.
+fn schema_version(backend: crate::Backend, prefix: &str) -> i64 {
+    crate::sql::migrations(backend, prefix)
+        .last()
+        .map_or(0, |m| m.version)
+}
+
+impl SqlStore {
+    /// Opens the store on an existing inseam database without creating or migrating anything:
+    /// what tools that operate an app's database use. A SQLite file must exist. Fails with
+    /// [`Error::NoSchema`] when the database has no inseam tables, [`Error::SchemaTooNew`]
+    /// when a newer inseam migrated it, [`Error::SchemaTooOld`] when its app has not migrated
+    /// it to this version yet.
+    pub async fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, crate::SqlStoreOptions::default()).await
+    }
+
+    /// [`open`](Self::open) with `options` (the table prefix, most often).
+    pub async fn open_with(url: &str, options: crate::SqlStoreOptions) -> Result<Self> {
+        let store = Self::connect_only(url, options, false).await?;
+        store.check_schema().await?;
+        Ok(store)
+    }
+
+    /// Checks that the database holds this build's schema, as [`open`](Self::open) does.
+    pub async fn check_schema(&self) -> Result<()> {
+        let shared = &self.shared;
+        let prefix = shared.sql.prefix.to_string();
+        let table = format!("{prefix}migrations");
+        let exists = match shared.backend {
+            crate::Backend::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = $1"
+            }
+            crate::Backend::Postgres => {
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = $1"
+            }
+        };
+        let found: i64 = sqlx::query(exists)
+            .bind(table)
+            .fetch_one(&shared.pool)
+            .await
+            .and_then(|row| row.try_get(0))
+            .context("look for the inseam tables")?;
+        if found == 0 {
+            return Err(Error::NoSchema { prefix });
+        }
+        let version: Option<i64> = sqlx::query(AssertSqlSafe(format!(
+            "SELECT MAX(version) FROM {prefix}migrations"
+        )))
+        .fetch_one(&shared.pool)
+        .await
+        .and_then(|row| row.try_get(0))
+        .context("read the schema version")?;
+        let supported = schema_version(shared.backend, &prefix);
+        match version {
+            None => Err(Error::NoSchema { prefix }),
+            Some(found) if found > supported => Err(Error::SchemaTooNew { found, supported }),
+            Some(found) if found < supported => Err(Error::SchemaTooOld { found, supported }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Every group's backlog, recent work, dead letters and pause, and the outbox's size: the
+    /// store at a glance. `known` adds groups that have nothing to report (the app's
+    /// [`groups`](inseam_core::App::groups)); `window` is how far back
+    /// [`GroupStatus::handled_recently`] counts.
+    pub async fn status(&self, known: &[&str], window: Duration) -> Result<Status> {
+        let shared = &self.shared;
+        let p = shared.sql.prefix.clone();
+        let lag = self.lag().await?;
+        let paused = self.paused().await?;
+        let since =
+            micros(shared.now()) - i64::try_from(window.as_micros()).unwrap_or(i64::MAX / 2);
+        let recent = sqlx::query(AssertSqlSafe(format!(
+            "SELECT grp, COUNT(*) FROM {p}inbox WHERE handled_at >= $1 GROUP BY grp"
+        )))
+        .bind(since)
+        .fetch_all(&shared.pool)
+        .await
+        .context("count recent deliveries")?;
+        let letters = sqlx::query(AssertSqlSafe(format!(
+            "SELECT grp, COUNT(*) FROM {p}dead_letters GROUP BY grp"
+        )))
+        .fetch_all(&shared.pool)
+        .await
+        .context("count dead letters per group")?;
+        let outbox_rows: i64 =
+            sqlx::query(AssertSqlSafe(format!("SELECT COUNT(*) FROM {p}outbox")))
+                .fetch_one(&shared.pool)
+                .await
+                .and_then(|row| row.try_get(0))
+                .context("count the outbox rows")?;
+        let mut groups: std::collections::BTreeMap<String, GroupStatus> = Default::default();
+        let entry = |groups: &mut std::collections::BTreeMap<String, GroupStatus>, group: &str| {
+            groups
+                .entry(group.to_owned())
+                .or_insert_with(|| GroupStatus {
+                    group: group.to_owned(),
+                    pending: 0,
+                    oldest_age: None,
+                    handled_recently: 0,
+                    dead_letters: 0,
+                    paused: None,
+                })
+                .group
+                .clone()
+        };
+        for group in known {
+            entry(&mut groups, group);
+        }
+        for lagging in lag.groups {
+            let key = entry(&mut groups, &lagging.group);
+            if let Some(g) = groups.get_mut(&key) {
+                g.pending = lagging.pending;
+                g.oldest_age = lagging.oldest_age;
+            }
+        }
+        for row in &recent {
+            let group: String = row.try_get(0).context("count recent deliveries")?;
+            let count: i64 = row.try_get(1).context("count recent deliveries")?;
+            // A projection's rebuild writes under `rebuild:<group>`: not a group of its own.
+            if group.starts_with("rebuild:") {
+                continue;
+            }
+            let key = entry(&mut groups, &group);
+            if let Some(g) = groups.get_mut(&key) {
+                g.handled_recently = count;
+            }
+        }
+        for row in &letters {
+            let group: String = row.try_get(0).context("count dead letters per group")?;
+            let count: i64 = row.try_get(1).context("count dead letters per group")?;
+            let key = entry(&mut groups, &group);
+            if let Some(g) = groups.get_mut(&key) {
+                g.dead_letters = count;
+            }
+        }
+        for pause in paused {
+            let key = entry(&mut groups, &pause.group);
+            if let Some(g) = groups.get_mut(&key) {
+                g.paused = Some(pause);
+            }
+        }
+        Ok(Status {
+            groups: groups.into_values().collect(),
+            window,
+            outbox_rows,
+            dead_letters: lag.dead_letters,
+            outbox_retention: shared.options.outbox_retention,
+            inbox_retention: shared.options.inbox_retention,
+        })
     }
 }

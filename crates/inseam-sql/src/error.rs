@@ -20,6 +20,45 @@ pub enum Error {
         /// The URL's scheme.
         scheme: String,
     },
+    /// The database has none of the framework's tables (no `<prefix>migrations`): it is not
+    /// an inseam database, or the app uses another table prefix. Reported by
+    /// [`SqlStore::open`](crate::SqlStore::open), which never creates them.
+    #[error(
+        "no inseam tables in this database (no table `{prefix}migrations`): it is not an inseam app's database, its app never started, or its tables have another prefix"
+    )]
+    NoSchema {
+        /// The table prefix looked for.
+        prefix: String,
+    },
+    /// The database's schema was migrated by a newer inseam than this program's.
+    #[error(
+        "schema version {found} is newer than this binary's {supported}: use a build of the same inseam version as the app"
+    )]
+    SchemaTooNew {
+        /// The database's schema version.
+        found: i64,
+        /// The newest schema version this program knows.
+        supported: i64,
+    },
+    /// The database's schema is older than this program's and [`SqlStore::open`](crate::SqlStore::open)
+    /// does not migrate.
+    #[error(
+        "schema version {found} is older than this binary's {supported}: start the app (which migrates its database) before operating it with this binary"
+    )]
+    SchemaTooOld {
+        /// The database's schema version.
+        found: i64,
+        /// The schema version this program expects.
+        supported: i64,
+    },
+    /// No projection of this name is registered on the app.
+    #[error("no projection `{name}` in this app (projections: {known})")]
+    UnknownProjection {
+        /// The name asked for.
+        name: String,
+        /// The registered projections, comma-separated.
+        known: String,
+    },
     /// A database operation failed.
     #[error("database error while trying to {operation}")]
     Database {

@@ -34,13 +34,16 @@ mod relay;
 mod sql;
 mod store;
 
-pub use admin::{DeadLetter, DeliveryState, FlowDelivery, FlowEntry, GroupLag, Lag, Pruned};
+pub use admin::{
+    DeadLetter, DeliveryState, FlowDelivery, FlowEntry, GroupLag, GroupStatus, Lag, Pruned, Status,
+    flow_lines,
+};
 pub use conn::{SqlPool, SqlTx};
 pub use deferred::{CommitStats, DeferredUnitOfWork};
 pub use error::{Error, Result};
 pub use projection::{
     EventInfo, Model, OnError, Paused, Projection, ProjectionStep, Projections, RebuildProgress,
-    Rebuilt,
+    Rebuilt, projection_names,
 };
 pub use relay::RelayStats;
 pub use sql::Backend;

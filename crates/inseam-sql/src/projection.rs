@@ -201,10 +201,55 @@ impl Projections for AppBuilder {
                 self.0 = self.0.take().map(|b| b.handler::<ProjectionStep<P, E>>());
             }
         }
-        let mut collect = Collect::<P>(Some(self.state(Arc::new(projection))), PhantomData);
+        let projection = Arc::new(projection);
+        let mut registered = self.state_ref::<Registered>().cloned().unwrap_or_default();
+        registered.0.retain(|p| p.name() != P::NAME);
+        registered.0.push(Arc::new(Erased(projection.clone())));
+        let builder = self.state(projection).state(registered);
+        let mut collect = Collect::<P>(Some(builder), PhantomData);
         P::Event::visit(&mut collect);
         collect.0.unwrap_or_default()
     }
+}
+
+/// A registered projection, its type erased, so that tools can find it by name.
+trait AnyProjection: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn rebuild<'a>(
+        &'a self,
+        store: &'a SqlStore,
+        app: &'a App,
+        progress: &'a mut (dyn FnMut(&RebuildProgress) + Send),
+    ) -> futures_util::future::BoxFuture<'a, Result<Rebuilt>>;
+}
+
+struct Erased<P>(Arc<P>);
+
+impl<P: Projection> AnyProjection for Erased<P> {
+    fn name(&self) -> &'static str {
+        P::NAME
+    }
+
+    fn rebuild<'a>(
+        &'a self,
+        store: &'a SqlStore,
+        app: &'a App,
+        progress: &'a mut (dyn FnMut(&RebuildProgress) + Send),
+    ) -> futures_util::future::BoxFuture<'a, Result<Rebuilt>> {
+        Box::pin(store.rebuild(app, &*self.0, progress))
+    }
+}
+
+/// The projections registered on an app with [`Projections::projection`], by name.
+#[derive(Clone, Default)]
+struct Registered(Vec<Arc<dyn AnyProjection>>);
+
+/// The names of the projections registered on `app` with [`Projections::projection`], in
+/// registration order.
+pub fn projection_names(app: &App) -> Vec<&'static str> {
+    app.state::<Registered>()
+        .map(|r| r.0.iter().map(|p| p.name()).collect())
+        .unwrap_or_default()
 }
 
 /// How a rebuild is going.
@@ -457,6 +502,29 @@ impl SqlStore {
                 Err(error)
             }
         }
+    }
+}
+
+impl SqlStore {
+    /// Rebuilds the projection registered on `app` under `name` (its group), as
+    /// [`rebuild`](Self::rebuild) does: for tools that know a projection by name only. Fails
+    /// with [`Error::UnknownProjection`], listing the registered ones, when there is none.
+    pub async fn rebuild_named(
+        &self,
+        app: &App,
+        name: &str,
+        mut progress: impl FnMut(&RebuildProgress) + Send,
+    ) -> Result<Rebuilt> {
+        let found = app
+            .state::<Registered>()
+            .and_then(|r| r.0.iter().find(|p| p.name() == name).cloned());
+        let Some(projection) = found else {
+            return Err(Error::UnknownProjection {
+                name: name.to_owned(),
+                known: projection_names(app).join(", "),
+            });
+        };
+        projection.rebuild(self, app, &mut progress).await
     }
 }
 

@@ -223,20 +223,26 @@ impl Shared {
     }
 }
 
-/// SQLite: a file in WAL mode (created if missing), through the native driver.
+/// SQLite: a file in WAL mode (created if missing), through the native driver. An existing
+/// file only (`create` false) is opened as it is: neither created nor switched to WAL.
 #[cfg(feature = "sqlite")]
-async fn connect_sqlite(url: &str, max: Option<u32>) -> Result<SqlPool, sqlx::Error> {
+async fn connect_sqlite(url: &str, max: Option<u32>, create: bool) -> Result<SqlPool, sqlx::Error> {
     use sqlx::sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
     };
     use std::str::FromStr as _;
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(create)
+        .busy_timeout(SQLITE_BUSY);
     // WAL: readers never block the writer. NORMAL: a commit survives the process being
     // killed; only an OS crash may lose the last commits, never part of one.
-    let options = SqliteConnectOptions::from_str(url)?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(SQLITE_BUSY);
+    let options = if create {
+        options
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+    } else {
+        options
+    };
     // No ping before handing out a connection: a SQLite connection is a file handle in this
     // process, which no server restart or idle timeout can break, and a command that reads
     // before it writes checks a connection out twice (decision 0015).
@@ -295,12 +301,24 @@ impl SqlStore {
 
     /// Connects with `options` and brings the schema up to date.
     pub async fn connect_with(url: &str, options: SqlStoreOptions) -> Result<Self> {
+        let prefix = options.prefix.clone();
+        let store = Self::connect_only(url, options, true).await?;
+        store.migrate(&prefix).await?;
+        Ok(store)
+    }
+
+    /// Connects without touching the schema; `create` lets SQLite create a missing file.
+    pub(crate) async fn connect_only(
+        url: &str,
+        options: SqlStoreOptions,
+        create: bool,
+    ) -> Result<Self> {
         validate_prefix(&options.prefix)?;
         let backend = Backend::from_url(url)?;
         let max = options.max_connections;
         let pool = match backend {
             #[cfg(feature = "sqlite")]
-            Backend::Sqlite => connect_sqlite(url, max).await,
+            Backend::Sqlite => connect_sqlite(url, max, create).await,
             #[cfg(feature = "postgres")]
             Backend::Postgres => connect_postgres(url, max).await,
             #[allow(unreachable_patterns)]
@@ -311,7 +329,6 @@ impl SqlStore {
             }
         }
         .context("connect to the database")?;
-        let prefix = options.prefix.clone();
         let (wake, _) = watch::channel(0);
         let store = SqlStore {
             shared: Arc::new(Shared {
@@ -329,8 +346,17 @@ impl SqlStore {
                 stuck: std::sync::Mutex::default(),
             }),
         };
-        store.migrate(&prefix).await?;
         Ok(store)
+    }
+
+    /// The prefix of the framework's tables.
+    pub fn table_prefix(&self) -> &str {
+        &self.shared.sql.prefix
+    }
+
+    /// The relay's options this store was opened with.
+    pub fn relay_options(&self) -> &RelayOptions {
+        &self.shared.options
     }
 
     /// The database behind this store.

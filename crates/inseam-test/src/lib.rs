@@ -270,16 +270,7 @@ impl TestApp {
             Ok(entries) => entries,
             Err(error) => return vec![format!("<the flow could not be read: {error}>")],
         };
-        let mut lines = Vec::new();
-        for entry in entries {
-            let kind = entry.kind(&self.app);
-            lines.push(format!("{kind} {} {}", entry.envelope.name, entry.data()));
-            if entry.deliveries.is_empty() {
-                lines.push("  (no group subscribes)".to_owned());
-            }
-            lines.extend(entry.deliveries.iter().map(|d| format!("  -> {d}")));
-        }
-        lines
+        inseam::sql::flow_lines(&entries, Some(&self.app))
     }
 }
 

@@ -62,6 +62,11 @@ pub use inseam_admin as admin;
 /// another process, in per-key order.
 #[cfg(feature = "amqp")]
 pub use inseam_amqp as amqp;
+/// The `inseam` operator commands (feature `cli`), for an app's own binary to mount:
+/// `inseam::cli::run(&app, &store, args)` (status, dead letters with payloads checked against
+/// the app's decoders, flows, groups, retention, projection rebuilds, the catalog).
+#[cfg(feature = "cli")]
+pub use inseam_cli as cli;
 /// The Kafka transport (feature `kafka`): a group's events consumed durably in another process,
 /// in per-key order.
 #[cfg(feature = "kafka")]

@@ -17,6 +17,11 @@
 //! into two processes (`catalog-split.md`, `asyncapi-split.yaml`, `flow-split.mmd`; see
 //! `shop::SPLIT`), by default to `examples/shop/docs/`.
 //!
+//! `cargo run -p shop -- inseam <command>`: the `inseam` operator commands (`status`,
+//! `dead-letters`, `flow`, `groups`, `outbox prune`, `projection rebuild`, `catalog`) on
+//! `SHOP_DATABASE_URL` (default `sqlite://shop.db`) or `--database-url`, with the shop's
+//! registrations: edited payloads are checked against their decoders, projections rebuild.
+//!
 //! With `INSEAM_CONFIG=examples/shop/split.toml`, the demo and `serve` run the main process
 //! of a shop split in two over NATS (`INSEAM_NATS_URL`, default `nats://127.0.0.1:4222`), or
 //! over Redis with `transport = "redis"` in the file (`INSEAM_REDIS_URL`, default
@@ -40,6 +45,9 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("inseam") {
+        return operate(&args).await;
+    }
     let outcome = match args.first().map(String::as_str) {
         None => demo().await,
         Some("serve") => serve(args.get(1).map_or("127.0.0.1:3000", String::as_str)).await,
@@ -63,6 +71,20 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `shop inseam <command>`: the `inseam` commands with the shop's registrations, on
+/// `SHOP_DATABASE_URL` (default `sqlite://shop.db`) unless `--database-url` says otherwise. The
+/// database is opened as it is, never migrated.
+async fn operate(args: &[String]) -> ExitCode {
+    let url = std::env::var("SHOP_DATABASE_URL").unwrap_or_else(|_| "sqlite://shop.db".into());
+    let world = World::default();
+    inseam::cli::run_with(
+        Some(&url),
+        |store| async move { Ok(shop::app(&store, &world).await?) },
+        args,
+    )
+    .await
 }
 
 /// Where `catalog` writes by default: the shop's `docs/` directory.
