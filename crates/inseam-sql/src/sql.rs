@@ -505,7 +505,7 @@ impl Statements {
             insert_outbox: s(match backend {
                 Backend::Sqlite => format!(
                     "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups, position)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, (SELECT COALESCE(MAX(position), 0) + 1 FROM {p}outbox))"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, (SELECT COALESCE(MAX(m), 0) + 1 FROM (SELECT MAX(position) AS m FROM {p}outbox UNION ALL SELECT MAX(pos) FROM {p}cursors)))"
                 ),
                 Backend::Postgres => format!(
                     "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups)
@@ -644,20 +644,14 @@ impl Statements {
                 "SELECT grp, COUNT(*), MIN(enqueued_at) FROM {p}deliveries GROUP BY grp ORDER BY grp"
             )),
             dead_letter_depth: s(format!("SELECT COUNT(*) FROM {p}dead_letters")),
-            // A row read by position goes once every group it lists moved past it; on SQLite
-            // the last row stays, so that positions are never drawn twice.
+            // A row read by position goes once every group it lists moved past it. (SQLite draws
+            // a position above every row and every cursor, so none is drawn twice.)
             prune_outbox: s(format!(
                 "DELETE FROM {p}outbox WHERE message_id IN (
                     SELECT o.message_id FROM {p}outbox o WHERE o.created_at < $1 AND o.stream IS NULL
                     AND NOT EXISTS (SELECT 1 FROM {p}deliveries d WHERE d.message_id = o.message_id)
                     AND (o.groups IS NULL OR NOT EXISTS (SELECT 1 FROM {listed}
-                        WHERE NOT EXISTS (SELECT 1 FROM {p}cursors c WHERE c.grp = g.value AND {passed}))){last})",
-                last = match backend {
-                    Backend::Sqlite => format!(
-                        " AND (o.position IS NULL OR o.position < (SELECT MAX(position) FROM {p}outbox))"
-                    ),
-                    Backend::Postgres => String::new(),
-                }
+                        WHERE NOT EXISTS (SELECT 1 FROM {p}cursors c WHERE c.grp = g.value AND {passed}))))",
             )),
             prune_inbox: s(format!("DELETE FROM {p}inbox WHERE handled_at < $1")),
             read_stream: s(format!(
