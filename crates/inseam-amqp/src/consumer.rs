@@ -14,7 +14,8 @@ use inseam_core::transport::{Acker, Consumer, Incoming, TransportError};
 use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeleteOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation};
@@ -108,13 +109,28 @@ impl fmt::Debug for AmqpConsumer {
 }
 
 impl Drop for AmqpConsumer {
+    /// Closes the connection first, then stops the partition tasks. Closing the connection
+    /// ends each channel with its consumer: the server gives back what the channel held and
+    /// only then hands the queue to the group's next consumer, so those messages come first.
+    /// A task stopped first would cancel its consumer before its channel closed, and the
+    /// next consumer could read past the messages the channel still held.
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
         let link = Arc::clone(&self.link);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { link.close().await });
+        let tasks = std::mem::take(&mut self.tasks);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    link.close().await;
+                    for task in tasks {
+                        task.abort();
+                    }
+                });
+            }
+            Err(_) => {
+                for task in tasks {
+                    task.abort();
+                }
+            }
         }
     }
 }
@@ -324,6 +340,17 @@ impl PartitionTask {
             let delivery_tag = delivery.delivery_tag;
             let table = delivery.properties.headers().as_ref();
             let has = |name: &str| table.is_some_and(|t| t.inner().contains_key(name));
+            if in_history && has(backfill::END_HEADER) && self.ends_early(channel, &history).await?
+            {
+                // Messages came back to the history behind its end marker (given back by a
+                // consumer of the group that went away): the marker goes behind them again.
+                self.end_again(channel, &history).await?;
+                channel
+                    .basic_ack(delivery_tag, BasicAckOptions::default())
+                    .await
+                    .map_err(|err| format!("acknowledging failed: {err}"))?;
+                continue;
+            }
             if in_history && has(backfill::END_HEADER) {
                 // The end of the history: consume the group's queue (first in line, since the
                 // other processes still wait on the history queue), then remove the history
@@ -333,6 +360,7 @@ impl PartitionTask {
                 // forever.
                 let next_tag = consumer_tag();
                 let next = self.basic_consume(channel, &queue, &next_tag).await?;
+                // (Quorum queues refuse `if-empty`: `ends_early` looked just before.)
                 if let Err(err) = channel
                     .queue_delete(history.as_str().into(), QueueDeleteOptions::default())
                     .await
@@ -424,6 +452,12 @@ impl PartitionTask {
                 };
                 if tx.send(pulled).await.is_err() {
                     // The consumer was dropped; closing the channel gives the message back.
+                    // Closed here, before the consumer (whose drop would cancel it first).
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        channel.close(200, "inseam: consumer stopping".into()),
+                    )
+                    .await;
                     return Ok(());
                 }
                 let deadline = handed_at + self.ack_wait;
@@ -515,6 +549,48 @@ impl PartitionTask {
                 tokio::time::sleep(delay).await;
                 handed_at = Instant::now();
             }
+        }
+    }
+
+    /// Whether the history queue still holds messages ready behind its end marker.
+    async fn ends_early(&self, channel: &Channel, history: &str) -> Result<bool, String> {
+        let queue = channel
+            .queue_declare(
+                history.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| format!("could not look at queue `{history}`: {err}"))?;
+        Ok(queue.message_count() > 0)
+    }
+
+    /// Publishes a new end marker to the back of the history queue.
+    async fn end_again(&self, channel: &Channel, history: &str) -> Result<(), String> {
+        let mut headers = FieldTable::default();
+        headers.insert(backfill::END_HEADER.into(), AMQPValue::Boolean(true));
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                history.into(),
+                BasicPublishOptions::default(),
+                &[],
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .map_err(|err| format!("could not move the end of queue `{history}`: {err}"))?
+            .await
+            .map_err(|err| format!("could not move the end of queue `{history}`: {err}"))?;
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            _ => Err(format!(
+                "the server did not confirm the new end of queue `{history}`"
+            )),
         }
     }
 

@@ -19,6 +19,8 @@ pub(crate) struct Link {
     /// Who uses it, for logs and the server's connection list.
     role: &'static str,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// Set by [`close`](Self::close): no connection is made again.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Link {
@@ -29,6 +31,7 @@ impl Link {
             options,
             role,
             connection: tokio::sync::Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -46,6 +49,9 @@ impl Link {
     /// The live connection, connecting (again) when there is none.
     pub(crate) async fn connection(&self) -> std::result::Result<Arc<Connection>, BoxError> {
         let mut current = self.connection.lock().await;
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("the connection was closed".into());
+        }
         if let Some(connection) = current.as_ref() {
             if connection.status().connected() {
                 return Ok(Arc::clone(connection));
@@ -89,9 +95,11 @@ impl Link {
         }
     }
 
-    /// Closes the connection, if any.
+    /// Closes the connection, if any, for good: the link makes no other.
     pub(crate) async fn close(&self) {
-        if let Some(connection) = self.connection.lock().await.take() {
+        let mut current = self.connection.lock().await;
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(connection) = current.take() {
             let _ = connection.close(200, "inseam: closing".into()).await;
         }
     }
