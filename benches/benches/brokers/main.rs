@@ -304,22 +304,25 @@ async fn fill(
     }
     let fill = filling.elapsed();
     assert_eq!(pending(&store, &group).await, events as i64);
-    let rows: Vec<Row> = sqlx::query(
-        "SELECT o.message_id, o.msg_key, o.envelope FROM inseam_outbox o
-         JOIN inseam_deliveries d ON d.message_id = o.message_id ORDER BY d.id",
-    )
-    .fetch_all(store.pool())
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| {
-        (
-            r.get::<String, _>(0),
-            r.get::<String, _>(1),
-            Bytes::from(r.get::<Vec<u8>, _>(2)),
-        )
-    })
-    .collect();
+    let rows: Vec<Row> =
+        sqlx::query("SELECT message_id, msg_key, envelope FROM inseam_outbox ORDER BY position")
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>(0),
+                    r.get::<String, _>(1),
+                    Bytes::from(r.get::<Vec<u8>, _>(2)),
+                )
+            })
+            .collect();
+    assert_eq!(
+        rows.len() as u64,
+        events as u64,
+        "every event's outbox row, for the raw side"
+    );
     // The broker's channels exist before the clock starts, as on the raw side.
     transport.provision(&[CHANNEL.to_owned()]).await.unwrap();
     Filled {
@@ -395,6 +398,23 @@ async fn throughput(broker: Broker, server: &Server) {
         )
         .await;
         let raw = (before.rate + after.rate) / 2.0;
+        if broker == Broker::Nats {
+            // The same bytes as the relay's, headers included.
+            let name = format!("raw_{name}_same");
+            let cpu_before = cpu_now(server);
+            let elapsed = nats::publish_as_transport(server, &name, rows, batch).await;
+            let same = Run::measure(rows.len() as u64, elapsed, cpu_before, cpu_now(server));
+            assert_eq!(messages(broker, server, &name).await, rows.len() as u64);
+            println!(
+                "{} throughput {backend}: raw with the transport's headers {:.0} msg/s; \
+                 inseam / that {:.2}x; CPU per message {:.1?} + {:.1?}",
+                broker.name(),
+                same.rate,
+                inseam.rate / same.rate,
+                same.here,
+                same.broker,
+            );
+        }
         println!(
             "{} throughput {backend}: {events} events ({} bytes each on average), batch {batch}; \
              outbox filled in {:.2?}; inseam relay {:.0} msg/s ({took:.2?}); \

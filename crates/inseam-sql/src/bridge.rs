@@ -2,12 +2,16 @@
 //! running in other processes to a broker, and the consumer that takes a group's messages from
 //! a broker into this process's store.
 //!
-//! Outbound, a transport is one more relay group (`transport:<name>`): an event bound for
-//! groups in other processes gets one delivery row for the transport, which the publisher
-//! claims like any other, in key order, and deletes once the broker acknowledged the message.
-//! The bytes published are the outbox row's envelope, unchanged. A broker that refuses or does
-//! not answer leaves the row waiting (backing off up to two seconds); it is never
-//! dead-lettered for that, so an outage only grows the lag.
+//! Outbound, a transport is one more relay group (`transport:<name>`). Its publisher reads the
+//! outbox by position like the local groups (decision 0024; decision 0026 for what differs):
+//! a batch of the rows that list the transport, published, and the cursor moved past it once
+//! the broker acknowledged what it took. What the broker did not take becomes a delivery row,
+//! as does every later message of its key, and the publisher claims those rows like any other
+//! relay group, in key order, deleting each once the broker acknowledged it (scheduled
+//! messages, and every message when the store does not read by position, are rows from the
+//! start). The bytes published are the outbox row's envelope, unchanged. A broker that
+//! refuses or does not answer leaves the row waiting (backing off up to two seconds); it is
+//! never dead-lettered for that, so an outage only grows the lag.
 //!
 //! Inbound, a consumer stages what it fetches: in one transaction, each message becomes an
 //! outbox row (the bytes as received) and a delivery row for its group, unless the group
@@ -112,6 +116,8 @@ pub(crate) struct Publisher<'a> {
     published: Option<Published>,
     /// When this publisher last claimed from the start of the group (SQLite).
     from_start_at: Instant,
+    /// Reads past a PostgreSQL window held back by a running transaction at once.
+    eager: bool,
 }
 
 /// Claimed rows and, on PostgreSQL, the transaction holding their locks.
@@ -139,10 +145,32 @@ impl<'a> Publisher<'a> {
             claimed: None,
             published: None,
             from_start_at: Instant::now(),
+            eager: false,
         }
     }
 
-    /// Publishes the next batch; see the type. `claimed` is the size of that batch, and
+    /// Reads past a PostgreSQL window held back by a running transaction at once (what
+    /// `deliver_due` wants), rather than after a moment.
+    pub(crate) fn eager(mut self) -> Self {
+        self.eager = true;
+        self
+    }
+
+    /// Publishes the next batch read by position (decision 0024), when the store reads so,
+    /// then the next batch of delivery rows: the messages the broker did not take at once,
+    /// and those of the keys waiting behind them.
+    pub(crate) async fn step(&mut self) -> Result<BatchOutcome> {
+        let read = if self.store.shared.options.read_by_position {
+            crate::position::publish_batch(self.store, self.transport, self.group, self.eager)
+                .await?
+        } else {
+            BatchOutcome::nothing()
+        };
+        let rows = self.step_rows().await?;
+        Ok(read.and(rows))
+    }
+
+    /// Publishes the next batch of rows; see the type. `claimed` is the size of that batch, and
     /// `retry_at` the earliest retry scheduled by the batch recorded meanwhile.
     #[tracing::instrument(
         target = "inseam::relay",
@@ -150,7 +178,7 @@ impl<'a> Publisher<'a> {
         skip_all,
         fields(group = self.group, claimed)
     )]
-    pub(crate) async fn step(&mut self) -> Result<BatchOutcome> {
+    async fn step_rows(&mut self) -> Result<BatchOutcome> {
         let mut retry_at = None;
         let batch = match self.claimed.take() {
             Some(batch) if !batch.rows.is_empty() => batch,
@@ -345,8 +373,8 @@ impl Published {
 }
 
 /// The messages of claimed rows: each row's envelope bytes, unchanged.
-fn outgoing(rows: &[Claimed]) -> Vec<Outgoing> {
-    rows.iter()
+pub(crate) fn outgoing<'r>(rows: impl IntoIterator<Item = &'r Claimed>) -> Vec<Outgoing> {
+    rows.into_iter()
         .map(|row| Outgoing {
             channel: row.name.clone(),
             message_id: Uuid::parse_str(&row.message_id).unwrap_or_else(|_| Uuid::nil()),

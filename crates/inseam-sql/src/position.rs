@@ -22,10 +22,11 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use inseam_core::App;
+use inseam_core::transport::{Transport, TransportError};
 use sqlx::{AssertSqlSafe, Row as _};
 
 use crate::error::{Context as _, Result};
-use crate::relay::{BatchOutcome, Claimed, deliver_together, one_by_one};
+use crate::relay::{BatchOutcome, Claimed, Failure, deliver_together, one_by_one, record_failure};
 use crate::sql::Backend;
 use crate::store::{SqlStore, SqlUnitOfWork, micros};
 
@@ -160,6 +161,125 @@ pub(crate) async fn deliver_batch(
     let retry_at = one_by_one(store, app, group, rows_now).await?;
     Ok(BatchOutcome {
         claimed: read,
+        full,
+        retry_at,
+    })
+}
+
+/// Publishes the next batch of transport group `group` read by position to `transport`.
+/// Returns how many rows it read.
+///
+/// PostgreSQL keeps the cursor locked while the broker answers, so that another relay does
+/// not publish the same messages. SQLite has one publisher per transport and process: its
+/// read lets the write turn go before publishing, and the cursor moves in a second
+/// transaction (decision 0026). A message the broker did not take becomes a delivery row, its
+/// failure recorded: the row publisher retries it, and the key's later messages wait behind
+/// it as rows (parked), as do the messages of a key that had a row already.
+pub(crate) async fn publish_batch(
+    store: &SqlStore,
+    transport: &dyn Transport,
+    group: &'static str,
+    eager: bool,
+) -> Result<BatchOutcome> {
+    let shared = &store.shared;
+    let limit = shared.options.batch_size.max(1);
+    let sqlite = shared.backend == Backend::Sqlite;
+    let mut unit = store.begin_unit().await?;
+    let Some(cursor) = lock(&mut unit, group).await? else {
+        unit.rollback_unit().await.context("release a cursor")?;
+        return Ok(BatchOutcome::nothing());
+    };
+    let current = read(store, &mut unit, group, cursor, limit, eager).await?;
+    let now = micros(shared.now());
+    let parked = parked_keys(&mut unit, group, &current.rows, now).await?;
+    let held = if sqlite {
+        unit.rollback_unit().await.context("end a read")?;
+        None
+    } else {
+        Some(unit)
+    };
+    let Read {
+        rows,
+        after,
+        fetched,
+        early,
+    } = current;
+    let full = fetched >= limit;
+    let read_count = rows.len();
+    if rows.is_empty() && after == cursor {
+        if let Some(unit) = held {
+            unit.rollback_unit().await.context("release a cursor")?;
+        }
+        return Ok(BatchOutcome {
+            claimed: 0,
+            full,
+            retry_at: None,
+        });
+    }
+    let (waiting, batch): (Vec<&Claimed>, Vec<&Claimed>) = rows
+        .iter()
+        .partition(|r| r.key.as_ref().is_some_and(|k| parked.contains(k)));
+    let messages = crate::bridge::outgoing(batch.iter().copied());
+    let outcomes = if messages.is_empty() {
+        Vec::new()
+    } else {
+        transport.publish(&messages).await
+    };
+    let mut unit = match held {
+        Some(unit) => unit,
+        None => {
+            let mut unit = store.begin_unit().await?;
+            if lock(&mut unit, group).await? != Some(cursor) {
+                // Another publisher of this database moved the cursor meanwhile: what was
+                // published here went twice, and that one records it.
+                unit.rollback_unit().await.context("release a cursor")?;
+                return Ok(BatchOutcome::nothing());
+            }
+            unit
+        }
+    };
+    let now = micros(shared.now());
+    for row in &waiting {
+        materialize(&mut unit, group, row, now).await?;
+    }
+    let mut sent = 0;
+    let mut retry_at: Option<i64> = None;
+    for (index, row) in batch.iter().enumerate() {
+        let missing;
+        let error = match outcomes.get(index) {
+            Some(Ok(())) => {
+                sent += 1;
+                continue;
+            }
+            Some(Err(error)) => error,
+            None => {
+                missing = TransportError::transient(
+                    transport.name(),
+                    format!("publish `{}`", row.name),
+                    "the transport returned no outcome for this message",
+                );
+                &missing
+            }
+        };
+        let mut row = (*row).clone();
+        row.id = materialize(&mut unit, group, &row, now).await?;
+        let at = record_failure(&mut unit, group, &row, &Failure::transport(error), now).await?;
+        retry_at = match (retry_at, at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    if after != cursor {
+        update(&mut unit, group, after).await?;
+    }
+    mark_read_ahead(&mut unit, group, &early).await?;
+    unit.commit_unit()
+        .await
+        .context("commit what was published")?;
+    shared.stats.published(sent);
+    crate::metrics::published(transport.name(), sent);
+    Ok(BatchOutcome {
+        claimed: read_count,
         full,
         retry_at,
     })

@@ -104,8 +104,9 @@ impl SqlStore {
                         .await
                         .map_err(|source| crate::error::Error::Transport { source })?;
                 }
-                let mut publisher = transport
-                    .map(|transport| crate::bridge::Publisher::new(self, &**transport, group));
+                let mut publisher = transport.map(|transport| {
+                    crate::bridge::Publisher::new(self, &**transport, group).eager()
+                });
                 loop {
                     let outcome = match &mut publisher {
                         Some(publisher) => publisher.step().await?,
@@ -352,7 +353,7 @@ impl BatchOutcome {
     }
 
     /// Both outcomes of one round.
-    fn and(self, other: BatchOutcome) -> Self {
+    pub(crate) fn and(self, other: BatchOutcome) -> Self {
         BatchOutcome {
             claimed: self.claimed + other.claimed,
             full: self.full || other.full,

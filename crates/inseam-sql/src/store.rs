@@ -605,8 +605,8 @@ type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
 
 impl OutboxRow {
     /// `message` as written at `now` (microseconds).
-    /// With `by_position`, the groups of this process that get it at once read it by position;
-    /// a scheduled message and the transports' groups get delivery rows.
+    /// With `by_position`, the groups that get it at once (this process's groups and the
+    /// transports' publishers) read it by position; a scheduled message gets delivery rows.
     pub(crate) fn encode(message: &OutboxMessage, now: i64, by_position: bool) -> Result<Self> {
         let envelope = &message.envelope;
         let bytes = envelope.to_json().map_err(|source| Error::Database {
@@ -615,10 +615,7 @@ impl OutboxRow {
         })?;
         let (read_by, rows): (Vec<&'static str>, Vec<&'static str>) =
             if by_position && message.deliver_at.is_none() {
-                message
-                    .groups
-                    .iter()
-                    .partition(|g| !g.starts_with(inseam_core::routing::OUTBOX_PREFIX))
+                (message.groups.clone(), Vec::new())
             } else {
                 (Vec::new(), message.groups.clone())
             };
