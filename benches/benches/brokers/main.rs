@@ -320,7 +320,7 @@ async fn fill(
             .collect();
     assert_eq!(
         rows.len() as u64,
-        events as u64,
+        events,
         "every event's outbox row, for the raw side"
     );
     // The broker's channels exist before the clock starts, as on the raw side.
