@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use inseam::prelude::*;
 use inseam::sql::sqlx::{self, Row as _};
+use inseam::sql::{RelayOptions, SqlStoreOptions};
 use inseam::transport::{InProcess, Outgoing, Transport as _};
 use inseam::{Routing, WiringProblem};
 use inseam_tests::{Backend, TestDb, eventually};
@@ -158,6 +159,91 @@ async fn process(db: &TestDb, transport: &InProcess, routing: Routing) -> (App, 
         .await
         .unwrap();
     (app, store)
+}
+
+/// The main process on a store that reads the outbox by position or not.
+async fn main_process(db: &TestDb, transport: &InProcess, by_position: bool) -> (App, SqlStore) {
+    let relay = RelayOptions {
+        read_by_position: by_position,
+        poll_interval: Duration::from_millis(20),
+        ..RelayOptions::default()
+    };
+    let store = SqlStore::connect_with(&db.url, SqlStoreOptions::new().relay(relay))
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE IF NOT EXISTS orders_charged (order_id BIGINT NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let app = App::builder()
+        .store(store.clone())
+        .handler::<place>()
+        .handler::<charge>()
+        .handler::<charged>()
+        .handler::<balance>()
+        .handler::<refund>()
+        .state(store.clone())
+        .transport(transport.clone())
+        .routing(routing())
+        .build()
+        .await
+        .unwrap();
+    (app, store)
+}
+
+/// Events bound for another process, written while the store read the outbox by position (no
+/// delivery row) and then while it did not (a row each), or the other way round: a publisher
+/// started under either setting publishes both kinds, each once.
+async fn either_kind_is_published(backend: Backend, first_by_position: bool) {
+    let main_db = TestDb::new(backend, "remote_kinds_main").await;
+    let billing_db = TestDb::new(backend, "remote_kinds_billing").await;
+    let transport = InProcess::new();
+    let (billing, billing_store) =
+        process(&billing_db, &transport, routing().this_process("billing")).await;
+    let billing_relay = billing.start();
+    let (before, _) = main_process(&main_db, &transport, first_by_position).await;
+    for order in 0..10 {
+        before.send(Place { order }).await.unwrap();
+    }
+    drop(before);
+    let (after, main_store) = main_process(&main_db, &transport, !first_by_position).await;
+    for order in 10..20 {
+        after.send(Place { order }).await.unwrap();
+    }
+    let relay = after.start();
+    let all: Vec<i64> = (0..20).collect();
+    eventually(
+        WAIT,
+        "every order charged back in the main process",
+        || async { (orders(&main_store, "orders_charged").await.len() >= 20).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(orders(&billing_store, "billing_ledger").await, all);
+    assert_eq!(orders(&main_store, "orders_charged").await, all);
+    assert_eq!(pending(&main_store, "transport:in-process").await, 0);
+    relay.shutdown().await;
+    billing_relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_positions_then_rows_are_published() {
+    either_kind_is_published(Backend::Sqlite, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rows_then_positions_are_published() {
+    either_kind_is_published(Backend::Sqlite, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_positions_then_rows_are_published() {
+    either_kind_is_published(Backend::Postgres, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_then_positions_are_published() {
+    either_kind_is_published(Backend::Postgres, false).await;
 }
 
 async fn orders(store: &SqlStore, table: &str) -> Vec<i64> {

@@ -156,16 +156,15 @@ impl<'a> Publisher<'a> {
         self
     }
 
-    /// Publishes the next batch read by position (decision 0024), when the store reads so,
-    /// then the next batch of delivery rows: the messages the broker did not take at once,
-    /// and those of the keys waiting behind them.
+    /// Publishes the next batch read by position (decision 0026), then the next batch of
+    /// delivery rows: the messages the broker did not take at once, those of the keys waiting
+    /// behind them, and scheduled messages. Both kinds are read whatever
+    /// [`RelayOptions::read_by_position`](crate::RelayOptions::read_by_position) says, since the
+    /// rows written before a change of the setting are of the other kind.
     pub(crate) async fn step(&mut self) -> Result<BatchOutcome> {
-        let read = if self.store.shared.options.read_by_position {
+        let read =
             crate::position::publish_batch(self.store, self.transport, self.group, self.eager)
-                .await?
-        } else {
-            BatchOutcome::nothing()
-        };
+                .await?;
         let rows = self.step_rows().await?;
         Ok(read.and(rows))
     }

@@ -59,10 +59,11 @@ pub struct RelayOptions {
     pub inbound_ack_wait: Duration,
     /// Whether the events this store writes are read by position (decision 0024): an event
     /// delivered at once to this process's groups is one outbox row, which each group reads
-    /// past its cursor, instead of one delivery row per group, claimed and deleted. Failures,
-    /// retries, scheduled messages and the transports' groups still use delivery rows. The
-    /// relay reads both kinds whatever this says, so it can change between runs. On by
-    /// default.
+    /// past its cursor, instead of one delivery row per group, claimed and deleted; so is
+    /// an event bound for other processes, which a transport's publisher reads past its own
+    /// cursor (decision 0026). Failures, retries and scheduled messages still use delivery
+    /// rows. The relay reads both kinds whatever this says, so it can change between runs. On
+    /// by default.
     pub read_by_position: bool,
 }
 
