@@ -128,19 +128,30 @@ async fn sent_to(store: &SqlStore, customer: &str) -> i64 {
         .get(0)
 }
 
-/// The text of the element `css`, once it is there.
+/// The text of the element `css`, once it is there. An element found while the page it was
+/// on is being replaced (after a click that submits a form) goes stale before its text is
+/// read: it is looked for again, on the new page.
 async fn text(client: &Client, css: &str) -> String {
-    let found = client
-        .wait()
-        .at_most(Duration::from_secs(20))
-        .for_element(Locator::Css(css))
-        .await;
-    match found {
-        Ok(element) => element.text().await.unwrap(),
-        Err(error) => {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = give_up.saturating_duration_since(Instant::now());
+        let found = client
+            .wait()
+            .at_most(left.max(Duration::from_millis(100)))
+            .for_element(Locator::Css(css))
+            .await;
+        let error = match found {
+            Ok(element) => match element.text().await {
+                Ok(text) => return text,
+                Err(error) => error.to_string(),
+            },
+            Err(error) => error.to_string(),
+        };
+        if Instant::now() >= give_up {
             let page = client.source().await.unwrap_or_default();
             panic!("no `{css}` ({error}) on this page:\n{page}")
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
