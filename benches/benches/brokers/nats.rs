@@ -27,17 +27,8 @@ pub(crate) async fn transport(server: &Server, name: &str) -> Arc<dyn Transport>
     Arc::new(Nats::connect_with(options).await.unwrap())
 }
 
-/// Returns the time the publishing took, from the first publish to the last acknowledgement.
-pub(crate) async fn publish(
-    server: &Server,
-    name: &str,
-    rows: &[Row],
-    batch: usize,
-    ids: bool,
-) -> Duration {
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    // The stream the NATS transport provisions.
+/// The stream the NATS transport provisions for namespace `name`.
+async fn create_stream(js: &jetstream::Context, name: &str) {
     js.create_stream(stream::Config {
         name: name.to_uppercase(),
         subjects: vec![format!("{name}.>")],
@@ -50,6 +41,19 @@ pub(crate) async fn publish(
     })
     .await
     .unwrap();
+}
+
+/// Returns the time the publishing took, from the first publish to the last acknowledgement.
+pub(crate) async fn publish(
+    server: &Server,
+    name: &str,
+    rows: &[Row],
+    batch: usize,
+    ids: bool,
+) -> Duration {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    create_stream(&js, name).await;
     let start = Instant::now();
     for chunk in rows.chunks(batch) {
         let mut acks = Vec::with_capacity(chunk.len());
@@ -83,18 +87,7 @@ pub(crate) async fn publish_as_transport(
 ) -> Duration {
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    js.create_stream(stream::Config {
-        name: name.to_uppercase(),
-        subjects: vec![format!("{name}.>")],
-        storage: stream::StorageType::File,
-        retention: stream::RetentionPolicy::Limits,
-        discard: stream::DiscardPolicy::Old,
-        duplicate_window: Duration::from_secs(120),
-        num_replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_stream(&js, name).await;
     let start = Instant::now();
     for chunk in rows.chunks(batch) {
         let mut acks = Vec::with_capacity(chunk.len());
