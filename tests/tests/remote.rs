@@ -136,7 +136,18 @@ fn routing() -> Routing {
 }
 
 async fn process(db: &TestDb, transport: &InProcess, routing: Routing) -> (App, SqlStore) {
-    let store = SqlStore::connect(&db.url).await.unwrap();
+    process_with(db, transport, routing, RelayOptions::default()).await
+}
+
+async fn process_with(
+    db: &TestDb,
+    transport: &InProcess,
+    routing: Routing,
+    relay: RelayOptions,
+) -> (App, SqlStore) {
+    let store = SqlStore::connect_with(&db.url, SqlStoreOptions::new().relay(relay))
+        .await
+        .unwrap();
     for table in ["billing_ledger", "orders_charged"] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "CREATE TABLE IF NOT EXISTS {table} (order_id BIGINT NOT NULL)"
@@ -168,27 +179,7 @@ async fn main_process(db: &TestDb, transport: &InProcess, by_position: bool) -> 
         poll_interval: Duration::from_millis(20),
         ..RelayOptions::default()
     };
-    let store = SqlStore::connect_with(&db.url, SqlStoreOptions::new().relay(relay))
-        .await
-        .unwrap();
-    sqlx::query("CREATE TABLE IF NOT EXISTS orders_charged (order_id BIGINT NOT NULL)")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    let app = App::builder()
-        .store(store.clone())
-        .handler::<place>()
-        .handler::<charge>()
-        .handler::<charged>()
-        .handler::<balance>()
-        .handler::<refund>()
-        .state(store.clone())
-        .transport(transport.clone())
-        .routing(routing())
-        .build()
-        .await
-        .unwrap();
-    (app, store)
+    process_with(db, transport, routing(), relay).await
 }
 
 /// Events bound for another process, written while the store read the outbox by position (no

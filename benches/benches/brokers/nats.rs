@@ -51,29 +51,14 @@ pub(crate) async fn publish(
     batch: usize,
     ids: bool,
 ) -> Duration {
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    create_stream(&js, name).await;
-    let start = Instant::now();
-    for chunk in rows.chunks(batch) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for (id, key, payload) in chunk {
-            let subject = format!("{name}.{}.{CHANNEL}", fnv1a(key.as_bytes()) % 8);
-            let ack = if ids {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", id.as_str());
-                js.publish_with_headers(subject, headers, payload.clone())
-                    .await
-            } else {
-                js.publish(subject, payload.clone()).await
-            };
-            acks.push(ack.unwrap());
-        }
-        for ack in acks {
-            ack.await.unwrap();
-        }
-    }
-    start.elapsed()
+    publish_with(server, name, rows, batch, |id, _| {
+        ids.then(|| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id);
+            headers
+        })
+    })
+    .await
 }
 
 /// Publishes `rows` as [`publish`] does with ids, with the headers the transport sends besides
@@ -85,6 +70,27 @@ pub(crate) async fn publish_as_transport(
     rows: &[Row],
     batch: usize,
 ) -> Duration {
+    publish_with(server, name, rows, batch, |id, key| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.append("ce-id", id);
+        headers.append("ce-type", CHANNEL);
+        headers.insert("Nats-Msg-Id", id);
+        headers.insert("Inseam-Key", key);
+        headers.insert("Inseam-Headers", "ce-id ce-type");
+        Some(headers)
+    })
+    .await
+}
+
+/// Publishes `rows` to the transport's stream, each with the headers `headers` gives for its
+/// id and key, pipelined per batch, every acknowledgement awaited. Returns the time taken.
+async fn publish_with(
+    server: &Server,
+    name: &str,
+    rows: &[Row],
+    batch: usize,
+    headers: impl Fn(&str, &str) -> Option<async_nats::HeaderMap>,
+) -> Duration {
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client.clone());
     create_stream(&js, name).await;
@@ -93,15 +99,13 @@ pub(crate) async fn publish_as_transport(
         let mut acks = Vec::with_capacity(chunk.len());
         for (id, key, payload) in chunk {
             let subject = format!("{name}.{}.{CHANNEL}", fnv1a(key.as_bytes()) % 8);
-            let mut headers = async_nats::HeaderMap::new();
-            headers.append("ce-id", id.as_str());
-            headers.append("ce-type", CHANNEL);
-            headers.insert("Nats-Msg-Id", id.as_str());
-            headers.insert("Inseam-Key", key.as_str());
-            headers.insert("Inseam-Headers", "ce-id ce-type");
-            let ack = js
-                .publish_with_headers(subject, headers, payload.clone())
-                .await;
+            let ack = match headers(id, key) {
+                Some(headers) => {
+                    js.publish_with_headers(subject, headers, payload.clone())
+                        .await
+                }
+                None => js.publish(subject, payload.clone()).await,
+            };
             acks.push(ack.unwrap());
         }
         for ack in acks {

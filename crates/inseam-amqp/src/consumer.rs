@@ -572,26 +572,9 @@ impl PartitionTask {
     async fn end_again(&self, channel: &Channel, history: &str) -> Result<(), String> {
         let mut headers = FieldTable::default();
         headers.insert(backfill::END_HEADER.into(), AMQPValue::Boolean(true));
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                history.into(),
-                BasicPublishOptions::default(),
-                &[],
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
-            )
+        to_queue_confirmed(channel, history, headers)
             .await
-            .map_err(|err| format!("could not move the end of queue `{history}`: {err}"))?
-            .await
-            .map_err(|err| format!("could not move the end of queue `{history}`: {err}"))?;
-        match confirm {
-            Confirmation::Ack(_) => Ok(()),
-            _ => Err(format!(
-                "the server did not confirm the new end of queue `{history}`"
-            )),
-        }
+            .map_err(|err| format!("could not move the end of queue `{history}`: {err}"))
     }
 
     /// Records on the server that the message was nacked (or not settled in time) `nacks`
@@ -612,24 +595,9 @@ impl PartitionTask {
         );
         headers.insert(NACKS_HEADER.into(), AMQPValue::LongUInt(nacks));
         let record = self.topology.nack_record(self.partition);
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                record.as_str().into(),
-                BasicPublishOptions::default(),
-                &[],
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
-            )
+        to_queue_confirmed(channel, &record, headers)
             .await
-            .map_err(|err| format!("could not record a nack: {err}"))?
-            .await
-            .map_err(|err| format!("could not record a nack: {err}"))?;
-        match confirm {
-            Confirmation::Ack(_) => Ok(()),
-            _ => Err("the server did not confirm a nack's record".to_owned()),
-        }
+            .map_err(|err| format!("could not record a nack: {err}"))
     }
 
     /// How many times the message was nacked by consumers of the group before, from the
@@ -738,6 +706,33 @@ impl PartitionTask {
                 "RabbitMQ partition consumer consumes again"
             );
         }
+    }
+}
+
+/// Publishes an empty persistent message with `headers` straight to `queue` and waits for the
+/// server's confirm (the channel is in confirm mode).
+async fn to_queue_confirmed(
+    channel: &Channel,
+    queue: &str,
+    headers: FieldTable,
+) -> Result<(), String> {
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            &[],
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .map_err(|err| err.to_string())?
+        .await
+        .map_err(|err| err.to_string())?;
+    match confirm {
+        Confirmation::Ack(_) => Ok(()),
+        _ => Err("the server did not confirm it".to_owned()),
     }
 }
 
