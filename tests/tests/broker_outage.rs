@@ -1,6 +1,6 @@
 //! A broker outage under load, for every broker: two processes of one app (two apps with their
 //! own SQLite databases in this test) over a broker server of the test's own. Orders keep
-//! coming every 20 ms while the server is down for 35 s; then it starts again on the same port
+//! coming every 20 ms (50 ms over Kafka) while the server is down for 35 s; then it starts again on the same port
 //! and store.
 //! Nothing is lost and nothing takes effect twice: every order is recorded once by the billing
 //! process and its answer once by the main process, and everything drains. While the server
@@ -15,7 +15,16 @@ use inseam_tests::brokers::Broker;
 use inseam_tests::{TestDb, billing, eventually};
 
 const OUTAGE: Duration = Duration::from_secs(35);
-const EVERY: Duration = Duration::from_millis(20);
+/// How often an order is placed: every 20 ms, but every 50 ms over Kafka, whose test broker
+/// (tansu keeping its offsets in S3 served by `moto_server`) confirms an offset commit in
+/// 15–150 ms, which caps a group at about 50 messages a second, below the 50 orders a
+/// second of the others.
+fn every(broker: Broker) -> Duration {
+    match broker {
+        Broker::Kafka => Duration::from_millis(50),
+        _ => Duration::from_millis(20),
+    }
+}
 
 async fn store(db: &TestDb, process: &str) -> SqlStore {
     let relay = RelayOptions {
@@ -56,7 +65,7 @@ async fn amqp_outage_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on tansu: the first orders do not get through within 30 s (issue 15 note)"]
+#[ignore = "fails on tansu in S3: the orders of the outage are not all answered within 60 s of the restart (issue 15 note)"]
 async fn kafka_outage_under_load() {
     outage_under_load(Broker::Kafka).await;
 }
@@ -65,7 +74,8 @@ async fn outage_under_load(broker: Broker) {
     let _alone = inseam_tests::brokers::alone().await;
     let started = Instant::now();
     let transport = format!("transport:{}", broker.name());
-    let mut server = broker.start();
+    let mut server = broker.start_restartable();
+    let every = every(broker);
     let main_db = TestDb::sqlite();
     let billing_db = TestDb::sqlite();
     let main_store = store(&main_db, "main").await;
@@ -99,7 +109,7 @@ async fn outage_under_load(broker: Broker) {
         let main = main.clone();
         let sent = Arc::clone(&sent);
         async move {
-            let mut tick = tokio::time::interval(EVERY);
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 if stop.load(Ordering::SeqCst) {
@@ -139,13 +149,32 @@ async fn outage_under_load(broker: Broker) {
     tokio::time::sleep(OUTAGE.saturating_sub(stopped_at.elapsed())).await;
     let sent_during = sent.load(Ordering::SeqCst) - sent_at_stop;
     let (waiting_at_end, oldest) = waiting(&main_store, &transport).await;
-    let ledger_late = billing::orders(&billing_pool, "billing_ledger").await.len();
+    let ledger_late = billing::orders(&billing_pool, "billing_ledger").await;
+    // No order placed during the outage got through (the one being placed when the broker
+    // stopped may have been published just before).
+    let crossed: Vec<i64> = ledger_late
+        .iter()
+        .copied()
+        .filter(|order| *order > sent_at_stop)
+        .collect();
     assert_eq!(
-        ledger_late, ledger_early,
-        "the billing process received orders while the broker was down"
+        crossed,
+        Vec::<i64>::new(),
+        "orders placed while the broker was down reached the billing process"
     );
+    // Nor did any other, except, over Kafka, what the billing process's consumer had already
+    // fetched before the stop: librdkafka reads ahead, and the transport hands those records
+    // out one per partition while the broker is away (their offsets are committed, or they
+    // come again and the inbox skips them, once it is back).
+    if broker != Broker::Kafka {
+        assert_eq!(
+            ledger_late.len(),
+            ledger_early,
+            "the billing process received orders while the broker was down"
+        );
+    }
     assert!(
-        sent_during >= (OUTAGE.as_millis() / EVERY.as_millis() / 2) as i64,
+        sent_during >= (OUTAGE.as_millis() / every.as_millis() / 2) as i64,
         "too little load during the outage: {sent_during} orders"
     );
     // Every order placed during the outage waits in the main database, the oldest since

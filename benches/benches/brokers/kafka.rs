@@ -1,4 +1,4 @@
-//! Kafka (tansu on S3 in moto): the raw side is rdkafka alone, publishing to a topic of the
+//! Kafka (tansu with its memory storage): the raw side is rdkafka alone, publishing to a topic of the
 //! configuration the transport provisions (8 partitions), with the transport's producer
 //! settings (idempotent, `acks=all`, `linger.ms=2`, the Java client's murmur2 of the key), the
 //! same two headers the transport adds (channel and message id), every delivery report
@@ -22,7 +22,6 @@ use crate::{CHANNEL, Row};
 const PARTITIONS: i32 = 8;
 
 pub(crate) async fn transport(server: &Server, name: &str) -> Arc<dyn Transport> {
-    // Offset commits on tansu in S3 take up to seconds under contention (decision 0021).
     let options = KafkaOptions::from_url(&server.url())
         .unwrap()
         .topic(name)

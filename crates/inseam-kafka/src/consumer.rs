@@ -321,25 +321,17 @@ impl Shared {
     }
 
     /// Records, in the companion group, how often each of `handed` (partition, offset,
-    /// count) was handed out, waiting at most the request timeout.
-    async fn record_handed(self: Arc<Self>, handed: Vec<Handout>) -> Result<(), String> {
-        let timeout = self.core.request_timeout;
-        let task = tokio::task::spawn_blocking(move || {
-            let mut list = TopicPartitionList::new();
-            for (partition, offset, count) in handed {
-                let encoded = (offset << COUNT_BITS) | i64::from(count.min((1 << COUNT_BITS) - 1));
-                list.add_partition_offset(&self.core.topic, partition, Offset::Offset(encoded))?;
-            }
-            self.deliveries.commit(&list, CommitMode::Sync)
-        });
-        match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(error))) => Err(format!("the delivery count commit failed: {error}")),
-            Ok(Err(error)) => Err(format!("the delivery count commit did not run: {error}")),
-            Err(_) => Err(format!(
-                "the brokers did not confirm the delivery count within {timeout:?}"
-            )),
+    /// count) was handed out. The commit is sent at once and not waited for (librdkafka sends
+    /// it from its own thread, and the consumer's thread serves its answer): a process that
+    /// dies handling the message has most likely sent it already, and the member that gets
+    /// the partition next counts on from it.
+    fn record_handed(&self, handed: &[Handout]) -> KafkaResult<()> {
+        let mut list = TopicPartitionList::new();
+        for &(partition, offset, count) in handed {
+            let encoded = (offset << COUNT_BITS) | i64::from(count.min((1 << COUNT_BITS) - 1));
+            list.add_partition_offset(&self.core.topic, partition, Offset::Offset(encoded))?;
         }
+        self.deliveries.commit(&list, CommitMode::Async)
     }
 
     /// The consumer's thread: polls librdkafka until the consumer is dropped.
@@ -350,6 +342,8 @@ impl Shared {
                 break;
             }
             self.read_handed_before();
+            // Serves the answers to the delivery count's commits.
+            let _ = self.deliveries.poll(Duration::ZERO);
             match self.consumer.poll(POLL) {
                 Some(Ok(message)) => self.receive(&message),
                 Some(Err(error)) => {
@@ -371,6 +365,11 @@ impl Shared {
                     tracing::debug!(target: TARGET, group = %self.core.group, error = %error, "periodic offset commit failed");
                 }
             }
+        }
+        // What was settled and not committed yet (records of other channels) is committed
+        // before the consumer leaves the group (when the thread's `Shared` is dropped).
+        if let Err(error) = self.core.commit(&self.consumer, None) {
+            tracing::debug!(target: TARGET, group = %self.core.group, error = %error, "the last offset commit failed");
         }
         tracing::debug!(target: TARGET, group = %self.core.group, "Kafka consumer stopping");
     }
@@ -655,7 +654,7 @@ impl Consumer for KafkaConsumer {
             if !out.is_empty() {
                 // How often each message was handed out is recorded in the companion group,
                 // so that the member that gets its partition next counts on.
-                if let Err(error) = Arc::clone(&self.shared).record_handed(handed).await {
+                if let Err(error) = self.shared.record_handed(&handed) {
                     tracing::debug!(target: TARGET, group = %core.group, error = %error, "could not record the delivery count");
                 }
                 return Ok(out);

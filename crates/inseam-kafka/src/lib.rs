@@ -590,21 +590,12 @@ impl Transport for Kafka {
             subscription.ack_wait,
             options.request_timeout,
         ));
-        let mut config = options.client_config();
+        let mut config = options.member_config(&format!("{}.{group}", options.topic));
         config
-            .set("group.id", format!("{}.{group}", options.topic))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set(
-                "session.timeout.ms",
-                options::millis(options.session_timeout),
-            )
-            .set(
-                "heartbeat.interval.ms",
-                options::millis(options.heartbeat_interval),
-            );
+            .set("enable.partition.eof", "false");
         let kafka_consumer: rdkafka::consumer::BaseConsumer<consumer::Context> = config
             .create_with_context(consumer::Context {
                 core: Arc::clone(&core),

