@@ -4,8 +4,9 @@
 //! The thread polls librdkafka and files each record under its partition: a record of a
 //! channel the group reads waits in the partition's queue, one of another channel is settled
 //! at once. [`KafkaConsumer::fetch`] hands out the head of every partition whose head is not
-//! already out, and an acknowledgement commits the partition's offset: the first offset not
-//! yet settled ([`Progress`]), so a commit never passes a message still in flight.
+//! already out. An acknowledgement settles its message, and the thread commits each
+//! partition's offset soon after: the first offset not yet settled ([`Progress`]), so a commit
+//! never passes a message still in flight.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -30,9 +31,9 @@ use crate::{NAME, TARGET};
 const PAUSE_AT: usize = 256;
 /// How long the thread waits in one poll.
 const POLL: Duration = Duration::from_millis(50);
-/// How often the thread commits the progress that no acknowledgement committed (records of
-/// channels the group does not read).
-const COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// How often the thread commits the settled progress (acknowledged messages, and records of
+/// channels the group does not read) when there is some to commit.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// How long a consumer-side failure is reported by an empty fetch.
 const FAILURE_SHOWN: Duration = Duration::from_secs(5);
 /// How many low bits of a delivery-count commit hold the count (the offset is above them).
@@ -180,9 +181,8 @@ impl Core {
     }
 
     /// Commits the progress of `partitions` (every assigned partition when `None`) that is
-    /// not committed yet (blocking). Concurrent acknowledgements share commits: one that
-    /// waited for the lock finds its progress committed by the commit before it, if that
-    /// commit saw it.
+    /// not committed yet (blocking): from the consumer's thread, and before a rebalance takes
+    /// partitions away.
     fn commit(
         &self,
         consumer: &BaseConsumer<Context>,
@@ -305,21 +305,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Commits the member's progress on a blocking thread, waiting at most the request
-    /// timeout.
-    async fn commit(self: Arc<Self>) -> Result<(), String> {
-        let timeout = self.core.request_timeout;
-        let task = tokio::task::spawn_blocking(move || self.core.commit(&self.consumer, None));
-        match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(error))) => Err(format!("the offset commit failed: {error}")),
-            Ok(Err(error)) => Err(format!("the offset commit did not run: {error}")),
-            Err(_) => Err(format!(
-                "the brokers did not confirm the offset commit within {timeout:?}"
-            )),
-        }
-    }
-
     /// Records, in the companion group, how often each of `handed` (partition, offset,
     /// count) was handed out. The commit is sent at once and not waited for (librdkafka sends
     /// it from its own thread, and the consumer's thread serves its answer): a process that
@@ -679,7 +664,12 @@ impl Consumer for KafkaConsumer {
     }
 }
 
-/// Settles one handed-out message: an acknowledgement commits the partition's offset.
+/// Settles one handed-out message. The consumer's thread commits the partition's offset
+/// within [`COMMIT_EVERY`] of an acknowledgement (a commit takes a round trip to the group
+/// coordinator, which the caller does not wait for): one commit covers every message settled
+/// since the last, and a group's rate is not bounded by one round trip per batch. A crash, a
+/// rebalance or a broker restart in between delivers the message again, and the inbox skips
+/// it.
 struct KafkaAcker {
     shared: Weak<Shared>,
     partition: i32,
@@ -735,10 +725,7 @@ impl Acker for KafkaAcker {
             }
         }
         shared.core.notify.notify_waiters();
-        Arc::clone(&shared)
-            .commit()
-            .await
-            .map_err(|why| TransportError::transient(NAME, self.operation("acknowledge"), why))
+        Ok(())
     }
 
     async fn nack(&self, delay: Duration) -> Result<(), TransportError> {

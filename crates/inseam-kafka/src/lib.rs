@@ -13,8 +13,9 @@
 //!   confirmed it;
 //! - an inseam group is a Kafka consumer group (`<topic>.<group>`) that reads the whole topic,
 //!   settling at once the records of channels it does not read. A member hands out one
-//!   message per partition at a time and commits a partition's offset only when the message
-//!   is acknowledged, never past a message still in flight: since every channel shares the
+//!   message per partition at a time and commits a partition's offset (within 100 ms of an
+//!   acknowledgement, not waited for by it) only past acknowledged messages, never past a
+//!   message still in flight: since every channel shares the
 //!   topic, a key's order holds across the channels a group reads, whichever member holds
 //!   the partition. A nacked message is held back by the member for its delay, and the rest
 //!   of its partition with it, which the transport declares as
@@ -502,9 +503,10 @@ impl Transport for Kafka {
             // Requests through a requests topic, answers through the requester's reply
             // topic (see `rpc`).
             request_reply: true,
-            // An acknowledgement returns once the group coordinator confirmed the offset
-            // commit, which Kafka keeps in its replicated offsets log.
-            acks_survive_restart: true,
+            // An acknowledgement settles the message and its offset is committed within
+            // 100 ms, not before the acknowledgement returns: a broker restart in between
+            // delivers it again (the inbox skips it).
+            acks_survive_restart: false,
         }
     }
 

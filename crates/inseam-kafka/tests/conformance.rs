@@ -63,7 +63,7 @@ impl Harness for KafkaHarness {
             native_dead_letters: false,
             deduplicates: false,
             request_reply: true,
-            acks_survive_restart: true,
+            acks_survive_restart: false,
         }
     }
 
