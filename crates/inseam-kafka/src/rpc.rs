@@ -152,7 +152,7 @@ impl Replies {
         );
         let operation = || format!("read replies from topic `{topic}`");
         create_topic(admin, options, &topic, 1).await?;
-        let mut config = options.client_config();
+        let mut config = options.consumer_config();
         config
             .set("group.id", &topic)
             .set("enable.auto.commit", "false")

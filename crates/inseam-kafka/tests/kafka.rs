@@ -82,6 +82,7 @@ fn environment_variables_are_read_and_checked() {
         ("INSEAM_KAFKA_PUBLISH_TIMEOUT", "1500ms"),
         ("INSEAM_KAFKA_SESSION_TIMEOUT", "6s"),
         ("INSEAM_KAFKA_INSTANCE_ID", "billing-0"),
+        ("INSEAM_KAFKA_FETCH_WAIT", "10ms"),
     ]))
     .unwrap_or_else(|e| panic!("{e}"));
     let shown = format!("{options:?}");
@@ -94,6 +95,7 @@ fn environment_variables_are_read_and_checked() {
         "publish_timeout: 1.5s",
         "session_timeout: 6s",
         "instance_id: Some(\"billing-0\")",
+        "fetch_wait: Some(10ms)",
     ] {
         assert!(shown.contains(part), "{part} in {shown}");
     }
@@ -133,6 +135,12 @@ fn environment_variables_are_read_and_checked() {
             "heartbeat_interval",
         ),
         (&[("INSEAM_KAFKA_INSTANCE_ID", "pod 0")][..], "instance_id"),
+        (
+            &[("INSEAM_KAFKA_FETCH_WAIT", "often")][..],
+            "INSEAM_KAFKA_FETCH_WAIT",
+        ),
+        (&[("INSEAM_KAFKA_FETCH_WAIT", "0s")][..], "fetch_wait"),
+        (&[("INSEAM_KAFKA_FETCH_WAIT", "10m")][..], "fetch_wait"),
     ] {
         match KafkaOptions::from_env_vars(vars(pairs)) {
             Err(error) => assert_eq!(config_option(error), option, "{pairs:?}"),
