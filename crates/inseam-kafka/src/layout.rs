@@ -60,7 +60,7 @@ pub(crate) fn topic_name_problem(name: &str) -> Option<&'static str> {
         return Some("it is empty");
     }
     if name == "." || name == ".." {
-        return Some("`.` and `..` are not topic names");
+        return Some("`.` and `..` alone are not allowed");
     }
     if name.len() > 249 {
         return Some("it is longer than 249 characters");
