@@ -667,9 +667,9 @@ impl Consumer for KafkaConsumer {
 /// Settles one handed-out message. The consumer's thread commits the partition's offset
 /// within [`COMMIT_EVERY`] of an acknowledgement (a commit takes a round trip to the group
 /// coordinator, which the caller does not wait for): one commit covers every message settled
-/// since the last, and a group's rate is not bounded by one round trip per batch. A crash, a
-/// rebalance or a broker restart in between delivers the message again, and the inbox skips
-/// it.
+/// since the last, and a group's rate is not bounded by one round trip per batch. A crash or
+/// a broker restart in between (or a rebalance that gave the member no time to commit first)
+/// delivers the message again, and the inbox skips it.
 struct KafkaAcker {
     shared: Weak<Shared>,
     partition: i32,
