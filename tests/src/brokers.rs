@@ -159,7 +159,7 @@ impl Broker {
             Broker::Kafka => {
                 // tansu on S3 in moto answers an offset commit in about 100 ms, and in
                 // seconds when members of a group commit at once (each commit rewrites the
-                // group's object in S3): acknowledgements get 10 s. A killed process's
+                // group's object in S3): reads of committed offsets get 10 s. A killed process's
                 // partitions go to another member after the session timeout.
                 let options = inseam::kafka::KafkaOptions::from_url(url)?
                     .publish_timeout(Duration::from_secs(5))

@@ -43,7 +43,7 @@ impl Harness for KafkaHarness {
     async fn transport(&self) -> Arc<dyn Transport> {
         // tansu on S3 in moto answers an offset commit in about 100 ms, and in seconds when
         // members of a group commit at once (each commit rewrites the group's object in S3
-        // with a conditional put, retried on conflict): acknowledgements get 30 s, not 5.
+        // with a conditional put, retried on conflict): reads of committed offsets get 30 s, not 5.
         let options = KafkaOptions::from_url(&self.url)
             .unwrap_or_else(|err| panic!("`{}` is not a Kafka URL: {err}", self.url))
             .request_timeout(Duration::from_secs(30));
