@@ -1,10 +1,11 @@
-//! The publisher claims the next batch while the broker takes the current one. A message the
-//! broker fails to take must still hold back the later messages of its key, also those of
-//! the batch already claimed behind it: here a transport fails the first publish of about one
-//! message in six (and, as a transport must, the later ones of its key in that batch), with
-//! batches of 8 over 5 keys, so that almost every batch claimed ahead has rows of a key that
-//! failed in the batch before it. The consuming process handles every order once, and each
-//! key's orders in the order they were placed.
+//! The publisher reads the next batch by position (and claims the next batch of rows) while
+//! the broker takes the current one. A message the broker fails to take must still hold back
+//! the later messages of its key, also those of the batch already read or claimed behind it:
+//! here a transport fails the first publish of about one message in six (and, as a transport
+//! must, the later ones of its key in that batch), with batches of 8 over 5 keys, so that
+//! almost every batch read ahead has messages of a key that failed in the batch before it.
+//! The consuming process handles every order once, and each key's orders in the order they
+//! were placed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -137,18 +137,18 @@ pub(crate) async fn publish(
 
 /// The messages in the history stream of namespace `name`, which gets every message
 /// published to its exchange. A stream counts its messages in its statistics, updated every
-/// few seconds: this waits for them to settle (a count of 0, before the first update, is not
-/// settled: every bench publishes something).
-pub(crate) async fn messages(server: &Server, name: &str) -> u64 {
+/// few seconds (a count seen twice may still be one update behind): this waits until the count
+/// reaches `expected`, then a second more for any excess to show, and gives the count it has
+/// after 30 seconds otherwise.
+pub(crate) async fn messages(server: &Server, name: &str, expected: u64) -> u64 {
     let stream = format!("{name}.history");
-    let mut last = None;
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
         let count = queue_messages(server, &stream).await;
-        if (count > 0 && last == Some(count)) || Instant::now() > give_up {
-            return count;
+        if count >= expected || Instant::now() > give_up {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return queue_messages(server, &stream).await;
         }
-        last = Some(count);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

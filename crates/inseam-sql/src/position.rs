@@ -166,15 +166,26 @@ pub(crate) async fn deliver_batch(
     })
 }
 
-/// Publishes the next batch of transport group `group` read by position to `transport`.
-/// Returns how many rows it read.
+/// How long [`publish_batch`] goes on reading the next batch while the broker takes the
+/// current one, before it lets the row publisher (retries, parked keys, scheduled messages)
+/// take its turn.
+const PIPELINE_FOR: Duration = Duration::from_millis(500);
+
+/// Publishes the next batches of transport group `group` read by position to `transport`,
+/// reading each next batch while the broker takes the current one, for as long as the batches
+/// come full (up to [`PIPELINE_FOR`]). Returns how many rows it read.
 ///
 /// PostgreSQL keeps the cursor locked while the broker answers, so that another relay does
-/// not publish the same messages. SQLite has one publisher per transport and process: its
-/// read lets the write turn go before publishing, and the cursor moves in a second
-/// transaction (decision 0026). A message the broker did not take becomes a delivery row, its
-/// failure recorded: the row publisher retries it, and the key's later messages wait behind
-/// it as rows (parked), as do the messages of a key that had a row already.
+/// not publish the same messages, and reads the next batch in that transaction; each batch's
+/// outcome commits with the cursor past it, and the next batch is published only once the
+/// cursor is locked again where that commit left it. SQLite has one publisher per transport
+/// and process: its reads let the write turn go before publishing, and the cursor moves in a
+/// second transaction, which first checks that the cursor did not move (decision 0026). A
+/// message the broker did not take becomes a delivery row, its failure recorded: the row
+/// publisher retries it, and the key's later messages wait behind it as rows (parked), as do
+/// the messages of a key that had a row already. A batch read ahead was checked for parked
+/// keys before the batch published meanwhile was recorded: the keys that batch turned into
+/// rows are parked too (decision 0027).
 pub(crate) async fn publish_batch(
     store: &SqlStore,
     transport: &dyn Transport,
@@ -184,104 +195,177 @@ pub(crate) async fn publish_batch(
     let shared = &store.shared;
     let limit = shared.options.batch_size.max(1);
     let sqlite = shared.backend == Backend::Sqlite;
+    let started = Instant::now();
     let mut unit = store.begin_unit().await?;
     let Some(cursor) = lock(&mut unit, group).await? else {
         unit.rollback_unit().await.context("release a cursor")?;
         return Ok(BatchOutcome::nothing());
     };
-    let current = read(store, &mut unit, group, cursor, limit, eager).await?;
-    let now = micros(shared.now());
-    let parked = parked_keys(&mut unit, group, &current.rows, now).await?;
-    let held = if sqlite {
+    let mut taken = take(store, &mut unit, group, cursor, limit, eager).await?;
+    // PostgreSQL: the transaction holding the cursor. SQLite: none while publishing.
+    let mut held = if sqlite {
         unit.rollback_unit().await.context("end a read")?;
         None
     } else {
         Some(unit)
     };
-    let Read {
-        rows,
-        after,
-        fetched,
-        early,
-    } = current;
-    let full = fetched >= limit;
-    let read_count = rows.len();
-    if rows.is_empty() && after == cursor {
-        if let Some(unit) = held {
-            unit.rollback_unit().await.context("release a cursor")?;
-        }
-        return Ok(BatchOutcome {
-            claimed: 0,
-            full,
-            retry_at: None,
-        });
-    }
-    let (waiting, batch): (Vec<&Claimed>, Vec<&Claimed>) = rows
-        .iter()
-        .partition(|r| r.key.as_ref().is_some_and(|k| parked.contains(k)));
-    let messages = crate::bridge::outgoing(batch.iter().copied());
-    let outcomes = if messages.is_empty() {
-        Vec::new()
-    } else {
-        transport.publish(&messages).await
-    };
-    let mut unit = match held {
-        Some(unit) => unit,
-        None => {
-            let mut unit = store.begin_unit().await?;
-            if lock(&mut unit, group).await? != Some(cursor) {
-                // Another publisher of this database moved the cursor meanwhile: what was
-                // published here went twice, and that one records it.
+    // Keys this call turned into delivery rows: parked for the batches read before that.
+    let mut parked_here: HashSet<String> = HashSet::new();
+    let mut total = BatchOutcome::nothing();
+    loop {
+        let Taken {
+            cursor,
+            read,
+            parked,
+        } = taken;
+        let Read {
+            rows,
+            after,
+            fetched,
+            early,
+        } = read;
+        let full = fetched >= limit;
+        if rows.is_empty() && after == cursor {
+            if let Some(unit) = held {
                 unit.rollback_unit().await.context("release a cursor")?;
-                return Ok(BatchOutcome::nothing());
             }
-            unit
+            total.full = full;
+            return Ok(total);
         }
-    };
-    let now = micros(shared.now());
-    for row in &waiting {
-        materialize(&mut unit, group, row, now).await?;
-    }
-    let mut sent = 0;
-    let mut retry_at: Option<i64> = None;
-    for (index, row) in batch.iter().enumerate() {
-        let missing;
-        let error = match outcomes.get(index) {
-            Some(Ok(())) => {
-                sent += 1;
-                continue;
+        let (waiting, batch): (Vec<&Claimed>, Vec<&Claimed>) = rows.iter().partition(|r| {
+            r.key
+                .as_ref()
+                .is_some_and(|k| parked.contains(k) || parked_here.contains(k))
+        });
+        let messages = crate::bridge::outgoing(batch.iter().copied());
+        // A batch with rows read past its window is not read past until it is recorded: the
+        // next read would find those rows again, as they are not marked read until then.
+        let ahead = full && early.is_empty() && started.elapsed() < PIPELINE_FOR;
+        let (outcomes, next) = tokio::join!(
+            async {
+                if messages.is_empty() {
+                    Vec::new()
+                } else {
+                    transport.publish(&messages).await
+                }
+            },
+            async {
+                if !ahead {
+                    return Ok::<_, crate::error::Error>(None);
+                }
+                match held.as_mut() {
+                    Some(unit) => take(store, unit, group, after, limit, eager)
+                        .await
+                        .map(Some),
+                    None => {
+                        let mut unit = store.begin_unit().await?;
+                        let next = take(store, &mut unit, group, after, limit, eager).await;
+                        unit.rollback_unit().await.context("end a read")?;
+                        next.map(Some)
+                    }
+                }
             }
-            Some(Err(error)) => error,
+        );
+        let next: Option<Taken> = next?;
+        let mut unit = match held.take() {
+            Some(unit) => unit,
             None => {
-                missing = TransportError::transient(
-                    transport.name(),
-                    format!("publish `{}`", row.name),
-                    "the transport returned no outcome for this message",
-                );
-                &missing
+                let mut unit = store.begin_unit().await?;
+                if lock(&mut unit, group).await? != Some(cursor) {
+                    // Another publisher of this database moved the cursor meanwhile: what was
+                    // published here went twice, and that one records it.
+                    unit.rollback_unit().await.context("release a cursor")?;
+                    return Ok(total);
+                }
+                unit
             }
         };
-        let mut row = (*row).clone();
-        row.id = materialize(&mut unit, group, &row, now).await?;
-        let at = record_failure(&mut unit, group, &row, &Failure::transport(error), now).await?;
-        retry_at = match (retry_at, at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let now = micros(shared.now());
+        for row in &waiting {
+            materialize(&mut unit, group, row, now).await?;
+            parked_here.extend(row.key.clone());
+        }
+        let mut sent = 0;
+        for (index, row) in batch.iter().enumerate() {
+            let missing;
+            let error = match outcomes.get(index) {
+                Some(Ok(())) => {
+                    sent += 1;
+                    continue;
+                }
+                Some(Err(error)) => error,
+                None => {
+                    missing = TransportError::transient(
+                        transport.name(),
+                        format!("publish `{}`", row.name),
+                        "the transport returned no outcome for this message",
+                    );
+                    &missing
+                }
+            };
+            let mut row = (*row).clone();
+            row.id = materialize(&mut unit, group, &row, now).await?;
+            let at =
+                record_failure(&mut unit, group, &row, &Failure::transport(error), now).await?;
+            parked_here.extend(row.key);
+            total.retry_at = match (total.retry_at, at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if after != cursor {
+            update(&mut unit, group, after).await?;
+        }
+        mark_read_ahead(&mut unit, group, &early).await?;
+        unit.commit_unit()
+            .await
+            .context("commit what was published")?;
+        shared.stats.published(sent);
+        crate::metrics::published(transport.name(), sent);
+        total.claimed += rows.len();
+        total.full = full;
+        let Some(next) = next else {
+            return Ok(total);
         };
+        if !sqlite {
+            let mut unit = store.begin_unit().await?;
+            if lock(&mut unit, group).await? != Some(after) {
+                // Another relay took the cursor (or the group was paused) between the two
+                // transactions: the batch read ahead is its to publish.
+                unit.rollback_unit().await.context("release a cursor")?;
+                return Ok(total);
+            }
+            held = Some(unit);
+        }
+        taken = next;
     }
-    if after != cursor {
-        update(&mut unit, group, after).await?;
-    }
-    mark_read_ahead(&mut unit, group, &early).await?;
-    unit.commit_unit()
-        .await
-        .context("commit what was published")?;
-    shared.stats.published(sent);
-    crate::metrics::published(transport.name(), sent);
-    Ok(BatchOutcome {
-        claimed: read_count,
-        full,
-        retry_at,
+}
+
+/// A batch read by position, not yet published.
+struct Taken {
+    /// The cursor it was read past.
+    cursor: Cursor,
+    read: Read,
+    /// Its keys that had a due or failing delivery row of the group when it was read.
+    parked: HashSet<String>,
+}
+
+/// Reads the batch of `group` past `cursor` and checks its keys for delivery rows.
+async fn take(
+    store: &SqlStore,
+    unit: &mut SqlUnitOfWork,
+    group: &'static str,
+    cursor: Cursor,
+    limit: usize,
+    eager: bool,
+) -> Result<Taken> {
+    let read = read(store, unit, group, cursor, limit, eager).await?;
+    let now = micros(store.shared.now());
+    let parked = parked_keys(unit, group, &read.rows, now).await?;
+    Ok(Taken {
+        cursor,
+        read,
+        parked,
     })
 }
 
@@ -511,10 +595,27 @@ async fn fetch(
         Backend::Sqlite => query,
         Backend::Postgres => query.bind(c.lo).bind(c.hi),
     };
+    let shared = unit.shared.clone();
+    if let Some(plan) = &shared.sql.plan_claim {
+        // Walk the position index and stop after `limit` rows. Without these settings, on a
+        // table whose statistics do not know the backlog yet (a burst since the last
+        // `ANALYZE`), PostgreSQL reads every row past the cursor and sorts them: 30 ms per
+        // batch with 50,000 rows behind it, growing with the backlog.
+        sqlx::query(AssertSqlSafe(plan.clone()))
+            .execute(&mut unit.tx)
+            .await
+            .context("plan the read by position")?;
+    }
     let rows = query
         .fetch_all(&mut unit.tx)
         .await
         .context("read the outbox by position")?;
+    if let Some(unplan) = &shared.sql.unplan_claim {
+        sqlx::raw_sql(AssertSqlSafe(unplan.clone()))
+            .execute(&mut unit.tx)
+            .await
+            .context("restore the planner settings")?;
+    }
     rows.iter()
         .map(from_row)
         .collect::<Result<Vec<_>, _>>()
