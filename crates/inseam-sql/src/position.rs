@@ -185,7 +185,7 @@ const PIPELINE_FOR: Duration = Duration::from_millis(500);
 /// publisher retries it, and the key's later messages wait behind it as rows (parked), as do
 /// the messages of a key that had a row already. A batch read ahead was checked for parked
 /// keys before the batch published meanwhile was recorded: the keys that batch turned into
-/// rows are parked too (decision 0027).
+/// rows are parked too (decision 0026).
 pub(crate) async fn publish_batch(
     store: &SqlStore,
     transport: &dyn Transport,
@@ -599,8 +599,8 @@ async fn fetch(
     if let Some(plan) = &shared.sql.plan_claim {
         // Walk the position index and stop after `limit` rows. Without these settings, on a
         // table whose statistics do not know the backlog yet (a burst since the last
-        // `ANALYZE`), PostgreSQL reads every row past the cursor and sorts them: 30 ms per
-        // batch with 50,000 rows behind it, growing with the backlog.
+        // `ANALYZE`), PostgreSQL reads every row past the cursor and sorts them: 31 ms per
+        // batch with 30,000 rows past the cursor, growing with the backlog.
         sqlx::query(AssertSqlSafe(plan.clone()))
             .execute(&mut unit.tx)
             .await
