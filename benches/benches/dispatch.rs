@@ -1,12 +1,19 @@
 //! Dispatch overhead: `send` and `query` against a direct call of the same async fn, and inline
-//! `publish` to 1, 4 and 16 subscribers. Run with `cargo bench -p inseam-benches --bench dispatch`.
+//! `publish` to 1, 4 and 16 subscribers. `send` has two peers doing the same work: the handler
+//! as a tower `BoxService` (type-erased, one boxed future per call), and the `mediator` crate's
+//! `DefaultAsyncMediator` (a MediatR-style bus). Run with
+//! `cargo bench -p inseam-benches --bench dispatch`.
 
 use std::convert::Infallible;
 use std::hint::black_box;
+use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use inseam::TraceLayer;
 use inseam::prelude::*;
+use mediator::{AsyncMediator as _, DefaultAsyncMediator};
+use tower::util::BoxService;
+use tower::{Service as _, ServiceExt as _};
 
 #[derive(Debug, Command)]
 #[command(output = u64)]
@@ -15,6 +22,28 @@ struct Increment(u64);
 #[command_handler]
 async fn increment(cmd: Increment) -> Result<u64, Infallible> {
     Ok(cmd.0.wrapping_add(1))
+}
+
+/// The same command for the `mediator` crate, whose requests implement its own trait.
+struct MediatorIncrement(u64);
+
+impl mediator::Request<u64> for MediatorIncrement {}
+
+/// A `DefaultAsyncMediator` with the increment handler. Its builder registers handlers with
+/// `block_in_place`, which needs a multi-threaded runtime; sends work on any runtime.
+fn mediator_bus() -> DefaultAsyncMediator {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => panic!("cannot start a tokio runtime: {error}"),
+    };
+    runtime.block_on(async {
+        DefaultAsyncMediator::builder()
+            .add_handler(|request: MediatorIncrement| async move { request.0.wrapping_add(1) })
+            .build()
+    })
 }
 
 #[derive(Debug, Query)]
@@ -81,9 +110,45 @@ fn send(c: &mut Criterion) {
         b.to_async(&runtime)
             .iter(|| async { black_box(increment(Increment(black_box(1))).await) })
     });
+    // Keeping a 16-byte value (two registers, stored and loaded back whole by `black_box`)
+    // costs several nanoseconds by itself: compare rows that keep values of the same size.
+    group.bench_function("direct call, 16 bytes kept", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(increment(Increment(black_box(1))).await.ok()) })
+    });
     group.bench_function("inseam send", |b| {
         b.to_async(&runtime)
             .iter(|| async { black_box(app.send(Increment(black_box(1))).await) })
+    });
+    group.bench_function("inseam send, output kept", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(app.send(Increment(black_box(1))).await.unwrap_or(0)) })
+    });
+    group.bench_function("tower BoxService", |b| {
+        b.to_async(&runtime).iter_custom(|iters| async move {
+            let mut service: BoxService<Increment, u64, Infallible> =
+                BoxService::new(tower::service_fn(increment));
+            let start = Instant::now();
+            for _ in 0..iters {
+                let Ok(ready) = service.ready().await;
+                let Ok(output) = ready.call(Increment(black_box(1))).await;
+                black_box(output);
+            }
+            start.elapsed()
+        })
+    });
+    let bus = mediator_bus();
+    group.bench_function("mediator crate", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let mut bus = bus.clone();
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(bus.send(MediatorIncrement(black_box(1))).await.unwrap_or(0));
+                }
+                start.elapsed()
+            }
+        })
     });
     group.bench_function("inseam send, TraceLayer", |b| {
         b.to_async(&runtime)
@@ -99,6 +164,10 @@ fn send(c: &mut Criterion) {
     group.bench_function("inseam query", |b| {
         b.to_async(&runtime)
             .iter(|| async { black_box(app.query(Double(black_box(1))).await) })
+    });
+    group.bench_function("inseam query, output kept", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { black_box(app.query(Double(black_box(1))).await.unwrap_or(0)) })
     });
     group.finish();
 }

@@ -335,10 +335,10 @@ impl App {
             })
             .await?
         };
-        if !ctx.outgoing.is_empty() {
+        if let Some(outgoing) = ctx.outgoing {
             // Boxed so the common case (nothing published) keeps a small future; publishing
             // allocates anyway.
-            Box::pin(complete(self, ctx.outgoing, None))
+            Box::pin(complete(self, outgoing, None))
                 .await
                 .map_err(DispatchError::widen)?;
         }

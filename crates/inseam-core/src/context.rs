@@ -298,7 +298,9 @@ pub(crate) async fn dispatch_named(
 pub struct CommandContext<'a> {
     pub(crate) app: &'a App,
     pub(crate) meta: DispatchMeta<'a>,
-    pub(crate) outgoing: Vec<PendingEvent>,
+    /// What the command published; `None` until it publishes, so that a command that
+    /// publishes nothing has nothing to drop (the list's drop is an out-of-line call).
+    pub(crate) outgoing: Option<Vec<PendingEvent>>,
     /// The unit of work the command runs in: the store's transaction when the app has a store,
     /// the relay's when a durable command is delivered.
     pub(crate) uow: Option<&'a mut dyn UnitOfWork>,
@@ -325,7 +327,7 @@ impl<'a> CommandContext<'a> {
         CommandContext {
             app,
             meta: DispatchMeta::new(meta),
-            outgoing: Vec::new(),
+            outgoing: None,
             uow: None,
             dispatched: false,
             cached: None,
@@ -344,7 +346,8 @@ impl<'a> CommandContext<'a> {
     /// Publishes an event caused by this command.
     pub fn publish<E: Event>(&mut self, event: E) {
         let parent = self.meta.metadata(self.app);
-        self.outgoing.push(pending(self.app, event, parent));
+        let pending = pending(self.app, event, parent);
+        self.outgoing.get_or_insert_default().push(pending);
     }
 
     /// Loads aggregate `A` with `id` in this command's unit of work: its latest snapshot and
@@ -370,7 +373,8 @@ impl<'a> CommandContext<'a> {
         };
         let mut forget = Vec::new();
         let cached = self.cached.as_deref_mut().unwrap_or(&mut forget);
-        crate::aggregate::save(app, parent, uow, &mut self.outgoing, cached, aggregate).await
+        let outgoing = self.outgoing.get_or_insert_default();
+        crate::aggregate::save(app, parent, uow, outgoing, cached, aggregate).await
     }
 
     /// Dispatches a durable command caused by this one: written to the outbox in this unit
@@ -525,7 +529,8 @@ impl EventContext<'_> {
     /// Publishes an event caused by the event being handled.
     pub fn publish<E: Event>(&mut self, event: E) {
         let parent = self.meta.metadata(self.app);
-        self.outgoing.push(pending(self.app, event, parent));
+        let pending = pending(self.app, event, parent);
+        self.outgoing.push(pending);
     }
 
     /// Loads aggregate `A` with `id` in this subscriber's unit of work (see

@@ -495,6 +495,7 @@ async fn handle_in_unit<C: Command>(
         dispatched,
         ..
     } = ctx;
+    let outgoing = outgoing.unwrap_or_default();
     let output = match outcome {
         Ok(Ok(output)) => output,
         Ok(Err(error)) => return Err(DispatchError::Handler(error)),
@@ -953,7 +954,7 @@ where
                     });
                 }
             }
-            let outgoing = std::mem::take(&mut ctx.outgoing);
+            let outgoing = ctx.outgoing.take().unwrap_or_default();
             drop(ctx);
             if !outgoing.is_empty() {
                 within_unit(complete(app, outgoing, Some(uow)))
