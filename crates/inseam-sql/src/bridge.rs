@@ -382,7 +382,7 @@ pub(crate) fn outgoing<'r>(rows: impl IntoIterator<Item = &'r Claimed>) -> Vec<O
                 ("ce-id".to_owned(), row.message_id.clone()),
                 ("ce-type".to_owned(), row.name.clone()),
             ],
-            payload: bytes::Bytes::from(row.envelope.clone()),
+            payload: row.envelope.clone(),
         })
         .collect()
 }

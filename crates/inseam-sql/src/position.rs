@@ -411,14 +411,23 @@ fn needle(group: &str) -> String {
 }
 
 /// A row read by position, with its transaction id (PostgreSQL).
-fn from_row(row: &sqlx::any::AnyRow) -> Result<(Claimed, i64), sqlx::Error> {
+/// A message read by position, and its transaction id (PostgreSQL; 0 on SQLite), from a row of
+/// any driver: `Any` for the read past the window, the backend's own for the read by position.
+fn from_row<'r, R>(row: &'r R) -> Result<(Claimed, i64), sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     let claimed = Claimed::positioned(
         row.try_get(0)?,
         row.try_get(1)?,
         row.try_get(2)?,
         row.try_get(3)?,
         row.try_get(4)?,
-        row.try_get(5)?,
+        row.try_get::<Vec<u8>, _>(5)?.into(),
     );
     let tx = if row.len() > 6 { row.try_get(6)? } else { 0 };
     Ok((claimed, tx))
@@ -587,35 +596,67 @@ async fn fetch(
     c: Cursor,
     limit: usize,
 ) -> Result<Vec<(Claimed, i64)>> {
-    let query = sqlx::query(AssertSqlSafe(unit.shared.sql.read_position.clone()))
-        .bind(needle.to_owned())
-        .bind(c.pos)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-    let query = match unit.shared.backend {
-        Backend::Sqlite => query,
-        Backend::Postgres => query.bind(c.lo).bind(c.hi),
-    };
     let shared = unit.shared.clone();
-    if let Some(plan) = &shared.sql.plan_claim {
-        // Walk the position index and stop after `limit` rows. Without these settings, on a
-        // table whose statistics do not know the backlog yet (a burst since the last
-        // `ANALYZE`), PostgreSQL reads every row past the cursor and sorts them: 31 ms per
-        // batch with 30,000 rows past the cursor, growing with the backlog.
-        sqlx::query(AssertSqlSafe(plan.clone()))
-            .execute(&mut unit.tx)
+    let read = AssertSqlSafe(shared.sql.read_position.clone());
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    // Read with the backend's own driver: through `Any`, every row would first be copied into
+    // an `AnyRow` (its values and a description of each column), then decoded from that copy.
+    #[cfg(feature = "postgres")]
+    if let Ok(conn) = unit.tx.pg() {
+        if let Some(plan) = &shared.sql.plan_claim {
+            // Walk the position index and stop after `limit` rows. Without these settings, on
+            // a table whose statistics do not know the backlog yet (a burst since the last
+            // `ANALYZE`), PostgreSQL reads every row past the cursor and sorts them: 31 ms per
+            // batch with 30,000 rows past the cursor, growing with the backlog.
+            sqlx::query(AssertSqlSafe(plan.clone()))
+                .execute(&mut *conn)
+                .await
+                .context("plan the read by position")?;
+        }
+        let rows = sqlx::query(read)
+            .bind(needle)
+            .bind(c.pos)
+            .bind(limit)
+            .bind(c.lo)
+            .bind(c.hi)
+            .fetch_all(&mut *conn)
             .await
-            .context("plan the read by position")?;
+            .context("read the outbox by position")?;
+        if let Some(unplan) = &shared.sql.unplan_claim {
+            sqlx::raw_sql(AssertSqlSafe(unplan.clone()))
+                .execute(&mut *conn)
+                .await
+                .context("restore the planner settings")?;
+        }
+        return decode(&rows);
     }
-    let rows = query
-        .fetch_all(&mut unit.tx)
-        .await
-        .context("read the outbox by position")?;
-    if let Some(unplan) = &shared.sql.unplan_claim {
-        sqlx::raw_sql(AssertSqlSafe(unplan.clone()))
-            .execute(&mut unit.tx)
+    #[cfg(feature = "sqlite")]
+    if let Ok(conn) = unit.tx.sqlite() {
+        let rows = sqlx::query(read)
+            .bind(needle)
+            .bind(c.pos)
+            .bind(limit)
+            .fetch_all(&mut *conn)
             .await
-            .context("restore the planner settings")?;
+            .context("read the outbox by position")?;
+        return decode(&rows);
     }
+    // Not reached: a transaction is of one of the compiled backends.
+    Err(sqlx::Error::Configuration(
+        "the transaction is of no backend compiled in".into(),
+    ))
+    .context("read the outbox by position")
+}
+
+/// The messages of the rows of a read by position.
+fn decode<R>(rows: &[R]) -> Result<Vec<(Claimed, i64)>>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     rows.iter()
         .map(from_row)
         .collect::<Result<Vec<_>, _>>()

@@ -173,7 +173,8 @@ pub(crate) struct Claimed {
     first_failed_at: Option<i64>,
     pub(crate) name: String,
     version: i64,
-    pub(crate) envelope: Vec<u8>,
+    /// Shared with the message handed to a transport, not copied.
+    pub(crate) envelope: bytes::Bytes,
 }
 
 impl Claimed {
@@ -184,7 +185,7 @@ impl Claimed {
         key: Option<String>,
         name: String,
         version: i64,
-        envelope: Vec<u8>,
+        envelope: bytes::Bytes,
     ) -> Self {
         Claimed {
             id: position,
@@ -207,7 +208,7 @@ impl Claimed {
             first_failed_at: row.try_get(4)?,
             name: row.try_get(5)?,
             version: row.try_get(6)?,
-            envelope: row.try_get(7)?,
+            envelope: row.try_get::<Vec<u8>, _>(7)?.into(),
         })
     }
 }
@@ -917,7 +918,7 @@ pub(crate) async fn record_failure(
             .bind(row.name.clone())
             .bind(row.version)
             .bind(row.key.clone())
-            .bind(row.envelope.clone())
+            .bind(row.envelope.to_vec())
             .bind(failure.chain.clone())
             .bind(attempts)
             .bind(row.first_failed_at.unwrap_or(now))

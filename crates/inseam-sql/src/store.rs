@@ -317,6 +317,9 @@ impl SqlStore {
         validate_prefix(&options.prefix)?;
         let backend = Backend::from_url(url)?;
         let max = options.max_connections;
+        // Only SQLite creates a file.
+        #[cfg(not(feature = "sqlite"))]
+        let _ = create;
         let pool = match backend {
             #[cfg(feature = "sqlite")]
             Backend::Sqlite => connect_sqlite(url, max, create).await,
