@@ -108,8 +108,8 @@ pub mod on_inseam {
         Ok(ctx.save(cart).await?)
     }
 
-    /// A durable subscriber of `ItemAdded` in group `cart_projection`: with it, each event
-    /// also gets a delivery row.
+    /// A durable subscriber of `ItemAdded` in group `cart_projection`: with it, each event's
+    /// outbox row also names the group, which reads it by position.
     #[event_handler(group = "cart_projection")]
     async fn project(_added: &Envelope<ItemAdded>) {}
 
