@@ -529,8 +529,7 @@ impl EventContext<'_> {
     /// Publishes an event caused by the event being handled.
     pub fn publish<E: Event>(&mut self, event: E) {
         let parent = self.meta.metadata(self.app);
-        let pending = pending(self.app, event, parent);
-        self.outgoing.push(pending);
+        self.outgoing.push(pending(self.app, event, parent));
     }
 
     /// Loads aggregate `A` with `id` in this subscriber's unit of work (see

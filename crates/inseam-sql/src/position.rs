@@ -410,7 +410,6 @@ fn needle(group: &str) -> String {
     serde_json::to_string(group).unwrap_or_else(|_| format!("\"{group}\""))
 }
 
-/// A row read by position, with its transaction id (PostgreSQL).
 /// A message read by position, and its transaction id (PostgreSQL; 0 on SQLite), from a row of
 /// any driver: `Any` for the read past the window, the backend's own for the read by position.
 fn from_row<'r, R>(row: &'r R) -> Result<(Claimed, i64), sqlx::Error>
