@@ -713,6 +713,58 @@ async fn postgres_out_of_order_commits_lose_nothing() {
     relay.shutdown().await;
 }
 
+/// A group reading by position stops at the oldest transaction still running, and when that
+/// transaction ends nothing wakes the relay (it wrote no outbox row). Here a transaction that
+/// writes nothing stays open while an event commits, with a poll interval of an hour: the
+/// event still reaches both groups, because a read held back reads again soon (decision 0027).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_read_held_back_by_a_running_transaction_goes_on() {
+    let db = TestDb::postgres("held_back").await;
+    let store = store(
+        &db,
+        RelayOptions {
+            poll_interval: Duration::from_secs(3_600),
+            ..fast_relay()
+        },
+    )
+    .await;
+    let app = bank::app(store.clone(), Faults::default()).await.unwrap();
+    let relay = app.start();
+    // The groups' cursors exist and the relay is idle.
+    let mut uow = store.begin().await.unwrap();
+    uow.append(vec![deposited(1, "acct-1")]).await.unwrap();
+    uow.commit().await.unwrap();
+    store.committed();
+    for group in ["ledger", "audit"] {
+        eventually(WAIT, group, || async {
+            (sorted_seqs(&store, group).await == [1]).then_some(())
+        })
+        .await;
+    }
+    // A transaction with an id, older than the next event's, open across its commit.
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let mut holder = sqlx::Connection::begin(&mut connection).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let mut uow = store.begin().await.unwrap();
+    uow.append(vec![deposited(2, "acct-2")]).await.unwrap();
+    uow.commit().await.unwrap();
+    store.committed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.commit().await.unwrap();
+    for group in ["ledger", "audit"] {
+        eventually(WAIT, group, || async {
+            (sorted_seqs(&store, group).await == [1, 2]).then_some(())
+        })
+        .await;
+    }
+    relay.shutdown().await;
+}
+
 /// Two app instances with their own relays on one database share the work: every event is
 /// handled, none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

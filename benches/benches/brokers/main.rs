@@ -12,14 +12,19 @@
 //!   relay starts, and the time until it has published them all (their rows deleted: the
 //!   transport's lag is 0) gives messages/s. The raw side publishes the same envelope bytes
 //!   with the broker's own client, in batches of the relay's batch size (`INSEAM_BENCH_BATCH`,
-//!   default 1,000), awaiting every acknowledgement (see each broker's module). On SQLite, and
-//!   on PostgreSQL when its server answers (`INSEAM_TEST_POSTGRES` or the local one).
+//!   default 1,000), awaiting every acknowledgement (see each broker's module), before and
+//!   after the relay. On SQLite (unless `INSEAM_BENCH_SQLITE=0`), and on PostgreSQL when its
+//!   server answers (`INSEAM_TEST_POSTGRES` or the local one; unless `INSEAM_BENCH_POSTGRES=0`).
+//!   `INSEAM_BENCH_ROUNDS` (default 1) repeats the whole and reports the median ratio; the
+//!   database server's CPU per message (PostgreSQL's processes) is reported beside the relay's.
 //! - **Latency**: two apps in this process, each with its own SQLite database and connection:
 //!   the main one and the one hosting the group. `INSEAM_BENCH_COMMANDS` commands (default
 //!   1,000) are sent one at a time at `INSEAM_BENCH_RATE` a second (default 200); the remote
 //!   handler records when it runs. Reported: from `send` returning (the commit) to the handler.
 //!
-//! `INSEAM_BENCH_TRACE=1` prints the relay's and the transport's spans with their durations.
+//! `INSEAM_BENCH_TRACE=1` prints the relay's and the transport's spans with their durations;
+//! `INSEAM_BENCH_MARK=1` prints the monotonic clock's readings when the relay started and
+//! ended (to profile the relay alone: `perf record -k CLOCK_MONOTONIC`, `perf report --time`).
 
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
@@ -340,21 +345,30 @@ async fn fill(
     }
 }
 
-/// Starts the relay and times it publishing everything; returns the run and the time.
-async fn drain(broker: Broker, server: &Server, filled: &Filled) -> (Run, Duration) {
+/// Starts the relay and times it publishing everything; returns the run, the time and the
+/// database server's CPU per message meanwhile.
+async fn drain(broker: Broker, server: &Server, filled: &Filled) -> (Run, Duration, Duration) {
     let Filled { app, store, .. } = filled;
     // The relay counts what the broker acknowledged once the rows are deleted: when the count
     // reaches `events`, the lag is 0 (checked below). Polling `lag()` instead (a `COUNT(*)`
     // over the deliveries every few milliseconds) would take a core from the relay.
     let published = store.relay_stats().published;
     let cpu_before = cpu_now(server);
+    let database_before = database_cpu();
     let start = Instant::now();
     let relay = app.start();
     while store.relay_stats().published - published < filled.events {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let drain = start.elapsed();
+    if env("INSEAM_BENCH_MARK", 0) == 1 {
+        // The monotonic clock's readings (`perf record -k CLOCK_MONOTONIC`, then
+        // `perf report --time`), for a profile of the relay alone.
+        eprintln!("relay from {start:?} to {:?}", Instant::now());
+    }
     let cpu_after = cpu_now(server);
+    let database = database_cpu().saturating_sub(database_before)
+        / u32::try_from(filled.events.max(1)).unwrap_or(u32::MAX);
     assert_eq!(pending(store, &filled.group).await, 0);
     relay.shutdown().await;
     assert_eq!(
@@ -364,89 +378,165 @@ async fn drain(broker: Broker, server: &Server, filled: &Filled) -> (Run, Durati
     (
         Run::measure(filled.events, drain, cpu_before, cpu_after),
         drain,
+        database,
     )
+}
+
+/// The CPU time the database's server processes (every process named `postgres`) have used
+/// so far; zero for SQLite, whose work is counted in this process.
+fn database_cpu() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "postgres")
+        })
+        .map(cpu)
+        .sum()
+}
+
+/// Raw publishing with the transport's own headers (NATS only): the same bytes on the wire as
+/// the relay's.
+async fn raw_same(server: &Server, name: &str, rows: &[Row], batch: usize) -> Run {
+    let cpu_before = cpu_now(server);
+    let elapsed = nats::publish_as_transport(server, name, rows, batch).await;
+    let same = Run::measure(rows.len() as u64, elapsed, cpu_before, cpu_now(server));
+    assert_eq!(
+        messages(Broker::Nats, server, name, rows.len() as u64).await,
+        rows.len() as u64
+    );
+    same
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 async fn throughput(broker: Broker, server: &Server) {
     let events: u64 = env("INSEAM_BENCH_EVENTS", 20_000);
     let batch: usize = env("INSEAM_BENCH_BATCH", 1_000);
-    let sqlite = TestDatabase::sqlite().unwrap();
-    let mut databases = vec![("SQLite", sqlite)];
-    if env("INSEAM_BENCH_POSTGRES", 1) == 1 {
-        match TestDatabase::postgres(&format!("bench_{}", broker.name())).await {
-            Ok(db) => databases.push(("PostgreSQL", db)),
-            Err(error) => eprintln!("PostgreSQL skipped: {error}"),
-        }
+    let rounds: usize = env("INSEAM_BENCH_ROUNDS", 1);
+    let mut backends = Vec::new();
+    if env("INSEAM_BENCH_SQLITE", 1) == 1 {
+        backends.push("SQLite");
     }
-    for (backend, db) in &databases {
+    if env("INSEAM_BENCH_POSTGRES", 1) == 1 {
+        backends.push("PostgreSQL");
+    }
+    for backend in backends {
         let name = backend.to_lowercase();
-        let filled = fill(
-            broker,
-            server,
-            &format!("bench_{name}"),
-            db.url(),
-            events,
-            batch,
-        )
-        .await;
-        let rows = &filled.rows;
-        let bytes: usize = rows.iter().map(|(_, _, b)| b.len()).sum();
-        // The raw side runs before and after the relay, so that both meet the same machine.
-        let before = raw_publish(broker, server, &format!("raw_{name}_1"), rows, batch, true).await;
-        let (inseam, took) = drain(broker, server, &filled).await;
-        let after = raw_publish(broker, server, &format!("raw_{name}_2"), rows, batch, true).await;
-        let bare = raw_publish(
-            broker,
-            server,
-            &format!("raw_{name}_bare"),
-            rows,
-            batch,
-            false,
-        )
-        .await;
-        let raw = (before.rate + after.rate) / 2.0;
-        if broker == Broker::Nats {
-            // The same bytes as the relay's, headers included.
-            let name = format!("raw_{name}_same");
-            let cpu_before = cpu_now(server);
-            let elapsed = nats::publish_as_transport(server, &name, rows, batch).await;
-            let same = Run::measure(rows.len() as u64, elapsed, cpu_before, cpu_now(server));
-            assert_eq!(
-                messages(broker, server, &name, rows.len() as u64).await,
-                rows.len() as u64
-            );
+        let mut ratios = Vec::new();
+        for round in 1..=rounds {
+            let name = format!("{name}{round}");
+            // A database of the round's own: the outbox of the round before keeps its rows.
+            let db = if backend == "SQLite" {
+                TestDatabase::sqlite().unwrap()
+            } else {
+                match TestDatabase::postgres(&format!("bench_{}_{round}", broker.name())).await {
+                    Ok(db) => db,
+                    Err(error) => {
+                        eprintln!("PostgreSQL skipped: {error}");
+                        break;
+                    }
+                }
+            };
+            let filled = fill(
+                broker,
+                server,
+                &format!("bench_{name}"),
+                db.url(),
+                events,
+                batch,
+            )
+            .await;
+            let rows = &filled.rows;
+            let bytes: usize = rows.iter().map(|(_, _, b)| b.len()).sum();
+            // The raw sides run before and after the relay, so that both meet the same machine.
+            let nats = broker == Broker::Nats;
+            let same_before = if nats {
+                Some(raw_same(server, &format!("raw_{name}_s1"), rows, batch).await)
+            } else {
+                None
+            };
+            let before =
+                raw_publish(broker, server, &format!("raw_{name}_1"), rows, batch, true).await;
+            let (inseam, took, database) = drain(broker, server, &filled).await;
+            let after =
+                raw_publish(broker, server, &format!("raw_{name}_2"), rows, batch, true).await;
+            let same_after = if nats {
+                Some(raw_same(server, &format!("raw_{name}_s2"), rows, batch).await)
+            } else {
+                None
+            };
+            let bare = raw_publish(
+                broker,
+                server,
+                &format!("raw_{name}_bare"),
+                rows,
+                batch,
+                false,
+            )
+            .await;
+            let raw = (before.rate + after.rate) / 2.0;
+            if let (Some(same_before), Some(same_after)) = (same_before, same_after) {
+                let same = (same_before.rate + same_after.rate) / 2.0;
+                ratios.push(inseam.rate / same);
+                println!(
+                    "{} throughput {backend}, round {round}: raw with the transport's headers \
+                     {:.0} msg/s before, {:.0} after; inseam / that {:.2}x; CPU per message \
+                     {:.1?} + {:.1?} and {:.1?} + {:.1?}",
+                    broker.name(),
+                    same_before.rate,
+                    same_after.rate,
+                    inseam.rate / same,
+                    same_before.here,
+                    same_before.broker,
+                    same_after.here,
+                    same_after.broker,
+                );
+            } else {
+                ratios.push(inseam.rate / raw);
+            }
             println!(
-                "{} throughput {backend}: raw with the transport's headers {:.0} msg/s; \
-                 inseam / that {:.2}x; CPU per message {:.1?} + {:.1?}",
+                "{} throughput {backend}, round {round}: {events} events ({} bytes each on average), \
+                 batch {batch}; outbox filled in {:.2?}; inseam relay {:.0} msg/s ({took:.2?}); \
+                 raw with ids {:.0} msg/s before, {:.0} after; raw without headers {:.0} msg/s; \
+                 inseam / raw with ids {:.2}x, / raw without headers {:.2}x; \
+                 CPU per message, this process + broker (+ database server): inseam {:.1?} + {:.1?} (+ {database:.1?}), \
+                 raw with ids {:.1?} + {:.1?} and {:.1?} + {:.1?}",
                 broker.name(),
-                same.rate,
-                inseam.rate / same.rate,
-                same.here,
-                same.broker,
+                bytes / rows.len().max(1),
+                filled.fill,
+                inseam.rate,
+                before.rate,
+                after.rate,
+                bare.rate,
+                inseam.rate / raw,
+                inseam.rate / bare.rate,
+                inseam.here,
+                inseam.broker,
+                before.here,
+                before.broker,
+                after.here,
+                after.broker,
             );
         }
-        println!(
-            "{} throughput {backend}: {events} events ({} bytes each on average), batch {batch}; \
-             outbox filled in {:.2?}; inseam relay {:.0} msg/s ({took:.2?}); \
-             raw with ids {:.0} msg/s before, {:.0} after; raw without headers {:.0} msg/s; \
-             inseam / raw with ids {:.2}x, / raw without headers {:.2}x; \
-             CPU per message, this process + broker: inseam {:.1?} + {:.1?}, raw with ids {:.1?} + {:.1?} and {:.1?} + {:.1?}",
-            broker.name(),
-            bytes / rows.len().max(1),
-            filled.fill,
-            inseam.rate,
-            before.rate,
-            after.rate,
-            bare.rate,
-            inseam.rate / raw,
-            inseam.rate / bare.rate,
-            inseam.here,
-            inseam.broker,
-            before.here,
-            before.broker,
-            after.here,
-            after.broker,
-        );
+        if rounds > 1 {
+            println!(
+                "{} throughput {backend}: median of {rounds} rounds, inseam / raw {} {:.2}x",
+                broker.name(),
+                if broker == Broker::Nats {
+                    "with the transport's headers"
+                } else {
+                    "with ids"
+                },
+                median(ratios),
+            );
+        }
     }
 }
 

@@ -193,6 +193,7 @@ impl<'a> Publisher<'a> {
                         claimed: 0,
                         full: false,
                         retry_at,
+                        held_back: None,
                     });
                 }
                 batch
@@ -232,6 +233,7 @@ impl<'a> Publisher<'a> {
             claimed,
             full: false,
             retry_at,
+            held_back: None,
         })
     }
 

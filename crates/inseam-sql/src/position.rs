@@ -76,6 +76,7 @@ pub(crate) async fn deliver_batch(
         after,
         fetched,
         early,
+        held_back,
     } = read(store, &mut unit, group, cursor, limit, eager).await?;
     let full = fetched >= limit;
     let read = rows.len();
@@ -90,6 +91,7 @@ pub(crate) async fn deliver_batch(
             claimed: read,
             full,
             retry_at: None,
+            held_back,
         });
     }
     let parked = parked_keys(&mut unit, group, &rows, now).await?;
@@ -109,6 +111,7 @@ pub(crate) async fn deliver_batch(
             claimed: read,
             full,
             retry_at: None,
+            held_back,
         });
     }
     let batch: Vec<Claimed> = batch.into_iter().cloned().collect();
@@ -117,6 +120,7 @@ pub(crate) async fn deliver_batch(
             claimed: read,
             full,
             retry_at: None,
+            held_back,
         });
     }
     // The batch failed and was rolled back: its messages become delivery rows, in the order
@@ -163,6 +167,7 @@ pub(crate) async fn deliver_batch(
         claimed: read,
         full,
         retry_at,
+        held_back,
     })
 }
 
@@ -223,8 +228,10 @@ pub(crate) async fn publish_batch(
             after,
             fetched,
             early,
+            held_back,
         } = read;
         let full = fetched >= limit;
+        total.held_back = held_back;
         if rows.is_empty() && after == cursor {
             if let Some(unit) = held {
                 unit.rollback_unit().await.context("release a cursor")?;
@@ -442,6 +449,9 @@ struct Read {
     fetched: usize,
     /// PostgreSQL: the messages read past the window.
     early: Vec<String>,
+    /// PostgreSQL: a transaction older than the read's own that was running (see
+    /// [`BatchOutcome::held_back`]).
+    held_back: Option<i64>,
 }
 
 /// Up to `limit` rows of `group` past `cursor`.
@@ -480,6 +490,7 @@ async fn read(
             after,
             fetched,
             early: Vec::new(),
+            held_back: None,
         });
     }
 
@@ -497,17 +508,20 @@ async fn read(
             after,
             fetched,
             early: Vec::new(),
+            held_back: None,
         });
     }
     // The window has nothing more for the group: open the next one, up to the oldest
     // transaction running now.
-    let oldest: i64 = match &sql.oldest_running {
+    // The read's own transaction has an id (it locked the cursor): an older one running may
+    // commit rows past the window at any moment, and no wake-up tells when it ends.
+    let (oldest, own): (i64, i64) = match &sql.oldest_running {
         Some(statement) => sqlx::query(AssertSqlSafe(statement.clone()))
             .fetch_one(&mut unit.tx)
             .await
-            .and_then(|r| r.try_get(0))
+            .and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .context("read the oldest running transaction")?,
-        None => current.hi,
+        None => (current.hi, current.hi),
     };
     // Whether the window the cursor ends in has been read to its end: only then may rows past
     // it go, so that a key's rows in the window come before its rows past it.
@@ -524,10 +538,14 @@ async fn read(
                 .context("open a window of the outbox")?,
             None => None,
         };
+        // A window without rows stays without: every transaction in it has ended. Its
+        // position is then past every row, so that reading it ends at once, rather than walk
+        // the position index from the start of the outbox (which took 35–155 ms a read after
+        // a backlog of 100,000 events).
         let next = Cursor {
             lo: current.hi,
             hi: oldest,
-            pos: start.map_or(0, |s| s - 1),
+            pos: start.map_or(i64::MAX, |s| s - 1),
             ..current
         };
         after = next;
@@ -546,6 +564,7 @@ async fn read(
                     after,
                     fetched,
                     early: Vec::new(),
+                    held_back: None,
                 });
             }
             window_done = true;
@@ -585,6 +604,7 @@ async fn read(
         after,
         fetched,
         early,
+        held_back: (oldest < own).then_some(oldest),
     })
 }
 

@@ -31,7 +31,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use inseam_core::store::{DeliveryFailure, RelayHandle};
 use inseam_core::{App, RawEnvelope};
@@ -283,8 +283,22 @@ async fn worker(store: SqlStore, app: App, group: &'static str, cancel: Cancella
     .await;
 }
 
+/// How long a group whose read was held back by a running transaction waits before it reads
+/// again, at first (doubling while it stays held back, up to [`HELD_BACK_WAIT_MAX`], for up to
+/// [`HELD_BACK_FOR`]).
+const HELD_BACK_WAIT: Duration = Duration::from_millis(2);
+
+/// The longest wait between reads held back: about when a read passes a window held back
+/// by a running transaction (50 ms).
+const HELD_BACK_WAIT_MAX: Duration = Duration::from_millis(50);
+
+/// How long a group held back by one transaction reads again soon, before it leaves the rest
+/// to the wake-ups and the poll interval.
+const HELD_BACK_FOR: Duration = Duration::from_secs(1);
+
 /// Runs `batch` for `group` until cancelled: again at once while batches come full, else
-/// after a local commit's wake-up, the earliest retry due, or the poll interval. What a
+/// after a local commit's wake-up, the earliest retry due, a short wait when a running
+/// transaction held the read back, or the poll interval. What a
 /// relay worker and a transport's publisher share.
 pub(crate) async fn run_batches<F, Fut>(
     store: &SqlStore,
@@ -298,6 +312,9 @@ pub(crate) async fn run_batches<F, Fut>(
 {
     let options = &store.shared.options;
     let mut wake = store.shared.wake.subscribe();
+    let mut held_wait = HELD_BACK_WAIT;
+    // The transaction the last read was held back by, and since when.
+    let mut held: Option<(i64, Instant)> = None;
     loop {
         if cancel.is_cancelled() {
             break;
@@ -308,6 +325,26 @@ pub(crate) async fn run_batches<F, Fut>(
             Ok(outcome) => {
                 if outcome.full || outcome.claimed >= options.batch_size {
                     continue;
+                }
+                match outcome.held_back {
+                    // Mostly another relay's short transaction: read again in a moment. One
+                    // that stays open (its rows are read past it after a while) is left to
+                    // the wake-ups and the poll interval after a second.
+                    Some(by) => {
+                        let since = match held {
+                            Some((was, since)) if was == by => since,
+                            _ => {
+                                held_wait = HELD_BACK_WAIT;
+                                Instant::now()
+                            }
+                        };
+                        held = Some((by, since));
+                        if since.elapsed() < HELD_BACK_FOR {
+                            idle_for = idle_for.min(held_wait);
+                            held_wait = (held_wait * 2).min(HELD_BACK_WAIT_MAX);
+                        }
+                    }
+                    None => held = None,
                 }
                 if let Some(at) = outcome.retry_at {
                     let until = Duration::from_micros(
@@ -342,6 +379,11 @@ pub(crate) struct BatchOutcome {
     pub(crate) full: bool,
     /// The earliest retry this batch scheduled (micros).
     pub(crate) retry_at: Option<i64>,
+    /// PostgreSQL, reading by position: the id of a transaction older than the read's own
+    /// that was running, so that messages committed since may lie past the window the read
+    /// could open. No wake-up comes when that transaction ends (it need not write to the
+    /// outbox): the batch is tried again soon rather than after the poll interval.
+    pub(crate) held_back: Option<i64>,
 }
 
 impl BatchOutcome {
@@ -350,6 +392,7 @@ impl BatchOutcome {
             claimed: 0,
             full: false,
             retry_at: None,
+            held_back: None,
         }
     }
 
@@ -362,6 +405,7 @@ impl BatchOutcome {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             },
+            held_back: self.held_back.or(other.held_back),
         }
     }
 }
@@ -464,6 +508,7 @@ async fn deliver_batch(store: &SqlStore, app: &App, group: &'static str) -> Resu
         claimed,
         full: false,
         retry_at,
+        held_back: None,
     })
 }
 

@@ -763,7 +763,9 @@ impl Statements {
             oldest_running: match backend {
                 Backend::Sqlite => None,
                 Backend::Postgres => Some(s(
-                    "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT)".to_owned(),
+                    "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT), \
+                            CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)"
+                        .to_owned(),
                 )),
             },
             window_start: match backend {
