@@ -232,8 +232,9 @@ async fn postgres_failed_publishes_hold_back_their_keys() {
     failed_publishes_hold_back_their_keys(Backend::Postgres, 1).await;
 }
 
-/// Two relays on one database take the group's cursor from each other between batches: a
-/// batch one of them published as the other took the cursor goes twice, and is handled once.
+/// Two relays on one database take the group's cursor from each other between batches, and
+/// share the delivery rows the failed publishes leave: every order is still handled once, and
+/// each key in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_two_publishers_keep_each_key_in_order() {
     failed_publishes_hold_back_their_keys(Backend::Postgres, 2).await;
