@@ -257,7 +257,16 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            // librdkafka keeps a partition paused across a rebalance (the pause belongs to the
+            // client's partition, not to the assignment): one this member paused for a full
+            // queue before the group took it away would never fetch again once it came back,
+            // its new state not paused. Every assigned partition starts fetching.
+            if let Err(error) = consumer.resume(list) {
+                tracing::debug!(target: TARGET, group = %self.core.group, error = %error, "could not resume the assigned partitions");
+            }
+        }
         let mut state = self.core.state();
         match rebalance {
             Rebalance::Assign(list) => {

@@ -516,3 +516,76 @@ fn a_nacked_message_holds_back_its_partition_for_the_delay() {
         second.ack().await.unwrap_or_else(|e| panic!("{e}"));
     });
 }
+
+/// A member whose partition queue filled up (the member pauses the partition's fetching at
+/// 256 records) and which loses the partition in a rebalance and gets it back reads it again:
+/// librdkafka keeps a pause across a rebalance, so the member resumes what it is assigned.
+/// A second member joins the group and leaves it, each a rebalance; every message then comes
+/// to the first.
+#[test]
+fn a_partition_paused_before_a_rebalance_is_read_after_it() {
+    const MESSAGES: usize = 600;
+    let server = kafka_server::start_in_memory();
+    runtime().block_on(async {
+        let connect = || {
+            let options = KafkaOptions::from_url(&server.url())
+                .unwrap_or_else(|e| panic!("{e}"))
+                .partitions(1)
+                .session_timeout(Duration::from_secs(6));
+            Kafka::connect_with(options).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let kafka = connect();
+        kafka
+            .provision(&["c".to_owned()])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let batch: Vec<Outgoing> = (0..MESSAGES)
+            .map(|n| message("c", Some("k"), &n.to_string()))
+            .collect();
+        for outcome in kafka.publish(&batch).await {
+            outcome.unwrap_or_else(|e| panic!("{e}"));
+        }
+        let subscription = Subscription::new("paused", ["c"]);
+        let mut first = kafka
+            .subscribe(&subscription)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut seen = std::collections::BTreeSet::new();
+        let head = fetch_one(&mut *first).await;
+        seen.insert(String::from_utf8_lossy(&head.payload).into_owned());
+        head.ack().await.unwrap_or_else(|e| panic!("{e}"));
+        // The member's queue fills (the rest of the partition is far more than 256 records)
+        // and its fetching pauses.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let other = connect();
+        let second = other
+            .subscribe(&subscription)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(second);
+        drop(other);
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while seen.len() < MESSAGES {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {MESSAGES} messages came in 60 s after the rebalances",
+                seen.len()
+            );
+            let batch = first
+                .fetch(10, Duration::from_millis(200))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            for message in batch {
+                seen.insert(String::from_utf8_lossy(&message.payload).into_owned());
+                // An acknowledgement of a message whose partition was taken away in the
+                // meantime fails; the message comes again.
+                let _ = message.ack().await;
+            }
+        }
+        let expected: std::collections::BTreeSet<String> =
+            (0..MESSAGES).map(|n| n.to_string()).collect();
+        assert_eq!(seen, expected);
+    });
+}
