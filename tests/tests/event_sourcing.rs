@@ -588,6 +588,43 @@ async fn group_commit_shares_statements_and_isolates_conflicts() {
     assert!(statements < units, "no statement was shared: {stats:?}");
 }
 
+/// A group-committed statement wakes the relays (PostgreSQL's `NOTIFY` on the outbox channel)
+/// only when a group reads one of its rows: an event nobody subscribed to is written without a
+/// wake-up, one a group reads with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_wakes_the_relays_only_for_events_a_group_reads() {
+    let db = TestDb::new(Backend::Postgres, "es_group_wake").await;
+    let store = store(&db).await;
+    let quiet = cart::builder(store.clone(), Gate::default())
+        .build()
+        .await
+        .unwrap();
+    let read = cart::builder(store.clone(), Gate::default())
+        .state(Log::default())
+        .handler::<log_added>()
+        .build()
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("inseam_outbox").await.unwrap();
+
+    assert_eq!(quiet.send(add("quiet", 1)).await.unwrap(), 1);
+    let woken = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(
+        woken.is_err(),
+        "an event no group reads woke the relays: {woken:?}"
+    );
+    assert_eq!(stream_versions(&store, "cart-quiet").await, [1]);
+
+    assert_eq!(read.send(add("read", 1)).await.unwrap(), 1);
+    let woken = tokio::time::timeout(WAIT, listener.recv())
+        .await
+        .unwrap_or_else(|_| panic!("an event the group `cart_log` reads did not wake the relays"))
+        .unwrap();
+    assert_eq!(woken.channel(), "inseam_outbox");
+    assert_eq!(stream_versions(&store, "cart-read").await, [1]);
+}
+
 /// An event at version 2 without the upcaster from 1, and an upcaster from a version that is
 /// not older than the event's: both reported by `build()`, with everything else wrong.
 #[tokio::test]

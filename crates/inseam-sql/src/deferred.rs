@@ -500,13 +500,16 @@ async fn write_rows(shared: &Shared, messages: &[&OutboxMessage]) -> Result<()> 
             .context("create a group's cursor")?;
     }
     shared.cursors_made(&cursors);
-    let sql = shared.sql.write_outbox_rows(rows.len());
+    let shape = OutboxRow::shape(&rows);
+    let sql = shared.sql.write_outbox_rows(rows.len(), shape);
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for row in rows {
         query = row.bind(query);
     }
+    if shape.wakes() {
+        query = query.bind(shared.sql.channel.to_string());
+    }
     query
-        .bind(shared.sql.channel.to_string())
         .execute(&shared.pool)
         .await
         .map_err(|e| conflict_or(e, messages.iter().copied()))?;

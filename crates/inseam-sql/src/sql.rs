@@ -837,9 +837,11 @@ impl Statements {
 
     /// PostgreSQL: `rows` outbox rows, their deliveries and the relays' wake-up in one
     /// statement, committed on its own. Each row binds [`ROW_PARAMS`] parameters, in the
-    /// order of `OutboxRow::bind`; the channel comes last. Rows and deliveries are inserted in
-    /// the order given, so ids keep the order of each key's messages.
-    pub(crate) fn write_outbox_rows(&self, rows: usize) -> String {
+    /// order of `OutboxRow::bind`; with a wake-up, the channel comes last. Rows and deliveries
+    /// are inserted in the order given, so ids keep the order of each key's messages.
+    /// `shape` leaves out what no row needs: the deliveries' insert, and the wake-up when no
+    /// group reads any of the rows (an event nobody subscribed to: only its stream reads it).
+    pub(crate) fn write_outbox_rows(&self, rows: usize, shape: RowsShape) -> String {
         use std::fmt::Write as _;
         let p = &self.prefix;
         let mut values = String::with_capacity(rows * 64);
@@ -853,20 +855,51 @@ impl Statements {
             values.push(')');
         }
         let channel = rows * ROW_PARAMS + 1;
-        format!(
-            "WITH v (ord, message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, deliver_at, groups, read_by) AS (
-                VALUES {values}),
-             o AS (
-                INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups)
+        let v = format!(
+            "v (ord, message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, deliver_at, groups, read_by) AS (
+                VALUES {values})"
+        );
+        let outbox = format!(
+            "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups)
                 SELECT message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, read_by
-                FROM v ORDER BY ord),
-             d AS (
-                INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
-                SELECT g.x, v.message_id, v.msg_key, v.deliver_at, v.created_at
-                FROM v CROSS JOIN LATERAL jsonb_array_elements_text(CAST(v.groups AS jsonb)) WITH ORDINALITY AS g(x, n)
-                ORDER BY v.ord, g.n)
-             SELECT pg_notify(${channel}, '')"
-        )
+                FROM v ORDER BY ord"
+        );
+        match shape {
+            RowsShape::Quiet => format!("WITH {v} {outbox}"),
+            RowsShape::Wake => format!(
+                "WITH {v},
+                 o AS ({outbox})
+                 SELECT pg_notify(${channel}, '')"
+            ),
+            RowsShape::Deliveries => format!(
+                "WITH {v},
+                 o AS ({outbox}),
+                 d AS (
+                    INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
+                    SELECT g.x, v.message_id, v.msg_key, v.deliver_at, v.created_at
+                    FROM v CROSS JOIN LATERAL jsonb_array_elements_text(CAST(v.groups AS jsonb)) WITH ORDINALITY AS g(x, n)
+                    ORDER BY v.ord, g.n)
+                 SELECT pg_notify(${channel}, '')"
+            ),
+        }
+    }
+}
+
+/// What a statement of [`Statements::write_outbox_rows`] writes besides the outbox rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowsShape {
+    /// Nothing: no row has a delivery row or a group reading it by position.
+    Quiet,
+    /// The relays' wake-up: some row is read by position, none has a delivery row.
+    Wake,
+    /// Delivery rows and the wake-up.
+    Deliveries,
+}
+
+impl RowsShape {
+    /// The channel parameter is bound after the rows.
+    pub(crate) fn wakes(self) -> bool {
+        self != RowsShape::Quiet
     }
 }
 

@@ -603,6 +603,8 @@ pub(crate) struct OutboxRow {
     read_by_json: Option<String>,
     /// Whether every group reads the row by position (no delivery rows).
     read_by_all: bool,
+    /// Whether some group gets a delivery row.
+    delivered: bool,
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
@@ -636,6 +638,7 @@ impl OutboxRow {
             Some(json(&read_by)?)
         };
         let read_by_all = rows.is_empty() && !read_by.is_empty();
+        let delivered = !rows.is_empty();
         Ok(OutboxRow {
             message_id: envelope.metadata.message_id.to_string(),
             name: envelope.name.clone(),
@@ -654,7 +657,20 @@ impl OutboxRow {
             read_by,
             read_by_json,
             read_by_all,
+            delivered,
         })
+    }
+
+    /// What a statement writing `rows` must write besides them.
+    pub(crate) fn shape(rows: &[OutboxRow]) -> crate::sql::RowsShape {
+        use crate::sql::RowsShape;
+        if rows.iter().any(|row| row.delivered) {
+            RowsShape::Deliveries
+        } else if rows.iter().any(|row| !row.read_by.is_empty()) {
+            RowsShape::Wake
+        } else {
+            RowsShape::Quiet
+        }
     }
 
     /// Binds the row's [`ROW_PARAMS`](crate::sql::ROW_PARAMS) parameters in the order of
