@@ -398,14 +398,22 @@ fn database_cpu() -> Duration {
         .sum()
 }
 
-/// Raw publishing with the transport's own headers (NATS only): the same bytes on the wire as
-/// the relay's.
-async fn raw_same(server: &Server, name: &str, rows: &[Row], batch: usize) -> Run {
+/// Whether the bench has a raw side sending the transport's own headers for `broker`.
+fn has_raw_same(broker: Broker) -> bool {
+    matches!(broker, Broker::Nats | Broker::Redis)
+}
+
+/// Raw publishing with the transport's own headers (NATS and Redis): the same bytes on the
+/// wire as the relay's.
+async fn raw_same(broker: Broker, server: &Server, name: &str, rows: &[Row], batch: usize) -> Run {
     let cpu_before = cpu_now(server);
-    let elapsed = nats::publish_as_transport(server, name, rows, batch).await;
+    let elapsed = match broker {
+        Broker::Redis => redis::publish_as_transport(server, name, rows, batch).await,
+        _ => nats::publish_as_transport(server, name, rows, batch).await,
+    };
     let same = Run::measure(rows.len() as u64, elapsed, cpu_before, cpu_now(server));
     assert_eq!(
-        messages(Broker::Nats, server, name, rows.len() as u64).await,
+        messages(broker, server, name, rows.len() as u64).await,
         rows.len() as u64
     );
     same
@@ -456,9 +464,9 @@ async fn throughput(broker: Broker, server: &Server) {
             let rows = &filled.rows;
             let bytes: usize = rows.iter().map(|(_, _, b)| b.len()).sum();
             // The raw sides run before and after the relay, so that both meet the same machine.
-            let nats = broker == Broker::Nats;
-            let same_before = if nats {
-                Some(raw_same(server, &format!("raw_{name}_s1"), rows, batch).await)
+            let same_kind = has_raw_same(broker);
+            let same_before = if same_kind {
+                Some(raw_same(broker, server, &format!("raw_{name}_s1"), rows, batch).await)
             } else {
                 None
             };
@@ -467,8 +475,8 @@ async fn throughput(broker: Broker, server: &Server) {
             let (inseam, took, database) = drain(broker, server, &filled).await;
             let after =
                 raw_publish(broker, server, &format!("raw_{name}_2"), rows, batch, true).await;
-            let same_after = if nats {
-                Some(raw_same(server, &format!("raw_{name}_s2"), rows, batch).await)
+            let same_after = if same_kind {
+                Some(raw_same(broker, server, &format!("raw_{name}_s2"), rows, batch).await)
             } else {
                 None
             };
@@ -529,7 +537,7 @@ async fn throughput(broker: Broker, server: &Server) {
             println!(
                 "{} throughput {backend}: median of {rounds} rounds, inseam / raw {} {:.2}x",
                 broker.name(),
-                if broker == Broker::Nats {
+                if has_raw_same(broker) {
                     "with the transport's headers"
                 } else {
                     "with ids"

@@ -4,7 +4,8 @@
 //! it when its id's key exists and otherwise runs `XADD` and sets that key with the 2 min
 //! window (the deduplication the transport does: Redis has none of its own), loaded once and
 //! called by its digest (`EVALSHA`); without, a bare `XADD`. The entries have the transport's
-//! fields (channel, id, key, payload) but not its headers, as the NATS raw side sends none.
+//! fields (channel, id, key, payload); "as the transport" adds its headers field too (the
+//! CloudEvents id and type the relay sends), for the same entries as the relay's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +58,42 @@ pub(crate) async fn publish(
     batch: usize,
     ids: bool,
 ) -> Duration {
+    publish_with(server, name, rows, batch, ids, false).await
+}
+
+/// Publishes `rows` as [`publish`] does with ids, with the headers field the transport adds
+/// (the CloudEvents id and type the relay sends, in the transport's length-prefixed form): the
+/// same entries, byte for byte, as the relay's.
+pub(crate) async fn publish_as_transport(
+    server: &Server,
+    name: &str,
+    rows: &[Row],
+    batch: usize,
+) -> Duration {
+    publish_with(server, name, rows, batch, true, true).await
+}
+
+/// The transport's headers field: each name and value as a 4-byte big-endian length and its
+/// bytes.
+fn headers_field(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        for part in [name, value] {
+            out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            out.extend_from_slice(part.as_bytes());
+        }
+    }
+    out
+}
+
+async fn publish_with(
+    server: &Server,
+    name: &str,
+    rows: &[Row],
+    batch: usize,
+    ids: bool,
+    headers: bool,
+) -> Duration {
     let mut conn = connection(server).await;
     let digest: String = redis::cmd("SCRIPT")
         .arg("LOAD")
@@ -85,9 +122,13 @@ pub(crate) async fn publish(
                 .arg("i")
                 .arg(id)
                 .arg("k")
-                .arg(key)
-                .arg("p")
-                .arg(payload.as_ref());
+                .arg(key);
+            if headers {
+                command
+                    .arg("h")
+                    .arg(headers_field(&[("ce-id", id), ("ce-type", CHANNEL)]));
+            }
+            command.arg("p").arg(payload.as_ref());
         }
         let replies: Vec<Value> = pipe.query_async(&mut conn).await.unwrap();
         assert_eq!(replies.len(), chunk.len());

@@ -197,6 +197,18 @@ pub(crate) fn header_name_problem(name: &str) -> Option<&'static str> {
     None
 }
 
+/// A header name NATS takes as it is: the names inseam sends on every message need no parsing
+/// nor allocation.
+fn header_name(name: &str) -> Option<async_nats::HeaderName> {
+    Some(match name {
+        "ce-id" => async_nats::HeaderName::from_static("ce-id"),
+        "ce-type" => async_nats::HeaderName::from_static("ce-type"),
+        "traceparent" => async_nats::HeaderName::from_static("traceparent"),
+        "tracestate" => async_nats::HeaderName::from_static("tracestate"),
+        _ => name.parse().ok()?,
+    })
+}
+
 /// The NATS headers of a message: the id, the key and the application's headers with their
 /// order. Fails with the problem and the header's name.
 pub(crate) fn encode_headers(
@@ -210,36 +222,42 @@ pub(crate) fn encode_headers(
         if let Some(problem) = header_name_problem(name) {
             return Err(format!("header `{name}` cannot be carried: {problem}"));
         }
-        let header: async_nats::HeaderName = name
-            .parse()
-            .map_err(|_| format!("header `{name}` is not a valid NATS header name"))?;
+        let header = header_name(name)
+            .ok_or_else(|| format!("header `{name}` is not a valid NATS header name"))?;
         if !order.is_empty() {
             order.push(' ');
         }
         // A `:` (which no header name has) marks a value that had to be percent-encoded.
         let value = if representable(value) {
             order.push_str(name);
-            value.clone()
+            value.parse()
         } else {
             order.push(':');
             order.push_str(name);
-            percent_encode(value)
+            percent_encode(value).parse()
         };
-        let value: async_nats::HeaderValue = value
-            .parse()
-            .map_err(|_| format!("header `{name}` has a value NATS cannot carry"))?;
+        let value: async_nats::HeaderValue =
+            value.map_err(|_| format!("header `{name}` has a value NATS cannot carry"))?;
         map.append(header, value);
     }
-    map.insert(MSG_ID_HEADER, message_id.to_string().as_str());
+    let mut id = Uuid::encode_buffer();
+    let id: &str = message_id.hyphenated().encode_lower(&mut id);
+    map.insert(async_nats::HeaderName::from_static(MSG_ID_HEADER), id);
     if let Some(key) = key {
         if representable(key) {
-            map.insert(KEY_HEADER, key);
+            map.insert(async_nats::HeaderName::from_static(KEY_HEADER), key);
         } else {
-            map.insert(KEY_ENCODED_HEADER, percent_encode(key).as_str());
+            map.insert(
+                async_nats::HeaderName::from_static(KEY_ENCODED_HEADER),
+                percent_encode(key).as_str(),
+            );
         }
     }
     if !order.is_empty() {
-        map.insert(ORDER_HEADER, order.as_str());
+        // Header names (printable ASCII, checked above), spaces and `:`: a valid value.
+        if let Ok(order) = order.parse::<async_nats::HeaderValue>() {
+            map.insert(async_nats::HeaderName::from_static(ORDER_HEADER), order);
+        }
     }
     Ok(map)
 }

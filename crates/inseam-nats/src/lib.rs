@@ -351,22 +351,37 @@ impl Nats {
             }
         }
 
-        for (index, ack) in pending {
-            let operation = || format!("publish to `{}`", batch[index].channel);
-            outcomes[index] = Some(match tokio::time::timeout_at(deadline, ack).await {
-                Ok(Ok(ack)) => {
-                    if ack.duplicate {
-                        tracing::debug!(
-                            target: TARGET,
-                            message_id = %batch[index].message_id,
-                            "the stream already had this message id"
-                        );
+        // One deadline for every acknowledgement (a timer each would cost more than most
+        // acknowledgements take): what is unanswered when it passes timed out.
+        let mut pending = pending.into_iter();
+        let mut waiting = None;
+        let answered = tokio::time::timeout_at(deadline, async {
+            for (index, ack) in pending.by_ref() {
+                waiting = Some(index);
+                let answer = ack.await;
+                let operation = || format!("publish to `{}`", batch[index].channel);
+                outcomes[index] = Some(match answer {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            tracing::debug!(
+                                target: TARGET,
+                                message_id = %batch[index].message_id,
+                                "the stream already had this message id"
+                            );
+                        }
+                        Ok(())
                     }
-                    Ok(())
-                }
-                Ok(Err(err)) => Err(publish_error(operation(), err)),
-                Err(_) => Err(timed_out(operation(), options)),
-            });
+                    Err(err) => Err(publish_error(operation(), err)),
+                });
+            }
+            waiting = None;
+        })
+        .await;
+        if answered.is_err() {
+            for index in waiting.into_iter().chain(pending.map(|(index, _)| index)) {
+                let operation = format!("publish to `{}`", batch[index].channel);
+                outcomes[index] = Some(Err(timed_out(operation, options)));
+            }
         }
 
         outcomes

@@ -235,6 +235,11 @@ impl Redis {
         let mut failed_keys: HashSet<&str> = HashSet::new();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        // The script is loaded once per batch (whatever the server forgot since, a restart or
+        // `SCRIPT FLUSH`) and called by its digest: sending its text with every message would
+        // make the server parse and hash it every time.
+        let publish = publish_script();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::PUBLISH);
         let mut sent = Vec::with_capacity(batch.len());
         let window = options.dedup_window.as_millis().to_string();
         let max_len = options.max_len.unwrap_or(0).to_string();
@@ -263,8 +268,8 @@ impl Redis {
             };
             let partition = layout::partition(key, message.message_id, options.partitions);
             let command = pipe
-                .cmd("EVAL")
-                .arg(scripts::PUBLISH)
+                .cmd("EVALSHA")
+                .arg(publish.get_hash())
                 .arg(2)
                 .arg(layout::stream_key(&options.prefix, partition))
                 .arg(layout::id_key(&options.prefix, message.message_id))
@@ -294,8 +299,9 @@ impl Redis {
             )
             .await;
             match answered {
-                Ok(Ok(results)) if results.len() == sent.len() => {
-                    for (index, result) in sent.iter().zip(results) {
+                // The script's load first, then one answer per message.
+                Ok(Ok(results)) if results.len() == sent.len() + 1 => {
+                    for (index, result) in sent.iter().zip(results.into_iter().skip(1)) {
                         let message = &batch[*index];
                         let operation = format!("publish to `{}`", message.channel);
                         outcomes[*index] = Some(match result {
@@ -317,7 +323,7 @@ impl Redis {
                     let problem = format!(
                         "the server answered {} of {} commands",
                         results.len(),
-                        sent.len()
+                        sent.len() + 1
                     );
                     for index in &sent {
                         outcomes[*index] = Some(Err(TransportError::transient(
@@ -509,12 +515,21 @@ pub(crate) fn is_transient(err: &redis::RedisError) -> bool {
             | ServerErrorKind::TryAgain
             | ServerErrorKind::MasterDown
             | ServerErrorKind::ReadOnly
-            | ServerErrorKind::ClusterDown,
+            | ServerErrorKind::ClusterDown
+            // A script the server forgot between its load and its call: the next batch
+            // loads it again.
+            | ServerErrorKind::NoScript,
         ) => true,
         _ => err
             .code()
             .is_some_and(|code| code == "OOM" || code == "BUSY"),
     }
+}
+
+/// The publish script, its digest computed once per process.
+fn publish_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(scripts::PUBLISH))
 }
 
 /// A failed command as a transport error, transient or permanent.

@@ -10,17 +10,11 @@ pub(crate) const PUBLISH: &str = r"
 if ARGV[1] ~= '0' and redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
 end
-local args = {'XADD', KEYS[1]}
-if ARGV[2] ~= '0' then
-  args[#args + 1] = 'MAXLEN'
-  args[#args + 1] = '~'
-  args[#args + 1] = ARGV[2]
+if ARGV[2] == '0' then
+  redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 end
-args[#args + 1] = '*'
-for i = 3, #ARGV do
-  args[#args + 1] = ARGV[i]
-end
-redis.call(unpack(args))
 if ARGV[1] ~= '0' then
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
 end

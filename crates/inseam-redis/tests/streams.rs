@@ -237,6 +237,29 @@ async fn without_a_dedup_window_a_second_publish_comes_twice() {
     assert_eq!(labels, ["dedup"]);
 }
 
+/// The publish script is called by its digest: a server that forgot it (`SCRIPT FLUSH`, as after
+/// a restart) gets it again with the next batch, and nothing published fails or goes twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_script_cache_does_not_fail_a_publish() {
+    let server = server().await;
+    let redis = connect(&server, |o| o).await;
+    publish(&redis, &[message("events", Some("k"), "before")]).await;
+    let mut conn = raw(&redis).await;
+    let flushed: String = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("SCRIPT FLUSH");
+    assert_eq!(flushed, "OK");
+    publish(&redis, &[message("events", Some("k"), "after")]).await;
+    let mut consumer = redis
+        .subscribe(&Subscription::new("g", ["events"]))
+        .await
+        .expect("subscribe");
+    let labels = consume(&mut *consumer, 2, Duration::from_millis(300)).await;
+    assert_eq!(labels, ["before", "after"]);
+}
+
 /// Three consumers of one group, on three connections, share the partitions: each partition's
 /// messages go to one consumer at a time, every key comes in publish order across two channels,
 /// and when a consumer goes away the others take over its partitions.
