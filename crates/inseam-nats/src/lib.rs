@@ -351,8 +351,8 @@ impl Nats {
             }
         }
 
-        // One deadline for every acknowledgement (a timer each would cost more than most
-        // acknowledgements take): what is unanswered when it passes timed out.
+        // One deadline for every acknowledgement, rather than a timer each: what is unanswered
+        // when it passes timed out.
         let mut pending = pending.into_iter();
         let mut waiting = None;
         let answered = tokio::time::timeout_at(deadline, async {
