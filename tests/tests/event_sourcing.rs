@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use inseam::prelude::*;
-use inseam::sql::sqlx::{self, Row as _};
+use inseam::sql::sqlx::{self, Connection as _, Row as _};
 use inseam::sql::{RelayOptions, SqlStoreOptions};
 use inseam::{Conflict, MessageMeta, RetryOnConflict};
 use inseam_tests::cart::{self, AddItems, Cart, CartEvent, CheckOut, Gate, ItemAdded};
@@ -623,6 +623,39 @@ async fn group_commit_wakes_the_relays_only_for_events_a_group_reads() {
         .unwrap();
     assert_eq!(woken.channel(), "inseam_outbox");
     assert_eq!(stream_versions(&store, "cart-read").await, [1]);
+}
+
+/// A pooled connection the server closed while it sat idle (a restart, an idle timeout, an
+/// operator's `pg_terminate_backend`) is pinged and replaced before a command uses it, once it
+/// has been idle for more than a second (decision 0028).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_closed_is_replaced_before_use() {
+    let db = TestDb::new(Backend::Postgres, "es_pool_closed").await;
+    let store = store(&db).await;
+    let app = cart::builder(store.clone(), Gate::default())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(app.send(add("kept", 1)).await.unwrap(), 1);
+
+    let mut admin = sqlx::postgres::PgConnection::connect(&db.url)
+        .await
+        .unwrap();
+    let closed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        !closed.is_empty() && closed.iter().all(|c| *c),
+        "the app's pooled connections were not closed: {closed:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    assert_eq!(app.send(add("kept", 1)).await.unwrap(), 2);
+    assert_eq!(stream_versions(&store, "cart-kept").await, [1, 2]);
 }
 
 /// An event at version 2 without the upcaster from 1, and an upcaster from a version that is

@@ -14,6 +14,12 @@
 //! A fifth side is no framework at all: one `INSERT` of the event row per command, in its own
 //! implicit transaction, through bare sqlx on a pool, with no read. It is the floor of any
 //! design that commits each command on its own: what one durable commit costs on this server.
+//! A sixth is the same on a pool that does not ping a connection before handing it out (sqlx
+//! pings by default; inseam's pool pings only a connection idle for over a second). Every
+//! inseam side is also given over each floor.
+//!
+//! `INSEAM_BENCH_SIDES=cache,floor` runs only the sides whose name contains one of those words
+//! (and cqrs-es, the reference of the ratios), to profile them alone.
 //!
 //! `INSEAM_BENCH_SYNCHRONOUS_COMMIT=off` sets that on the benchmark's PostgreSQL databases (not
 //! the server), to see the cost of each side without waiting for the WAL flush at commit.
@@ -54,6 +60,12 @@ const FLOOR_SCHEMA: &str = "CREATE TABLE floor_events (
     payload JSONB NOT NULL,
     PRIMARY KEY (stream, version)
 )";
+
+const PLAIN: &str = "inseam, PostgreSQL";
+const SUBSCRIBED: &str = "inseam, PostgreSQL, 1 group subscribed";
+const CACHED: &str = "inseam, PostgreSQL, aggregate cache";
+const FLOOR: &str = "floor: one bare INSERT, PostgreSQL";
+const FLOOR_UNPINGED: &str = "floor, no ping before acquire";
 
 struct Side {
     name: &'static str,
@@ -133,6 +145,23 @@ impl Side {
     }
 }
 
+/// `side` over `reference`: the medians' ratio and each round's.
+fn print_ratio(side: &Side, reference: &Side) {
+    let per_round: Vec<String> = side
+        .rounds
+        .iter()
+        .zip(&reference.rounds)
+        .map(|(a, b)| format!("{:.2}", a / b))
+        .collect();
+    println!(
+        "{} / {}: {:.2}x (medians; per round {})",
+        side.name,
+        reference.name,
+        side.median() / reference.median(),
+        per_round.join(", ")
+    );
+}
+
 async fn count(conn: &mut PgConnection, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql)
         .fetch_one(&mut *conn)
@@ -159,6 +188,7 @@ async fn run() {
         format!("{base}_cqrs"),
         format!("{base}_floor"),
         format!("{base}_inseam_cached"),
+        format!("{base}_floor_unpinged"),
     ];
     for db in &databases {
         admin
@@ -219,17 +249,29 @@ async fn run() {
         .execute(FLOOR_SCHEMA)
         .await
         .expect("create the floor table");
+    // The same floor on a pool that does not ping a connection before handing it out, as
+    // inseam's pool does not when the connection was back within a second (decision 0028).
+    let unpinged_pool = PgPoolOptions::new()
+        .max_connections(10)
+        .test_before_acquire(false)
+        .connect(&url(&databases[5]))
+        .await
+        .expect("connect to the second floor database");
+    unpinged_pool
+        .execute(FLOOR_SCHEMA)
+        .await
+        .expect("create the second floor table");
 
     // The relay is not started: nothing here measures delivery. With the group subscribed, each
     // outbox row names it (the group reads the outbox by position, decision 0024).
     let mut sides = vec![
         Side {
-            name: "inseam, PostgreSQL",
+            name: PLAIN,
             target: Target::Inseam(inseam_app(url(&databases[0]), Variant::Plain).await),
             rounds: Vec::new(),
         },
         Side {
-            name: "inseam, PostgreSQL, 1 group subscribed",
+            name: SUBSCRIBED,
             target: Target::Inseam(inseam_app(url(&databases[1]), Variant::Subscribed).await),
             rounds: Vec::new(),
         },
@@ -239,7 +281,7 @@ async fn run() {
             rounds: Vec::new(),
         },
         Side {
-            name: "inseam, PostgreSQL, aggregate cache",
+            name: CACHED,
             target: Target::Inseam(inseam_app(url(&databases[4]), Variant::Cached).await),
             rounds: Vec::new(),
         },
@@ -249,12 +291,25 @@ async fn run() {
             rounds: Vec::new(),
         },
         Side {
-            name: "floor: one bare INSERT, PostgreSQL",
+            name: FLOOR,
             target: Target::Floor(floor_pool.clone(), Mutex::new(HashMap::new())),
+            rounds: Vec::new(),
+        },
+        Side {
+            name: FLOOR_UNPINGED,
+            target: Target::Floor(unpinged_pool.clone(), Mutex::new(HashMap::new())),
             rounds: Vec::new(),
         },
     ];
 
+    // `INSEAM_BENCH_SIDES=cache,floor` keeps only the sides whose name contains one of the
+    // words (for profiling one side); the cqrs-es side stays, as the ratios' reference.
+    if let Ok(only) = std::env::var("INSEAM_BENCH_SIDES") {
+        let words: Vec<&str> = only.split(',').map(str::trim).collect();
+        sides.retain(|side| {
+            matches!(side.target, Target::CqrsEs(_)) || words.iter().any(|w| side.name.contains(w))
+        });
+    }
     let skus = ["tea", "milk", "bread"];
     let carts_named = |prefix: &str, n: usize| -> Vec<String> {
         (0..n).map(|i| format!("{prefix}{i}")).collect()
@@ -293,6 +348,9 @@ async fn run() {
             Target::CqrsEs(_) | Target::Floor(..) => {}
         }
     }
+    // A side left out stored nothing: its database expects no events.
+    let ran = |name: &str| sides.iter().any(|side| side.name == name);
+    let events_of = |name: &str| if ran(name) { events } else { 0 };
     let mut conns = Vec::new();
     for db in [&databases[0], &databases[1], &databases[4]] {
         conns.push(PgConnection::connect(&url(db)).await.expect("connect"));
@@ -303,12 +361,13 @@ async fn run() {
     const FOR_A_GROUP: &str =
         "SELECT count(*) FROM inseam_outbox WHERE stream IS NOT NULL AND groups IS NOT NULL";
     const DELIVERY_ROWS: &str = "SELECT count(*) FROM inseam_deliveries";
-    assert_eq!(count(&mut conns[0], STREAM_ROWS).await, events);
+    let (plain, subscribed, cached) = (events_of(PLAIN), events_of(SUBSCRIBED), events_of(CACHED));
+    assert_eq!(count(&mut conns[0], STREAM_ROWS).await, plain);
     assert_eq!(count(&mut conns[0], FOR_A_GROUP).await, 0);
-    assert_eq!(count(&mut conns[1], STREAM_ROWS).await, events);
-    assert_eq!(count(&mut conns[1], FOR_A_GROUP).await, events);
+    assert_eq!(count(&mut conns[1], STREAM_ROWS).await, subscribed);
+    assert_eq!(count(&mut conns[1], FOR_A_GROUP).await, subscribed);
     assert_eq!(count(&mut conns[1], DELIVERY_ROWS).await, 0);
-    assert_eq!(count(&mut conns[2], STREAM_ROWS).await, events);
+    assert_eq!(count(&mut conns[2], STREAM_ROWS).await, cached);
     // Every stream is gapless: its versions are exactly 1..=commands.
     const GAPLESS: &str = "SELECT count(*) FROM (SELECT stream FROM inseam_outbox WHERE stream IS NOT NULL \
          GROUP BY stream HAVING min(stream_version) <> 1 OR max(stream_version) <> count(*)) AS gaps";
@@ -319,11 +378,13 @@ async fn run() {
         count(&mut cqrs_conn, "SELECT count(*) FROM events").await,
         events
     );
-    let floor_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM floor_events")
-        .fetch_one(&floor_pool)
-        .await
-        .expect("count the floor rows");
-    assert_eq!(floor_rows, events);
+    for (pool, name) in [(&floor_pool, FLOOR), (&unpinged_pool, FLOOR_UNPINGED)] {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM floor_events")
+            .fetch_one(pool)
+            .await
+            .expect("count the floor rows");
+        assert_eq!(rows, events_of(name), "{name}");
+    }
     let tea: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_id = 'r0-0' AND payload::text LIKE '%\"tea\"%'",
     )
@@ -357,24 +418,25 @@ async fn run() {
         .find(|side| matches!(side.target, Target::CqrsEs(_)))
         .expect("the cqrs-es side");
     for side in sides.iter().filter(|side| !std::ptr::eq(*side, cqrs)) {
-        let per_round: Vec<String> = side
-            .rounds
+        print_ratio(side, cqrs);
+    }
+    for floor in sides
+        .iter()
+        .filter(|side| matches!(side.target, Target::Floor(..)))
+    {
+        for side in sides
             .iter()
-            .zip(&cqrs.rounds)
-            .map(|(a, b)| format!("{:.2}", a / b))
-            .collect();
-        println!(
-            "{} / cqrs-es PostgreSQL: {:.2}x (medians; per round {})",
-            side.name,
-            side.median() / cqrs.median(),
-            per_round.join(", ")
-        );
+            .filter(|side| matches!(side.target, Target::Inseam(_)))
+        {
+            print_ratio(side, floor);
+        }
     }
     println!("verified: {events} events stored on each side, carts fold to what was sent");
 
     drop(conns);
     drop(cqrs_conn);
     floor_pool.close().await;
+    unpinged_pool.close().await;
     drop(sides);
     for db in &databases {
         admin

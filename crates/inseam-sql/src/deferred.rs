@@ -379,14 +379,31 @@ impl Drop for Withdraw<'_> {
 /// statement, and returns this unit's outcome.
 ///
 /// Whoever gets the turn writes everything queued, while those arriving meanwhile queue up for
-/// the next statement, so batches grow with the load and a lone writer waits for nobody. The
-/// statement runs in a task of its own, so that a caller that goes away never leaves the others
-/// without an outcome. A caller that goes away while its rows are queued withdraws them; once
+/// the next statement, so batches grow with the load and a lone writer waits for nobody. A
+/// statement that carries other units than the caller's runs in a task of its own, so that a
+/// caller that goes away never leaves the others without an outcome; a lone writer's runs in
+/// the caller. A caller that goes away while its rows are queued withdraws them; once
 /// a statement took them, whether they commit is that statement's outcome, as with a commit in
 /// flight. A statement that waits (on a lock, for a connection) holds up the units queued
 /// behind it until it ends.
 async fn group_commit(shared: &Arc<Shared>, messages: Vec<OutboxMessage>) -> Result<()> {
     let group = &shared.group;
+    // Nobody queued and no statement in flight: the statement would carry this unit alone, so
+    // it runs here instead of in a task. Going away mid-statement then leaves nobody else
+    // without an outcome. Those arriving meanwhile queue up behind the turn, as behind any
+    // statement.
+    if let Ok(turn) = group.turn.try_lock() {
+        if group.queue().waiting.is_empty() {
+            let all: Vec<&OutboxMessage> = messages.iter().collect();
+            let outcome = write_rows(shared, &all).await;
+            drop(turn);
+            if outcome.is_ok() {
+                group.committed(1);
+            }
+            return outcome;
+        }
+        drop(turn);
+    }
     let (done, mut outcome) = oneshot::channel();
     let mut queued = Withdraw {
         group,
@@ -502,16 +519,30 @@ async fn write_rows(shared: &Shared, messages: &[&OutboxMessage]) -> Result<()> 
     shared.cursors_made(&cursors);
     let shape = OutboxRow::shape(&rows);
     let sql = shared.sql.write_outbox_rows(rows.len(), shape);
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for row in rows {
-        query = row.bind(query);
-    }
-    if shape.wakes() {
-        query = query.bind(shared.sql.channel.to_string());
-    }
-    query
-        .execute(&shared.pool)
-        .await
-        .map_err(|e| conflict_or(e, messages.iter().copied()))?;
-    Ok(())
+    // A group commit runs on PostgreSQL only: bound natively there, without converting every
+    // parameter from `Any`'s.
+    #[cfg(feature = "postgres")]
+    let written = {
+        let pool = shared.pool.pg().context("write the outbox")?;
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for row in rows {
+            query = row.bind_pg(query);
+        }
+        if shape.wakes() {
+            query = query.bind(shared.sql.channel.to_string());
+        }
+        query.execute(pool).await.map(|_| ())
+    };
+    #[cfg(not(feature = "postgres"))]
+    let written = {
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for row in rows {
+            query = row.bind(query);
+        }
+        if shape.wakes() {
+            query = query.bind(shared.sql.channel.to_string());
+        }
+        query.execute(&shared.pool).await.map(|_| ())
+    };
+    written.map_err(|e| conflict_or(e, messages.iter().copied()))
 }

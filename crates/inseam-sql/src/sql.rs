@@ -344,6 +344,9 @@ pub(crate) struct Statements {
     /// PostgreSQL: the outbox row, its deliveries and the relays' wake-up in one statement
     /// (parameters in the order of `OutboxRow::bind`, then the channel).
     pub(crate) write_outbox: Option<Arc<str>>,
+    /// PostgreSQL: [`write_outbox_rows`](Self::write_outbox_rows) of one row, without and
+    /// with the wake-up.
+    write_one_row: [Arc<str>; 2],
     pub(crate) insert_deliveries: Arc<str>,
     pub(crate) notify: Option<Arc<str>>,
     pub(crate) channel: Arc<str>,
@@ -524,6 +527,16 @@ impl Statements {
                      SELECT pg_notify($13, '')",
                     groups = each("$11")
                 ))),
+            },
+            write_one_row: {
+                let insert = format!(
+                    "INSERT INTO {p}outbox (message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, groups)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $12)"
+                );
+                [
+                    s(insert.clone()),
+                    s(format!("WITH o AS ({insert}) SELECT pg_notify($13, '')")),
+                ]
             },
             insert_deliveries: s(format!(
                 "INSERT INTO {p}deliveries (grp, message_id, msg_key, deliver_at, enqueued_at)
@@ -841,8 +854,14 @@ impl Statements {
     /// are inserted in the order given, so ids keep the order of each key's messages.
     /// `shape` leaves out what no row needs: the deliveries' insert, and the wake-up when no
     /// group reads any of the rows (an event nobody subscribed to: only its stream reads it).
-    pub(crate) fn write_outbox_rows(&self, rows: usize, shape: RowsShape) -> String {
+    pub(crate) fn write_outbox_rows(&self, rows: usize, shape: RowsShape) -> Arc<str> {
         use std::fmt::Write as _;
+        // One row (a command's event, one at a time): a plain `INSERT`, with no rows to order.
+        match shape {
+            RowsShape::Quiet if rows == 1 => return self.write_one_row[0].clone(),
+            RowsShape::Wake if rows == 1 => return self.write_one_row[1].clone(),
+            _ => {}
+        }
         let p = &self.prefix;
         let mut values = String::with_capacity(rows * 64);
         for row in 0..rows {
@@ -864,7 +883,7 @@ impl Statements {
                 SELECT message_id, name, version, msg_key, envelope, created_at, stream, stream_version, correlation_id, read_by
                 FROM v ORDER BY ord"
         );
-        match shape {
+        let sql = match shape {
             RowsShape::Quiet => format!("WITH {v} {outbox}"),
             RowsShape::Wake => format!(
                 "WITH {v},
@@ -881,7 +900,8 @@ impl Statements {
                     ORDER BY v.ord, g.n)
                  SELECT pg_notify(${channel}, '')"
             ),
-        }
+        };
+        Arc::from(sql)
     }
 }
 

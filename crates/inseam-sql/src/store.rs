@@ -255,11 +255,33 @@ async fn connect_sqlite(url: &str, max: Option<u32>, create: bool) -> Result<Sql
     Ok(SqlPool::sqlite_pool(pool))
 }
 
+/// How long a PostgreSQL connection may have sat in the pool and still be handed out without
+/// a ping first.
+#[cfg(feature = "postgres")]
+const TRUSTED_IDLE: Duration = Duration::from_secs(1);
+
 /// PostgreSQL, through the native driver.
+///
+/// sqlx pings a connection when it comes back to the pool, and by default again before
+/// handing it out: a second round trip before every statement a command or the relay sends on
+/// a pooled connection. Only a connection idle for longer than [`TRUSTED_IDLE`] is pinged
+/// before it is handed out; one back within that time was pinged on its return (decision
+/// 0028). A connection the server dropped in between (a restart) fails the statement that
+/// meets it, as one dropped during the statement would, and is closed when it comes back.
 #[cfg(feature = "postgres")]
 async fn connect_postgres(url: &str, max: Option<u32>) -> Result<SqlPool, sqlx::Error> {
+    use sqlx::Connection as _;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(max.unwrap_or(10))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > TRUSTED_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect(url)
         .await?;
     Ok(SqlPool::postgres(pool))
@@ -607,7 +629,30 @@ pub(crate) struct OutboxRow {
     delivered: bool,
 }
 
+/// Binds an [`OutboxRow`]'s parameters on a query of either database, in the order of
+/// [`ROW_PARAMS`](crate::sql::ROW_PARAMS).
+macro_rules! bind_row {
+    ($row:expr, $query:expr) => {{
+        let row = $row;
+        $query
+            .bind(row.message_id)
+            .bind(row.name)
+            .bind(row.version)
+            .bind(row.key)
+            .bind(row.envelope)
+            .bind(row.created_at)
+            .bind(row.stream)
+            .bind(row.stream_version)
+            .bind(row.correlation)
+            .bind(row.deliver_at)
+            .bind(row.groups)
+            .bind(row.read_by_json)
+    }};
+}
+
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
+#[cfg(feature = "postgres")]
+pub(crate) type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 impl OutboxRow {
     /// `message` as written at `now` (microseconds).
@@ -676,19 +721,14 @@ impl OutboxRow {
     /// Binds the row's [`ROW_PARAMS`](crate::sql::ROW_PARAMS) parameters in the order of
     /// PostgreSQL's outbox statements.
     pub(crate) fn bind(self, query: AnyQuery<'_>) -> AnyQuery<'_> {
-        query
-            .bind(self.message_id)
-            .bind(self.name)
-            .bind(self.version)
-            .bind(self.key)
-            .bind(self.envelope)
-            .bind(self.created_at)
-            .bind(self.stream)
-            .bind(self.stream_version)
-            .bind(self.correlation)
-            .bind(self.deliver_at)
-            .bind(self.groups)
-            .bind(self.read_by_json)
+        bind_row!(self, query)
+    }
+
+    /// [`bind`](Self::bind) on a native PostgreSQL query: the same parameters, without
+    /// converting them from `Any`'s on every call.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn bind_pg(self, query: PgQuery<'_>) -> PgQuery<'_> {
+        bind_row!(self, query)
     }
 }
 
