@@ -155,6 +155,22 @@ async fn text(client: &Client, css: &str) -> String {
     }
 }
 
+/// Waits until the element at `css` reads `expected`: after a click, the page that answers
+/// it may not have replaced the one clicked on yet, whose element still reads what it did.
+async fn text_is(client: &Client, css: &str, expected: &str) {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = text(client, css).await;
+        if now == expected {
+            return;
+        }
+        if Instant::now() >= give_up {
+            assert_eq!(now, expected, "`{css}` after 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Replaces the payload in the editor and saves it.
 async fn save_payload(client: &Client, payload: &str) {
     let editor = client.find(Locator::Id("payload")).await.unwrap();
@@ -254,10 +270,12 @@ async fn a_dead_letter_repaired_and_retried_in_the_browser() {
         .click()
         .await
         .unwrap();
-    assert_eq!(
-        text(&client, "#reason").await,
-        "not authorised to change anything: log in first"
-    );
+    text_is(
+        &client,
+        "#reason",
+        "not authorised to change anything: log in first",
+    )
+    .await;
     assert_eq!(
         store.dead_letters(0, 10).await.unwrap().len(),
         1,
@@ -280,7 +298,7 @@ async fn a_dead_letter_repaired_and_retried_in_the_browser() {
         .click()
         .await
         .unwrap();
-    assert_eq!(text(&client, "#notice").await, "Logged in.");
+    text_is(&client, "#notice", "Logged in.").await;
     let notifications = text(&client, "#groups tr[data-group='notifications']").await;
     assert!(notifications.contains("running"), "{notifications}");
     client
@@ -317,10 +335,12 @@ async fn a_dead_letter_repaired_and_retried_in_the_browser() {
         "{refused}"
     );
     save_payload(&client, r#"{"order_id": "o-1", "customer": "bob"}"#).await;
-    assert_eq!(
-        text(&client, "#notice").await,
-        format!("Dead letter {id} repaired: retry it to deliver the new payload.")
-    );
+    text_is(
+        &client,
+        "#notice",
+        &format!("Dead letter {id} repaired: retry it to deliver the new payload."),
+    )
+    .await;
     let letter = store.dead_letter(id).await.unwrap();
     let envelope = inseam::RawEnvelope::from_json(&letter.envelope).unwrap();
     assert_eq!(
@@ -336,10 +356,12 @@ async fn a_dead_letter_repaired_and_retried_in_the_browser() {
         .click()
         .await
         .unwrap();
-    assert_eq!(
-        text(&client, "#notice").await,
-        format!("Dead letter {id} requeued: its group will receive it again.")
-    );
+    text_is(
+        &client,
+        "#notice",
+        &format!("Dead letter {id} requeued: its group will receive it again."),
+    )
+    .await;
     assert_eq!(text(&client, "#no-dead-letters").await, "No dead letters.");
     eventually(
         Duration::from_secs(30),
